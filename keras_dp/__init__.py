@@ -1,0 +1,18 @@
+"""keras_dp: differentially private (DP-SGD) training for Keras 3 on JAX."""
+
+from keras_dp._backend import require_jax_backend
+
+require_jax_backend()
+
+from keras_dp import accounting  # noqa: E402
+from keras_dp.config import DPConfig, default_delta  # noqa: E402
+from keras_dp.statement import privacy_statement  # noqa: E402
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DPConfig",
+    "accounting",
+    "default_delta",
+    "privacy_statement",
+]

@@ -1,0 +1,379 @@
+"""DPConfig: what the user promises, validated before any noise is spent."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import warnings
+from typing import Any
+
+import dp_accounting
+
+from keras_dp import accounting
+
+
+def default_delta(dataset_size: int) -> float:
+    """The δ used when ``target_delta`` is None: ``min(1e-5, 0.1 / dataset_size)``.
+
+    Always strictly below 1/dataset_size (at most a tenth of it).
+    """
+    return min(1e-5, 0.1 / dataset_size)
+
+
+def _bad(field: str, value: Any, fix: str) -> ValueError:
+    return ValueError(f"DPConfig.{field}={value!r} is invalid: {fix}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPConfig:
+    """A differentially private training plan.
+
+    The guarantee: the whole training run (all ``steps`` optimizer updates) is
+    (ε, δ)-DP at the example level, with ε ≤ ``target_epsilon`` at
+    ``delta``. With "poisson" sampling neighbouring datasets differ by adding or
+    removing one example; with "fixed" sampling by replacing one example. Each
+    example's gradient is clipped to L2 norm ``l2_clip_norm`` (C), the clipped
+    gradients are summed, N(0, (σ·C)²) noise is added to the sum, and the result is
+    divided by the *expected* batch size.
+
+    Attributes:
+      target_epsilon: The ε the whole run may spend (> 0). ``math.inf`` only
+        together with ``noise_multiplier=0``: an explicit non-private debug run.
+      target_delta: The δ of the guarantee. None: ``default_delta(dataset_size)``,
+        ``min(1e-5, 0.1/N)``, strictly below 1/N. Must be < 1/dataset_size.
+      l2_clip_norm: C, the L2 norm each example's whole gradient is clipped to.
+      batch_size: The *expected* number of examples per optimizer update (B). With
+        Poisson sampling the actual count varies around it.
+      epochs: Planned passes over the data; an epoch is N/B expected steps, and the
+        plan is ``round(epochs * N / B)`` updates in total (a fractional N/B is
+        not rounded per epoch: fit spreads the remainder so that the total is
+        exact). Give ``epochs`` or ``steps``; both only if they agree.
+      steps: Planned optimizer updates in total. Filled in from ``epochs`` once
+        ``dataset_size`` is known.
+      dataset_size: N, the number of examples (privacy units). None until
+        ``calibrate`` or ``fit`` learns it from the data.
+      sampling: "poisson" (default: each example joins each step independently
+        with probability q = B/N; the batch is truncated to ``max_batch_size``
+        rows, one XLA shape) or "fixed" (a uniform subset of exactly B examples).
+      accountant: "pld" (default; exact for truncated Poisson) or "rdp". "fixed"
+        sampling is accounted with "rdp" only.
+      noise_multiplier: σ, the noise standard deviation in units of C. None: filled
+        in by ``calibrate``. 0 only with ``target_epsilon=math.inf``.
+      microbatch_size: Examples per chunk inside one update (memory only: the
+        update, and ε, do not depend on it). None: chosen automatically.
+      seed: Seed of the sampler and the noise. None: drawn from a secure source
+        when training starts.
+    """
+
+    target_epsilon: float
+    l2_clip_norm: float = 1.0
+    batch_size: int
+    epochs: float | None = None
+    steps: int | None = None
+    target_delta: float | None = None
+    dataset_size: int | None = None
+    sampling: str = "poisson"
+    accountant: str = "pld"
+    noise_multiplier: float | None = None
+    microbatch_size: int | None = None
+    seed: int | None = None
+    # Bookkeeping so that dataclasses.replace keeps working: the steps derived from
+    # epochs, and the plan a noise multiplier was calibrated for.
+    _derived_steps: int | None = dataclasses.field(default=None, repr=False, compare=False)
+    _calibrated_for: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self._check_numbers()
+        self._derive_steps()
+        self._check_noise()
+        self._forget_stale_calibration()
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _check_choices(self) -> None:
+        if self.sampling not in accounting.SAMPLINGS:
+            raise _bad("sampling", self.sampling, "pass 'poisson' (default) or 'fixed'.")
+        if self.accountant not in accounting.ACCOUNTANTS:
+            raise _bad("accountant", self.accountant, "pass 'pld' (default) or 'rdp'.")
+        if self.sampling == "fixed" and self.accountant != "rdp":
+            raise _bad(
+                "accountant",
+                self.accountant,
+                "sampling='fixed' (subsets without replacement) can only be accounted "
+                "with accountant='rdp'; pass accountant='rdp', or sampling='poisson'.",
+            )
+
+    def _check_numbers(self) -> None:
+        eps = self.target_epsilon
+        if not _is_real(eps) or math.isnan(eps) or eps <= 0:
+            raise _bad(
+                "target_epsilon",
+                eps,
+                "pass a positive number such as 3.0 (math.inf only for a non-private "
+                "debug run with noise_multiplier=0).",
+            )
+        clip = self.l2_clip_norm
+        if not _is_real(clip) or not math.isfinite(clip) or clip <= 0:
+            raise _bad("l2_clip_norm", clip, "pass a positive finite number such as 1.0.")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise _bad("batch_size", self.batch_size, "pass a positive integer such as 256.")
+        if self.epochs is not None and (
+            not _is_real(self.epochs) or not math.isfinite(self.epochs) or self.epochs <= 0
+        ):
+            raise _bad("epochs", self.epochs, "pass a positive number of passes, or steps=.")
+        if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
+            raise _bad("steps", self.steps, "pass a positive integer number of updates.")
+        if self.epochs is None and self.steps is None:
+            raise ValueError(
+                "DPConfig needs the length of training to account for it: pass epochs= "
+                "(passes over the data) or steps= (optimizer updates)."
+            )
+        n = self.dataset_size
+        if n is not None:
+            if not _is_int(n) or n < 1:
+                raise _bad("dataset_size", n, "pass the number of training examples (> 0).")
+            if self.batch_size > n:
+                raise _bad(
+                    "batch_size",
+                    self.batch_size,
+                    f"it exceeds dataset_size={n}; pass batch_size <= {n}.",
+                )
+        delta = self.target_delta
+        if delta is not None:
+            if not _is_real(delta) or math.isnan(delta) or not 0 < delta < 1:
+                raise _bad("target_delta", delta, "pass a number in (0, 1), e.g. 1e-5, or None.")
+            if n is not None and delta >= 1 / n:
+                raise _bad(
+                    "target_delta",
+                    delta,
+                    f"δ must be below 1/dataset_size = {1 / n:.3g} (a larger δ allows "
+                    f"releasing whole examples); pass target_delta <= {0.1 / n:.2g} or None.",
+                )
+        if self.microbatch_size is not None and (
+            not _is_int(self.microbatch_size) or self.microbatch_size < 1
+        ):
+            raise _bad("microbatch_size", self.microbatch_size, "pass a positive integer or None.")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise _bad("seed", self.seed, "pass a non-negative integer, or None for a secure seed.")
+
+    def _derive_steps(self) -> None:
+        if self.epochs is None or self.dataset_size is None:
+            if self.steps is not None and self.steps == self._derived_steps:
+                self._set("steps", None)  # derived from a dataset size no longer given
+                self._set("_derived_steps", None)
+            return
+        planned = round(self.epochs * self.dataset_size / self.batch_size)
+        if planned < 1:
+            raise _bad(
+                "epochs",
+                self.epochs,
+                f"it plans 0 updates over dataset_size={self.dataset_size} at "
+                f"batch_size={self.batch_size}; raise epochs or lower batch_size.",
+            )
+        user_steps = self.steps is not None and self.steps != self._derived_steps
+        if user_steps and self.steps != planned:
+            raise _bad(
+                "steps",
+                self.steps,
+                f"epochs={self.epochs} over dataset_size={self.dataset_size} at "
+                f"batch_size={self.batch_size} plans {planned} updates; give only "
+                "one of epochs and steps (or make them agree).",
+            )
+        self._set("steps", planned)
+        self._set("_derived_steps", planned)
+
+    def _check_noise(self) -> None:
+        sigma = self.noise_multiplier
+        if sigma is not None and (not _is_real(sigma) or not math.isfinite(sigma) or sigma < 0):
+            raise _bad(
+                "noise_multiplier", sigma, "pass a positive number, or None to calibrate it."
+            )
+        if math.isinf(self.target_epsilon):
+            if sigma is None:
+                raise _bad(
+                    "target_epsilon",
+                    self.target_epsilon,
+                    "an infinite budget would calibrate to no noise; for a non-private "
+                    "debug run pass noise_multiplier=0 explicitly, else a finite ε.",
+                )
+            if sigma == 0:
+                warnings.warn(
+                    "DPConfig(noise_multiplier=0, target_epsilon=inf): this run is NOT "
+                    "differentially private (clipping only, no noise).",
+                    stacklevel=4,
+                )
+        elif sigma == 0:
+            raise _bad(
+                "noise_multiplier",
+                sigma,
+                "no noise gives no privacy; pass None to calibrate σ for target_epsilon, "
+                "or target_epsilon=math.inf for an explicit non-private debug run.",
+            )
+
+    def _plan_key(self) -> tuple:
+        return (
+            self.target_epsilon,
+            self.delta,
+            self.batch_size,
+            self.steps,
+            self.dataset_size,
+            self.sampling,
+            self.accountant,
+        )
+
+    def _forget_stale_calibration(self) -> None:
+        calibrated = self._calibrated_for
+        if calibrated is None:
+            return
+        key, sigma = calibrated
+        if self.noise_multiplier != sigma:
+            self._set("_calibrated_for", None)  # the user set σ themselves
+        elif key != self._plan_key():
+            self._set("noise_multiplier", None)  # σ was for another plan: recalibrate
+            self._set("_calibrated_for", None)
+
+    # Derived quantities ---------------------------------------------------------
+
+    @property
+    def delta(self) -> float | None:
+        """The δ of the guarantee (``target_delta`` or the default once N is known)."""
+        if self.target_delta is not None:
+            return self.target_delta
+        return None if self.dataset_size is None else default_delta(self.dataset_size)
+
+    @property
+    def sampling_probability(self) -> float | None:
+        """q = batch_size / dataset_size (None until dataset_size is known)."""
+        return None if self.dataset_size is None else self.batch_size / self.dataset_size
+
+    @property
+    def neighboring_relation(self) -> dp_accounting.NeighboringRelation:
+        """ADD_OR_REMOVE_ONE for "poisson", REPLACE_ONE for "fixed"."""
+        return accounting.neighboring_relation(self.sampling)
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """Most real examples in one update: the truncation size B_max.
+
+        "poisson" + "pld": the truncated-Poisson B_max of
+        :func:`keras_dp.accounting.truncated_batch_size`. "poisson" + "rdp": None
+        (the RDP accountant assumes no truncation, so the sampler must not
+        truncate). "fixed": ``batch_size``.
+        """
+        if self.sampling == "fixed":
+            return self.batch_size
+        if self.accountant == "rdp" or self.dataset_size is None or self.steps is None:
+            return None
+        return accounting.truncated_batch_size(
+            self.dataset_size, self.sampling_probability, self.steps, self.delta
+        )
+
+    @property
+    def is_calibrated(self) -> bool:
+        """True when the dataset size and a noise multiplier for this plan are set."""
+        return self.dataset_size is not None and self.noise_multiplier is not None
+
+    # Accounting -----------------------------------------------------------------
+
+    def _require(self, what: str) -> None:
+        if self.dataset_size is None:
+            raise ValueError(
+                f"DPConfig.{what} needs dataset_size; pass dataset_size= or call "
+                "config.calibrate(dataset_size=N) first."
+            )
+        if self.steps is None:
+            raise ValueError(f"DPConfig.{what} needs steps= or epochs=.")
+
+    def _event_for(self, sigma: float, steps: int) -> dp_accounting.DpEvent:
+        if self.sampling == "fixed":
+            return accounting.fixed_batch_event(self.dataset_size, self.batch_size, sigma, steps)
+        return accounting.poisson_event(
+            self.dataset_size, self.sampling_probability, sigma, steps, self.max_batch_size
+        )
+
+    def dp_event(self, steps: int | None = None) -> dp_accounting.DpEvent:
+        """The dp_accounting event of ``steps`` updates (default: the whole plan)."""
+        self._require("dp_event")
+        if self.noise_multiplier is None:
+            raise ValueError(
+                "DPConfig.dp_event needs noise_multiplier; call config.calibrate() first."
+            )
+        steps = self.steps if steps is None else steps
+        if not _is_int(steps) or steps < 0:
+            raise ValueError(f"steps={steps!r} is invalid: pass a non-negative integer.")
+        return self._event_for(self.noise_multiplier, steps)
+
+    def epsilon(self, steps: int | None = None, delta: float | None = None) -> float:
+        """ε spent after ``steps`` updates (default: the plan) at ``delta``."""
+        event = self.dp_event(steps)
+        if event.count == 0:
+            return 0.0
+        delta = self.delta if delta is None else delta
+        return accounting.epsilon(event, delta, self.accountant, self.neighboring_relation)
+
+    def calibrate(self, dataset_size: int | None = None) -> DPConfig:
+        """A config with ``dataset_size`` and the noise multiplier filled in.
+
+        Without a user-given ``noise_multiplier``, σ is the smallest (to ~0.1%) for
+        which ``epsilon() <= target_epsilon``. A user-given σ is validated instead: a
+        σ that overspends raises, naming the σ or the number of steps that would fit.
+        """
+        config = self
+        if dataset_size is not None and dataset_size != self.dataset_size:
+            if self.dataset_size is not None:
+                raise _bad(
+                    "dataset_size",
+                    self.dataset_size,
+                    f"the data has {dataset_size} examples; pass dataset_size="
+                    f"{dataset_size} (or None) in the config.",
+                )
+            config = dataclasses.replace(self, dataset_size=dataset_size)
+        config._require("calibrate")
+        if config.noise_multiplier is not None:
+            if config._calibrated_for is None:
+                config._check_user_noise()
+            return config
+        sigma = accounting.calibrate_noise_multiplier(
+            lambda s: config._event_for(s, config.steps),
+            config.target_epsilon,
+            config.delta,
+            config.accountant,
+            config.neighboring_relation,
+        )
+        return dataclasses.replace(
+            config, noise_multiplier=sigma, _calibrated_for=(config._plan_key(), sigma)
+        )
+
+    def _check_user_noise(self) -> None:
+        spent = self.epsilon()
+        if spent <= self.target_epsilon:
+            return
+        fits = dataclasses.replace(self, noise_multiplier=None).calibrate().noise_multiplier
+        steps_ok = self._max_steps_within_target()
+        per_epoch = self.dataset_size / self.batch_size
+        raise _bad(
+            "noise_multiplier",
+            self.noise_multiplier,
+            f"over {self.steps} steps it spends ε={spent:.4g} > target_epsilon="
+            f"{self.target_epsilon} (δ={self.delta:.3g}). Pass noise_multiplier >= "
+            f"{fits:.4g}, or plan at most steps={steps_ok} "
+            f"(epochs={steps_ok / per_epoch:.3g}), or raise target_epsilon.",
+        )
+
+    def _max_steps_within_target(self) -> int:
+        lo, hi = 0, self.steps  # epsilon(lo) <= target < epsilon(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.epsilon(mid) <= self.target_epsilon else (lo, mid)
+        return lo

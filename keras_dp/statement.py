@@ -1,0 +1,92 @@
+"""A human-readable statement of what a DP training run guarantees."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
+
+from keras_dp.config import DPConfig
+
+_NOT_COVERED = (
+    "Not covered: data used outside this training run (pre-training data, a tokenizer or "
+    "vocabulary fitted on the private data, preprocessing statistics), the choice of "
+    "hyperparameters made by looking at the private data, other releases from the same "
+    "data, and side channels such as timing. The guarantee assumes the sampler and the "
+    "noise run as stated and that each privacy unit is one example."
+)
+
+
+def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
+    """Describes the guarantee of ``steps`` updates of a plan, in plain words.
+
+    Args:
+      config_or_model: A :class:`DPConfig` with ``dataset_size`` known (calibrated
+        or with an explicit noise multiplier), or a trained DP model (anything with
+        a ``dp_config`` attribute and a ``privacy_spent()`` method).
+      steps: Updates to describe. Default: the steps a model has taken, or the
+        config's whole plan.
+
+    Returns:
+      A multi-line string: sampler, neighbouring relation, σ, q, steps,
+      accountant and dp_accounting version, ε at the target δ, at δ/10 and at
+      10·δ (δ/100 when 10·δ is not below 1/N), and what the guarantee does not cover.
+
+    Example:
+
+    >>> config = DPConfig(target_epsilon=3.0, batch_size=256, epochs=3,
+    ...                   dataset_size=60_000, noise_multiplier=1.0)
+    >>> print(privacy_statement(config).splitlines()[0])
+    Differential privacy statement (keras_dp, example-level DP-SGD)
+    """
+    if isinstance(config_or_model, DPConfig):
+        config = config_or_model
+    else:
+        config = getattr(config_or_model, "dp_config", None)
+        if not isinstance(config, DPConfig):
+            raise TypeError(
+                "privacy_statement needs a DPConfig or a keras_dp model; got "
+                f"{type(config_or_model).__name__}."
+            )
+        if steps is None:
+            steps = config_or_model.privacy_spent().steps
+    if not config.is_calibrated:
+        config = config.calibrate()
+    steps = config.steps if steps is None else steps
+    n, delta = config.dataset_size, config.delta
+    if config.sampling == "poisson":
+        b_max = config.max_batch_size
+        sampler = (
+            f"Poisson sampling: each example joins each update independently with "
+            f"probability q = {config.sampling_probability:.6g} (expected batch "
+            f"{config.batch_size} of N = {n})"
+            + (
+                f", truncated to at most {b_max} examples."
+                if b_max is not None
+                else ", never truncated."
+            )
+        )
+        relation = "add-or-remove-one example (N is not assumed public)"
+    else:
+        sampler = (
+            f"Fixed-size sampling: each update uses a uniformly random subset of exactly "
+            f"{config.batch_size} of N = {n} examples, without replacement."
+        )
+        relation = "replace-one example (N is public; the clipped sum's sensitivity is 2C)"
+    deltas = [delta, delta / 10, delta * 10 if delta * 10 < 1 / n else delta / 100]
+    eps_lines = [f"  ε = {config.epsilon(steps, d):.4g} at δ = {d:.3g}" for d in deltas]
+    version = importlib.metadata.version("dp-accounting")
+    lines = [
+        "Differential privacy statement (keras_dp, example-level DP-SGD)",
+        f"Sampler: {sampler}",
+        f"Neighbouring relation: {relation}.",
+        f"Mechanism: each example's gradient clipped to L2 norm C = {config.l2_clip_norm:g}; "
+        f"Gaussian noise σ·C with noise multiplier σ = {config.noise_multiplier:.6g} added "
+        "to the clipped sum; divided by the expected batch size.",
+        f"Updates accounted: {steps} of {config.steps} planned.",
+        f"Accountant: dp_accounting {version}, {config.accountant.upper()} "
+        f"({type(config.dp_event(steps).event).__name__}).",
+        *eps_lines,
+        f"Target: ε ≤ {config.target_epsilon:g} at δ = {delta:.3g} for the whole plan.",
+        _NOT_COVERED,
+    ]
+    return "\n".join(lines)

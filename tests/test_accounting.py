@@ -1,0 +1,163 @@
+"""ε and calibration checked against dp_accounting called directly."""
+
+import dataclasses
+import logging
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting import pld, rdp
+from scipy import stats
+
+from keras_dp import DPConfig, accounting
+
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+PLANS = [
+    dict(dataset_size=15_000, batch_size=1024, epochs=3, target_epsilon=4.0),
+    dict(dataset_size=60_000, batch_size=256, epochs=60, target_epsilon=4.0),
+    dict(dataset_size=1_000, batch_size=16, epochs=3, target_epsilon=3.0),
+    dict(dataset_size=1_797, batch_size=64, epochs=20, target_epsilon=8.0),
+]
+
+
+def direct_pld(event, delta):
+    return pld.PLDAccountant(value_discretization_interval=1e-4).compose(event).get_epsilon(delta)
+
+
+def direct_rdp(event, delta, relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE):
+    return rdp.RdpAccountant(neighboring_relation=relation).compose(event).get_epsilon(delta)
+
+
+@pytest.mark.parametrize("plan", PLANS[:3])
+@pytest.mark.parametrize("sigma", [0.7, 1.3])
+def test_pld_epsilon_matches_dp_accounting_within_half_percent(plan, sigma):
+    config = DPConfig(**plan, noise_multiplier=sigma)
+    n, steps, delta = config.dataset_size, config.steps, config.delta
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.TruncatedSubsampledGaussianDpEvent(
+            n, config.batch_size / n, config.max_batch_size, sigma
+        ),
+        steps,
+    )
+    reference = direct_pld(event, delta)
+    ours = config.epsilon()
+    assert abs(ours - reference) <= 0.005 * reference
+    # Half the steps spend less.
+    assert config.epsilon(steps // 2) < ours
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_rdp_poisson_epsilon_equals_dp_accounting(plan):
+    config = DPConfig(**plan, accountant="rdp", noise_multiplier=1.1)
+    q = config.batch_size / config.dataset_size
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.1)), config.steps
+    )
+    assert config.epsilon() == pytest.approx(direct_rdp(event, config.delta), rel=1e-9)
+    assert config.max_batch_size is None  # RDP assumes no truncation
+
+
+def test_fixed_sampling_accounts_replace_one_with_sensitivity_two():
+    config = DPConfig(
+        dataset_size=5_000, batch_size=250, steps=100, target_epsilon=8.0,
+        sampling="fixed", accountant="rdp", noise_multiplier=2.0,
+    )
+    relation = dp_accounting.NeighboringRelation.REPLACE_ONE
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(
+            5_000, 250, dp_accounting.GaussianDpEvent(1.0)  # σ/2: replace-one moves the sum by 2C
+        ),
+        100,
+    )
+    assert config.neighboring_relation == relation
+    assert config.epsilon() == pytest.approx(direct_rdp(event, config.delta, relation), rel=1e-9)
+
+
+def test_fixed_full_batch_equals_closed_form_gaussian_with_sensitivity_two():
+    # q = 1: every step sees every example, no amplification. One replaced example
+    # moves the clipped sum by 2C, so RDP(α) = α (2C)² / (2 σ² C²) = 2α/σ² per step.
+    sigma, steps, delta = 10.0, 4, 1e-6
+    config = DPConfig(
+        dataset_size=100, batch_size=100, steps=steps, target_epsilon=100.0,
+        target_delta=delta, sampling="fixed", accountant="rdp", noise_multiplier=sigma,
+    )
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256))
+    # Standard RDP -> (ε, δ) conversion, minimised over orders (an upper bound on ours).
+    closed = min(
+        steps * 2 * a / sigma**2 + math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1)
+        for a in orders
+    )
+    assert config.epsilon() == pytest.approx(closed, rel=0.02)
+    # The same σ with sensitivity 1 would claim far less: the factor 2 matters.
+    assert config.epsilon() > 1.8 * dataclasses.replace(config, noise_multiplier=2 * sigma).epsilon()
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_truncation_size_rule(plan):
+    config = DPConfig(**plan, noise_multiplier=1.0)
+    n, q, steps, delta = config.dataset_size, config.sampling_probability, config.steps, config.delta
+    b_max = config.max_batch_size
+    # Union bound over the run: P(any step draws > B_max) <= 1% of δ, and B_max is smallest.
+    assert steps * stats.binom.sf(b_max, n, q) <= 0.01 * delta
+    assert steps * stats.binom.sf(b_max - 1, n, q) > 0.01 * delta
+    assert b_max < 4 * config.batch_size
+    # Truncation is then almost free: ε within 0.1% of untruncated Poisson.
+    untruncated = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.0)), steps
+    )
+    assert config.epsilon() <= 1.001 * accounting.epsilon(untruncated, delta)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    PLANS
+    + [
+        dict(dataset_size=15_000, batch_size=1024, epochs=3, target_epsilon=4.0, accountant="rdp"),
+        dict(
+            dataset_size=15_000, batch_size=512, epochs=2, target_epsilon=2.0,
+            accountant="rdp", sampling="fixed",
+        ),
+    ],
+)
+def test_calibration_is_tight(plan):
+    config = DPConfig(**plan).calibrate()
+    sigma = config.noise_multiplier
+    assert config.epsilon() <= config.target_epsilon
+    looser = dataclasses.replace(config, noise_multiplier=0.99 * sigma)
+    assert looser.epsilon() > config.target_epsilon
+
+
+def test_planned_steps_are_optimizer_updates():
+    config = DPConfig(dataset_size=14_732, batch_size=1024, epochs=3, target_epsilon=4.0)
+    assert config.steps == 43  # round(3 * 14732 / 1024), not thousands
+    calibrated = config.calibrate()
+    assert calibrated.steps == 43
+    assert calibrated.dp_event().count == 43
+
+
+def test_explicit_sigma_that_overspends_is_refused_with_the_fix():
+    config = DPConfig(dataset_size=10_000, batch_size=100, epochs=5, target_epsilon=1.0,
+                      noise_multiplier=0.6)
+    with pytest.raises(ValueError, match=r"noise_multiplier=0.6.*noise_multiplier >= (\S+),") as e:
+        config.calibrate()
+    fit = float(str(e.value).split("noise_multiplier >= ")[1].split(",")[0])
+    steps_ok = int(str(e.value).split("at most steps=")[1].split(" ")[0])
+    assert dataclasses.replace(config, noise_multiplier=fit).epsilon() <= 1.0
+    assert config.epsilon(steps_ok) <= 1.0 < config.epsilon(steps_ok + 1)
+
+
+def test_explicit_sigma_that_fits_is_kept():
+    config = DPConfig(dataset_size=10_000, batch_size=100, epochs=5, target_epsilon=8.0,
+                      noise_multiplier=1.5)
+    assert config.calibrate().noise_multiplier == 1.5
+
+
+def test_epsilon_at_zero_steps_is_zero_and_grows():
+    config = DPConfig(dataset_size=10_000, batch_size=100, epochs=2, target_epsilon=3.0,
+                      noise_multiplier=1.0)
+    values = [config.epsilon(s) for s in (0, 10, 100, 200)]
+    assert values[0] == 0.0
+    assert values == sorted(values)
+    # A larger δ gives a smaller ε.
+    assert config.epsilon(delta=1e-6) < config.epsilon(delta=1e-8)

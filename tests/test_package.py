@@ -1,0 +1,55 @@
+"""Package-level behaviour: backend check, privacy statement."""
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+
+import keras_dp
+from keras_dp import DPConfig
+
+
+def _run(code, **env):
+    full_env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300
+    )
+
+
+def test_import_with_another_backend_says_to_set_jax():
+    result = _run("import keras; import keras_dp", KERAS_BACKEND="numpy")
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr
+    assert "KERAS_BACKEND=jax" in result.stderr
+    assert "'numpy'" in result.stderr
+
+
+def test_import_without_a_backend_selects_jax():
+    result = _run("import keras_dp, keras; print(keras.backend.backend())")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "jax"
+
+
+def test_privacy_statement_names_everything_a_reader_needs():
+    config = DPConfig(
+        target_epsilon=3.0, batch_size=256, epochs=3, dataset_size=60_000, noise_multiplier=0.9
+    )
+    text = keras_dp.privacy_statement(config)
+    assert "Poisson" in text and "add-or-remove-one" in text
+    assert "σ = 0.9" in text
+    assert f"q = {256 / 60_000:.6g}" in text
+    assert f"truncated to at most {config.max_batch_size}" in text
+    assert "703 of 703" in text  # round(3 * 60000 / 256)
+    assert importlib.metadata.version("dp-accounting") in text
+    assert "PLD" in text and "Not covered" in text
+    assert f"ε = {config.epsilon():.4g} at δ = {config.delta:.3g}" in text
+    assert f"ε = {config.epsilon(100):.4g}" in keras_dp.privacy_statement(config, steps=100)
+    assert text.count("ε = ") == 3  # the target δ and two others
+
+
+def test_privacy_statement_rejects_other_objects():
+    with pytest.raises(TypeError, match="DPConfig or a keras_dp model"):
+        keras_dp.privacy_statement(object())
