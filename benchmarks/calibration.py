@@ -1,6 +1,6 @@
 """Calibration time for typical plans (not a test: run it and read the table).
 
-    python benchmarks/calibration.py
+python benchmarks/calibration.py
 """
 
 import logging
@@ -16,24 +16,34 @@ PLANS = {
     "fine-tune N=15k B=1024 3 ep ε=4": dict(
         dataset_size=15_000, batch_size=1024, epochs=3, target_epsilon=4.0
     ),
-    "N=60k B=256 60 ep ε=4": dict(dataset_size=60_000, batch_size=256, epochs=60, target_epsilon=4.0),
+    "N=60k B=256 60 ep ε=4": dict(
+        dataset_size=60_000, batch_size=256, epochs=60, target_epsilon=4.0
+    ),
     "digits N=1797 B=64 20 ep ε=8": dict(
         dataset_size=1_797, batch_size=64, epochs=20, target_epsilon=8.0
     ),
-    "N=50k B=64 10 ep ε=0.5": dict(dataset_size=50_000, batch_size=64, epochs=10, target_epsilon=0.5),
+    "N=50k B=64 10 ep ε=0.5": dict(
+        dataset_size=50_000, batch_size=64, epochs=10, target_epsilon=0.5
+    ),
     "N=15k B=1024 3 ep ε=4 RDP": dict(
         dataset_size=15_000, batch_size=1024, epochs=3, target_epsilon=4.0, accountant="rdp"
     ),
     "N=15k B=1024 3 ep ε=4 fixed/RDP": dict(
-        dataset_size=15_000, batch_size=1024, epochs=3, target_epsilon=4.0,
-        accountant="rdp", sampling="fixed",
+        dataset_size=15_000,
+        batch_size=1024,
+        epochs=3,
+        target_epsilon=4.0,
+        accountant="rdp",
+        sampling="fixed",
     ),
 }
 
 
 def main(repeats: int = 3) -> None:
     DPConfig(**PLANS["digits N=1797 B=64 20 ep ε=8"]).calibrate()  # warm-up (imports, caches)
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}"
+    )
     print("| plan | steps | B_max | σ | ε | calibration s (median of 3) |")
     print("|---|---|---|---|---|---|")
     for name, plan in PLANS.items():

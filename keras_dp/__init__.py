@@ -4,15 +4,20 @@ from keras_dp._backend import require_jax_backend
 
 require_jax_backend()
 
-from keras_dp import accounting  # noqa: E402
+from keras_dp import accounting, callbacks  # noqa: E402
 from keras_dp.config import DPConfig, default_delta  # noqa: E402
+from keras_dp.model import DPModel, PrivacySpent, make_private  # noqa: E402
 from keras_dp.statement import privacy_statement  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DPConfig",
+    "DPModel",
+    "PrivacySpent",
     "accounting",
+    "callbacks",
+    "make_private",
     "default_delta",
     "privacy_statement",
 ]

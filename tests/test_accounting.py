@@ -60,13 +60,20 @@ def test_rdp_poisson_epsilon_equals_dp_accounting(plan):
 
 def test_fixed_sampling_accounts_replace_one_with_sensitivity_two():
     config = DPConfig(
-        dataset_size=5_000, batch_size=250, steps=100, target_epsilon=8.0,
-        sampling="fixed", accountant="rdp", noise_multiplier=2.0,
+        dataset_size=5_000,
+        batch_size=250,
+        steps=100,
+        target_epsilon=8.0,
+        sampling="fixed",
+        accountant="rdp",
+        noise_multiplier=2.0,
     )
     relation = dp_accounting.NeighboringRelation.REPLACE_ONE
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.SampledWithoutReplacementDpEvent(
-            5_000, 250, dp_accounting.GaussianDpEvent(1.0)  # σ/2: replace-one moves the sum by 2C
+            5_000,
+            250,
+            dp_accounting.GaussianDpEvent(1.0),  # σ/2: replace-one moves the sum by 2C
         ),
         100,
     )
@@ -79,8 +86,14 @@ def test_fixed_full_batch_equals_closed_form_gaussian_with_sensitivity_two():
     # moves the clipped sum by 2C, so RDP(α) = α (2C)² / (2 σ² C²) = 2α/σ² per step.
     sigma, steps, delta = 10.0, 4, 1e-6
     config = DPConfig(
-        dataset_size=100, batch_size=100, steps=steps, target_epsilon=100.0,
-        target_delta=delta, sampling="fixed", accountant="rdp", noise_multiplier=sigma,
+        dataset_size=100,
+        batch_size=100,
+        steps=steps,
+        target_epsilon=100.0,
+        target_delta=delta,
+        sampling="fixed",
+        accountant="rdp",
+        noise_multiplier=sigma,
     )
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256))
     # Standard RDP -> (ε, δ) conversion, minimised over orders (an upper bound on ours).
@@ -90,13 +103,20 @@ def test_fixed_full_batch_equals_closed_form_gaussian_with_sensitivity_two():
     )
     assert config.epsilon() == pytest.approx(closed, rel=0.02)
     # The same σ with sensitivity 1 would claim far less: the factor 2 matters.
-    assert config.epsilon() > 1.8 * dataclasses.replace(config, noise_multiplier=2 * sigma).epsilon()
+    assert (
+        config.epsilon() > 1.8 * dataclasses.replace(config, noise_multiplier=2 * sigma).epsilon()
+    )
 
 
 @pytest.mark.parametrize("plan", PLANS)
 def test_truncation_size_rule(plan):
     config = DPConfig(**plan, noise_multiplier=1.0)
-    n, q, steps, delta = config.dataset_size, config.sampling_probability, config.steps, config.delta
+    n, q, steps, delta = (
+        config.dataset_size,
+        config.sampling_probability,
+        config.steps,
+        config.delta,
+    )
     b_max = config.max_batch_size
     # Union bound over the run: P(any step draws > B_max) <= 1% of δ, and B_max is smallest.
     assert steps * stats.binom.sf(b_max, n, q) <= 0.01 * delta
@@ -115,8 +135,12 @@ def test_truncation_size_rule(plan):
     + [
         dict(dataset_size=15_000, batch_size=1024, epochs=3, target_epsilon=4.0, accountant="rdp"),
         dict(
-            dataset_size=15_000, batch_size=512, epochs=2, target_epsilon=2.0,
-            accountant="rdp", sampling="fixed",
+            dataset_size=15_000,
+            batch_size=512,
+            epochs=2,
+            target_epsilon=2.0,
+            accountant="rdp",
+            sampling="fixed",
         ),
     ],
 )
@@ -137,8 +161,9 @@ def test_planned_steps_are_optimizer_updates():
 
 
 def test_explicit_sigma_that_overspends_is_refused_with_the_fix():
-    config = DPConfig(dataset_size=10_000, batch_size=100, epochs=5, target_epsilon=1.0,
-                      noise_multiplier=0.6)
+    config = DPConfig(
+        dataset_size=10_000, batch_size=100, epochs=5, target_epsilon=1.0, noise_multiplier=0.6
+    )
     with pytest.raises(ValueError, match=r"noise_multiplier=0.6.*noise_multiplier >= (\S+),") as e:
         config.calibrate()
     fit = float(str(e.value).split("noise_multiplier >= ")[1].split(",")[0])
@@ -148,14 +173,16 @@ def test_explicit_sigma_that_overspends_is_refused_with_the_fix():
 
 
 def test_explicit_sigma_that_fits_is_kept():
-    config = DPConfig(dataset_size=10_000, batch_size=100, epochs=5, target_epsilon=8.0,
-                      noise_multiplier=1.5)
+    config = DPConfig(
+        dataset_size=10_000, batch_size=100, epochs=5, target_epsilon=8.0, noise_multiplier=1.5
+    )
     assert config.calibrate().noise_multiplier == 1.5
 
 
 def test_epsilon_at_zero_steps_is_zero_and_grows():
-    config = DPConfig(dataset_size=10_000, batch_size=100, epochs=2, target_epsilon=3.0,
-                      noise_multiplier=1.0)
+    config = DPConfig(
+        dataset_size=10_000, batch_size=100, epochs=2, target_epsilon=3.0, noise_multiplier=1.0
+    )
     values = [config.epsilon(s) for s in (0, 10, 100, 200)]
     assert values[0] == 0.0
     assert values == sorted(values)

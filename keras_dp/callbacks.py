@@ -1,0 +1,62 @@
+"""Callbacks that report and enforce the privacy budget."""
+
+from __future__ import annotations
+
+import keras
+
+
+class PrivacyBudget(keras.callbacks.Callback):
+    """Reports ε spent after every epoch and stops training at a budget.
+
+    Puts ``epsilon`` (spent so far, all ``fit`` calls together) into the epoch
+    logs, so it shows in the progress bar, ``History.history["epsilon"]`` and
+    TensorBoard. Stops training *before* an update would take ε above
+    ``stop_at_epsilon``.
+
+    Args:
+      delta: δ at which ε is reported. Default: the config's δ.
+      stop_at_epsilon: Stop before ε would exceed this. Default: the config's
+        ``target_epsilon``. Must be positive.
+
+    Example:
+
+    >>> callback = PrivacyBudget(stop_at_epsilon=2.0)
+    >>> callback.stop_at_epsilon
+    2.0
+    """
+
+    def __init__(self, delta: float | None = None, stop_at_epsilon: float | None = None):
+        super().__init__()
+        if stop_at_epsilon is not None and not stop_at_epsilon > 0:
+            raise ValueError(
+                f"PrivacyBudget(stop_at_epsilon={stop_at_epsilon!r}) must be positive; pass "
+                "a positive ε, or None for the config's target_epsilon."
+            )
+        if delta is not None and not 0 < delta < 1:
+            raise ValueError(f"PrivacyBudget(delta={delta!r}) must be in (0, 1), or None.")
+        self.delta = delta
+        self.stop_at_epsilon = stop_at_epsilon
+        self._max_steps = None
+
+    def on_train_begin(self, logs=None):
+        config = self.model.dp_config
+        limit = config.target_epsilon if self.stop_at_epsilon is None else self.stop_at_epsilon
+        delta = config.delta if self.delta is None else self.delta
+        # The most updates whose ε stays within the limit (binary search, once).
+        lo, hi = 0, config.steps
+        if config.epsilon(hi, delta) <= limit:
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if config.epsilon(mid, delta) <= limit else (lo, mid)
+        self._max_steps = lo
+        if self.model.privacy_spent().steps >= lo:
+            self.model.stop_training = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.privacy_spent().steps >= self._max_steps:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epsilon"] = self.model.privacy_spent(self.delta).epsilon

@@ -1,0 +1,434 @@
+"""The DPModel mixin: DP-SGD in the JAX trainer's train_step, and make_private.
+
+Formal guarantee: one call of ``train_step`` is one optimizer update and one
+accounted step. Each real example's gradient over the *trainable* variables is
+clipped to L2 norm C; the clipped gradients are summed, N(0, (σ·C)²) noise is
+added once to the sum, and the result is divided by the expected batch size B.
+With the sampler in ``fit`` running as the config says, the whole run is
+(ε, δ)-DP for the config's neighbouring relation (see :mod:`keras_dp.accounting`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import secrets
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+from keras_dp import clipping, noise, sampling
+from keras_dp.config import DPConfig
+
+logger = logging.getLogger(__name__)
+
+_SEED_STATE = "seed_generator_state"
+_GOLDEN = np.uint32(0x9E3779B1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacySpent:
+    """What a model's training has spent so far: ε at δ after ``steps`` updates."""
+
+    epsilon: float
+    delta: float | None
+    steps: int
+
+
+def _mixes_examples(layer) -> bool:
+    return isinstance(layer, keras.layers.BatchNormalization) or getattr(
+        layer, "dp_mixes_examples", False
+    )
+
+
+class DPModel:
+    """Mixin that trains a Keras model with DP-SGD (JAX backend).
+
+    Use ``class MyModel(keras_dp.DPModel, keras.Model)`` with ``dp_config=`` given
+    at construction (or ``model.set_dp_config(config)``), or
+    :func:`make_private` on an existing model. ``fit`` samples the data itself as
+    the config says; ``predict``, ``evaluate`` and ``generate`` are unchanged.
+    """
+
+    def __init__(self, *args, dp_config: DPConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dp_init(dp_config)
+
+    def _dp_init(self, config: DPConfig | None) -> None:
+        self._dp_config = None
+        self._dp_steps = 0
+        self._dp_seed = None
+        if config is not None:
+            self.set_dp_config(config)
+
+    # Public API -------------------------------------------------------------------
+
+    @property
+    def dp_config(self) -> DPConfig | None:
+        """The DP plan (calibrated once ``fit`` has seen the data)."""
+        return self._dp_config
+
+    def set_dp_config(self, config: DPConfig) -> None:
+        """Sets the plan. Refused once training has spent part of another plan."""
+        if not isinstance(config, DPConfig):
+            raise TypeError(f"dp_config must be a keras_dp.DPConfig; got {type(config).__name__}.")
+        if self._dp_steps and config != self._dp_config:
+            raise ValueError(
+                f"This model already took {self._dp_steps} DP steps under another plan; "
+                "a new plan would hide that spend. Keep the config, or start from a new model."
+            )
+        self._dp_config = config
+        self.train_function = None  # the traced step reads the config
+
+    def privacy_spent(self, delta: float | None = None) -> PrivacySpent:
+        """ε spent by all ``fit`` calls so far (0 before any training)."""
+        config = self._dp_config
+        delta = delta if delta is not None else (config.delta if config else None)
+        if not self._dp_steps:
+            return PrivacySpent(0.0, delta, 0)
+        return PrivacySpent(config.epsilon(self._dp_steps, delta), delta, self._dp_steps)
+
+    # fit ------------------------------------------------------------------------
+
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=None,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        validation_data=None,
+        shuffle=True,
+        class_weight=None,
+        sample_weight=None,
+        initial_epoch=0,
+        steps_per_epoch=None,
+        validation_steps=None,
+        validation_batch_size=None,
+        validation_freq=1,
+    ):
+        """Trains with DP-SGD; the config is the plan (see :class:`DPConfig`).
+
+        ``fit()`` without ``epochs`` trains what is left of the plan; ``fit(epochs=k)``
+        trains k more epochs (Keras semantics with ``initial_epoch``). An epoch is
+        ``ceil(steps / ceil(epochs))`` updates of the plan; the final epoch stops at
+        exactly the planned number of updates. Everything is checked before any
+        noise is spent.
+        """
+        config = self._dp_config
+        if config is None:
+            raise ValueError(
+                "This DPModel has no DP plan: pass dp_config= or call "
+                "model.set_dp_config(keras_dp.DPConfig(...)) before fit."
+            )
+        self._dp_check_fit_args(
+            config, batch_size, shuffle, validation_split, class_weight, steps_per_epoch
+        )
+        sampling.refuse_streams(x)
+        source = sampling.ExampleSource(x, y, sample_weight)
+        if source.size == 0:
+            raise ValueError("fit got no training examples (x is empty).")
+        config = self._dp_calibrate(config, source.size)
+        self._symbolic_build(data_batch=source.gather(np.arange(min(2, source.size))))
+        self._dp_check_model()
+        per_epoch, epochs_to_run = self._dp_epochs(config, epochs, initial_epoch)
+        if self._dp_seed is None:
+            self._dp_seed = config.seed if config.seed is not None else secrets.randbits(63)
+            self.train_function = None
+        batches = _DPBatches(self, source, config, per_epoch)
+        callbacks = [_Ledger(self._dp_steps + batches.steps_this_fit(epochs_to_run))] + list(
+            callbacks or []
+        )
+        return keras.Model.fit(
+            self,
+            batches,
+            epochs=initial_epoch + epochs_to_run,
+            initial_epoch=initial_epoch,
+            verbose=verbose,
+            callbacks=callbacks,
+            validation_data=validation_data,
+            validation_steps=validation_steps,
+            validation_batch_size=validation_batch_size,
+            validation_freq=validation_freq,
+        )
+
+    def _dp_check_fit_args(
+        self, config, batch_size, shuffle, validation_split, class_weight, steps_per_epoch
+    ):
+        if batch_size is not None and batch_size != config.batch_size:
+            raise ValueError(
+                f"fit(batch_size={batch_size}) contradicts DPConfig.batch_size="
+                f"{config.batch_size}; the config sets the batch: drop batch_size from fit."
+            )
+        if not shuffle:
+            raise ValueError(
+                "fit(shuffle=False) contradicts DP sampling: keras_dp samples each batch at "
+                "random as the accountant assumes. Drop shuffle=False."
+            )
+        if validation_split:
+            raise ValueError(
+                "fit(validation_split=...) is not supported: the split would change the "
+                "dataset size the plan accounts for. Split the data yourself and pass "
+                "validation_data=(x_val, y_val)."
+            )
+        if class_weight is not None:
+            raise ValueError("fit(class_weight=...) is not supported; pass sample_weight=.")
+        if steps_per_epoch is not None:
+            raise ValueError(
+                "fit(steps_per_epoch=...) contradicts the plan; set DPConfig(steps=...) "
+                "or epochs= instead."
+            )
+        if self.optimizer is None:
+            raise ValueError("Compile the model (model.compile(optimizer=..., loss=...)) first.")
+        if getattr(self.optimizer, "gradient_accumulation_steps", None):
+            raise ValueError(
+                "An optimizer with gradient_accumulation_steps would take one update over "
+                "several accounted steps. Drop gradient_accumulation_steps and set "
+                "DPConfig(microbatch_size=...) to process a large batch in chunks."
+            )
+        if getattr(self, "steps_per_execution", 1) != 1:
+            raise ValueError("DP fit needs compile(steps_per_execution=1).")
+
+    def _dp_check_model(self):
+        for layer in self._flatten_layers(include_self=False):
+            if _mixes_examples(layer):
+                raise ValueError(
+                    f"Layer {layer.name!r} ({type(layer).__name__}) mixes examples within a "
+                    "batch, so one example's gradient depends on others and per-example "
+                    "clipping bounds nothing. Replace it with LayerNormalization or "
+                    "GroupNormalization."
+                )
+        if not self.trainable_variables:
+            raise ValueError("The model has no trainable variables; nothing to train.")
+
+    def _dp_calibrate(self, config: DPConfig, size: int) -> DPConfig:
+        if config.dataset_size is not None and config.dataset_size != size:
+            raise ValueError(
+                f"fit got {size} examples but DPConfig.dataset_size={config.dataset_size}; "
+                "pass the data the plan was made for, or dataset_size=None."
+            )
+        if not config.is_calibrated:
+            config = config.calibrate(size)
+            logger.info("Calibrated noise_multiplier=%.4f for %s", config.noise_multiplier, config)
+            self._dp_config = config
+            self.train_function = None
+        return config
+
+    def _dp_epochs(self, config: DPConfig, epochs, initial_epoch: int) -> tuple[int, int]:
+        planned_epochs = config.epochs or config.steps * config.batch_size / config.dataset_size
+        per_epoch = math.ceil(config.steps / max(1, math.ceil(planned_epochs)))
+        remaining = config.steps - self._dp_steps
+        if remaining <= 0:
+            raise ValueError(
+                f"The privacy budget of this plan is spent: {self._dp_steps} of "
+                f"{config.steps} updates taken (ε={self.privacy_spent().epsilon:.4g}). "
+                "Training more would exceed target_epsilon; make a new plan on a new model."
+            )
+        epochs_left = math.ceil(remaining / per_epoch)
+        to_run = epochs_left if epochs is None else epochs - initial_epoch
+        if to_run < 1:
+            raise ValueError(f"fit(epochs={epochs}, initial_epoch={initial_epoch}) runs no epoch.")
+        if to_run > epochs_left:
+            raise ValueError(
+                f"fit would run {to_run} epochs but only {epochs_left} are left of the plan "
+                f"({remaining} of {config.steps} updates); pass "
+                f"epochs<={initial_epoch + epochs_left} or plan more epochs in a new DPConfig "
+                "(and a new model)."
+            )
+        return per_epoch, to_run
+
+    # The train step ---------------------------------------------------------------
+
+    def train_step(self, state, data):
+        config = self._dp_config
+        trainable, non_trainable, optimizer_vars, metrics_vars = state
+        packed, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        x, mask = packed["dp_x"], packed["dp_mask"]
+        seed_slots = [
+            i for i, v in enumerate(self.non_trainable_variables) if _SEED_STATE in v.path
+        ]
+
+        def example_fn(params, row, index):
+            xi, yi, swi = jax.tree.map(lambda a: a[None], row)
+            nt = list(non_trainable)
+            for i in seed_slots:  # each example its own dropout randomness
+                offset = jnp.asarray([(index + 1) * _GOLDEN, 0]).astype(nt[i].dtype)
+                nt[i] = nt[i] + offset
+            loss, (y_pred, nt_out) = self._dp_loss(params, nt, metrics_vars, xi, yi, swi)
+            return loss, (jax.tree.map(lambda a: a[0], y_pred), [nt_out[i] for i in seed_slots])
+
+        chunk = self._dp_chunk_size(config, mask.shape[0])
+        grad_sum, losses, (y_pred, seeds), nonfinite = clipping.clipped_sum(
+            example_fn, trainable, (x, y, sample_weight), mask, config.l2_clip_norm, chunk
+        )
+        iteration = next(
+            v
+            for v, ref in zip(optimizer_vars, self.optimizer.variables)
+            if ref is self.optimizer.iterations
+        )
+        key = noise.step_key(jax.random.key(self._dp_seed % (2**32)), iteration)
+        grads = noise.privatize(
+            grad_sum, key, config.noise_multiplier, config.l2_clip_norm, config.batch_size
+        )
+        grads = [g.astype(v.dtype) for g, v in zip(grads, trainable)]
+        trainable, optimizer_vars = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
+
+        num_real = jnp.sum(mask)
+        non_trainable = list(non_trainable)
+        for slot, new in zip(seed_slots, seeds):  # advance every seed state once per step
+            advanced = new[0] - jnp.asarray([_GOLDEN, 0]).astype(new.dtype)
+            step_on = non_trainable[slot] + jnp.asarray([0, 1]).astype(new.dtype)
+            non_trainable[slot] = jnp.where(num_real > 0, advanced, step_on)
+        real = mask.astype(jnp.float32)
+        loss = jnp.sum(losses * real) / jnp.maximum(num_real, 1)
+        weights = _row_weights(real, sample_weight)
+        logs, metrics_vars = self._update_metrics_variables(
+            metrics_vars, loss, x, y, y_pred, weights
+        )
+        logs = {**logs, "nonfinite_examples": nonfinite}
+        return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+    def _dp_loss(self, params, non_trainable, metrics_vars, x, y, sample_weight):
+        kwargs = {"training": True} if self._call_has_training_arg else {}
+        y_pred, non_trainable, losses = self.stateless_call(
+            params, non_trainable, x, return_losses=True, **kwargs
+        )
+        if losses:
+            self._losses_override.clear()
+            self._losses_override = losses
+        loss, _ = self.stateless_compute_loss(
+            params,
+            non_trainable,
+            metrics_vars,
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=True,
+        )
+        if losses:
+            self._losses_override.clear()
+        return loss, (y_pred, non_trainable)
+
+    def _dp_chunk_size(self, config: DPConfig, physical: int) -> int:
+        return min(physical, _chunk_size(config))
+
+
+def _chunk_size(config: DPConfig) -> int:
+    """``microbatch_size``, or by default a quarter of the expected batch (≤ 128)."""
+    if config.microbatch_size is not None:
+        return config.microbatch_size
+    return max(1, min(128, math.ceil(config.batch_size / 4)))
+
+
+def _row_weights(real: jax.Array, sample_weight):
+    if sample_weight is None:
+        return real
+    sw = jnp.asarray(sample_weight)
+    return sw * real.reshape(real.shape + (1,) * (sw.ndim - 1)).astype(sw.dtype)
+
+
+class _DPBatches(keras.utils.PyDataset):
+    """Batches drawn by the config's sampler: (({"dp_x", "dp_mask"}, y, w))."""
+
+    def __init__(self, model: DPModel, source, config: DPConfig, per_epoch: int):
+        super().__init__()
+        self._model, self._source, self._config, self._per_epoch = model, source, config, per_epoch
+        chunk = _chunk_size(config)
+        b_max = config.max_batch_size or _untruncated_bound(config)
+        self.physical = sampling.physical_batch_size(b_max, min(chunk, b_max))
+        self._next_step = model._dp_steps
+
+    def steps_this_fit(self, epochs: int) -> int:
+        return min(epochs * self._per_epoch, self._config.steps - self._model._dp_steps)
+
+    @property
+    def num_batches(self) -> int:
+        return self._per_epoch
+
+    def __len__(self) -> int:
+        return self._per_epoch
+
+    def __getitem__(self, index):
+        config, step = self._config, self._next_step
+        self._next_step += 1
+        rng = sampling.step_rng(self._model._dp_seed, step)
+        if config.sampling == "fixed":
+            indices = sampling.fixed_indices(rng, config.dataset_size, config.batch_size)
+        else:
+            indices = sampling.poisson_indices(
+                rng, config.dataset_size, config.sampling_probability, config.max_batch_size
+            )
+        physical = self.physical
+        if len(indices) > physical:  # untruncated Poisson (RDP) drew beyond the bound
+            logger.warning(
+                "Poisson draw of %d rows exceeds %d; compiling a larger step.",
+                len(indices),
+                physical,
+            )
+            physical = sampling.physical_batch_size(len(indices), physical)
+        padded, mask = sampling.pad_indices(indices, physical)
+        x, y, sw = self._source.gather(padded)
+        packed = {"dp_x": x, "dp_mask": mask}
+        if sw is not None:
+            return packed, y, sw
+        return (packed, y) if y is not None else (packed,)
+
+
+def _untruncated_bound(config: DPConfig) -> int:
+    """Physical rows for untruncated Poisson: exceeded with chance ≤ 1e-6·δ per run."""
+    from keras_dp import accounting
+
+    return accounting.truncated_batch_size(
+        config.dataset_size, config.sampling_probability, config.steps, 1e-4 * config.delta
+    )
+
+
+class _Ledger(keras.callbacks.Callback):
+    """Counts the updates taken and stops exactly at the end of the plan."""
+
+    def __init__(self, stop_at: int):
+        super().__init__()
+        self._stop_at = stop_at
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model._dp_steps += 1
+        if self.model._dp_steps >= self._stop_at:
+            self.model.stop_training = True
+
+
+_DP_CLASSES: dict[type, type] = {}
+
+
+def make_private(model: keras.Model, config: DPConfig) -> keras.Model:
+    """Gives ``model`` (any Keras or keras-hub model) DP training, in place.
+
+    The instance's class becomes a subclass ``DP<Class>(DPModel, Class)``; no
+    method is patched. ``isinstance(model, keras_dp.DPModel)`` holds afterwards
+    and everything but ``fit``/``train_step`` behaves as before.
+
+    Args:
+      model: A Keras 3 model (Sequential, functional, subclassed, keras-hub task).
+      config: The DP plan.
+
+    Returns:
+      The same object, now a DPModel.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"make_private needs a keras.Model; got {type(model).__name__}.")
+    if isinstance(model, DPModel):
+        model.set_dp_config(config)
+        return model
+    cls = type(model)
+    if cls not in _DP_CLASSES:
+        dp_cls = type(f"DP{cls.__name__}", (DPModel, cls), {"__module__": __name__})
+        _DP_CLASSES[cls] = keras.saving.register_keras_serializable(package="keras_dp")(dp_cls)
+    model.__class__ = _DP_CLASSES[cls]
+    model._dp_init(config)
+    return model

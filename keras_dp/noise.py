@@ -1,0 +1,42 @@
+"""Gaussian noise over pytrees (pure JAX)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def step_key(root: jax.Array, step: jax.Array) -> jax.Array:
+    """The noise key of update ``step``: distinct for every step of a run."""
+    return jax.random.fold_in(root, step)
+
+
+def gaussian_like(key: jax.Array, tree, stddev: float):
+    """A pytree shaped like ``tree`` of independent N(0, stddev²) draws (float32)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    noise = [
+        stddev * jax.random.normal(k, jnp.shape(leaf), jnp.float32) for k, leaf in zip(keys, leaves)
+    ]
+    return jax.tree.unflatten(treedef, noise)
+
+
+def privatize(
+    clipped_sum,
+    key: jax.Array,
+    noise_multiplier: float,
+    l2_clip_norm: float,
+    expected_batch_size: int,
+):
+    """(Σ clip(g_i) + N(0, (σ·C)²)) / B: the DP-SGD gradient estimate.
+
+    The noise is drawn once for the whole sum; dividing by the *expected* batch
+    size (not the realised one) keeps the sensitivity of the sum the only
+    data-dependent quantity.
+    """
+    noise = gaussian_like(key, clipped_sum, noise_multiplier * l2_clip_norm)
+    return jax.tree.map(
+        lambda g, n: ((g.astype(jnp.float32) + n) / expected_batch_size).astype(g.dtype),
+        clipped_sum,
+        noise,
+    )

@@ -1,0 +1,170 @@
+"""Samplers that run exactly as the accountant assumes, and per-example data access.
+
+A sampler turns (seed, step) into the indices of one update's batch, so a run
+never replays a draw and a resumed run continues the same sequence. Batches have
+a fixed physical size: real rows first, then padding rows that the mask marks.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import math
+
+import numpy as np
+
+
+def physical_batch_size(max_batch_size: int, chunk_size: int) -> int:
+    """``max_batch_size`` rounded up to a whole number of chunks."""
+    return math.ceil(max_batch_size / chunk_size) * chunk_size
+
+
+def step_rng(seed: int, step: int) -> np.random.Generator:
+    """The sampler's generator for update ``step`` (independent streams per step)."""
+    return np.random.default_rng([seed, step, 0x5A3])
+
+
+def poisson_indices(
+    rng: np.random.Generator, dataset_size: int, probability: float, truncate_to: int | None
+) -> np.ndarray:
+    """Each index independently with ``probability``; at most ``truncate_to`` kept.
+
+    A draw larger than ``truncate_to`` keeps a uniformly random subset of that size
+    (as ``TruncatedSubsampledGaussianDpEvent`` assumes).
+    """
+    count = rng.binomial(dataset_size, probability)
+    indices = rng.choice(dataset_size, size=count, replace=False)  # a uniform subset
+    if truncate_to is not None:
+        indices = indices[:truncate_to]
+    return np.sort(indices)
+
+
+def fixed_indices(rng: np.random.Generator, dataset_size: int, batch_size: int) -> np.ndarray:
+    """A uniformly random subset of exactly ``batch_size`` indices."""
+    return np.sort(rng.choice(dataset_size, size=batch_size, replace=False))
+
+
+def pad_indices(indices: np.ndarray, physical: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices padded to ``physical`` rows (padding repeats row 0), and the mask."""
+    count = len(indices)
+    padded = np.zeros(physical, dtype=np.int64)
+    padded[:count] = indices
+    return padded, np.arange(physical) < count
+
+
+class ExampleSource:
+    """Random access to one example at a time over the user's training data.
+
+    Accepts numpy-like arrays and nested tuples/lists/dicts of them (sharing the
+    leading axis), or any object with ``__len__`` and ``__getitem__(i)`` returning
+    ONE example (a tfds random-access data source, a Python list of examples).
+    """
+
+    def __init__(self, x, y=None, sample_weight=None):
+        self._per_item = _is_sequence_of_examples(x)
+        if self._per_item:
+            if y is not None or sample_weight is not None:
+                raise ValueError(
+                    "When x is a sequence of examples, each item must hold its own label: "
+                    "return (x, y) or (x, y, sample_weight) from __getitem__ and pass y=None."
+                )
+            self._data = x
+            self.size = len(x)
+            first = x[0] if self.size else None
+            self.structure = "tuple" if isinstance(first, tuple) else "x"
+            return
+        data = (x, y, sample_weight)
+        arrays = [np.asarray(a) if not hasattr(a, "shape") else a for a in _leaves(data)]
+        sizes = {int(a.shape[0]) if np.ndim(a) else -1 for a in arrays}
+        if -1 in sizes:
+            raise ValueError("Every input array needs a leading example axis; got a scalar.")
+        if len(sizes) != 1:
+            raise ValueError(
+                f"x, y and sample_weight must have the same number of examples; got sizes "
+                f"{sorted(sizes)}. Pass arrays of equal length along axis 0."
+            )
+        self._data = _map(np.asarray, data)
+        self.size = sizes.pop()
+
+    def gather(self, indices: np.ndarray):
+        """(x, y, sample_weight) for ``indices``, batched along axis 0."""
+        if not self._per_item:
+            return _map(lambda a: a[indices], self._data)
+        items = [self._data[int(i)] for i in indices]
+        if self.structure == "x":
+            items = [(item,) for item in items]
+        stacked = [_stack([item[k] for item in items]) for k in range(len(items[0]))]
+        return tuple(stacked) + (None,) * (3 - len(stacked))
+
+
+def _stream_kind(x) -> str | None:
+    mro = [c.__name__ for c in type(x).__mro__]
+    module = type(x).__module__ or ""
+    if "PyDataset" in mro:
+        return "keras.utils.PyDataset (its items are batches)"
+    if module.startswith("tensorflow") and any("Dataset" in n for n in mro):
+        return "tf.data.Dataset (a stream of batches)"
+    if "DataLoader" in mro:
+        return "torch DataLoader (a stream of batches)"
+    if isinstance(x, collections.abc.Iterator):
+        return "generator or iterator (a stream)"
+    return None
+
+
+def refuse_streams(x) -> None:
+    """Data that cannot be sampled per example is refused before anything runs."""
+    kind = _stream_kind(x)
+    if kind is not None:
+        raise ValueError(
+            f"DP fit cannot sample a {kind}: the privacy guarantee needs each example to "
+            "be drawn at random by keras_dp's sampler, with per-example random-access data. "
+            "Pass numpy arrays (or a dict of arrays) as x and y, a tfds random-access source "
+            "(tfds.data_source(...)), or any object with __len__ and __getitem__(i) "
+            "returning ONE example."
+        )
+
+
+def _is_sequence_of_examples(x) -> bool:
+    """Keras semantics first: arrays, dicts, tuples and lists of arrays are batched
+    inputs; a list of tuples/dicts, or any other indexable, holds one example per item."""
+    if isinstance(x, list):
+        return len(x) > 0 and isinstance(x[0], (tuple, dict))
+    if isinstance(x, (np.ndarray, dict, tuple)) or hasattr(x, "shape"):
+        return False
+    return hasattr(x, "__len__") and hasattr(x, "__getitem__")
+
+
+def _leaves(tree):
+    if tree is None:
+        return []
+    if isinstance(tree, dict):
+        return [leaf for v in tree.values() for leaf in _leaves(v)]
+    if isinstance(tree, (tuple, list)):
+        return [leaf for v in tree for leaf in _leaves(v)]
+    return [tree]
+
+
+def _map(fn, tree):
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return {k: _map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_map(fn, v) for v in tree)
+    return fn(tree)
+
+
+def _stack(items):
+    first = items[0]
+    if first is None:
+        return None
+    if isinstance(first, dict):
+        return {k: _stack([it[k] for it in items]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stack([it[k] for it in items]) for k in range(len(first)))
+    try:
+        return np.stack([np.asarray(it) for it in items])
+    except ValueError as err:
+        raise ValueError(
+            "Examples have different shapes (ragged input); pad them to one shape "
+            "before fit (e.g. with the tokenizer's sequence_length)."
+        ) from err

@@ -1,0 +1,332 @@
+"""DP training: checked against naive per-example loops and exact distributions."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from scipy import stats
+
+import keras_dp
+from keras_dp import DPConfig
+
+DEBUG = dict(target_epsilon=math.inf, noise_multiplier=0.0)  # explicit non-private debug
+pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
+
+
+def mlp(seed=0, dropout=0.0):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((5,)), keras.layers.Dense(4, activation="tanh")]
+    if dropout:
+        layers.append(keras.layers.Dropout(dropout))
+    return keras.Sequential(layers + [keras.layers.Dense(3)])
+
+
+def data(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 5)).astype("float32") * 3, rng.integers(0, 3, n)
+
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def private(model, lr=1.0, **config):
+    model = keras_dp.make_private(model, DPConfig(**config))
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss=LOSS)
+    return model
+
+
+def naive_clipped_mean(model, x, y, clip):
+    """-(1/B) Σ clip(g_i), one example at a time with jax.grad (no vmap)."""
+    import jax
+
+    weights = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def loss_fn(w, xi, yi):
+        pred, _ = model.stateless_call(w, non_trainable, xi[None])
+        return LOSS(yi[None], pred)
+
+    total = [np.zeros(w.shape, np.float64) for w in weights]
+    for xi, yi in zip(x, y):
+        g = [np.asarray(a, np.float64) for a in jax.grad(loss_fn)(weights, xi, yi)]
+        norm = math.sqrt(sum(float(np.sum(a * a)) for a in g))
+        scale = min(1.0, clip / norm)
+        total = [t + scale * a for t, a in zip(total, g)]
+    return [-t / len(x) for t in total]
+
+
+@pytest.mark.parametrize("microbatch", [None, 1, 3])
+def test_update_is_minus_mean_of_clipped_gradients(microbatch):
+    x, y = data(10)
+    model = private(
+        mlp(), batch_size=10, steps=1, l2_clip_norm=0.5, microbatch_size=microbatch, seed=1, **DEBUG
+    )
+    model.build((None, 5))
+    before = [np.array(v.value) for v in model.trainable_variables]
+    expected = naive_clipped_mean(model, x, y, 0.5)
+    model.fit(x, y, verbose=0)  # q = 1: every example in the one step
+    for b, v, e in zip(before, model.trainable_variables, expected):
+        np.testing.assert_allclose(np.array(v.value) - b, e, rtol=1e-4, atol=1e-6)
+    # Clipping was active: some example's norm exceeded 0.5.
+    assert model.privacy_spent().steps == 1
+
+
+def test_noise_is_gaussian_with_std_sigma_c_over_b():
+    sigma, clip, batch = 2.0, 3.0, 8
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(400)])
+    zero_loss = lambda y_true, y_pred: 0.0 * keras.ops.mean(y_pred)  # noqa: E731
+    model = keras_dp.make_private(
+        model,
+        DPConfig(
+            batch_size=batch,
+            steps=2,
+            target_epsilon=1e6,
+            noise_multiplier=sigma,
+            l2_clip_norm=clip,
+            seed=7,
+        ),
+    )
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=zero_loss)
+    x, y = data(16)
+    model.build((None, 5))
+    w0 = np.array(model.trainable_variables[0].value)
+    model.fit(x, y, epochs=1, verbose=0)
+    w1 = np.array(model.trainable_variables[0].value)
+    steps = model.privacy_spent().steps
+    update = (w1 - w0).ravel() / math.sqrt(steps)  # sum of `steps` independent draws
+    expected_std = sigma * clip / batch
+    assert stats.kstest(update, "norm", args=(0, expected_std)).pvalue > 0.01
+    # A noise std scaled wrongly by 2 is rejected by the same test.
+    assert stats.kstest(update, "norm", args=(0, 2 * expected_std)).pvalue < 1e-6
+    assert stats.kstest(update, "norm", args=(0, expected_std / 2)).pvalue < 1e-6
+
+
+def test_noise_key_changes_every_step_and_is_not_a_weight():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(50)])
+    zero_loss = lambda y_true, y_pred: 0.0 * keras.ops.mean(y_pred)  # noqa: E731
+    model = keras_dp.make_private(
+        model, DPConfig(batch_size=4, steps=2, target_epsilon=1e6, noise_multiplier=1.0, seed=3)
+    )
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=zero_loss)
+    x, y = data(8)
+    model.build((None, 5))
+    w0 = np.array(model.trainable_variables[0].value)
+    model.fit(x, y, epochs=1, verbose=0)
+    w1 = np.array(model.trainable_variables[0].value)
+    names = [w.path for w in model.weights]
+    assert not any("seed" in n or "key" in n for n in names)
+    assert model.privacy_spent().steps == 2
+    # Two equal noise draws would give an update exactly 2x one draw; check the
+    # correlation of the two steps' noise instead via a fresh one-step run.
+    model2 = keras_dp.make_private(
+        keras.models.clone_model(keras.Sequential([keras.Input((5,)), keras.layers.Dense(50)])),
+        DPConfig(batch_size=4, steps=1, target_epsilon=1e6, noise_multiplier=1.0, seed=3),
+    )
+    model2.compile(optimizer=keras.optimizers.SGD(1.0), loss=zero_loss)
+    model2.build((None, 5))
+    model2.set_weights([w0, np.zeros(50, "float32")])
+    model2.fit(x, y, verbose=0)
+    first = np.array(model2.trainable_variables[0].value) - w0
+    second = (w1 - w0) - first
+    assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.2
+
+
+def test_identical_examples_get_their_own_dropout_masks():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(1, use_bias=False, kernel_initializer="ones"),
+        ]
+    )
+    model = keras_dp.make_private(
+        model, DPConfig(batch_size=2, steps=3, l2_clip_norm=1e6, seed=0, **DEBUG)
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0), loss=lambda y_true, y_pred: keras.ops.mean(y_pred)
+    )
+    x = np.ones((2, 8), "float32")
+    seed_var = next(v for v in model.non_trainable_variables if "seed_generator" in v.path)
+    seed_before = np.array(seed_var.value)
+    w = np.array(model.trainable_variables[0].value)
+    model.fit(x, np.zeros(2), verbose=0)
+    assert model.privacy_spent().steps == 3
+    updates = (np.array(model.trainable_variables[0].value) - w).ravel()
+    # Each step: Δw_j = -(2 m1_j + 2 m2_j) / 2 (dropout scale 2), in {0, -1, -2}. Identical
+    # masks would make every step's entries 0 or -2: an odd total shows different masks.
+    assert np.any(np.isclose(np.mod(-updates, 2), 1))
+    assert not np.array_equal(seed_before, np.array(seed_var.value))  # the seed state advanced
+
+
+def test_epsilon_after_fit_equals_config_and_steps_are_updates():
+    x, y = data(200)
+    model = private(
+        mlp(), lr=0.1, batch_size=50, epochs=2, target_epsilon=5.0, microbatch_size=7, seed=0
+    )
+    history = model.fit(x, y, callbacks=[keras_dp.callbacks.PrivacyBudget()], verbose=0)
+    spent = model.privacy_spent()
+    assert spent.steps == 8 == model.dp_config.steps  # round(2 * 200 / 50)
+    assert int(model.optimizer.iterations.value) == 8  # one update per accounted step
+    assert spent.epsilon == pytest.approx(model.dp_config.epsilon(8))
+    assert spent.epsilon <= 5.0
+    assert history.history["epsilon"][-1] == pytest.approx(spent.epsilon)
+    assert len(history.history["epsilon"]) == 2
+    assert keras_dp.privacy_statement(model).count("8 of 8 planned") == 1
+
+
+def test_fit_beyond_the_plan_is_refused_before_noise():
+    x, y = data(100)
+    model = private(mlp(), lr=0.1, batch_size=25, epochs=2, target_epsilon=5.0, seed=0)
+    model.fit(x, y, epochs=1, verbose=0)
+    assert model.privacy_spent().steps == 4
+    with pytest.raises(ValueError, match="only 1 are left"):
+        model.fit(x, y, epochs=2, verbose=0)
+    model.fit(x, y, epochs=1, verbose=0)
+    weights = [np.array(v.value) for v in model.trainable_variables]
+    with pytest.raises(ValueError, match="privacy budget of this plan is spent"):
+        model.fit(x, y, verbose=0)
+    for w, v in zip(weights, model.trainable_variables):
+        np.testing.assert_array_equal(w, np.array(v.value))
+    assert model.privacy_spent().steps == 8
+
+
+def test_privacy_budget_callback_stops_at_its_limit():
+    x, y = data(100)
+    model = private(mlp(), lr=0.1, batch_size=25, epochs=4, target_epsilon=8.0, seed=0)
+    model.fit(x, y, epochs=0 + 1, verbose=0)
+    config = model.dp_config
+    limit = config.epsilon(9) + 1e-9  # allows 9 of the 16 planned updates
+    model.fit(
+        x,
+        y,
+        epochs=3,
+        verbose=0,
+        callbacks=[keras_dp.callbacks.PrivacyBudget(stop_at_epsilon=limit)],
+    )
+    assert model.privacy_spent().steps == 9
+    assert model.privacy_spent().epsilon <= limit
+
+
+def test_only_real_rows_count_in_loss():
+    x, y = data(30)
+    model = private(mlp(), lr=0.0, batch_size=30, steps=1, **DEBUG)
+    history = model.fit(x, y, verbose=0)  # q = 1; physical batch has padding rows
+    expected = float(LOSS(y, model.predict(x, verbose=0)))
+    assert history.history["loss"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_nonfinite_example_is_contained_and_counted():
+    x, y = data(10)
+    x[3] = np.nan
+    model = private(mlp(), lr=0.1, batch_size=10, steps=1, **DEBUG)
+    history = model.fit(x, y, verbose=0)
+    assert history.history["nonfinite_examples"][0] == 1
+    assert all(np.all(np.isfinite(np.array(v.value))) for v in model.trainable_variables)
+
+
+def test_mixin_subclass_and_make_private_keep_keras_behaviour():
+    class Mine(keras_dp.DPModel, keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    x, y = data(40)
+    model = Mine(dp_config=DPConfig(batch_size=10, epochs=1, target_epsilon=10.0, seed=0))
+    model.compile(optimizer="sgd", loss=LOSS)
+    model.fit(x, y, verbose=0)
+    assert model.privacy_spent().steps == 4
+    functional = mlp()
+    private_model = keras_dp.make_private(
+        functional, DPConfig(batch_size=10, epochs=1, target_epsilon=10.0)
+    )
+    assert private_model is functional and isinstance(functional, keras_dp.DPModel)
+    assert isinstance(functional, keras.Sequential)
+    assert functional.predict(x, verbose=0).shape == (40, 3)
+    assert functional.privacy_spent() == keras_dp.PrivacySpent(0.0, None, 0)
+
+
+def test_sequence_of_examples_is_sampled():
+    x, y = data(40)
+    examples = [(x[i], y[i]) for i in range(40)]
+    model = private(mlp(), lr=0.1, batch_size=10, epochs=1, target_epsilon=10.0, seed=0)
+    model.fit(examples, verbose=0)
+    assert model.dp_config.dataset_size == 40
+    assert model.privacy_spent().steps == 4
+
+
+class _Batches(keras.utils.PyDataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return data(4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=5), "contradicts DPConfig.batch_size"),
+        (dict(shuffle=False), "shuffle=False"),
+        (dict(validation_split=0.2), "validation_data="),
+        (dict(steps_per_epoch=3), "steps_per_epoch"),
+        (dict(class_weight={0: 1.0}), "sample_weight"),
+        (dict(epochs=5), "only 1 are left"),
+    ],
+)
+def test_fit_arguments_that_contradict_the_plan_are_refused(kwargs, match):
+    x, y = data(40)
+    model = private(mlp(), batch_size=10, epochs=1, target_epsilon=10.0)
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, y, verbose=0, **kwargs)
+    assert model.privacy_spent().steps == 0
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (_Batches(), "PyDataset"),
+        ((i for i in range(3)), "generator"),
+    ],
+)
+def test_streams_are_refused_with_how_to_pass_data(x, match):
+    model = private(mlp(), batch_size=10, epochs=1, target_epsilon=10.0)
+    with pytest.raises(ValueError, match=rf"{match}.*per-example random-access"):
+        model.fit(x, verbose=0)
+
+
+def test_model_level_refusals():
+    x, y = data(40)
+    bn = keras.Sequential(
+        [keras.Input((5,)), keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(3)]
+    )
+    model = private(bn, batch_size=10, epochs=1, target_epsilon=10.0)
+    with pytest.raises(ValueError, match="'bn' \\(BatchNormalization\\) mixes examples"):
+        model.fit(x, y, verbose=0)
+    model = keras_dp.make_private(mlp(), DPConfig(batch_size=10, epochs=1, target_epsilon=10.0))
+    model.compile(optimizer=keras.optimizers.SGD(gradient_accumulation_steps=4), loss=LOSS)
+    with pytest.raises(ValueError, match="microbatch_size"):
+        model.fit(x, y, verbose=0)
+    model = private(mlp(), batch_size=10, epochs=1, target_epsilon=10.0, dataset_size=50)
+    with pytest.raises(ValueError, match="40 examples but DPConfig.dataset_size=50"):
+        model.fit(x, y, verbose=0)
+    frozen = mlp()
+    frozen.trainable = False
+    model = private(frozen, batch_size=10, epochs=1, target_epsilon=10.0)
+    with pytest.raises(ValueError, match="no trainable variables"):
+        model.fit(x, y, verbose=0)
+    with pytest.raises(ValueError, match="same number of examples"):
+        private(mlp(), batch_size=10, epochs=1, target_epsilon=10.0).fit(x, y[:30], verbose=0)
+    with pytest.raises(ValueError, match="no DP plan"):
+        keras_dp.make_private(mlp(), DPConfig(batch_size=10, epochs=1, target_epsilon=1.0))
+        m = mlp()
+        m.__class__ = keras_dp.model._DP_CLASSES[keras.Sequential]
+        m._dp_init(None)
+        m.compile(optimizer="sgd", loss=LOSS)
+        m.fit(x, y, verbose=0)
