@@ -50,11 +50,11 @@ class PrivacyBudget(keras.callbacks.Callback):
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if config.epsilon(mid, delta) <= limit else (lo, mid)
         self._max_steps = lo
-        if self.model.privacy_spent().steps >= lo:
+        if self.model.dp_steps >= lo:
             self.model.stop_training = True
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.model.privacy_spent().steps >= self._max_steps:
+        if self.model.dp_steps >= self._max_steps:
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):

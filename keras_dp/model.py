@@ -84,6 +84,11 @@ class DPModel:
         self._dp_config = config
         self.train_function = None  # the traced step reads the config
 
+    @property
+    def dp_steps(self) -> int:
+        """Optimizer updates (accounted steps) taken by all ``fit`` calls so far."""
+        return self._dp_steps
+
     def privacy_spent(self, delta: float | None = None) -> PrivacySpent:
         """ε spent by all ``fit`` calls so far (0 before any training)."""
         config = self._dp_config
@@ -287,12 +292,40 @@ class DPModel:
             non_trainable[slot] = jnp.where(num_real > 0, advanced, step_on)
         real = mask.astype(jnp.float32)
         loss = jnp.sum(losses * real) / jnp.maximum(num_real, 1)
-        weights = _row_weights(real, sample_weight)
-        logs, metrics_vars = self._update_metrics_variables(
-            metrics_vars, loss, x, y, y_pred, weights
+        logs, metrics_vars = self._dp_update_metrics(
+            metrics_vars, loss, num_real, y, y_pred, real, sample_weight
         )
         logs = {**logs, "nonfinite_examples": nonfinite}
         return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+    def _dp_update_metrics(self, metrics_vars, loss, num_real, y, y_pred, real, sample_weight):
+        """Loss and compiled metrics over real rows only (padding has weight 0).
+
+        Keras gives unweighted ``metrics`` no sample weight, which would count padding;
+        here every compiled metric gets the row mask (times ``sample_weight`` for
+        ``weighted_metrics``).
+        """
+        mapping = list(zip(self.metrics_variables, metrics_vars))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            self._loss_tracker.update_state(loss, sample_weight=num_real)
+            compiled = self._compile_metrics
+            if compiled is not None:
+                if not compiled.built:
+                    compiled.build(y, y_pred)
+                ys, preds = compiled._flatten_y(y), compiled._flatten_y(y_pred)
+                for metrics, weight in (
+                    (compiled._flat_metrics, _row_weights(real, None, preds[0])),
+                    (compiled._flat_weighted_metrics, _row_weights(real, sample_weight, preds[0])),
+                ):
+                    for metric, y_t, y_p in zip(metrics, ys, preds):
+                        if metric:
+                            metric.update_state(y_t, y_p, sample_weight=weight)
+            logs = self.get_metrics_result()
+        new_vars = []
+        for ref in self.metrics_variables:
+            value = scope.get_current_value(ref)
+            new_vars.append(ref.value if value is None else value)
+        return logs, new_vars
 
     def _dp_loss(self, params, non_trainable, metrics_vars, x, y, sample_weight):
         kwargs = {"training": True} if self._call_has_training_arg else {}
@@ -327,9 +360,12 @@ def _chunk_size(config: DPConfig) -> int:
     return max(1, min(128, math.ceil(config.batch_size / 4)))
 
 
-def _row_weights(real: jax.Array, sample_weight):
+def _row_weights(real: jax.Array, sample_weight, y_pred):
+    """The row mask (times ``sample_weight``), shaped to weigh ``y_pred``'s rows."""
     if sample_weight is None:
-        return real
+        # Per-row weights broadcast over a sequence axis (e.g. causal LM tokens).
+        extra = max(0, jnp.ndim(y_pred) - 2)
+        return real.reshape(real.shape + (1,) * extra)
     sw = jnp.asarray(sample_weight)
     return sw * real.reshape(real.shape + (1,) * (sw.ndim - 1)).astype(sw.dtype)
 

@@ -211,12 +211,15 @@ def test_privacy_budget_callback_stops_at_its_limit():
     assert model.privacy_spent().epsilon <= limit
 
 
-def test_only_real_rows_count_in_loss():
+def test_only_real_rows_count_in_loss_and_metrics():
     x, y = data(30)
-    model = private(mlp(), lr=0.0, batch_size=30, steps=1, **DEBUG)
-    history = model.fit(x, y, verbose=0)  # q = 1; physical batch has padding rows
-    expected = float(LOSS(y, model.predict(x, verbose=0)))
-    assert history.history["loss"][0] == pytest.approx(expected, rel=1e-5)
+    model = keras_dp.make_private(mlp(), DPConfig(batch_size=30, steps=1, **DEBUG))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS, metrics=["accuracy"])
+    history = model.fit(x, y, verbose=0)  # q = 1; the physical batch has padding rows
+    predictions = model.predict(x, verbose=0)
+    assert history.history["loss"][0] == pytest.approx(float(LOSS(y, predictions)), rel=1e-5)
+    accuracy = float(np.mean(np.argmax(predictions, -1) == y))
+    assert history.history["accuracy"][0] == pytest.approx(accuracy)
 
 
 def test_nonfinite_example_is_contained_and_counted():
