@@ -38,24 +38,29 @@ class PrivacyBudget(keras.callbacks.Callback):
         self.stop_at_epsilon = stop_at_epsilon
         self._max_steps = None
 
-    def on_train_begin(self, logs=None):
-        config = self.model.dp_config
+    def max_steps(self, model) -> int:
+        """The most updates of ``model``'s plan whose ε stays within the limit."""
+        config = model.dp_config
         limit = config.target_epsilon if self.stop_at_epsilon is None else self.stop_at_epsilon
         delta = config.delta if self.delta is None else self.delta
-        # The most updates whose ε stays within the limit (binary search, once).
-        lo, hi = 0, config.steps
+        lo, hi = 0, config.steps  # binary search, once per fit
         if config.epsilon(hi, delta) <= limit:
-            lo = hi
+            return hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if config.epsilon(mid, delta) <= limit else (lo, mid)
-        self._max_steps = lo
-        if self.model.dp_steps >= lo:
-            self.model.stop_training = True
+        return lo
+
+    def on_train_begin(self, logs=None):
+        if self._max_steps is None:
+            self._max_steps = self.max_steps(self.model)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.model.dp_steps >= self._max_steps:
             self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        self._max_steps = None
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

@@ -22,6 +22,7 @@ import numpy as np
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 from keras_dp import clipping, noise, sampling
+from keras_dp.callbacks import PrivacyBudget
 from keras_dp.config import DPConfig
 
 logger = logging.getLogger(__name__)
@@ -147,9 +148,19 @@ class DPModel:
             self._dp_seed = config.seed if config.seed is not None else secrets.randbits(63)
             self.train_function = None
         batches = _DPBatches(self, source, config, per_epoch)
-        callbacks = [_Ledger(self._dp_steps + batches.steps_this_fit(epochs_to_run))] + list(
-            callbacks or []
-        )
+        callbacks = list(callbacks or [])
+        stop_at = self._dp_steps + batches.steps_this_fit(epochs_to_run)
+        for callback in callbacks:
+            if isinstance(callback, PrivacyBudget):
+                callback._max_steps = callback.max_steps(self)
+                stop_at = min(stop_at, callback._max_steps)
+        if stop_at <= self._dp_steps:
+            raise ValueError(
+                f"PrivacyBudget allows no further update: {self._dp_steps} taken, ε would "
+                "exceed its stop_at_epsilon. Nothing was trained; raise stop_at_epsilon or "
+                "stop here."
+            )
+        callbacks = [_Ledger(stop_at), *callbacks]
         return keras.Model.fit(
             self,
             batches,

@@ -209,6 +209,19 @@ def test_privacy_budget_callback_stops_at_its_limit():
     )
     assert model.privacy_spent().steps == 9
     assert model.privacy_spent().epsilon <= limit
+    # At the limit, a further fit is refused before any step runs.
+    weights = [np.array(v.value) for v in model.trainable_variables]
+    with pytest.raises(ValueError, match="allows no further update"):
+        model.fit(
+            x,
+            y,
+            epochs=1,
+            verbose=0,
+            callbacks=[keras_dp.callbacks.PrivacyBudget(stop_at_epsilon=limit)],
+        )
+    assert model.privacy_spent().steps == 9
+    for w, v in zip(weights, model.trainable_variables):
+        np.testing.assert_array_equal(w, np.array(v.value))
 
 
 def test_only_real_rows_count_in_loss_and_metrics():
