@@ -43,13 +43,7 @@ class PrivacyBudget(keras.callbacks.Callback):
         config = model.dp_config
         limit = config.target_epsilon if self.stop_at_epsilon is None else self.stop_at_epsilon
         delta = config.delta if self.delta is None else self.delta
-        lo, hi = 0, config.steps  # binary search, once per fit
-        if config.epsilon(hi, delta) <= limit:
-            return hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if config.epsilon(mid, delta) <= limit else (lo, mid)
-        return lo
+        return config.max_steps_within(limit, delta)
 
     def on_train_begin(self, logs=None):
         if self._max_steps is None:

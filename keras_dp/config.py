@@ -360,7 +360,7 @@ class DPConfig:
         if spent <= self.target_epsilon:
             return
         fits = dataclasses.replace(self, noise_multiplier=None).calibrate().noise_multiplier
-        steps_ok = self._max_steps_within_target()
+        steps_ok = self.max_steps_within(self.target_epsilon)
         per_epoch = self.dataset_size / self.batch_size
         raise _bad(
             "noise_multiplier",
@@ -371,9 +371,12 @@ class DPConfig:
             f"(epochs={steps_ok / per_epoch:.3g}), or raise target_epsilon.",
         )
 
-    def _max_steps_within_target(self) -> int:
-        lo, hi = 0, self.steps  # epsilon(lo) <= target < epsilon(hi)
-        while hi - lo > 1:
+    def max_steps_within(self, epsilon: float, delta: float | None = None) -> int:
+        """The most updates (up to the plan's) whose ε at ``delta`` is ≤ ``epsilon``."""
+        lo, hi = 0, self.steps
+        if self.epsilon(hi, delta) <= epsilon:
+            return hi
+        while hi - lo > 1:  # invariant: epsilon(lo) <= limit < epsilon(hi)
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.epsilon(mid) <= self.target_epsilon else (lo, mid)
+            lo, hi = (mid, hi) if self.epsilon(mid, delta) <= epsilon else (lo, mid)
         return lo
