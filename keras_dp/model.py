@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from keras_dp import clipping, noise, sampling
+from keras_dp import accounting, clipping, noise, sampling
 from keras_dp.callbacks import PrivacyBudget
 from keras_dp.config import DPConfig
 
@@ -279,7 +279,7 @@ class DPModel:
             loss, (y_pred, nt_out) = self._dp_loss(params, nt, metrics_vars, xi, yi, swi)
             return loss, (jax.tree.map(lambda a: a[0], y_pred), [nt_out[i] for i in seed_slots])
 
-        chunk = self._dp_chunk_size(config, mask.shape[0])
+        chunk = min(mask.shape[0], _chunk_size(config))
         grad_sum, losses, (y_pred, seeds), nonfinite = clipping.clipped_sum(
             example_fn, trainable, (x, y, sample_weight), mask, config.l2_clip_norm, chunk
         )
@@ -360,9 +360,6 @@ class DPModel:
             self._losses_override.clear()
         return loss, (y_pred, non_trainable)
 
-    def _dp_chunk_size(self, config: DPConfig, physical: int) -> int:
-        return min(physical, _chunk_size(config))
-
 
 def _chunk_size(config: DPConfig) -> int:
     """``microbatch_size``, or by default a quarter of the expected batch (≤ 128)."""
@@ -430,8 +427,6 @@ class _DPBatches(keras.utils.PyDataset):
 
 def _untruncated_bound(config: DPConfig) -> int:
     """Physical rows for untruncated Poisson: exceeded with chance ≤ 1e-6·δ per run."""
-    from keras_dp import accounting
-
     return accounting.truncated_batch_size(
         config.dataset_size, config.sampling_probability, config.steps, 1e-4 * config.delta
     )
