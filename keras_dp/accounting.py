@@ -21,6 +21,7 @@ Formal guarantees:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -66,6 +67,7 @@ def neighboring_relation(sampling: str) -> NeighboringRelation:
     return NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
+@functools.lru_cache(maxsize=256)
 def truncated_batch_size(
     dataset_size: int, sampling_probability: float, steps: int, delta: float
 ) -> int:

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from keras_dp import accounting, clipping, noise, sampling
+from keras_dp import clipping, data, noise, sampling
 from keras_dp.callbacks import PrivacyBudget
 from keras_dp.config import DPConfig
 
@@ -61,7 +61,7 @@ class DPModel:
 
     def _dp_init(self, config: DPConfig | None) -> None:
         self._dp_config = None
-        self._dp_steps = 0
+        self._dp_ledger = _LedgerState()
         self._dp_seed = None
         if config is not None:
             self.set_dp_config(config)
@@ -84,6 +84,10 @@ class DPModel:
             )
         self._dp_config = config
         self.train_function = None  # the traced step reads the config
+
+    @property
+    def _dp_steps(self) -> int:
+        return self._dp_ledger.steps
 
     @property
     def dp_steps(self) -> int:
@@ -138,6 +142,9 @@ class DPModel:
         )
         sampling.refuse_streams(x)
         source = sampling.ExampleSource(x, y, sample_weight)
+        preprocessor = getattr(self, "preprocessor", None)
+        if preprocessor is not None:  # a keras-hub task: raw inputs, preprocessed once
+            source = data.preprocess(preprocessor, source)
         if source.size == 0:
             raise ValueError("fit got no training examples (x is empty).")
         config = self._dp_calibrate(config, source.size)
@@ -147,7 +154,7 @@ class DPModel:
         if self._dp_seed is None:
             self._dp_seed = config.seed if config.seed is not None else secrets.randbits(63)
             self.train_function = None
-        batches = _DPBatches(self, source, config, per_epoch)
+        batches = data.DPBatches(self, source, config, _chunk_size(config), per_epoch)
         callbacks = list(callbacks or [])
         stop_at = self._dp_steps + batches.steps_this_fit(epochs_to_run)
         for callback in callbacks:
@@ -288,7 +295,7 @@ class DPModel:
             for v, ref in zip(optimizer_vars, self.optimizer.variables)
             if ref is self.optimizer.iterations
         )
-        key = noise.step_key(jax.random.key(self._dp_seed % (2**32)), iteration)
+        key = noise.step_key(noise.root_key(self._dp_seed), iteration)
         grads = noise.privatize(
             grad_sum, key, config.noise_multiplier, config.l2_clip_norm, config.batch_size
         )
@@ -362,7 +369,12 @@ class DPModel:
 
 
 def _chunk_size(config: DPConfig) -> int:
-    """``microbatch_size``, or by default a quarter of the expected batch (≤ 128)."""
+    """``microbatch_size``, or by default a quarter of the expected batch (≤ 128).
+
+    Chunks holding only padding are skipped, so small chunks keep the rows
+    computed close to the real rows of a Poisson draw; on a 4-layer Gemma3 (batch
+    16, CPU) B/4 and B/8 measured alike, B/2 and B slower.
+    """
     if config.microbatch_size is not None:
         return config.microbatch_size
     return max(1, min(128, math.ceil(config.batch_size / 4)))
@@ -378,58 +390,11 @@ def _row_weights(real: jax.Array, sample_weight, y_pred):
     return sw * real.reshape(real.shape + (1,) * (sw.ndim - 1)).astype(sw.dtype)
 
 
-class _DPBatches(keras.utils.PyDataset):
-    """Batches drawn by the config's sampler: (({"dp_x", "dp_mask"}, y, w))."""
+class _LedgerState:
+    """The privacy ledger: accounted updates taken so far."""
 
-    def __init__(self, model: DPModel, source, config: DPConfig, per_epoch: int):
-        super().__init__()
-        self._model, self._source, self._config, self._per_epoch = model, source, config, per_epoch
-        chunk = _chunk_size(config)
-        b_max = config.max_batch_size or _untruncated_bound(config)
-        self.physical = sampling.physical_batch_size(b_max, min(chunk, b_max))
-        self._next_step = model._dp_steps
-
-    def steps_this_fit(self, epochs: int) -> int:
-        return min(epochs * self._per_epoch, self._config.steps - self._model._dp_steps)
-
-    @property
-    def num_batches(self) -> int:
-        return self._per_epoch
-
-    def __len__(self) -> int:
-        return self._per_epoch
-
-    def __getitem__(self, index):
-        config, step = self._config, self._next_step
-        self._next_step += 1
-        rng = sampling.step_rng(self._model._dp_seed, step)
-        if config.sampling == "fixed":
-            indices = sampling.fixed_indices(rng, config.dataset_size, config.batch_size)
-        else:
-            indices = sampling.poisson_indices(
-                rng, config.dataset_size, config.sampling_probability, config.max_batch_size
-            )
-        physical = self.physical
-        if len(indices) > physical:  # untruncated Poisson (RDP) drew beyond the bound
-            logger.warning(
-                "Poisson draw of %d rows exceeds %d; compiling a larger step.",
-                len(indices),
-                physical,
-            )
-            physical = sampling.physical_batch_size(len(indices), physical)
-        padded, mask = sampling.pad_indices(indices, physical)
-        x, y, sw = self._source.gather(padded)
-        packed = {"dp_x": x, "dp_mask": mask}
-        if sw is not None:
-            return packed, y, sw
-        return (packed, y) if y is not None else (packed,)
-
-
-def _untruncated_bound(config: DPConfig) -> int:
-    """Physical rows for untruncated Poisson: exceeded with chance ≤ 1e-6·δ per run."""
-    return accounting.truncated_batch_size(
-        config.dataset_size, config.sampling_probability, config.steps, 1e-4 * config.delta
-    )
+    def __init__(self, steps: int = 0):
+        self.steps = steps
 
 
 class _Ledger(keras.callbacks.Callback):
@@ -440,8 +405,9 @@ class _Ledger(keras.callbacks.Callback):
         self._stop_at = stop_at
 
     def on_train_batch_end(self, batch, logs=None):
-        self.model._dp_steps += 1
-        if self.model._dp_steps >= self._stop_at:
+        ledger = self.model._dp_ledger  # a plain object: no Keras attribute tracking per step
+        ledger.steps += 1
+        if ledger.steps >= self._stop_at:
             self.model.stop_training = True
 
 

@@ -6,6 +6,12 @@ import jax
 import jax.numpy as jnp
 
 
+def root_key(seed: int) -> jax.Array:
+    """A key from all 64 bits of ``seed`` (a 32-bit key, its high word folded in)."""
+    seed = int(seed) % 2**64
+    return jax.random.fold_in(jax.random.key(seed % 2**32), seed >> 32)
+
+
 def step_key(root: jax.Array, step: jax.Array) -> jax.Array:
     """The noise key of update ``step``: distinct for every step of a run."""
     return jax.random.fold_in(root, step)

@@ -57,6 +57,9 @@ class ExampleSource:
     Accepts numpy-like arrays and nested tuples/lists/dicts of them (sharing the
     leading axis), or any object with ``__len__`` and ``__getitem__(i)`` returning
     ONE example (a tfds random-access data source, a Python list of examples).
+    Items that are tuples are ``(x, y[, sample_weight])``; a tfds source whose
+    dataset declares ``supervised_keys`` gives ``(item[x_key], item[y_key])``;
+    any other item is ``x`` alone.
     """
 
     def __init__(self, x, y=None, sample_weight=None):
@@ -69,7 +72,9 @@ class ExampleSource:
                 )
             self._data = x
             self.size = len(x)
-            first = x[0] if self.size else None
+            info = getattr(x, "dataset_info", None)
+            self._keys = getattr(info, "supervised_keys", None)
+            first = self._items([0])[0] if self.size else None
             self.structure = "tuple" if isinstance(first, tuple) else "x"
             return
         data = (x, y, sample_weight)
@@ -89,11 +94,21 @@ class ExampleSource:
         """(x, y, sample_weight) for ``indices``, batched along axis 0."""
         if not self._per_item:
             return _map(lambda a: a[indices], self._data)
-        items = [self._data[int(i)] for i in indices]
+        items = self._items(indices)
         if self.structure == "x":
             items = [(item,) for item in items]
         stacked = [_stack([item[k] for item in items]) for k in range(len(items[0]))]
         return tuple(stacked) + (None,) * (3 - len(stacked))
+
+    def _items(self, indices) -> list:
+        indices = [int(i) for i in indices]
+        if hasattr(self._data, "__getitems__"):  # tfds sources read a batch at once
+            items = list(self._data.__getitems__(indices))
+        else:
+            items = [self._data[i] for i in indices]
+        if self._keys:
+            items = [tuple(item[k] for k in self._keys) for item in items]
+        return items
 
 
 def _stream_kind(x) -> str | None:
@@ -133,9 +148,16 @@ def _is_sequence_of_examples(x) -> bool:
     return hasattr(x, "__len__") and hasattr(x, "__getitem__")
 
 
+def _is_column(tree) -> bool:
+    """A list of strings or numbers is one column of values (as tf.data reads it)."""
+    return isinstance(tree, list) and bool(tree) and isinstance(tree[0], (str, bytes, int, float))
+
+
 def _leaves(tree):
     if tree is None:
         return []
+    if _is_column(tree):
+        return [tree]
     if isinstance(tree, dict):
         return [leaf for v in tree.values() for leaf in _leaves(v)]
     if isinstance(tree, (tuple, list)):
@@ -146,6 +168,8 @@ def _leaves(tree):
 def _map(fn, tree):
     if tree is None:
         return None
+    if _is_column(tree):
+        return fn(tree)
     if isinstance(tree, dict):
         return {k: _map(fn, v) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):

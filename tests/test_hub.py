@@ -54,3 +54,32 @@ def test_lora_dp_fit_on_causal_lm_changes_only_lora_weights():
     assert spent.steps == 8 and spent.epsilon <= 8.0
     assert history.history["epsilon"][-1] == spent.epsilon
     assert lm.predict(x, verbose=0).shape == (n, length, 64)
+
+
+def test_raw_strings_are_preprocessed_once_then_sampled():
+    from keras_dp import data, offline, sampling
+
+    lm = offline.tiny_gemma3(sequence_length=64, num_layers=1, hidden_dim=32)
+    raw = offline.as_prompts_and_responses(offline.synthetic_dialogues(40))
+    # The whole-set preprocessing equals the preprocessor's own output, row for row.
+    source = data.preprocess(lm.preprocessor, sampling.ExampleSource(raw), chunk=16)
+    x, y, sw = source.gather(np.array([3, 39]))
+    want_x, want_y, want_sw = lm.preprocessor({k: [v[3], v[39]] for k, v in raw.items()})
+    np.testing.assert_array_equal(x["token_ids"], np.asarray(want_x["token_ids"]))
+    np.testing.assert_array_equal(y, np.asarray(want_y))
+    np.testing.assert_array_equal(sw, np.asarray(want_sw))
+    assert sw.sum() > 0 and sw.sum() < sw.size  # the loss covers the response only
+
+    lm.backbone.enable_lora(rank=2)
+    lm = keras_dp.make_private(lm, keras_dp.DPConfig(target_epsilon=8.0, batch_size=8, epochs=1))
+    lm.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    before = {v.path: np.array(v.value) for v in lm.weights}
+    lm.fit(raw, verbose=0)
+    changed = {v.path for v in lm.weights if not np.array_equal(before[v.path], np.array(v.value))}
+    assert changed and all("lora_kernel" in path for path in changed)
+    assert lm.dp_config.dataset_size == 40 and lm.dp_steps == 5
+    assert lm.privacy_spent().epsilon <= 8.0
+    assert isinstance(lm.generate(raw["prompts"][:1], max_length=64)[0], str)

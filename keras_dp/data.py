@@ -1,0 +1,95 @@
+"""What ``fit`` feeds the train step: the user's examples, sampled as the plan says.
+
+Per-example data is kept host-side (numpy) and drawn by
+:mod:`keras_dp.sampling` one update at a time; a keras-hub task's preprocessor
+is applied once, example by example, before any sampling (preprocessing one
+example never looks at another, so it does not change the neighbouring relation).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+
+from keras_dp import accounting, sampling
+from keras_dp.config import DPConfig
+
+logger = logging.getLogger(__name__)
+
+
+def preprocess(preprocessor, source: sampling.ExampleSource, chunk: int = 1024):
+    """``source`` run through a keras-hub preprocessor, as a new in-memory source.
+
+    The preprocessor maps raw inputs (e.g. ``{"prompts", "responses"}`` strings)
+    to model inputs, labels and sample weights, ``chunk`` examples at a time.
+    """
+    parts = []
+    for start in range(0, source.size, chunk):
+        x, y, sw = source.gather(np.arange(start, min(start + chunk, source.size)))
+        args = (
+            [x]
+            + ([y] if y is not None or sw is not None else [])
+            + ([sw] if sw is not None else [])
+        )
+        out = keras.utils.unpack_x_y_sample_weight(preprocessor(*args))
+        parts.append([None if a is None else keras.tree.map_structure(np.asarray, a) for a in out])
+    joined = [
+        None if part is None else keras.tree.map_structure(lambda *a: np.concatenate(a), *column)
+        for part, column in zip(parts[0], zip(*parts))
+    ]
+    return sampling.ExampleSource(*joined)
+
+
+class DPBatches(keras.utils.PyDataset):
+    """Batches drawn by the config's sampler: (({"dp_x", "dp_mask"}, y, w))."""
+
+    def __init__(self, model, source, config: DPConfig, chunk: int, per_epoch: int):
+        super().__init__()
+        self._model, self._source, self._config, self._per_epoch = model, source, config, per_epoch
+        b_max = config.max_batch_size or _untruncated_bound(config)
+        self.physical = sampling.physical_batch_size(b_max, min(chunk, b_max))
+        self._next_step = model._dp_steps
+
+    def steps_this_fit(self, epochs: int) -> int:
+        return min(epochs * self._per_epoch, self._config.steps - self._model._dp_steps)
+
+    @property
+    def num_batches(self) -> int:
+        return self._per_epoch
+
+    def __len__(self) -> int:
+        return self._per_epoch
+
+    def __getitem__(self, index):
+        config, step = self._config, self._next_step
+        self._next_step += 1
+        rng = sampling.step_rng(self._model._dp_seed, step)
+        if config.sampling == "fixed":
+            indices = sampling.fixed_indices(rng, config.dataset_size, config.batch_size)
+        else:
+            indices = sampling.poisson_indices(
+                rng, config.dataset_size, config.sampling_probability, config.max_batch_size
+            )
+        physical = self.physical
+        if len(indices) > physical:  # untruncated Poisson (RDP) drew beyond the bound
+            logger.warning(
+                "Poisson draw of %d rows exceeds %d; compiling a larger step.",
+                len(indices),
+                physical,
+            )
+            physical = sampling.physical_batch_size(len(indices), physical)
+        padded, mask = sampling.pad_indices(indices, physical)
+        x, y, sw = self._source.gather(padded)
+        packed = {"dp_x": x, "dp_mask": mask}
+        if sw is not None:
+            return packed, y, sw
+        return (packed, y) if y is not None else (packed,)
+
+
+def _untruncated_bound(config: DPConfig) -> int:
+    """Physical rows for untruncated Poisson: exceeded with chance ≤ 1e-6·δ per run."""
+    return accounting.truncated_batch_size(
+        config.dataset_size, config.sampling_probability, config.steps, 1e-4 * config.delta
+    )

@@ -1,0 +1,100 @@
+"""The examples' offline default: a tiny Gemma3 and the synthetic dialogue corpus.
+
+Pretrained presets and dataset downloads need a network. Offline, the examples
+build a small ``Gemma3CausalLM`` from config (random weights) with a
+SentencePiece tokenizer trained at run time on the SYNTHETIC dialogues shipped in
+``keras_dp/assets`` (made by ``scripts/make_synthetic_dialogues.py``). Needs the
+``hub`` extra (keras-hub, sentencepiece, TensorFlow via tensorflow-text).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+
+CORPUS = pathlib.Path(__file__).parent / "assets" / "synthetic_dialogues.jsonl"
+
+
+def synthetic_dialogues(limit: int | None = None) -> list[dict]:
+    """The shipped SYNTHETIC ``{"dialogue", "summary"}`` pairs (3,000; template-made)."""
+    with CORPUS.open() as f:
+        pairs = [json.loads(line) for line in f]
+    return pairs[:limit] if limit is not None else pairs
+
+
+def prompt(dialogue: str) -> str:
+    """The instruction prompt used for every example (Gemma chat turns)."""
+    return (
+        "<start_of_turn>user\nSummarize this dialogue:\n"
+        f"{dialogue}<end_of_turn>\n<start_of_turn>model\n"
+    )
+
+
+def as_prompts_and_responses(pairs: list[dict]) -> dict[str, list[str]]:
+    """Pairs in the ``{"prompts", "responses"}`` form keras-hub causal-LM preprocessors take."""
+    return {
+        "prompts": [prompt(p["dialogue"]) for p in pairs],
+        "responses": [p["summary"] + "<end_of_turn>" for p in pairs],
+    }
+
+
+def train_tokenizer(texts: list[str], vocabulary_size: int = 256) -> bytes:
+    """A SentencePiece model (bytes) trained in memory, with Gemma's special pieces."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocabulary_size,
+        model_type="unigram",
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        bos_piece="<bos>",
+        eos_piece="<eos>",
+        unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        character_coverage=1.0,
+        hard_vocab_limit=False,  # the template corpus has few distinct words
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def tiny_gemma3(
+    sequence_length: int = 128,
+    num_layers: int = 2,
+    hidden_dim: int = 64,
+    vocabulary_size: int = 256,
+    seed: int = 0,
+):
+    """A ``Gemma3CausalLM`` with random weights and a tokenizer trained on the corpus."""
+    import keras
+    import keras_hub
+
+    pairs = synthetic_dialogues()
+    texts = [prompt(p["dialogue"]) for p in pairs] + [p["summary"] for p in pairs]
+    tokenizer = keras_hub.models.Gemma3Tokenizer(
+        proto=train_tokenizer(texts, vocabulary_size), has_vision_tokens=False
+    )
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        num_layers=num_layers,
+        num_query_heads=4,
+        num_key_value_heads=1,
+        hidden_dim=hidden_dim,
+        intermediate_dim=2 * hidden_dim,
+        head_dim=hidden_dim // 4,
+        image_size=None,
+        vision_encoder=None,
+        sliding_window_size=sequence_length,
+    )
+    preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
+        tokenizer=tokenizer, sequence_length=sequence_length
+    )
+    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
