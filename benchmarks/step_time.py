@@ -1,6 +1,6 @@
-"""DP step time / plain Keras step time on the same small model, in one run.
+"""DP step time / plain Keras step time on the same model, in one run.
 
-    python benchmarks/step_time.py
+    python benchmarks/step_time.py [--models mlp gemma-lora gemma-full] [--repeats 3]
 
 Alternates plain and DP fits (plain, DP, plain, DP, ...), excludes the first
 (compiling) epoch, and reports the median per-step time of each and their ratio.
@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import argparse  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -38,23 +39,71 @@ class _StepTimer(keras.callbacks.Callback):
         self.steps.append(self._steps)
 
 
-def model_fn():
+def mlp():
     keras.utils.set_random_seed(0)
-    return keras.Sequential([
-        keras.Input((64,)),
-        keras.layers.Dense(256, activation="relu"),
-        keras.layers.Dense(256, activation="relu"),
-        keras.layers.Dense(10),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
 
 
-def per_step(dp: bool, x, y, batch: int, epochs: int) -> float:
+def gemma(lora: bool):
+    """The issue's reference model: Gemma3, 4 layers, hidden 256 (random weights)."""
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=1024,
+        num_layers=4,
+        num_query_heads=4,
+        num_key_value_heads=1,
+        hidden_dim=256,
+        intermediate_dim=512,
+        head_dim=64,
+        image_size=None,
+        vision_encoder=None,
+        sliding_window_size=128,
+    )
+    lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+    if lora:
+        backbone.enable_lora(4)
+    return lm
+
+
+def digits_data():
+    x, y = load_digits(return_X_y=True)
+    return (x / 16.0).astype("float32"), y
+
+
+def token_data(n=160, length=128):
+    rng = np.random.default_rng(0)
+    x = {
+        "token_ids": rng.integers(1, 1024, (n, length)).astype("int32"),
+        "padding_mask": np.ones((n, length), bool),
+    }
+    return x, rng.integers(1, 1024, (n, length)).astype("int32")
+
+
+MODELS = {  # name: (model_fn, data_fn, batch, epochs)
+    "mlp": (mlp, digits_data, 64, 6),
+    "gemma-lora": (lambda: gemma(True), token_data, 16, 3),
+    "gemma-full": (lambda: gemma(False), token_data, 16, 3),
+}
+
+
+def per_step(dp: bool, name: str, x, y) -> float:
+    model_fn, _, batch, epochs = MODELS[name]
     model = model_fn()
     if dp:
         config = keras_dp.DPConfig(target_epsilon=8.0, batch_size=batch, epochs=epochs, seed=0)
         model = keras_dp.make_private(model, config)
-    model.compile(optimizer="adam",
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     timer = _StepTimer()
     kwargs = {} if dp else {"batch_size": batch, "epochs": epochs}
     model.fit(x, y, verbose=0, callbacks=[timer], **kwargs)
@@ -62,17 +111,25 @@ def per_step(dp: bool, x, y, batch: int, epochs: int) -> float:
     return statistics.median(times)
 
 
-def main(repeats: int = 3, batch: int = 64, epochs: int = 6) -> None:
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype("float32")
-    plain, dp = [], []
-    for _ in range(repeats):
-        plain.append(per_step(False, x, y, batch, epochs))
-        dp.append(per_step(True, x, y, batch, epochs))
-    p, d = statistics.median(plain), statistics.median(dp)
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, CPU")
-    print(f"MLP 64-256-256-10 on digits, batch {batch}: plain {p * 1e3:.2f} ms/step, "
-          f"DP {d * 1e3:.2f} ms/step, DP/plain = {d / p:.2f}x")
+    for name in args.models:
+        x, y = MODELS[name][1]()
+        plain, dp = [], []
+        for _ in range(args.repeats):  # alternated: plain, DP, plain, DP, ...
+            plain.append(per_step(False, name, x, y))
+            dp.append(per_step(True, name, x, y))
+        p, d = statistics.median(plain), statistics.median(dp)
+        print(
+            f"{name}, batch {MODELS[name][2]}: plain {p * 1e3:.2f} ms/step, "
+            f"DP {d * 1e3:.2f} ms/step, DP/plain = {d / p:.2f}x "
+            f"(runs: {', '.join(f'{b / a:.2f}' for a, b in zip(plain, dp))})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

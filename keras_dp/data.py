@@ -42,6 +42,17 @@ def preprocess(preprocessor, source: sampling.ExampleSource, chunk: int = 1024):
     return sampling.ExampleSource(*joined)
 
 
+def preprocess_all(preprocessor, validation_data):
+    """``validation_data`` (raw, or a ``(x, y[, sample_weight])`` tuple) preprocessed."""
+    if isinstance(validation_data, tuple):
+        source = sampling.ExampleSource(*validation_data)
+    else:
+        source = sampling.ExampleSource(validation_data)
+    processed = preprocess(preprocessor, source)
+    x, y, sw = processed.gather(np.arange(processed.size))
+    return tuple(a for a in (x, y, sw) if a is not None)
+
+
 class DPBatches(keras.utils.PyDataset):
     """Batches drawn by the config's sampler: (({"dp_x", "dp_mask"}, y, w))."""
 

@@ -145,6 +145,8 @@ class DPModel:
         preprocessor = getattr(self, "preprocessor", None)
         if preprocessor is not None:  # a keras-hub task: raw inputs, preprocessed once
             source = data.preprocess(preprocessor, source)
+            if validation_data is not None:
+                validation_data = data.preprocess_all(preprocessor, validation_data)
         if source.size == 0:
             raise ValueError("fit got no training examples (x is empty).")
         config = self._dp_calibrate(config, source.size)

@@ -76,12 +76,12 @@ def tiny_gemma3(
     import keras
     import keras_hub
 
+    keras.utils.set_random_seed(seed)  # before the tokenizer: TF's reseed drops its resource
     pairs = synthetic_dialogues()
     texts = [prompt(p["dialogue"]) for p in pairs] + [p["summary"] for p in pairs]
     tokenizer = keras_hub.models.Gemma3Tokenizer(
         proto=train_tokenizer(texts, vocabulary_size), has_vision_tokens=False
     )
-    keras.utils.set_random_seed(seed)
     backbone = keras_hub.models.Gemma3Backbone(
         vocabulary_size=tokenizer.vocabulary_size(),
         num_layers=num_layers,
