@@ -7,6 +7,7 @@ require_jax_backend()
 from keras_dp import accounting, callbacks  # noqa: E402
 from keras_dp.config import DPConfig, default_delta  # noqa: E402
 from keras_dp.model import DPModel, PrivacySpent, make_private  # noqa: E402
+from keras_dp.saving import save_lora_weights  # noqa: E402
 from keras_dp.statement import privacy_statement  # noqa: E402
 
 __version__ = "0.1.0.dev0"
@@ -20,4 +21,5 @@ __all__ = [
     "make_private",
     "default_delta",
     "privacy_statement",
+    "save_lora_weights",
 ]

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from keras_dp import clipping, data, noise, sampling
+from keras_dp import clipping, data, noise, sampling, saving
 from keras_dp.callbacks import PrivacyBudget
 from keras_dp.config import DPConfig
 
@@ -77,13 +77,51 @@ class DPModel:
         """Sets the plan. Refused once training has spent part of another plan."""
         if not isinstance(config, DPConfig):
             raise TypeError(f"dp_config must be a keras_dp.DPConfig; got {type(config).__name__}.")
-        if self._dp_steps and config != self._dp_config:
+        if self._dp_steps and not self._dp_same_plan(config):
             raise ValueError(
-                f"This model already took {self._dp_steps} DP steps under another plan; "
-                "a new plan would hide that spend. Keep the config, or start from a new model."
+                f"This model already took {self._dp_steps} DP steps under another plan "
+                f"({self._dp_config}); a new plan would hide that spend. Resume with the "
+                "same config (clip norm, batch, epochs/steps, dataset size, σ, δ), or "
+                "start from a new model."
             )
         self._dp_config = config
         self.train_function = None  # the traced step reads the config
+
+    def _dp_same_plan(self, config: DPConfig) -> bool:
+        old = self._dp_config
+        if old is None:
+            return False
+        if not config.is_calibrated and old.dataset_size is not None:
+            config = config.calibrate(old.dataset_size)
+        return saving.same_plan(config, old)
+
+    # Saving: the plan and the ledger travel in the config; the noise key never does.
+
+    def get_config(self):
+        config = super().get_config()
+        config["dp_state"] = {
+            "config": saving.config_to_dict(self._dp_config),
+            "steps": self._dp_steps,
+        }
+        if type(self) in _DP_CLASSES.values():  # made by make_private
+            config["dp_base_class"] = saving.base_reference(type(self).__bases__[1])
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        state = config.pop("dp_state", None) or {}
+        reference = config.pop("dp_base_class", None)
+        if reference is not None:
+            base = saving.resolve_base(reference, custom_objects)
+            model = saving.base_from_config(base, config, custom_objects)
+            model.__class__ = _dp_class(type(model))
+            model._dp_init(None)
+        else:
+            model = super().from_config(config)
+        model._dp_config = saving.config_from_dict(state.get("config"))
+        model._dp_ledger.steps = int(state.get("steps", 0))
+        return model
 
     @property
     def _dp_steps(self) -> int:
@@ -435,10 +473,24 @@ def make_private(model: keras.Model, config: DPConfig) -> keras.Model:
     if isinstance(model, DPModel):
         model.set_dp_config(config)
         return model
-    cls = type(model)
-    if cls not in _DP_CLASSES:
-        dp_cls = type(f"DP{cls.__name__}", (DPModel, cls), {"__module__": __name__})
-        _DP_CLASSES[cls] = keras.saving.register_keras_serializable(package="keras_dp")(dp_cls)
-    model.__class__ = _DP_CLASSES[cls]
+    model.__class__ = _dp_class(type(model))
     model._dp_init(config)
     return model
+
+
+def _dp_class(cls: type) -> type:
+    """``DP<Class>(DPModel, Class)``, made once per class.
+
+    Every such class is registered under the one name ``keras_dp>PrivateModel``:
+    loading dispatches on the saved base-class reference (see keras_dp.saving), so
+    a fresh process needs only ``import keras_dp``.
+    """
+    if cls not in _DP_CLASSES:
+        dp_cls = type(f"DP{cls.__name__}", (DPModel, cls), {"__module__": __name__})
+        _DP_CLASSES[cls] = keras.saving.register_keras_serializable(
+            package="keras_dp", name=saving.REGISTERED_NAME
+        )(dp_cls)
+    return _DP_CLASSES[cls]
+
+
+_dp_class(keras.Sequential)  # so the registered name resolves before any make_private
