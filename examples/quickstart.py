@@ -1,8 +1,9 @@
 """The README's main job: DP LoRA fine-tuning of a Gemma3 causal LM, offline by default.
 
 Offline (the default) it builds a tiny Gemma3 from config with a SentencePiece
-tokenizer trained at run time, and fine-tunes it with LoRA under DP-SGD on the
-SYNTHETIC dialogue → summary pairs shipped in keras_dp/assets. With a network and
+tokenizer trained at run time, pretrains it briefly on the public split's dialogues
+(see keras_dp.offline), and fine-tunes it with LoRA under DP-SGD on the SYNTHETIC
+dialogue → summary pairs shipped in keras_dp/assets. With a network and
 Kaggle/Hugging Face access, ``--preset gemma3_instruct_1b`` loads a real Gemma3.
 Prints the loss and ε per epoch (progress bar), then ε, δ and the privacy statement.
 
@@ -48,8 +49,8 @@ def main() -> None:
     logging.getLogger("keras_dp").setLevel(logging.INFO)
 
     pairs = offline.synthetic_dialogues()
-    train = offline.as_prompts_and_responses(pairs[: args.examples])
-    held_out = offline.as_prompts_and_responses(pairs[-200:])
+    train = offline.as_prompts_and_responses(pairs[offline.TRAIN][: args.examples])
+    held_out = offline.as_prompts_and_responses(pairs[offline.EVAL][:200])
 
     lm = load_model(args.preset, args.sequence_length)
     lm.backbone.enable_lora(rank=args.lora_rank)

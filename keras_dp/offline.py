@@ -1,10 +1,12 @@
 """The examples' offline default: a tiny Gemma3 and the synthetic dialogue corpus.
 
 Pretrained presets and dataset downloads need a network. Offline, the examples
-build a small ``Gemma3CausalLM`` from config (random weights) with a
-SentencePiece tokenizer trained at run time on the SYNTHETIC dialogues shipped in
-``keras_dp/assets`` (made by ``scripts/make_synthetic_dialogues.py``). Needs the
-``hub`` extra (keras-hub, sentencepiece, TensorFlow via tensorflow-text).
+build a small ``Gemma3CausalLM`` from config with a SentencePiece tokenizer trained
+at run time, and stand in for pretraining by training it briefly (non-privately)
+on the dialogues of the PUBLIC split: language only, no summaries. The corpus is
+SYNTHETIC (``keras_dp/assets``, made by ``scripts/make_synthetic_dialogues.py``)
+and split three ways: ``TRAIN`` (the private fine-tuning data), ``EVAL`` (held
+out) and ``PUBLIC`` (tokenizer and pretraining only). Needs the ``hub`` extra.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+import warnings
 
 CORPUS = pathlib.Path(__file__).parent / "assets" / "synthetic_dialogues.jsonl"
+TRAIN, EVAL, PUBLIC = slice(0, 2000), slice(2000, 2400), slice(2400, 3000)
+_PRETRAINED: dict = {}  # weights of pretrained tiny models, by their settings
 
 
 def synthetic_dialogues(limit: int | None = None) -> list[dict]:
@@ -71,14 +76,20 @@ def tiny_gemma3(
     hidden_dim: int = 64,
     vocabulary_size: int = 256,
     seed: int = 0,
+    pretrain_epochs: int = 3,
 ):
-    """A ``Gemma3CausalLM`` with random weights and a tokenizer trained on the corpus."""
+    """A ``Gemma3CausalLM`` pretrained on the PUBLIC split's dialogues (language only).
+
+    The tokenizer and the pretraining see only the PUBLIC split, so a DP run on
+    ``TRAIN`` covers everything its data touched. Pretrained weights are cached,
+    so a second call with the same settings returns a fresh copy at once.
+    """
     import keras
     import keras_hub
 
     keras.utils.set_random_seed(seed)  # before the tokenizer: TF's reseed drops its resource
-    pairs = synthetic_dialogues()
-    texts = [prompt(p["dialogue"]) for p in pairs] + [p["summary"] for p in pairs]
+    public = synthetic_dialogues()[PUBLIC]
+    texts = [prompt(p["dialogue"]) for p in public] + [p["summary"] for p in public]
     tokenizer = keras_hub.models.Gemma3Tokenizer(
         proto=train_tokenizer(texts, vocabulary_size), has_vision_tokens=False
     )
@@ -97,4 +108,23 @@ def tiny_gemma3(
     preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
         tokenizer=tokenizer, sequence_length=sequence_length
     )
-    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
+    lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
+    key = (sequence_length, num_layers, hidden_dim, vocabulary_size, seed, pretrain_epochs)
+    if pretrain_epochs and key not in _PRETRAINED:
+        lm.compile(
+            optimizer=keras.optimizers.Adam(3e-3),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        dialogues = [p["dialogue"] for p in public]
+        with warnings.catch_warnings():  # keras-hub's tf.data path: "shuffle ... ignored"
+            warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+            lm.fit(
+                {"prompts": [""] * len(dialogues), "responses": dialogues},
+                batch_size=16,
+                epochs=pretrain_epochs,
+                verbose=0,
+            )
+        _PRETRAINED[key] = lm.backbone.get_weights()
+    if pretrain_epochs:
+        lm.backbone.set_weights(_PRETRAINED[key])
+    return lm

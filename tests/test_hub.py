@@ -59,7 +59,7 @@ def test_lora_dp_fit_on_causal_lm_changes_only_lora_weights():
 def test_raw_strings_are_preprocessed_once_then_sampled():
     from keras_dp import data, offline, sampling
 
-    lm = offline.tiny_gemma3(sequence_length=64, num_layers=1, hidden_dim=32)
+    lm = offline.tiny_gemma3(sequence_length=64, num_layers=1, hidden_dim=32, pretrain_epochs=0)
     raw = offline.as_prompts_and_responses(offline.synthetic_dialogues(40))
     # The whole-set preprocessing equals the preprocessor's own output, row for row.
     source = data.preprocess(lm.preprocessor, sampling.ExampleSource(raw), chunk=16)

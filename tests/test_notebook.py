@@ -28,8 +28,7 @@ def test_gemma_notebook_runs_and_spends_at_most_its_target(tmp_path, monkeypatch
     assert 0 < spent <= target
     assert "| DP LoRA |" in text and "epsilon:" in text  # ROUGE table; ε in the progress bar
     assert (tmp_path / "gemma_dp_lora_output" / "dp_lora.lora.h5").exists()
-    assert (
-        "Neighbouring relation" in (tmp_path / "gemma_dp_lora_output" / "PRIVACY.txt").read_text()
-    )
+    statement = tmp_path / "gemma_dp_lora_output" / "dp_lora.lora.h5.privacy.txt"
+    assert "Neighbouring relation" in statement.read_text()
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the ε/loss plot was not rendered"
