@@ -53,3 +53,31 @@ def test_privacy_statement_names_everything_a_reader_needs():
 def test_privacy_statement_rejects_other_objects():
     with pytest.raises(TypeError, match="DPConfig or a keras_dp model"):
         keras_dp.privacy_statement(object())
+
+
+def test_library_never_prints_to_stdout(capfd):
+    import ast
+    import pathlib
+
+    import keras
+    import numpy as np
+
+    import keras_dp
+
+    for path in pathlib.Path(keras_dp.__file__).parent.glob("*.py"):
+        calls = [
+            node.func.id
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        ]
+        assert "print" not in calls, f"{path.name} calls print(); use logging"
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    config = keras_dp.DPConfig(target_epsilon=2.0, batch_size=4, epochs=1, seed=0)
+    model = keras_dp.make_private(model, config)
+    model.compile(optimizer="sgd", loss="mse")
+    capfd.readouterr()
+    rng = np.random.default_rng(0)
+    model.fit(rng.normal(size=(20, 3)), rng.normal(size=(20, 2)), verbose=0)
+    keras_dp.privacy_statement(model)
+    assert capfd.readouterr().out == ""
