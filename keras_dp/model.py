@@ -207,7 +207,7 @@ class DPModel:
                 "exceed its stop_at_epsilon. Nothing was trained; raise stop_at_epsilon or "
                 "stop here."
             )
-        callbacks = [_Ledger(stop_at), *callbacks]
+        callbacks = [_Ledger(stop_at, per_epoch), *callbacks]
         return keras.Model.fit(
             self,
             batches,
@@ -293,6 +293,7 @@ class DPModel:
                 f"{config.steps} updates taken (ε={self.privacy_spent().epsilon:.4g}). "
                 "Training more would exceed target_epsilon; make a new plan on a new model."
             )
+        _check_ledger_covers(self._dp_steps, initial_epoch, per_epoch)
         epochs_left = math.ceil(remaining / per_epoch)
         to_run = epochs_left if epochs is None else epochs - initial_epoch
         if to_run < 1:
@@ -430,6 +431,23 @@ def _row_weights(real: jax.Array, sample_weight, y_pred):
     return sw * real.reshape(real.shape + (1,) * (sw.ndim - 1)).astype(sw.dtype)
 
 
+def _check_ledger_covers(steps: int, epoch: int, per_epoch: int) -> None:
+    """Refuses to start at ``epoch`` when the ledger holds fewer updates than that implies.
+
+    Weights-only checkpoints (BackupAndRestore, ModelCheckpoint) do not carry the
+    ledger; resuming from one with a fresh ledger would under-report ε.
+    """
+    if epoch * per_epoch > steps:
+        raise ValueError(
+            f"Training would resume at epoch {epoch}, i.e. after {epoch * per_epoch} DP "
+            f"updates, but this model's privacy ledger holds {steps}: its weights come "
+            "from a checkpoint that does not carry the ledger (BackupAndRestore or "
+            "ModelCheckpoint with save_weights_only), so ε would be under-reported. "
+            "Resume from a .keras file written by model.save (ModelCheckpoint to a "
+            "'.keras' path) and keras.models.load_model instead. Nothing was trained."
+        )
+
+
 class _LedgerState:
     """The privacy ledger: accounted updates taken so far."""
 
@@ -440,9 +458,14 @@ class _LedgerState:
 class _Ledger(keras.callbacks.Callback):
     """Counts the updates taken and stops exactly at the end of the plan."""
 
-    def __init__(self, stop_at: int):
+    def __init__(self, stop_at: int, per_epoch: int):
         super().__init__()
-        self._stop_at = stop_at
+        self._stop_at, self._per_epoch, self._first = stop_at, per_epoch, True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first:  # a callback (BackupAndRestore) may have moved the start epoch
+            self._first = False
+            _check_ledger_covers(self.model._dp_steps, epoch, self._per_epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         ledger = self.model._dp_ledger  # a plain object: no Keras attribute tracking per step

@@ -133,3 +133,29 @@ def test_keras_hub_lora_model_round_trips(tmp_path):
     fresh.backbone.enable_lora(rank=2)
     fresh.backbone.load_lora_weights(str(tmp_path / "a.lora.h5"))
     np.testing.assert_allclose(fresh.predict(x, verbose=0), lm.predict(x, verbose=0), atol=1e-6)
+
+
+def test_resuming_from_a_weights_only_checkpoint_is_refused(tmp_path):
+    x, y = data()
+    config = dict(target_epsilon=4.0, batch_size=4, epochs=2, seed=3)
+    first = keras_dp.make_private(functional(), DPConfig(**config))
+    first.compile(optimizer="adam", loss=LOSS)
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)
+    first.fit(x, y, epochs=1, verbose=0, callbacks=[backup])  # "killed" after epoch 1
+    assert first.dp_steps == 10
+
+    # A new process rebuilds the model: its ledger is empty, the backup's weights are not.
+    again = keras_dp.make_private(functional(), DPConfig(**config))
+    again.compile(optimizer="adam", loss=LOSS)
+    with pytest.raises(ValueError, match="under-reported"):
+        again.fit(x, y, verbose=0, callbacks=[backup])
+    assert again.dp_steps == 0
+    with pytest.raises(ValueError, match="under-reported"):
+        again.fit(x, y, epochs=2, initial_epoch=1, verbose=0)
+
+    # Resuming from a .keras file carries the ledger: same ε as an uninterrupted run.
+    first.save(tmp_path / "m.keras")
+    resumed = keras.models.load_model(tmp_path / "m.keras")
+    resumed.fit(x, y, epochs=2, initial_epoch=1, verbose=0)
+    assert resumed.dp_steps == 20
+    assert resumed.privacy_spent().epsilon == DPConfig(**config).calibrate(40).epsilon(20)
