@@ -293,7 +293,6 @@ class DPModel:
                 f"{config.steps} updates taken (ε={self.privacy_spent().epsilon:.4g}). "
                 "Training more would exceed target_epsilon; make a new plan on a new model."
             )
-        _check_ledger_covers(self._dp_steps, initial_epoch, per_epoch)
         epochs_left = math.ceil(remaining / per_epoch)
         to_run = epochs_left if epochs is None else epochs - initial_epoch
         if to_run < 1:
@@ -463,7 +462,8 @@ class _Ledger(keras.callbacks.Callback):
         self._stop_at, self._per_epoch, self._first = stop_at, per_epoch, True
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._first:  # a callback (BackupAndRestore) may have moved the start epoch
+        # The first epoch Keras runs: initial_epoch, or where BackupAndRestore moved it.
+        if self._first:
             self._first = False
             _check_ledger_covers(self.model._dp_steps, epoch, self._per_epoch)
 
