@@ -28,12 +28,7 @@ def preprocess(preprocessor, source: sampling.ExampleSource, chunk: int = 1024):
     parts = []
     for start in range(0, source.size, chunk):
         x, y, sw = source.gather(np.arange(start, min(start + chunk, source.size)))
-        args = (
-            [x]
-            + ([y] if y is not None or sw is not None else [])
-            + ([sw] if sw is not None else [])
-        )
-        out = keras.utils.unpack_x_y_sample_weight(preprocessor(*args))
+        out = keras.utils.unpack_x_y_sample_weight(preprocessor(x, y, sw))
         parts.append([None if a is None else keras.tree.map_structure(np.asarray, a) for a in out])
     joined = [
         None if part is None else keras.tree.map_structure(lambda *a: np.concatenate(a), *column)
