@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import keras_dp  # noqa: E402
+from keras_dp import offline  # noqa: E402
 
 
 class _StepTimer(keras.callbacks.Callback):
@@ -56,17 +57,8 @@ def gemma(lora: bool):
     import keras_hub
 
     keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.Gemma3Backbone(
-        vocabulary_size=1024,
-        num_layers=4,
-        num_query_heads=4,
-        num_key_value_heads=1,
-        hidden_dim=256,
-        intermediate_dim=512,
-        head_dim=64,
-        image_size=None,
-        vision_encoder=None,
-        sliding_window_size=128,
+    backbone = offline.gemma3_backbone(
+        vocabulary_size=1024, num_layers=4, hidden_dim=256, sequence_length=128
     )
     lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
     if lora:

@@ -23,16 +23,6 @@ import keras_dp  # noqa: E402
 from keras_dp import offline  # noqa: E402
 
 
-def load_model(preset: str | None, sequence_length: int):
-    if preset is None:
-        return offline.tiny_gemma3(sequence_length=sequence_length)
-    import keras_hub
-
-    lm = keras_hub.models.Gemma3CausalLM.from_preset(preset)
-    lm.preprocessor.sequence_length = sequence_length
-    return lm
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -52,7 +42,7 @@ def main() -> None:
     train = offline.as_prompts_and_responses(pairs[offline.TRAIN][: args.examples])
     held_out = offline.as_prompts_and_responses(pairs[offline.EVAL][:200])
 
-    lm = load_model(args.preset, args.sequence_length)
+    lm = offline.gemma3_causal_lm(args.preset, args.sequence_length)
     lm.backbone.enable_lora(rank=args.lora_rank)
     trainable = sum(math.prod(v.shape) for v in lm.trainable_weights)
     total = sum(math.prod(v.shape) for v in lm.weights)

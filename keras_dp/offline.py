@@ -70,6 +70,46 @@ def train_tokenizer(texts: list[str], vocabulary_size: int = 256) -> bytes:
     return model.getvalue()
 
 
+def gemma3_backbone(
+    vocabulary_size: int,
+    num_layers: int,
+    hidden_dim: int,
+    sequence_length: int,
+    num_query_heads: int = 4,
+):
+    """A text-only ``Gemma3Backbone`` from config (random weights, no download).
+
+    One key/value head, ``head_dim = hidden_dim // num_query_heads``, an MLP of
+    ``2 * hidden_dim`` and a sliding window of ``sequence_length``.
+    """
+    import keras_hub
+
+    return keras_hub.models.Gemma3Backbone(
+        vocabulary_size=vocabulary_size,
+        num_layers=num_layers,
+        num_query_heads=num_query_heads,
+        num_key_value_heads=1,
+        hidden_dim=hidden_dim,
+        intermediate_dim=2 * hidden_dim,
+        head_dim=hidden_dim // num_query_heads,
+        image_size=None,
+        vision_encoder=None,
+        sliding_window_size=sequence_length,
+    )
+
+
+def gemma3_causal_lm(preset: str | None = None, sequence_length: int = 128, **tiny_options):
+    """``Gemma3CausalLM.from_preset(preset)`` (needs a network), or offline
+    :func:`tiny_gemma3` when ``preset`` is None; ``tiny_options`` go to the latter."""
+    if preset is None:
+        return tiny_gemma3(sequence_length=sequence_length, **tiny_options)
+    import keras_hub
+
+    lm = keras_hub.models.Gemma3CausalLM.from_preset(preset)
+    lm.preprocessor.sequence_length = sequence_length
+    return lm
+
+
 def tiny_gemma3(
     sequence_length: int = 128,
     num_layers: int = 2,
@@ -93,38 +133,33 @@ def tiny_gemma3(
     tokenizer = keras_hub.models.Gemma3Tokenizer(
         proto=train_tokenizer(texts, vocabulary_size), has_vision_tokens=False
     )
-    backbone = keras_hub.models.Gemma3Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=num_layers,
-        num_query_heads=4,
-        num_key_value_heads=1,
-        hidden_dim=hidden_dim,
-        intermediate_dim=2 * hidden_dim,
-        head_dim=hidden_dim // 4,
-        image_size=None,
-        vision_encoder=None,
-        sliding_window_size=sequence_length,
-    )
+    backbone = gemma3_backbone(tokenizer.vocabulary_size(), num_layers, hidden_dim, sequence_length)
     preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
         tokenizer=tokenizer, sequence_length=sequence_length
     )
     lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
-    key = (sequence_length, num_layers, hidden_dim, vocabulary_size, seed, pretrain_epochs)
-    if pretrain_epochs and key not in _PRETRAINED:
-        lm.compile(
-            optimizer=keras.optimizers.Adam(3e-3),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-        dialogues = [p["dialogue"] for p in public]
-        with warnings.catch_warnings():  # keras-hub's tf.data path: "shuffle ... ignored"
-            warnings.filterwarnings("ignore", message=".*shuffle=True.*")
-            lm.fit(
-                {"prompts": [""] * len(dialogues), "responses": dialogues},
-                batch_size=16,
-                epochs=pretrain_epochs,
-                verbose=0,
-            )
-        _PRETRAINED[key] = lm.backbone.get_weights()
     if pretrain_epochs:
+        key = (sequence_length, num_layers, hidden_dim, vocabulary_size, seed, pretrain_epochs)
+        if key not in _PRETRAINED:
+            _PRETRAINED[key] = _pretrain(lm, [p["dialogue"] for p in public], pretrain_epochs)
         lm.backbone.set_weights(_PRETRAINED[key])
     return lm
+
+
+def _pretrain(lm, texts: list[str], epochs: int) -> list:
+    """Non-private language-model training on public ``texts``; the backbone's weights."""
+    import keras
+
+    lm.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    with warnings.catch_warnings():  # keras-hub's tf.data path: "shuffle ... ignored"
+        warnings.filterwarnings("ignore", message=".*shuffle=True.*")
+        lm.fit(
+            {"prompts": [""] * len(texts), "responses": texts},
+            batch_size=16,
+            epochs=epochs,
+            verbose=0,
+        )
+    return lm.backbone.get_weights()

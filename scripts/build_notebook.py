@@ -93,18 +93,9 @@ print(train["prompts"][0] + train["responses"][0])""",
     ("md", "## 2–3. Model and LoRA"),
     (
         "code",
-        """def load_model():
-    if PRESET is None:
-        return offline.tiny_gemma3(
-            sequence_length=SEQUENCE_LENGTH, pretrain_epochs=PRETRAIN_EPOCHS
-        )
-    lm = keras_hub.models.Gemma3CausalLM.from_preset(PRESET)
-    lm.preprocessor.sequence_length = SEQUENCE_LENGTH
-    return lm
-
-
-def lora_model():
-    lm = load_model()
+        """def lora_model():
+    # PRESET=None: the offline tiny Gemma3; else Gemma3CausalLM.from_preset(PRESET).
+    lm = offline.gemma3_causal_lm(PRESET, SEQUENCE_LENGTH, pretrain_epochs=PRETRAIN_EPOCHS)
     lm.backbone.enable_lora(rank=LORA_RANK)
     return lm
 

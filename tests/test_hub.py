@@ -5,21 +5,13 @@ import keras_hub
 import numpy as np
 
 import keras_dp
+from keras_dp import offline
 
 
 def tiny_gemma():
     keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.Gemma3Backbone(
-        vocabulary_size=64,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
-        head_dim=8,
-        image_size=None,
-        vision_encoder=None,
-        sliding_window_size=16,
+    backbone = offline.gemma3_backbone(
+        vocabulary_size=64, num_layers=1, hidden_dim=16, sequence_length=16, num_query_heads=2
     )
     return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
 
@@ -57,7 +49,7 @@ def test_lora_dp_fit_on_causal_lm_changes_only_lora_weights():
 
 
 def test_raw_strings_are_preprocessed_once_then_sampled():
-    from keras_dp import data, offline, sampling
+    from keras_dp import data, sampling
 
     lm = offline.tiny_gemma3(sequence_length=64, num_layers=1, hidden_dim=32, pretrain_epochs=0)
     raw = offline.as_prompts_and_responses(offline.synthetic_dialogues(40))
