@@ -72,28 +72,32 @@ def test_update_is_minus_mean_of_clipped_gradients(microbatch):
     assert model.privacy_spent().steps == 1
 
 
+ZERO_LOSS = lambda y_true, y_pred: 0.0 * keras.ops.mean(y_pred)  # noqa: E731
+
+
+def zero_loss_fit(units, n, initial=None, **config):
+    """A Dense(units) model trained on a zero loss: its update is the noise alone.
+
+    Returns the model and its kernel before and after ``fit`` (``initial`` sets
+    the weights first).
+    """
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(units)])
+    model = keras_dp.make_private(model, DPConfig(target_epsilon=1e6, **config))
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=ZERO_LOSS)
+    model.build((None, 5))
+    if initial is not None:
+        model.set_weights(initial)
+    w0 = np.array(model.trainable_variables[0].value)
+    model.fit(*data(n), epochs=1, verbose=0)
+    return model, w0, np.array(model.trainable_variables[0].value)
+
+
 def test_noise_is_gaussian_with_std_sigma_c_over_b():
     sigma, clip, batch = 2.0, 3.0, 8
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(400)])
-    zero_loss = lambda y_true, y_pred: 0.0 * keras.ops.mean(y_pred)  # noqa: E731
-    model = keras_dp.make_private(
-        model,
-        DPConfig(
-            batch_size=batch,
-            steps=2,
-            target_epsilon=1e6,
-            noise_multiplier=sigma,
-            l2_clip_norm=clip,
-            seed=7,
-        ),
+    model, w0, w1 = zero_loss_fit(
+        400, 16, batch_size=batch, steps=2, noise_multiplier=sigma, l2_clip_norm=clip, seed=7
     )
-    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=zero_loss)
-    x, y = data(16)
-    model.build((None, 5))
-    w0 = np.array(model.trainable_variables[0].value)
-    model.fit(x, y, epochs=1, verbose=0)
-    w1 = np.array(model.trainable_variables[0].value)
     steps = model.privacy_spent().steps
     update = (w1 - w0).ravel() / math.sqrt(steps)  # sum of `steps` independent draws
     expected_std = sigma * clip / batch
@@ -104,32 +108,15 @@ def test_noise_is_gaussian_with_std_sigma_c_over_b():
 
 
 def test_noise_key_changes_every_step_and_is_not_a_weight():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(50)])
-    zero_loss = lambda y_true, y_pred: 0.0 * keras.ops.mean(y_pred)  # noqa: E731
-    model = keras_dp.make_private(
-        model, DPConfig(batch_size=4, steps=2, target_epsilon=1e6, noise_multiplier=1.0, seed=3)
-    )
-    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=zero_loss)
-    x, y = data(8)
-    model.build((None, 5))
-    w0 = np.array(model.trainable_variables[0].value)
-    model.fit(x, y, epochs=1, verbose=0)
-    w1 = np.array(model.trainable_variables[0].value)
+    config = dict(batch_size=4, noise_multiplier=1.0, seed=3)
+    model, w0, w1 = zero_loss_fit(50, 8, steps=2, **config)
     names = [w.path for w in model.weights]
     assert not any("seed" in n or "key" in n for n in names)
     assert model.privacy_spent().steps == 2
     # Two equal noise draws would give an update exactly 2x one draw; check the
     # correlation of the two steps' noise instead via a fresh one-step run.
-    model2 = keras_dp.make_private(
-        keras.models.clone_model(keras.Sequential([keras.Input((5,)), keras.layers.Dense(50)])),
-        DPConfig(batch_size=4, steps=1, target_epsilon=1e6, noise_multiplier=1.0, seed=3),
-    )
-    model2.compile(optimizer=keras.optimizers.SGD(1.0), loss=zero_loss)
-    model2.build((None, 5))
-    model2.set_weights([w0, np.zeros(50, "float32")])
-    model2.fit(x, y, verbose=0)
-    first = np.array(model2.trainable_variables[0].value) - w0
+    _, _, one_step = zero_loss_fit(50, 8, initial=[w0, np.zeros(50, "float32")], steps=1, **config)
+    first = one_step - w0
     second = (w1 - w0) - first
     assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.2
 
