@@ -3,6 +3,11 @@
 A privacy unit's gradient is clipped as a whole (all variables together) to L2
 norm C, so that adding or removing one unit moves the sum by at most C. Rows are
 ordered real-first; only the chunks that hold real rows are computed.
+
+Over several devices the physical batch is split into equal shards (one per
+device along the batch axis of the mesh), each ordered real-first: each shard is
+clipped and summed where it lives and only the per-shard sums are reduced, so
+per-example gradients never leave their device.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ def clipped_sum(
     mask: jax.Array,
     l2_clip_norm: float,
     chunk_size: int,
+    num_shards: int = 1,
+    shard_axis: str | None = None,
 ):
     """Σ over real rows of clip(∇ example_fn), chunk by chunk.
 
@@ -46,17 +53,45 @@ def clipped_sum(
         without a batch axis); ``index`` is the row's position, for per-row
         randomness. Differentiated with respect to ``params``.
       params: The pytree being trained.
-      rows: A pytree of arrays whose leading axis (the physical batch) is a
-        multiple of ``chunk_size``.
-      mask: bool[physical batch]; real rows first, then padding.
+      rows: A pytree of arrays whose leading axis (the physical batch) is
+        ``num_shards`` shards of a multiple of ``chunk_size`` rows each.
+      mask: bool[physical batch]; within each shard, real rows first.
       l2_clip_norm: C.
-      chunk_size: Rows per vectorised chunk; memory follows it.
+      chunk_size: Rows per vectorised chunk (per shard); memory follows it.
+      num_shards: Equal shards of the batch, one per device along ``shard_axis``.
+      shard_axis: The mesh axis the batch is sharded over (``jax.vmap``'s
+        ``spmd_axis_name``), so each shard's rows stay on their device.
 
     Returns:
       ``(grad_sum, losses, aux, nonfinite)``: the clipped sum (float32), each row's
       loss and aux (zeros in chunks that were skipped), and the number of real rows
-      whose gradient was not finite.
+      whose gradient was not finite. ``index`` is the row's rank among the real
+      rows when they are dealt round-robin over the shards (see
+      :func:`keras_dp.sampling.shard_layout`), so it does not depend on the shard
+      count.
     """
+    if num_shards == 1:
+        ids = jnp.arange(mask.shape[0])
+        return _shard_sum(example_fn, params, rows, mask, ids, l2_clip_norm, chunk_size)
+    per_shard = mask.shape[0] // num_shards
+    split = lambda x: x.reshape((num_shards, per_shard) + x.shape[1:])  # noqa: E731
+    merge = lambda x: x.reshape((num_shards * per_shard,) + x.shape[2:])  # noqa: E731
+    ids = jnp.arange(per_shard)[None, :] * num_shards + jnp.arange(num_shards)[:, None]
+    local = jax.vmap(
+        lambda r, m, i: _shard_sum(example_fn, params, r, m, i, l2_clip_norm, chunk_size),
+        spmd_axis_name=shard_axis,
+    )
+    grad_sums, losses, aux, nonfinite = local(jax.tree.map(split, rows), split(mask), ids)
+    return (
+        jax.tree.map(lambda g: jnp.sum(g, axis=0), grad_sums),
+        merge(losses),
+        jax.tree.map(merge, aux),
+        jnp.sum(nonfinite),
+    )
+
+
+def _shard_sum(example_fn, params, rows, mask, ids, l2_clip_norm, chunk_size):
+    """:func:`clipped_sum` over one shard; ``ids`` are the rows' indices."""
     physical = mask.shape[0]
     num_chunks = physical // chunk_size
     grad_fn = jax.value_and_grad(example_fn, has_aux=True)
@@ -74,7 +109,7 @@ def clipped_sum(
         )
 
     # Shapes of one chunk's outputs, to allocate the per-row buffers.
-    shapes = jax.eval_shape(vmapped, chunk_of(rows, 0), jnp.arange(chunk_size))
+    shapes = jax.eval_shape(vmapped, chunk_of(rows, 0), chunk_of(ids, 0))
     _, _, loss_shape, aux_shape = shapes
     zeros = lambda s: jnp.zeros((physical, *s.shape[1:]), s.dtype)  # noqa: E731
     init = (
@@ -87,9 +122,7 @@ def clipped_sum(
     def body(i, carry):
         grad_sum, losses, aux, nonfinite = carry
         chunk_mask = chunk_of(mask, i)
-        clipped, finite, loss, chunk_aux = vmapped(
-            chunk_of(rows, i), i * chunk_size + jnp.arange(chunk_size)
-        )
+        clipped, finite, loss, chunk_aux = vmapped(chunk_of(rows, i), chunk_of(ids, i))
         weight = chunk_mask & finite
         grad_sum = jax.tree.map(
             lambda s, g: s + jnp.tensordot(weight.astype(jnp.float32), g.astype(jnp.float32), 1),

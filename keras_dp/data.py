@@ -12,8 +12,9 @@ import logging
 
 import keras
 import numpy as np
+from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
-from keras_dp import accounting, sampling
+from keras_dp import accounting, distribute, sampling
 from keras_dp.config import DPConfig
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class DPBatches(keras.utils.PyDataset):
         super().__init__()
         self._model, self._source, self._config, self._per_epoch = model, source, config, per_epoch
         b_max = config.max_batch_size or _untruncated_bound(config)
-        self.physical = sampling.physical_batch_size(b_max, min(chunk, b_max))
+        self._shards, _ = distribute.batch_shards()
+        self._chunk = min(chunk, -(-b_max // self._shards))
+        self.physical = sampling.physical_batch_size(b_max, self._chunk, self._shards)
         self._next_step = model._dp_steps
 
     def steps_this_fit(self, epochs: int) -> int:
@@ -85,13 +88,23 @@ class DPBatches(keras.utils.PyDataset):
                 len(indices),
                 physical,
             )
-            physical = sampling.physical_batch_size(len(indices), physical)
-        padded, mask = sampling.pad_indices(indices, physical)
-        x, y, sw = self._source.gather(padded)
-        packed = {"dp_x": x, "dp_mask": mask}
+            physical = sampling.physical_batch_size(len(indices), self._chunk, self._shards)
+        padded, mask = sampling.shard_layout(indices, physical, self._shards)
+        mine = distribute.local_rows(physical)  # all rows, unless several processes
+        x, y, sw = self._source.gather(padded[mine])
+        packed = {"dp_x": x, "dp_mask": mask[mine]}
         if sw is not None:
             return packed, y, sw
         return (packed, y) if y is not None else (packed,)
+
+
+def adapter(batches: DPBatches) -> PyDatasetAdapter:
+    """``batches`` as Keras' own adapter for a PyDataset, in order (no shuffling).
+
+    Passing the adapter tells Keras the batches are already this process's share
+    (its multi-process check would otherwise ask for a tf.data.Dataset).
+    """
+    return PyDatasetAdapter(batches, shuffle=False)
 
 
 def _untruncated_bound(config: DPConfig) -> int:

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from keras_dp import clipping, data, noise, sampling, saving
+from keras_dp import clipping, data, distribute, noise, sampling, saving
 from keras_dp.callbacks import PrivacyBudget
 from keras_dp.config import DPConfig
 
@@ -192,9 +192,11 @@ class DPModel:
         self._dp_check_model()
         per_epoch, epochs_to_run = self._dp_epochs(config, epochs, initial_epoch)
         if self._dp_seed is None:
-            self._dp_seed = config.seed if config.seed is not None else secrets.randbits(63)
+            seed = config.seed if config.seed is not None else secrets.randbits(63)
+            self._dp_seed = distribute.shared_seed(seed)
             self.train_function = None
-        batches = data.DPBatches(self, source, config, _chunk_size(config), per_epoch)
+        shards, _ = distribute.batch_shards()
+        batches = data.DPBatches(self, source, config, _chunk_size(config, shards), per_epoch)
         callbacks = list(callbacks or [])
         stop_at = self._dp_steps + batches.steps_this_fit(epochs_to_run)
         for callback in callbacks:
@@ -210,7 +212,7 @@ class DPModel:
         callbacks = [_Ledger(stop_at, per_epoch), *callbacks]
         return keras.Model.fit(
             self,
-            batches,
+            data.adapter(batches),
             epochs=initial_epoch + epochs_to_run,
             initial_epoch=initial_epoch,
             verbose=verbose,
@@ -326,9 +328,17 @@ class DPModel:
             loss, (y_pred, nt_out) = self._dp_loss(params, nt, metrics_vars, xi, yi, swi)
             return loss, (jax.tree.map(lambda a: a[0], y_pred), [nt_out[i] for i in seed_slots])
 
-        chunk = min(mask.shape[0], _chunk_size(config))
+        shards, shard_axis = distribute.batch_shards()
+        chunk = min(mask.shape[0] // shards, _chunk_size(config, shards))
         grad_sum, losses, (y_pred, seeds), nonfinite = clipping.clipped_sum(
-            example_fn, trainable, (x, y, sample_weight), mask, config.l2_clip_norm, chunk
+            example_fn,
+            trainable,
+            (x, y, sample_weight),
+            mask,
+            config.l2_clip_norm,
+            chunk,
+            shards,
+            shard_axis,
         )
         iteration = next(
             v
@@ -408,8 +418,11 @@ class DPModel:
         return loss, (y_pred, non_trainable)
 
 
-def _chunk_size(config: DPConfig) -> int:
-    """``microbatch_size``, or by default a quarter of the expected batch (≤ 128).
+def _chunk_size(config: DPConfig, num_shards: int = 1) -> int:
+    """``microbatch_size``, or by default a quarter of each device's expected batch (≤ 128).
+
+    On several devices ``microbatch_size`` is per device: each device computes
+    that many per-example gradients at a time.
 
     Chunks holding only padding are skipped, so small chunks keep the rows
     computed close to the real rows of a Poisson draw; on a 4-layer Gemma3 (batch
@@ -417,7 +430,7 @@ def _chunk_size(config: DPConfig) -> int:
     """
     if config.microbatch_size is not None:
         return config.microbatch_size
-    return max(1, min(128, math.ceil(config.batch_size / 4)))
+    return max(1, min(128, math.ceil(config.batch_size / num_shards / 4)))
 
 
 def _row_weights(real: jax.Array, sample_weight, y_pred):

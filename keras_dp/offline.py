@@ -76,10 +76,11 @@ def gemma3_backbone(
     hidden_dim: int,
     sequence_length: int,
     num_query_heads: int = 4,
+    num_key_value_heads: int = 1,
 ):
     """A text-only ``Gemma3Backbone`` from config (random weights, no download).
 
-    One key/value head, ``head_dim = hidden_dim // num_query_heads``, an MLP of
+    ``num_key_value_heads`` key/value heads (one by default), ``head_dim = hidden_dim // num_query_heads``, an MLP of
     ``2 * hidden_dim`` and a sliding window of ``sequence_length``.
     """
     import keras_hub
@@ -88,7 +89,7 @@ def gemma3_backbone(
         vocabulary_size=vocabulary_size,
         num_layers=num_layers,
         num_query_heads=num_query_heads,
-        num_key_value_heads=1,
+        num_key_value_heads=num_key_value_heads,
         hidden_dim=hidden_dim,
         intermediate_dim=2 * hidden_dim,
         head_dim=hidden_dim // num_query_heads,

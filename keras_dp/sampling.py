@@ -13,9 +13,11 @@ import math
 import numpy as np
 
 
-def physical_batch_size(max_batch_size: int, chunk_size: int) -> int:
-    """``max_batch_size`` rounded up to a whole number of chunks."""
-    return math.ceil(max_batch_size / chunk_size) * chunk_size
+def physical_batch_size(max_batch_size: int, chunk_size: int, num_shards: int = 1) -> int:
+    """Rows fed per update: ``num_shards`` equal shards, each a whole number of chunks,
+    together holding ``max_batch_size`` real rows dealt round-robin."""
+    per_shard = math.ceil(max_batch_size / num_shards)
+    return math.ceil(per_shard / chunk_size) * chunk_size * num_shards
 
 
 def step_rng(seed: int, step: int) -> np.random.Generator:
@@ -43,12 +45,25 @@ def fixed_indices(rng: np.random.Generator, dataset_size: int, batch_size: int) 
     return np.sort(rng.choice(dataset_size, size=batch_size, replace=False))
 
 
-def pad_indices(indices: np.ndarray, physical: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices padded to ``physical`` rows (padding repeats row 0), and the mask."""
-    count = len(indices)
+def shard_layout(
+    indices: np.ndarray, physical: int, num_shards: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices padded to ``physical`` rows, and the mask of real rows.
+
+    The real rows are dealt round-robin over ``num_shards`` equal shards (one per
+    device), each shard real rows first; padding repeats row 0 and is masked out.
+    The k-th sampled index lands in shard ``k % num_shards`` at ``k // num_shards``.
+    """
+    per_shard = physical // num_shards
+    rank = np.arange(len(indices))
+    if physical % num_shards or len(indices) > per_shard * num_shards:
+        raise ValueError(f"{len(indices)} rows do not fit {num_shards} shards of {per_shard}.")
+    positions = (rank % num_shards) * per_shard + rank // num_shards
     padded = np.zeros(physical, dtype=np.int64)
-    padded[:count] = indices
-    return padded, np.arange(physical) < count
+    padded[positions] = indices
+    mask = np.zeros(physical, dtype=bool)
+    mask[positions] = True
+    return padded, mask
 
 
 class ExampleSource:

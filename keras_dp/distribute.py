@@ -1,0 +1,60 @@
+"""DP training under ``keras.distribution``: one guarantee on 1 or N devices.
+
+The physical batch is sharded over the mesh's batch axis. Each device clips and
+sums the rows it holds (see :func:`keras_dp.clipping.clipped_sum`); the per-device
+sums are reduced, and the noise is drawn ONCE for the global sum, from a key that
+is the same on every device (JAX's random numbers do not depend on how an array
+is sharded). The sample, the noise and hence ε are those of a single-device run.
+
+Several processes (``jax.distributed.initialize``) share one secret seed, so each
+draws the same global sample and feeds only the rows its devices hold.
+"""
+
+from __future__ import annotations
+
+import jax
+import keras
+import numpy as np
+
+
+def batch_shards() -> tuple[int, str | None]:
+    """(devices along the batch axis, that axis' name) of the current distribution."""
+    distribution = keras.distribution.distribution()
+    mesh = getattr(distribution, "device_mesh", None)
+    name = getattr(distribution, "batch_dim_name", None)
+    if mesh is None or name is None:
+        return 1, None
+    size = int(mesh.shape[list(mesh.axis_names).index(name)])
+    return size, (name if size > 1 else None)
+
+
+def local_rows(physical: int) -> slice:
+    """The rows of a ``physical``-row global batch that this process feeds."""
+    distribution = keras.distribution.distribution()
+    if distribution is None or jax.process_count() == 1:
+        return slice(0, physical)
+    sharding = distribution.get_data_layout((physical,)).backend_layout
+    spans = sorted(
+        {
+            (index[0].start or 0, physical if index[0].stop is None else index[0].stop)
+            for index in sharding.addressable_devices_indices_map((physical,)).values()
+        }
+    )
+    for (_, stop), (start, _) in zip(spans, spans[1:]):
+        if stop != start:
+            raise ValueError(
+                "This process's devices hold non-contiguous parts of the batch; order the "
+                "DeviceMesh's devices by process (keras.distribution.list_devices() does)."
+            )
+    return slice(spans[0][0], spans[-1][1])
+
+
+def shared_seed(seed: int) -> int:
+    """``seed`` as process 0 has it, in every process (itself in a single process)."""
+    if jax.process_count() == 1:
+        return seed
+    from jax.experimental import multihost_utils
+
+    words = np.asarray([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32)
+    high, low = (int(w) for w in np.asarray(multihost_utils.broadcast_one_to_all(words)))
+    return (high << 32) | low
