@@ -80,8 +80,9 @@ def gemma3_backbone(
 ):
     """A text-only ``Gemma3Backbone`` from config (random weights, no download).
 
-    ``num_key_value_heads`` key/value heads (one by default), ``head_dim = hidden_dim // num_query_heads``, an MLP of
-    ``2 * hidden_dim`` and a sliding window of ``sequence_length``.
+    ``num_key_value_heads`` key/value heads (one by default),
+    ``head_dim = hidden_dim // num_query_heads``, an MLP of ``2 * hidden_dim`` and a
+    sliding window of ``sequence_length``.
     """
     import keras_hub
 
