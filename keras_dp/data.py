@@ -50,7 +50,11 @@ def preprocess_all(preprocessor, validation_data):
 
 
 class DPBatches(keras.utils.PyDataset):
-    """Batches drawn by the config's sampler: (({"dp_x", "dp_mask"}, y, w))."""
+    """Batches drawn by the config's sampler: (({"dp_x", "dp_mask", "dp_step"}, y, w)).
+
+    ``dp_step`` (the update's number in the ledger, one copy per row so that it
+    shards like the rows) keys the update's noise.
+    """
 
     def __init__(self, model, source, config: DPConfig, chunk: int, per_epoch: int):
         super().__init__()
@@ -60,6 +64,10 @@ class DPBatches(keras.utils.PyDataset):
         self._chunk = min(chunk, -(-b_max // self._shards))
         self.physical = sampling.physical_batch_size(b_max, self._chunk, self._shards)
         self._next_step = model._dp_steps
+
+    def resume_at(self, step: int) -> None:
+        """Draws the next batch for update ``step`` (after a checkpoint was restored)."""
+        self._next_step = step
 
     def steps_this_fit(self, epochs: int) -> int:
         return min(epochs * self._per_epoch, self._config.steps - self._model._dp_steps)
@@ -92,7 +100,8 @@ class DPBatches(keras.utils.PyDataset):
         padded, mask = sampling.shard_layout(indices, physical, self._shards)
         mine = distribute.local_rows(physical)  # all rows, unless several processes
         x, y, sw = self._source.gather(padded[mine])
-        packed = {"dp_x": x, "dp_mask": mask[mine]}
+        rows = len(mask[mine])
+        packed = {"dp_x": x, "dp_mask": mask[mine], "dp_step": np.full(rows, step, np.int32)}
         if sw is not None:
             return packed, y, sw
         return (packed, y) if y is not None else (packed,)

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from keras_dp import clipping, data, distribute, noise, sampling, saving
+from keras_dp import clipping, data, distribute, ledger, noise, sampling, saving
 from keras_dp.callbacks import PrivacyBudget
 from keras_dp.config import DPConfig
 
@@ -61,7 +61,7 @@ class DPModel:
 
     def _dp_init(self, config: DPConfig | None) -> None:
         self._dp_config = None
-        self._dp_ledger = _LedgerState()
+        self._dp_ledger = ledger.Ledger(self)
         self._dp_seed = None
         if config is not None:
             self.set_dp_config(config)
@@ -84,7 +84,10 @@ class DPModel:
                 "same config (clip norm, batch, epochs/steps, dataset size, σ, δ), or "
                 "start from a new model."
             )
-        self._dp_config = config
+        self._dp_set_plan(config)
+
+    def _dp_set_plan(self, config: DPConfig | None) -> None:
+        self._dp_config = self._dp_ledger.plan = config
         self.train_function = None  # the traced step reads the config
 
     def _dp_same_plan(self, config: DPConfig) -> bool:
@@ -119,9 +122,19 @@ class DPModel:
             model._dp_init(None)
         else:
             model = super().from_config(config)
-        model._dp_config = saving.config_from_dict(state.get("config"))
+        model._dp_set_plan(saving.config_from_dict(state.get("config")))
         model._dp_ledger.steps = int(state.get("steps", 0))
         return model
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """Keras' ``load_weights``; also restores the ledger those weights were trained with.
+
+        The optimizer is built first (when compiled), so its state (e.g. Adam's moments)
+        is restored too and a resumed run continues exactly where the checkpoint stopped.
+        """
+        if self.built and self.optimizer is not None and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
+        return super().load_weights(filepath, *args, **kwargs)
 
     @property
     def _dp_steps(self) -> int:
@@ -190,15 +203,20 @@ class DPModel:
         config = self._dp_calibrate(config, source.size)
         self._symbolic_build(data_batch=source.gather(np.arange(min(2, source.size))))
         self._dp_check_model()
-        per_epoch, epochs_to_run = self._dp_epochs(config, epochs, initial_epoch)
+        callbacks = list(callbacks or [])
+        # With BackupAndRestore, Keras resumes the epochs of the whole plan after it has
+        # restored a checkpoint (and its ledger): epochs count from the plan's start.
+        restartable = any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks)
+        per_epoch, epochs_to_run = self._dp_epochs(config, epochs, initial_epoch, restartable)
         if self._dp_seed is None:
             seed = config.seed if config.seed is not None else secrets.randbits(63)
             self._dp_seed = distribute.shared_seed(seed)
             self.train_function = None
         shards, _ = distribute.batch_shards()
         batches = data.DPBatches(self, source, config, _chunk_size(config, shards), per_epoch)
-        callbacks = list(callbacks or [])
         stop_at = self._dp_steps + batches.steps_this_fit(epochs_to_run)
+        if restartable:
+            stop_at = config.steps
         for callback in callbacks:
             if isinstance(callback, PrivacyBudget):
                 callback._max_steps = callback.max_steps(self)
@@ -209,7 +227,7 @@ class DPModel:
                 "exceed its stop_at_epsilon. Nothing was trained; raise stop_at_epsilon or "
                 "stop here."
             )
-        callbacks = [_Ledger(stop_at, per_epoch), *callbacks]
+        callbacks = [ledger.LedgerCallback(stop_at, per_epoch, batches), *callbacks]
         return keras.Model.fit(
             self,
             data.adapter(batches),
@@ -281,14 +299,18 @@ class DPModel:
         if not config.is_calibrated:
             config = config.calibrate(size)
             logger.info("Calibrated noise_multiplier=%.4f for %s", config.noise_multiplier, config)
-            self._dp_config = config
-            self.train_function = None
+            self._dp_set_plan(config)
+        self._dp_ledger.check_plan(config)  # weights loaded from another plan's checkpoint
         return config
 
-    def _dp_epochs(self, config: DPConfig, epochs, initial_epoch: int) -> tuple[int, int]:
+    def _dp_epochs(
+        self, config: DPConfig, epochs, initial_epoch: int, restartable: bool = False
+    ) -> tuple[int, int]:
         planned_epochs = config.epochs or config.steps * config.batch_size / config.dataset_size
         per_epoch = math.ceil(config.steps / max(1, math.ceil(planned_epochs)))
         remaining = config.steps - self._dp_steps
+        if restartable:  # the ledger is known once the backup is restored
+            remaining = config.steps - min(self._dp_steps, initial_epoch * per_epoch)
         if remaining <= 0:
             raise ValueError(
                 f"The privacy budget of this plan is spent: {self._dp_steps} of "
@@ -340,12 +362,9 @@ class DPModel:
             shards,
             shard_axis,
         )
-        iteration = next(
-            v
-            for v, ref in zip(optimizer_vars, self.optimizer.variables)
-            if ref is self.optimizer.iterations
-        )
-        key = noise.step_key(noise.root_key(self._dp_seed), iteration)
+        # The ledger's count of this update keys its noise: unique along the weights'
+        # history, also across restored checkpoints and recompiled optimizers.
+        key = noise.step_key(noise.root_key(self._dp_seed), packed["dp_step"][0])
         grads = noise.privatize(
             grad_sum, key, config.noise_multiplier, config.l2_clip_norm, config.batch_size
         )
@@ -441,50 +460,6 @@ def _row_weights(real: jax.Array, sample_weight, y_pred):
         return real.reshape(real.shape + (1,) * extra)
     sw = jnp.asarray(sample_weight)
     return sw * real.reshape(real.shape + (1,) * (sw.ndim - 1)).astype(sw.dtype)
-
-
-def _check_ledger_covers(steps: int, epoch: int, per_epoch: int) -> None:
-    """Refuses to start at ``epoch`` when the ledger holds fewer updates than that implies.
-
-    Weights-only checkpoints (BackupAndRestore, ModelCheckpoint) do not carry the
-    ledger; resuming from one with a fresh ledger would under-report ε.
-    """
-    if epoch * per_epoch > steps:
-        raise ValueError(
-            f"Training would resume at epoch {epoch}, i.e. after {epoch * per_epoch} DP "
-            f"updates, but this model's privacy ledger holds {steps}: its weights come "
-            "from a checkpoint that does not carry the ledger (BackupAndRestore or "
-            "ModelCheckpoint with save_weights_only), so ε would be under-reported. "
-            "Resume from a .keras file written by model.save (ModelCheckpoint to a "
-            "'.keras' path) and keras.models.load_model instead. Nothing was trained."
-        )
-
-
-class _LedgerState:
-    """The privacy ledger: accounted updates taken so far."""
-
-    def __init__(self, steps: int = 0):
-        self.steps = steps
-
-
-class _Ledger(keras.callbacks.Callback):
-    """Counts the updates taken and stops exactly at the end of the plan."""
-
-    def __init__(self, stop_at: int, per_epoch: int):
-        super().__init__()
-        self._stop_at, self._per_epoch, self._first = stop_at, per_epoch, True
-
-    def on_epoch_begin(self, epoch, logs=None):
-        # The first epoch Keras runs: initial_epoch, or where BackupAndRestore moved it.
-        if self._first:
-            self._first = False
-            _check_ledger_covers(self.model._dp_steps, epoch, self._per_epoch)
-
-    def on_train_batch_end(self, batch, logs=None):
-        ledger = self.model._dp_ledger  # a plain object: no Keras attribute tracking per step
-        ledger.steps += 1
-        if ledger.steps >= self._stop_at:
-            self.model.stop_training = True
 
 
 _DP_CLASSES: dict[type, type] = {}

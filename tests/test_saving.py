@@ -135,27 +135,142 @@ def test_keras_hub_lora_model_round_trips(tmp_path):
     np.testing.assert_allclose(fresh.predict(x, verbose=0), lm.predict(x, verbose=0), atol=1e-6)
 
 
-def test_resuming_from_a_weights_only_checkpoint_is_refused(tmp_path):
+RESUME = dict(target_epsilon=4.0, batch_size=4, epochs=2, seed=3)
+
+
+def private_functional(**overrides):
+    model = keras_dp.make_private(functional(), DPConfig(**{**RESUME, **overrides}))
+    model.compile(optimizer="adam", loss=LOSS)
+    return model
+
+
+def weights(model):
+    return [np.array(v.value) for v in model.weights]
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises in the middle of epoch ``epoch`` (an exception mid-epoch)."""
+
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.at, self.epoch = (epoch, batch), None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            raise RuntimeError("interrupted")
+
+
+def test_backup_and_restore_after_an_exception_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     x, y = data()
-    config = dict(target_epsilon=4.0, batch_size=4, epochs=2, seed=3)
-    first = keras_dp.make_private(functional(), DPConfig(**config))
-    first.compile(optimizer="adam", loss=LOSS)
-    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"), delete_checkpoint=False)
-    first.fit(x, y, epochs=1, verbose=0, callbacks=[backup])  # "killed" after epoch 1
-    assert first.dp_steps == 10
+    drawn = []  # the sampler's step numbers, in the order drawn
+    step_rng = keras_dp.sampling.step_rng
+    monkeypatch.setattr(
+        keras_dp.sampling, "step_rng", lambda seed, step: drawn.append(step) or step_rng(seed, step)
+    )
+    straight = private_functional()
+    straight.fit(x, y, verbose=0)
+    assert drawn == list(range(20))
 
-    # A new process rebuilds the model: its ledger is empty, the backup's weights are not.
-    again = keras_dp.make_private(functional(), DPConfig(**config))
-    again.compile(optimizer="adam", loss=LOSS)
-    with pytest.raises(ValueError, match="under-reported"):
-        again.fit(x, y, verbose=0, callbacks=[backup])
-    assert again.dp_steps == 0
-    with pytest.raises(ValueError, match="under-reported"):
-        again.fit(x, y, epochs=2, initial_epoch=1, verbose=0)
+    drawn.clear()
+    model = private_functional()
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[backup, Interrupt(1, 4)])
+    assert model.dp_steps == 14  # 10 in epoch 0 (backed up), 4 in the lost part of epoch 1
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[backup])
+    # The backup rolled the weights and the ledger back to update 10; the sampler went on
+    # from there: no update counted twice or lost, and the result is the uninterrupted one.
+    assert drawn == list(range(14)) + list(range(10, 20))
+    assert model.dp_steps == 20
+    assert model.privacy_spent().epsilon == straight.privacy_spent().epsilon
+    for a, b in zip(weights(model), weights(straight)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
-    # Resuming from a .keras file carries the ledger: same ε as an uninterrupted run.
+
+def test_weights_only_checkpoints_carry_the_ledger_and_its_plan(tmp_path):
+    x, y = data()
+    first = private_functional()
+    first.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "epoch1.weights.h5")
+    first.save_weights(path)  # what ModelCheckpoint(save_weights_only=True) writes
+    predictions = first.predict(x, verbose=0)
+
+    resumed = private_functional()
+    resumed.load_weights(path)
+    assert resumed.dp_steps == 10
+    resumed.fit(x, y, epochs=2, initial_epoch=1, verbose=0)
+    assert resumed.dp_steps == 20
+    assert resumed.privacy_spent().epsilon == DPConfig(**RESUME).calibrate(40).epsilon(20)
+    # Adam's state came back too (the optimizer is built before loading): the resumed
+    # run is the uninterrupted one.
+    first.fit(x, y, epochs=2, initial_epoch=1, verbose=0)
+    for a, b in zip(weights(resumed), weights(first)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    # The same weights under another plan are refused before any update.
+    other = private_functional(l2_clip_norm=0.5)
+    other.load_weights(path)
+    before = weights(other)
+    with pytest.raises(ValueError, match="another plan"):
+        other.fit(x, y, epochs=2, initial_epoch=1, verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, weights(other)))
+
+    # A plain model loads a DP checkpoint's weights (the ledger entry is ignored).
+    plain = functional()
+    plain.load_weights(path)
+    np.testing.assert_array_equal(plain.predict(x, verbose=0), predictions)
+
+
+def test_a_checkpoint_without_a_ledger_cannot_resume_behind_its_epoch(tmp_path):
+    x, y = data()
+    plain = functional()
+    plain.compile(optimizer="adam", loss=LOSS)
+    plain.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "plain.weights.h5")
+    plain.save_weights(path)  # no ledger: e.g. written before make_private
+    model = private_functional()
+    model.load_weights(path)
+    with pytest.raises(ValueError, match="under-reported"):
+        model.fit(x, y, epochs=2, initial_epoch=1, verbose=0)
+    assert model.dp_steps == 0
+
+
+def test_resuming_from_a_keras_file_ends_at_the_uninterrupted_epsilon(tmp_path):
+    x, y = data()
+    first = private_functional()
+    first.fit(x, y, epochs=1, verbose=0)
     first.save(tmp_path / "m.keras")
     resumed = keras.models.load_model(tmp_path / "m.keras")
     resumed.fit(x, y, epochs=2, initial_epoch=1, verbose=0)
     assert resumed.dp_steps == 20
-    assert resumed.privacy_spent().epsilon == DPConfig(**config).calibrate(40).epsilon(20)
+    assert resumed.privacy_spent().epsilon == DPConfig(**RESUME).calibrate(40).epsilon(20)
+
+
+def test_a_killed_process_resumes_from_its_backup_exactly(tmp_path):
+    """SIGKILL mid-epoch, then a new process with BackupAndRestore: the uninterrupted run."""
+    from . import resume_worker
+
+    worker, backup = resume_worker.__file__, str(tmp_path / "backup")
+    out = str(tmp_path / "resumed.npz")
+    killed = subprocess.run(
+        [sys.executable, worker, backup, out, "14"], capture_output=True, timeout=300
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]  # killed mid-epoch 1 (updates 10-19)
+    resumed = subprocess.run(
+        [sys.executable, worker, backup, out], capture_output=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = np.load(out)
+
+    straight, drawn = resume_worker.train(str(tmp_path / "straight"))
+    assert drawn == list(range(30))
+    # The new process resumed at update 10 (the end of the backed-up epoch 0) and drew
+    # the updates after it, not the first ones again.
+    assert list(result["drawn"]) == list(range(10, 30))
+    assert int(result["steps"]) == straight.dp_steps == 30
+    assert float(result["epsilon"]) == straight.privacy_spent().epsilon
+    for i, variable in enumerate(straight.weights):
+        np.testing.assert_allclose(result[f"arr_{i}"], np.asarray(variable.value), atol=1e-6)

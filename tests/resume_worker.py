@@ -1,0 +1,68 @@
+"""A DP fit with BackupAndRestore that can kill its own process mid-epoch.
+
+Usage: python resume_worker.py BACKUP_DIR OUT.npz [KILL_AT_UPDATE]
+With KILL_AT_UPDATE the process sends itself SIGKILL before that update; run again
+without it to resume from the backup. OUT.npz gets the weights, the ledger, ε and
+the sampler's step numbers drawn by this process.
+"""
+
+import os
+import signal
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_dp  # noqa: E402
+
+CONFIG = dict(target_epsilon=4.0, batch_size=4, epochs=3, seed=3)
+
+
+class KillAt(keras.callbacks.Callback):
+    def __init__(self, update):
+        super().__init__()
+        self.update = update
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.model.dp_steps == self.update:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(backup_dir, kill_at=None):
+    """Returns (model, sampler steps drawn)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dropout(0.2)(keras.layers.Dense(8, "tanh")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    model = keras_dp.make_private(model, keras_dp.DPConfig(**CONFIG))
+    model.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 5)).astype("float32"), np.arange(40) % 3
+    drawn = []
+    step_rng = keras_dp.sampling.step_rng
+    keras_dp.sampling.step_rng = lambda seed, step: drawn.append(step) or step_rng(seed, step)
+    callbacks = [keras.callbacks.BackupAndRestore(backup_dir)]
+    if kill_at is not None:
+        callbacks.append(KillAt(kill_at))
+    try:
+        model.fit(x, y, epochs=CONFIG["epochs"], verbose=0, callbacks=callbacks)
+    finally:
+        keras_dp.sampling.step_rng = step_rng
+    return model, drawn
+
+
+if __name__ == "__main__":
+    kill = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    model, drawn = train(sys.argv[1], kill)
+    arrays = {f"arr_{i}": np.asarray(v.value) for i, v in enumerate(model.weights)}
+    np.savez(
+        sys.argv[2],
+        steps=model.dp_steps,
+        epsilon=model.privacy_spent().epsilon,
+        drawn=np.asarray(drawn),
+        **arrays,
+    )
