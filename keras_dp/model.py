@@ -201,8 +201,11 @@ class DPModel:
         if source.size == 0:
             raise ValueError("fit got no training examples (x is empty).")
         config = self._dp_calibrate(config, source.size)
-        self._symbolic_build(data_batch=source.gather(np.arange(min(2, source.size))))
+        first = source.gather(np.arange(min(2, source.size)))
+        data.check_examples(first, labels_needed=getattr(self, "_compile_loss", None) is not None)
+        self._symbolic_build(data_batch=first)
         self._dp_check_model()
+        data.check_class_labels(self, source, first)
         callbacks = list(callbacks or [])
         # With BackupAndRestore, Keras resumes the epochs of the whole plan after it has
         # restored a checkpoint (and its ledger): epochs count from the plan's start.
@@ -267,7 +270,7 @@ class DPModel:
                 "fit(steps_per_epoch=...) contradicts the plan; set DPConfig(steps=...) "
                 "or epochs= instead."
             )
-        if self.optimizer is None:
+        if getattr(self, "optimizer", None) is None:
             raise ValueError("Compile the model (model.compile(optimizer=..., loss=...)) first.")
         if getattr(self.optimizer, "gradient_accumulation_steps", None):
             raise ValueError(

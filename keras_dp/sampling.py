@@ -115,6 +115,10 @@ class ExampleSource:
         stacked = [_stack([item[k] for item in items]) for k in range(len(items[0]))]
         return tuple(stacked) + (None,) * (3 - len(stacked))
 
+    def labels(self):
+        """All labels ``y`` when they are held in memory (not per item), else None."""
+        return None if self._per_item else self._data[1]
+
     def _items(self, indices) -> list:
         indices = [int(i) for i in indices]
         if hasattr(self._data, "__getitems__"):  # tfds sources read a batch at once

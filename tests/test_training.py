@@ -222,15 +222,6 @@ def test_only_real_rows_count_in_loss_and_metrics():
     assert history.history["accuracy"][0] == pytest.approx(accuracy)
 
 
-def test_nonfinite_example_is_contained_and_counted():
-    x, y = data(10)
-    x[3] = np.nan
-    model = private(mlp(), lr=0.1, batch_size=10, steps=1, **DEBUG)
-    history = model.fit(x, y, verbose=0)
-    assert history.history["nonfinite_examples"][0] == 1
-    assert all(np.all(np.isfinite(np.array(v.value))) for v in model.trainable_variables)
-
-
 def test_mixin_subclass_and_make_private_keep_keras_behaviour():
     class Mine(keras_dp.DPModel, keras.Model):
         def __init__(self, **kwargs):
@@ -262,74 +253,3 @@ def test_sequence_of_examples_is_sampled():
     model.fit(examples, verbose=0)
     assert model.dp_config.dataset_size == 40
     assert model.privacy_spent().steps == 4
-
-
-class _Batches(keras.utils.PyDataset):
-    def __len__(self):
-        return 1
-
-    def __getitem__(self, i):
-        return data(4)
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(batch_size=5), "contradicts DPConfig.batch_size"),
-        (dict(shuffle=False), "shuffle=False"),
-        (dict(validation_split=0.2), "validation_data="),
-        (dict(steps_per_epoch=3), "steps_per_epoch"),
-        (dict(class_weight={0: 1.0}), "sample_weight"),
-        (dict(epochs=5), "only 1 are left"),
-    ],
-)
-def test_fit_arguments_that_contradict_the_plan_are_refused(kwargs, match):
-    x, y = data(40)
-    model = private(mlp(), batch_size=10, epochs=1, target_epsilon=10.0)
-    with pytest.raises(ValueError, match=match):
-        model.fit(x, y, verbose=0, **kwargs)
-    assert model.privacy_spent().steps == 0
-
-
-@pytest.mark.parametrize(
-    "x, match",
-    [
-        (_Batches(), "PyDataset"),
-        ((i for i in range(3)), "generator"),
-    ],
-)
-def test_streams_are_refused_with_how_to_pass_data(x, match):
-    model = private(mlp(), batch_size=10, epochs=1, target_epsilon=10.0)
-    with pytest.raises(ValueError, match=rf"{match}.*per-example random-access"):
-        model.fit(x, verbose=0)
-
-
-def test_model_level_refusals():
-    x, y = data(40)
-    bn = keras.Sequential(
-        [keras.Input((5,)), keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(3)]
-    )
-    model = private(bn, batch_size=10, epochs=1, target_epsilon=10.0)
-    with pytest.raises(ValueError, match="'bn' \\(BatchNormalization\\) mixes examples"):
-        model.fit(x, y, verbose=0)
-    model = keras_dp.make_private(mlp(), DPConfig(batch_size=10, epochs=1, target_epsilon=10.0))
-    model.compile(optimizer=keras.optimizers.SGD(gradient_accumulation_steps=4), loss=LOSS)
-    with pytest.raises(ValueError, match="microbatch_size"):
-        model.fit(x, y, verbose=0)
-    model = private(mlp(), batch_size=10, epochs=1, target_epsilon=10.0, dataset_size=50)
-    with pytest.raises(ValueError, match="40 examples but DPConfig.dataset_size=50"):
-        model.fit(x, y, verbose=0)
-    frozen = mlp()
-    frozen.trainable = False
-    model = private(frozen, batch_size=10, epochs=1, target_epsilon=10.0)
-    with pytest.raises(ValueError, match="no trainable variables"):
-        model.fit(x, y, verbose=0)
-    with pytest.raises(ValueError, match="same number of examples"):
-        private(mlp(), batch_size=10, epochs=1, target_epsilon=10.0).fit(x, y[:30], verbose=0)
-    with pytest.raises(ValueError, match="no DP plan"):
-        keras_dp.make_private(mlp(), DPConfig(batch_size=10, epochs=1, target_epsilon=1.0))
-        m = mlp()
-        m.__class__ = keras_dp.model._DP_CLASSES[keras.Sequential]
-        m._dp_init(None)
-        m.compile(optimizer="sgd", loss=LOSS)
-        m.fit(x, y, verbose=0)
