@@ -49,9 +49,11 @@ class PrivacyBudget(keras.callbacks.Callback):
         if self._max_steps is None:
             self._max_steps = self.max_steps(self.model)
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self.model.dp_steps >= self._max_steps:
-            self.model.stop_training = True
+    def on_train_batch_begin(self, batch, logs=None):
+        # The ledger already counts the update being dispatched; no batch-end hook, so
+        # Keras keeps dispatching asynchronously.
+        if self._model.dp_steps >= self._max_steps:  # _model: no variable sync per step
+            self._model.stop_training = True
 
     def on_train_end(self, logs=None):
         self._max_steps = None

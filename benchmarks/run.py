@@ -1,0 +1,279 @@
+"""The benchmark suite: speed, memory, calibration and compilations, in one run.
+
+    pip install -e ".[bench]"        # adds jax-privacy (the peer) and scikit-learn
+    python benchmarks/run.py [--repeats 3] [--sweep 1 2 4 8 16] [--out benchmarks/results]
+
+Writes ``results.md`` (tables) and ``results.json`` (every measurement) to --out.
+Not a test: nothing here asserts a time. Every figure is a ratio measured in this
+one run on this machine. Fits alternate (plain, keras_dp, jax-privacy, plain,
+...); the first (compiling) epoch is left out and a step's time is the median
+over repeats of (epoch wall time / updates in the epoch), so asynchronous
+dispatch, data sampling and per-epoch set-up count for every side.
+
+1. DP overhead: keras_dp DP ``fit`` / plain Keras ``fit``, same model, batch and
+   optimizer: a keras-hub Gemma3 (4 layers, hidden 256, seq 128, batch 16) with
+   LoRA and fully fine-tuned, and an MLP on digits.
+2. The peer: jax-privacy's Keras API (``jax_privacy.keras_api.make_private``,
+   fixed batches) on the same models, each library at its default and at its
+   best ``microbatch_size`` from --sweep.
+3. Memory: XLA's peak temporary memory of one compiled DP step at logical batch
+   32, 256 and 1024 with ``microbatch_size=16`` (``compiled.memory_analysis()``).
+4. Calibration time for typical plans, and XLA compilations of the train step
+   per ``fit``.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from step_time import MODELS  # noqa: E402
+
+import keras_dp  # noqa: E402
+from keras_dp import data as dp_data  # noqa: E402
+from keras_dp import sampling  # noqa: E402
+
+logging.getLogger("absl").setLevel(logging.ERROR)
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+EPSILON, DELTA = 8.0, 1e-5
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Seconds per update of every epoch after the first (which compiles).
+
+    Only epoch and batch-*begin* hooks: Keras keeps dispatching asynchronously.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.per_step = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._steps = time.perf_counter(), 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch > 0 and self._steps:
+            self.per_step.append((time.perf_counter() - self._start) / self._steps)
+
+
+def fit_time(kind: str, name: str, x, y, microbatch=None) -> float:
+    """Median seconds per update of one fit: kind is plain, keras_dp or jax_privacy."""
+    model_fn, _, batch, epochs = MODELS[name]
+    model = model_fn()
+    # Whole batches only, for every side: jax-privacy fails on a partial last batch.
+    n = len(y) - len(y) % batch
+    x, y = keras.tree.map_structure(lambda a: a[:n], x), y[:n]
+    kwargs = {}
+    if kind == "keras_dp":
+        config = keras_dp.DPConfig(
+            target_epsilon=EPSILON,
+            target_delta=DELTA,
+            batch_size=batch,
+            epochs=epochs,
+            microbatch_size=microbatch,
+            seed=0,
+        )
+        model = keras_dp.make_private(model, config)
+    else:
+        kwargs = {"batch_size": batch, "epochs": epochs}
+    if kind == "jax_privacy":
+        from jax_privacy import keras_api
+
+        params = keras_api.DPKerasConfig(
+            epsilon=EPSILON,
+            delta=DELTA,
+            clipping_norm=1.0,
+            batch_size=batch,
+            gradient_accumulation_steps=1,
+            train_steps=epochs * (n // batch),
+            train_size=n,
+            microbatch_size=microbatch,
+            seed=0,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints while calibrating
+            model = keras_api.make_private(model, params)
+    model.compile(optimizer="adam", loss=LOSS)
+    timer = EpochTimer()
+    with contextlib.redirect_stdout(io.StringIO()):
+        model.fit(x, y, verbose=0, callbacks=[timer], **kwargs)
+    return statistics.median(timer.per_step)
+
+
+def overhead(names, repeats, sweep) -> dict:
+    """Step times of plain, keras_dp and jax-privacy (defaults), alternated, and sweeps."""
+    results = {}
+    for name in names:
+        x, y = MODELS[name][1]()
+        times = {"plain": [], "keras_dp": [], "jax_privacy": []}
+        for _ in range(repeats):
+            for kind in times:
+                times[kind].append(fit_time(kind, name, x, y))
+                log(f"{name} {kind}: {times[kind][-1] * 1e3:.1f} ms/step")
+        entry = {kind: statistics.median(t) for kind, t in times.items()}
+        entry["runs"] = times
+        if name != "mlp" and sweep:
+            for kind in ("keras_dp", "jax_privacy"):
+                swept = {}
+                for size in sweep:
+                    swept[size] = fit_time(kind, name, x, y, microbatch=size)
+                    log(f"{name} {kind} microbatch {size}: {swept[size] * 1e3:.1f} ms/step")
+                best = min(swept, key=swept.get)
+                entry[f"{kind}_sweep"] = swept
+                entry[f"{kind}_best"] = {"microbatch_size": best, "seconds": swept[best]}
+        results[name] = entry
+    return results
+
+
+def step_memory(name: str, logical_batch: int, microbatch: int) -> int:
+    """Peak temporary bytes of one compiled DP step (XLA's memory analysis)."""
+    model_fn, data_fn, _, _ = MODELS[name]
+    x, y = data_fn()
+    model = keras_dp.make_private(
+        model_fn(),
+        keras_dp.DPConfig(
+            target_epsilon=EPSILON,
+            batch_size=logical_batch,
+            steps=1,
+            microbatch_size=microbatch,
+            dataset_size=max(4 * logical_batch, len(y)),
+            seed=0,
+        ),
+    )
+    model.compile(optimizer="adam", loss=LOSS)
+    config = model.dp_config.calibrate()
+    model.set_dp_config(config)
+    reps = math.ceil(config.dataset_size / len(y))
+    tile = lambda a: np.concatenate([a] * reps)[: config.dataset_size]  # noqa: E731
+    source = sampling.ExampleSource(keras.tree.map_structure(tile, x), tile(y))
+    model._symbolic_build(data_batch=source.gather(np.arange(2)))
+    model._dp_seed = 0
+    batches = dp_data.DPBatches(model, source, config, microbatch, 1)
+    batch = jax.tree.map(jax.numpy.asarray, batches[0])
+    state = (
+        [v.value for v in model.trainable_variables],
+        [v.value for v in model.non_trainable_variables],
+        [v.value for v in model.optimizer.variables],
+        [v.value for v in model.metrics_variables],
+    )
+    compiled = jax.jit(model.train_step).lower(state, batch).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def memory(names, microbatch=16) -> dict:
+    out = {}
+    for name in names:
+        out[name] = {b: step_memory(name, b, microbatch) for b in (32, 256, 1024)}
+        log(f"memory {name}: {out[name]}")
+    return out
+
+
+def calibration() -> dict:
+    from calibration import PLANS
+
+    out = {}
+    for label, plan in PLANS.items():
+        start = time.perf_counter()
+        sigma = keras_dp.DPConfig(**plan).calibrate().noise_multiplier
+        out[label] = {"seconds": time.perf_counter() - start, "noise_multiplier": sigma}
+        log(f"calibration {label}: {out[label]['seconds']:.2f} s")
+    return out
+
+
+def compilations() -> int:
+    """Traces of the train step in a 3-epoch keras_dp fit (jit traces once per shape)."""
+    traces = []
+
+    class Counting(keras_dp.DPModel, keras.Sequential):
+        def train_step(self, state, batch):
+            traces.append(1)  # runs only while jit traces
+            return super().train_step(state, batch)
+
+    model_fn, data_fn, batch, _ = MODELS["mlp"]
+    model = Counting(
+        model_fn().layers,
+        dp_config=keras_dp.DPConfig(target_epsilon=EPSILON, batch_size=batch, epochs=3, seed=0),
+    )
+    model.compile(optimizer="adam", loss=LOSS)
+    model.fit(*data_fn(), verbose=0)
+    return len(traces)
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}", ""]
+    lines += ["| model | plain ms/step | keras_dp | jax-privacy | keras_dp/plain | "]
+    lines[-1] += "jax-privacy/plain | keras_dp best (mb) | jax-privacy best (mb) |"
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for name, r in results["overhead"].items():
+        best = {
+            k: f"{r[f'{k}_best']['seconds'] * 1e3:.0f} ({r[f'{k}_best']['microbatch_size']})"
+            if f"{k}_best" in r
+            else "–"
+            for k in ("keras_dp", "jax_privacy")
+        }
+        lines.append(
+            f"| {name} | {r['plain'] * 1e3:.1f} | {r['keras_dp'] * 1e3:.1f} | "
+            f"{r['jax_privacy'] * 1e3:.1f} | {r['keras_dp'] / r['plain']:.2f}× | "
+            f"{r['jax_privacy'] / r['plain']:.2f}× | {best['keras_dp']} | "
+            f"{best['jax_privacy']} |"
+        )
+    lines += [
+        "",
+        "| model | peak temp MB at B=32 | B=256 | B=1024 | 1024/32 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in results["memory"].items():
+        mb = {b: v / 2**20 for b, v in m.items()}
+        lines.append(
+            f"| {name} | {mb[32]:.1f} | {mb[256]:.1f} | {mb[1024]:.1f} | {mb[1024] / mb[32]:.2f}× |"
+        )
+    lines += ["", "| plan | calibration s | σ |", "|---|---|---|"]
+    for label, c in results["calibration"].items():
+        lines.append(f"| {label} | {c['seconds']:.2f} | {c['noise_multiplier']:.4f} |")
+    lines += ["", f"Train-step compilations in a 3-epoch fit: {results['compilations']}"]
+    return "\n".join(lines) + "\n"
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sweep", nargs="*", type=int, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--memory-models", nargs="*", default=["mlp", "gemma-lora"])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
+    results = {"machine": machine, "jax": jax.__version__, "keras": keras.__version__}
+    results["calibration"] = calibration()
+    results["compilations"] = compilations()
+    results["memory"] = memory(args.memory_models)
+    results["overhead"] = overhead(args.models, args.repeats, args.sweep)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    table = markdown(results)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
