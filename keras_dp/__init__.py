@@ -4,7 +4,7 @@ from keras_dp._backend import require_jax_backend
 
 require_jax_backend()
 
-from keras_dp import accounting, callbacks  # noqa: E402
+from keras_dp import accounting, audit, callbacks  # noqa: E402
 from keras_dp.config import DPConfig, default_delta  # noqa: E402
 from keras_dp.model import DPModel, PrivacySpent, make_private  # noqa: E402
 from keras_dp.saving import save_lora_weights  # noqa: E402
@@ -17,6 +17,7 @@ __all__ = [
     "DPModel",
     "PrivacySpent",
     "accounting",
+    "audit",
     "callbacks",
     "make_private",
     "default_delta",
