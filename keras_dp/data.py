@@ -49,66 +49,6 @@ def preprocess_all(preprocessor, validation_data):
     return tuple(a for a in (x, y, sw) if a is not None)
 
 
-def check_examples(first, labels_needed: bool) -> None:
-    """Refuses examples the train step cannot use, before any noise is spent.
-
-    ``first`` is ``(x, y, sample_weight)`` for the first rows (after any
-    preprocessing): every array must hold numbers, and labels must be given when
-    the compiled loss needs them.
-    """
-    x, y, sample_weight = first
-    if x is None:
-        raise ValueError("fit got no inputs: pass x (arrays, a dict of arrays, or a sequence).")
-    if y is None and labels_needed:
-        raise ValueError(
-            "fit got no labels: the compiled loss needs y. Pass fit(x, y), or items "
-            "(x, y) when x is a sequence of examples."
-        )
-    for name, part in (("x", x), ("y", y), ("sample_weight", sample_weight)):
-        for leaf in keras.tree.flatten(part):
-            if leaf is None:
-                continue
-            dtype = np.asarray(leaf).dtype
-            if dtype.kind not in "biuf":
-                raise ValueError(
-                    f"fit got {name} of dtype {dtype}: without a preprocessor the model "
-                    "needs numbers. Encode strings first (e.g. keras.layers.StringLookup for "
-                    "labels, a tokenizer for text), or attach the keras-hub task's "
-                    "preprocessor."
-                )
-
-
-def check_class_labels(model, source: sampling.ExampleSource, first) -> None:
-    """For a sparse categorical loss, every label must be a class index the model outputs.
-
-    Out-of-range indices would not fail: the loss silently reads 0 for them. All
-    labels of in-memory data are checked (one pass over ``y``).
-    """
-    loss = getattr(model, "loss", None)
-    name = loss if isinstance(loss, str) else type(loss).__name__
-    if name not in ("sparse_categorical_crossentropy", "SparseCategoricalCrossentropy"):
-        return
-    y = source.labels()
-    if y is None or not isinstance(y, np.ndarray):
-        return
-    specs = keras.tree.map_structure(
-        lambda a: keras.KerasTensor(np.shape(a), dtype=np.asarray(a).dtype.name), first[0]
-    )
-    outputs = keras.tree.flatten(model.compute_output_spec(specs))
-    if len(outputs) != 1 or outputs[0].shape[-1] is None:
-        return  # several outputs: which labels go with which is the loss' business
-    classes = outputs[0].shape[-1]
-    ignore = getattr(loss, "ignore_class", None)
-    labels = y if ignore is None else y[y != ignore]
-    bad = (labels < 0) | (labels >= classes) | (labels != np.round(labels))
-    if np.any(bad):
-        raise ValueError(
-            f"{int(np.sum(bad))} labels are not class indices in [0, {classes}) (e.g. "
-            f"{labels[bad].flat[0].item()!r}); the model outputs {classes} classes. Fix the "
-            "labels, or use CategoricalCrossentropy for one-hot/soft labels."
-        )
-
-
 class DPBatches(keras.utils.PyDataset):
     """Batches drawn by the config's sampler: (({"dp_x", "dp_mask", "dp_step"}, y, w)).
 

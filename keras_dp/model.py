@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from keras_dp import clipping, data, distribute, ledger, noise, sampling, saving
+from keras_dp import checks, clipping, data, distribute, ledger, metrics, noise, sampling, saving
 from keras_dp.callbacks import PrivacyBudget
 from keras_dp.config import DPConfig
 
@@ -38,12 +38,6 @@ class PrivacySpent:
     epsilon: float
     delta: float | None
     steps: int
-
-
-def _mixes_examples(layer) -> bool:
-    return isinstance(layer, keras.layers.BatchNormalization) or getattr(
-        layer, "dp_mixes_examples", False
-    )
 
 
 class DPModel:
@@ -188,8 +182,8 @@ class DPModel:
                 "This DPModel has no DP plan: pass dp_config= or call "
                 "model.set_dp_config(keras_dp.DPConfig(...)) before fit."
             )
-        self._dp_check_fit_args(
-            config, batch_size, shuffle, validation_split, class_weight, steps_per_epoch
+        checks.check_fit_args(
+            self, config, batch_size, shuffle, validation_split, class_weight, steps_per_epoch
         )
         sampling.refuse_streams(x)
         source = sampling.ExampleSource(x, y, sample_weight)
@@ -202,10 +196,10 @@ class DPModel:
             raise ValueError("fit got no training examples (x is empty).")
         config = self._dp_calibrate(config, source.size)
         first = source.gather(np.arange(min(2, source.size)))
-        data.check_examples(first, labels_needed=getattr(self, "_compile_loss", None) is not None)
+        checks.check_examples(first, labels_needed=getattr(self, "_compile_loss", None) is not None)
         self._symbolic_build(data_batch=first)
-        self._dp_check_model()
-        data.check_class_labels(self, source, first)
+        checks.check_model(self)
+        checks.check_class_labels(self, source, first)
         callbacks = list(callbacks or [])
         # With BackupAndRestore, Keras resumes the epochs of the whole plan after it has
         # restored a checkpoint (and its ledger): epochs count from the plan's start.
@@ -243,55 +237,6 @@ class DPModel:
             validation_batch_size=validation_batch_size,
             validation_freq=validation_freq,
         )
-
-    def _dp_check_fit_args(
-        self, config, batch_size, shuffle, validation_split, class_weight, steps_per_epoch
-    ):
-        if batch_size is not None and batch_size != config.batch_size:
-            raise ValueError(
-                f"fit(batch_size={batch_size}) contradicts DPConfig.batch_size="
-                f"{config.batch_size}; the config sets the batch: drop batch_size from fit."
-            )
-        if not shuffle:
-            raise ValueError(
-                "fit(shuffle=False) contradicts DP sampling: keras_dp samples each batch at "
-                "random as the accountant assumes. Drop shuffle=False."
-            )
-        if validation_split:
-            raise ValueError(
-                "fit(validation_split=...) is not supported: the split would change the "
-                "dataset size the plan accounts for. Split the data yourself and pass "
-                "validation_data=(x_val, y_val)."
-            )
-        if class_weight is not None:
-            raise ValueError("fit(class_weight=...) is not supported; pass sample_weight=.")
-        if steps_per_epoch is not None:
-            raise ValueError(
-                "fit(steps_per_epoch=...) contradicts the plan; set DPConfig(steps=...) "
-                "or epochs= instead."
-            )
-        if getattr(self, "optimizer", None) is None:
-            raise ValueError("Compile the model (model.compile(optimizer=..., loss=...)) first.")
-        if getattr(self.optimizer, "gradient_accumulation_steps", None):
-            raise ValueError(
-                "An optimizer with gradient_accumulation_steps would take one update over "
-                "several accounted steps. Drop gradient_accumulation_steps and set "
-                "DPConfig(microbatch_size=...) to process a large batch in chunks."
-            )
-        if getattr(self, "steps_per_execution", 1) != 1:
-            raise ValueError("DP fit needs compile(steps_per_execution=1).")
-
-    def _dp_check_model(self):
-        for layer in self._flatten_layers(include_self=False):
-            if _mixes_examples(layer):
-                raise ValueError(
-                    f"Layer {layer.name!r} ({type(layer).__name__}) mixes examples within a "
-                    "batch, so one example's gradient depends on others and per-example "
-                    "clipping bounds nothing. Replace it with LayerNormalization or "
-                    "GroupNormalization."
-                )
-        if not self.trainable_variables:
-            raise ValueError("The model has no trainable variables; nothing to train.")
 
     def _dp_calibrate(self, config: DPConfig, size: int) -> DPConfig:
         if config.dataset_size is not None and config.dataset_size != size:
@@ -344,6 +289,8 @@ class DPModel:
             i for i, v in enumerate(self.non_trainable_variables) if _SEED_STATE in v.path
         ]
 
+        keep_predictions = self._compile_metrics is not None
+
         def example_fn(params, row, index):
             xi, yi, swi = jax.tree.map(lambda a: a[None], row)
             nt = list(non_trainable)
@@ -351,7 +298,10 @@ class DPModel:
                 offset = jnp.asarray([(index + 1) * _GOLDEN, 0]).astype(nt[i].dtype)
                 nt[i] = nt[i] + offset
             loss, (y_pred, nt_out) = self._dp_loss(params, nt, metrics_vars, xi, yi, swi)
-            return loss, (jax.tree.map(lambda a: a[0], y_pred), [nt_out[i] for i in seed_slots])
+            # Each row's prediction is kept for the compiled metrics only: without them
+            # (e.g. a causal LM trained on its loss) memory follows the chunk, not the batch.
+            y_pred = jax.tree.map(lambda a: a[0], y_pred) if keep_predictions else None
+            return loss, (y_pred, [nt_out[i] for i in seed_slots])
 
         shards, shard_axis = distribute.batch_shards()
         chunk = min(mask.shape[0] // shards, _chunk_size(config, shards))
@@ -382,40 +332,11 @@ class DPModel:
             non_trainable[slot] = jnp.where(num_real > 0, advanced, step_on)
         real = mask.astype(jnp.float32)
         loss = jnp.sum(losses * real) / jnp.maximum(num_real, 1)
-        logs, metrics_vars = self._dp_update_metrics(
-            metrics_vars, loss, num_real, y, y_pred, real, sample_weight
+        logs, metrics_vars = metrics.update(
+            self, metrics_vars, loss, num_real, y, y_pred, real, sample_weight
         )
         logs = {**logs, "nonfinite_examples": nonfinite}
         return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
-
-    def _dp_update_metrics(self, metrics_vars, loss, num_real, y, y_pred, real, sample_weight):
-        """Loss and compiled metrics over real rows only (padding has weight 0).
-
-        Keras gives unweighted ``metrics`` no sample weight, which would count padding;
-        here every compiled metric gets the row mask (times ``sample_weight`` for
-        ``weighted_metrics``).
-        """
-        mapping = list(zip(self.metrics_variables, metrics_vars))
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            self._loss_tracker.update_state(loss, sample_weight=num_real)
-            compiled = self._compile_metrics
-            if compiled is not None:
-                if not compiled.built:
-                    compiled.build(y, y_pred)
-                ys, preds = compiled._flatten_y(y), compiled._flatten_y(y_pred)
-                for metrics, weight in (
-                    (compiled._flat_metrics, _row_weights(real, None, preds[0])),
-                    (compiled._flat_weighted_metrics, _row_weights(real, sample_weight, preds[0])),
-                ):
-                    for metric, y_t, y_p in zip(metrics, ys, preds):
-                        if metric:
-                            metric.update_state(y_t, y_p, sample_weight=weight)
-            logs = self.get_metrics_result()
-        new_vars = []
-        for ref in self.metrics_variables:
-            value = scope.get_current_value(ref)
-            new_vars.append(ref.value if value is None else value)
-        return logs, new_vars
 
     def _dp_loss(self, params, non_trainable, metrics_vars, x, y, sample_weight):
         kwargs = {"training": True} if self._call_has_training_arg else {}
@@ -453,16 +374,6 @@ def _chunk_size(config: DPConfig, num_shards: int = 1) -> int:
     if config.microbatch_size is not None:
         return config.microbatch_size
     return max(1, min(128, math.ceil(config.batch_size / num_shards / 4)))
-
-
-def _row_weights(real: jax.Array, sample_weight, y_pred):
-    """The row mask (times ``sample_weight``), shaped to weigh ``y_pred``'s rows."""
-    if sample_weight is None:
-        # Per-row weights broadcast over a sequence axis (e.g. causal LM tokens).
-        extra = max(0, jnp.ndim(y_pred) - 2)
-        return real.reshape(real.shape + (1,) * extra)
-    sw = jnp.asarray(sample_weight)
-    return sw * real.reshape(real.shape + (1,) * (sw.ndim - 1)).astype(sw.dtype)
 
 
 _DP_CLASSES: dict[type, type] = {}

@@ -1,0 +1,131 @@
+"""Checks that run before any noise is spent: each names what is wrong and the fix.
+
+``fit`` calls them in order (arguments, examples, model, labels) once the data is
+preprocessed and before the first update; none of them changes the model.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_dp import sampling
+
+
+def _mixes_examples(layer) -> bool:
+    return isinstance(layer, keras.layers.BatchNormalization) or getattr(
+        layer, "dp_mixes_examples", False
+    )
+
+
+def check_fit_args(
+    model, config, batch_size, shuffle, validation_split, class_weight, steps_per_epoch
+) -> None:
+    """Refuses ``fit`` arguments and compilations that contradict the plan."""
+    if batch_size is not None and batch_size != config.batch_size:
+        raise ValueError(
+            f"fit(batch_size={batch_size}) contradicts DPConfig.batch_size="
+            f"{config.batch_size}; the config sets the batch: drop batch_size from fit."
+        )
+    if not shuffle:
+        raise ValueError(
+            "fit(shuffle=False) contradicts DP sampling: keras_dp samples each batch at "
+            "random as the accountant assumes. Drop shuffle=False."
+        )
+    if validation_split:
+        raise ValueError(
+            "fit(validation_split=...) is not supported: the split would change the "
+            "dataset size the plan accounts for. Split the data yourself and pass "
+            "validation_data=(x_val, y_val)."
+        )
+    if class_weight is not None:
+        raise ValueError("fit(class_weight=...) is not supported; pass sample_weight=.")
+    if steps_per_epoch is not None:
+        raise ValueError(
+            "fit(steps_per_epoch=...) contradicts the plan; set DPConfig(steps=...) "
+            "or epochs= instead."
+        )
+    if getattr(model, "optimizer", None) is None:
+        raise ValueError("Compile the model (model.compile(optimizer=..., loss=...)) first.")
+    if getattr(model.optimizer, "gradient_accumulation_steps", None):
+        raise ValueError(
+            "An optimizer with gradient_accumulation_steps would take one update over "
+            "several accounted steps. Drop gradient_accumulation_steps and set "
+            "DPConfig(microbatch_size=...) to process a large batch in chunks."
+        )
+    if getattr(model, "steps_per_execution", 1) != 1:
+        raise ValueError("DP fit needs compile(steps_per_execution=1).")
+
+
+def check_model(model) -> None:
+    """Refuses layers that mix examples, and models with nothing to train."""
+    for layer in model._flatten_layers(include_self=False):
+        if _mixes_examples(layer):
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) mixes examples within a "
+                "batch, so one example's gradient depends on others and per-example "
+                "clipping bounds nothing. Replace it with LayerNormalization or "
+                "GroupNormalization."
+            )
+    if not model.trainable_variables:
+        raise ValueError("The model has no trainable variables; nothing to train.")
+
+
+def check_examples(first, labels_needed: bool) -> None:
+    """Refuses examples the train step cannot use, before any noise is spent.
+
+    ``first`` is ``(x, y, sample_weight)`` for the first rows (after any
+    preprocessing): every array must hold numbers, and labels must be given when
+    the compiled loss needs them.
+    """
+    x, y, sample_weight = first
+    if x is None:
+        raise ValueError("fit got no inputs: pass x (arrays, a dict of arrays, or a sequence).")
+    if y is None and labels_needed:
+        raise ValueError(
+            "fit got no labels: the compiled loss needs y. Pass fit(x, y), or items "
+            "(x, y) when x is a sequence of examples."
+        )
+    for name, part in (("x", x), ("y", y), ("sample_weight", sample_weight)):
+        for leaf in keras.tree.flatten(part):
+            if leaf is None:
+                continue
+            dtype = np.asarray(leaf).dtype
+            if dtype.kind not in "biuf":
+                raise ValueError(
+                    f"fit got {name} of dtype {dtype}: without a preprocessor the model "
+                    "needs numbers. Encode strings first (e.g. keras.layers.StringLookup for "
+                    "labels, a tokenizer for text), or attach the keras-hub task's "
+                    "preprocessor."
+                )
+
+
+def check_class_labels(model, source: sampling.ExampleSource, first) -> None:
+    """For a sparse categorical loss, every label must be a class index the model outputs.
+
+    Out-of-range indices would not fail: the loss silently reads 0 for them. All
+    labels of in-memory data are checked (one pass over ``y``).
+    """
+    loss = getattr(model, "loss", None)
+    name = loss if isinstance(loss, str) else type(loss).__name__
+    if name not in ("sparse_categorical_crossentropy", "SparseCategoricalCrossentropy"):
+        return
+    y = source.labels()
+    if y is None or not isinstance(y, np.ndarray):
+        return
+    specs = keras.tree.map_structure(
+        lambda a: keras.KerasTensor(np.shape(a), dtype=np.asarray(a).dtype.name), first[0]
+    )
+    outputs = keras.tree.flatten(model.compute_output_spec(specs))
+    if len(outputs) != 1 or outputs[0].shape[-1] is None:
+        return  # several outputs: which labels go with which is the loss' business
+    classes = outputs[0].shape[-1]
+    ignore = getattr(loss, "ignore_class", None)
+    labels = y if ignore is None else y[y != ignore]
+    bad = (labels < 0) | (labels >= classes) | (labels != np.round(labels))
+    if np.any(bad):
+        raise ValueError(
+            f"{int(np.sum(bad))} labels are not class indices in [0, {classes}) (e.g. "
+            f"{labels[bad].flat[0].item()!r}); the model outputs {classes} classes. Fix the "
+            "labels, or use CategoricalCrossentropy for one-hot/soft labels."
+        )

@@ -1,0 +1,47 @@
+"""The loss tracker and compiled metrics of a DP step, over real rows only."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import keras
+
+
+def update(model, metrics_vars, loss, num_real, y, y_pred, real, sample_weight):
+    """Loss and compiled metrics over real rows only (padding has weight 0).
+
+    Keras gives unweighted ``metrics`` no sample weight, which would count padding;
+    here every compiled metric gets the row mask (times ``sample_weight`` for
+    ``weighted_metrics``).
+    """
+    mapping = list(zip(model.metrics_variables, metrics_vars))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        model._loss_tracker.update_state(loss, sample_weight=num_real)
+        compiled = model._compile_metrics
+        if compiled is not None:
+            if not compiled.built:
+                compiled.build(y, y_pred)
+            ys, preds = compiled._flatten_y(y), compiled._flatten_y(y_pred)
+            for metrics, weight in (
+                (compiled._flat_metrics, row_weights(real, None, preds[0])),
+                (compiled._flat_weighted_metrics, row_weights(real, sample_weight, preds[0])),
+            ):
+                for metric, y_t, y_p in zip(metrics, ys, preds):
+                    if metric:
+                        metric.update_state(y_t, y_p, sample_weight=weight)
+        logs = model.get_metrics_result()
+    new_vars = []
+    for ref in model.metrics_variables:
+        value = scope.get_current_value(ref)
+        new_vars.append(ref.value if value is None else value)
+    return logs, new_vars
+
+
+def row_weights(real: jax.Array, sample_weight, y_pred):
+    """The row mask (times ``sample_weight``), shaped to weigh ``y_pred``'s rows."""
+    if sample_weight is None:
+        # Per-row weights broadcast over a sequence axis (e.g. causal LM tokens).
+        extra = max(0, jnp.ndim(y_pred) - 2)
+        return real.reshape(real.shape + (1,) * extra)
+    sw = jnp.asarray(sample_weight)
+    return sw * real.reshape(real.shape + (1,) * (sw.ndim - 1)).astype(sw.dtype)
