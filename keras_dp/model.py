@@ -289,7 +289,10 @@ class DPModel:
             i for i, v in enumerate(self.non_trainable_variables) if _SEED_STATE in v.path
         ]
 
-        keep_predictions = self._compile_metrics is not None
+        compiled = self._compile_metrics
+        keep_predictions = compiled is not None and bool(
+            compiled._user_metrics or compiled._user_weighted_metrics
+        )
 
         def example_fn(params, row, index):
             xi, yi, swi = jax.tree.map(lambda a: a[None], row)
