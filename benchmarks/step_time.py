@@ -2,6 +2,9 @@
 
     python benchmarks/step_time.py [--models mlp gemma-lora gemma-full] [--repeats 3]
 
+The model definitions used by the full suite (benchmarks/run.py). This older script
+times batch end to batch end, which makes Keras wait for every step.
+
 Alternates plain and DP fits (plain, DP, plain, DP, ...), excludes the first
 (compiling) epoch and each epoch's first step, and reports the median step time
 (batch end to batch end) of each and their ratio.
