@@ -12,6 +12,7 @@ per-example gradients never leave their device.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -45,6 +46,8 @@ def clipped_sum(
     chunk_size: int,
     num_shards: int = 1,
     shard_axis: str | None = None,
+    fold=None,
+    fold_init=None,
 ):
     """Σ over real rows of clip(∇ example_fn), chunk by chunk.
 
@@ -61,6 +64,13 @@ def clipped_sum(
       num_shards: Equal shards of the batch, one per device along ``shard_axis``.
       shard_axis: The mesh axis the batch is sharded over (``jax.vmap``'s
         ``spmd_axis_name``), so each shard's rows stay on their device.
+      fold: Optional ``(acc, chunk_rows, chunk_values, chunk_mask) -> acc``. Then
+        ``example_fn``'s aux is ``(kept, values)``: ``kept`` is returned per row as
+        usual, ``values`` are folded into ``acc`` chunk by chunk and never stored
+        for the whole batch (e.g. predictions feeding metrics). Over shards the
+        folded results are combined as ``fold_init + Σ (acc_shard - fold_init)``,
+        so ``acc`` must be additive (as metric totals and counts are).
+      fold_init: The initial ``acc``.
 
     Returns:
       ``(grad_sum, losses, aux, nonfinite)``: the clipped sum (float32), each row's
@@ -68,29 +78,42 @@ def clipped_sum(
       whose gradient was not finite. ``index`` is the row's rank among the real
       rows when they are dealt round-robin over the shards (see
       :func:`keras_dp.sampling.shard_layout`), so it does not depend on the shard
-      count.
+      count. With ``fold``, aux is ``(kept, acc)``.
     """
+    local = functools.partial(
+        _shard_sum,
+        example_fn,
+        params,
+        l2_clip_norm=l2_clip_norm,
+        chunk_size=chunk_size,
+        fold=fold,
+        fold_init=fold_init,
+    )
     if num_shards == 1:
-        ids = jnp.arange(mask.shape[0])
-        return _shard_sum(example_fn, params, rows, mask, ids, l2_clip_norm, chunk_size)
+        return local(rows, mask, jnp.arange(mask.shape[0]))
     per_shard = mask.shape[0] // num_shards
     split = lambda x: x.reshape((num_shards, per_shard) + x.shape[1:])  # noqa: E731
     merge = lambda x: x.reshape((num_shards * per_shard,) + x.shape[2:])  # noqa: E731
     ids = jnp.arange(per_shard)[None, :] * num_shards + jnp.arange(num_shards)[:, None]
-    local = jax.vmap(
-        lambda r, m, i: _shard_sum(example_fn, params, r, m, i, l2_clip_norm, chunk_size),
-        spmd_axis_name=shard_axis,
-    )
-    grad_sums, losses, aux, nonfinite = local(jax.tree.map(split, rows), split(mask), ids)
+    sharded = jax.vmap(local, spmd_axis_name=shard_axis)
+    grad_sums, losses, aux, nonfinite = sharded(jax.tree.map(split, rows), split(mask), ids)
+    if fold is not None:
+        kept, acc = aux
+        acc = jax.tree.map(lambda a, i: i + jnp.sum(a - i, axis=0), acc, fold_init)
+        aux = (jax.tree.map(merge, kept), acc)
+    else:
+        aux = jax.tree.map(merge, aux)
     return (
         jax.tree.map(lambda g: jnp.sum(g, axis=0), grad_sums),
         merge(losses),
-        jax.tree.map(merge, aux),
+        aux,
         jnp.sum(nonfinite),
     )
 
 
-def _shard_sum(example_fn, params, rows, mask, ids, l2_clip_norm, chunk_size):
+def _shard_sum(
+    example_fn, params, rows, mask, ids, l2_clip_norm, chunk_size, fold=None, fold_init=None
+):
     """:func:`clipped_sum` over one shard; ``ids`` are the rows' indices."""
     physical = mask.shape[0]
     num_chunks = physical // chunk_size
@@ -111,18 +134,25 @@ def _shard_sum(example_fn, params, rows, mask, ids, l2_clip_norm, chunk_size):
     # Shapes of one chunk's outputs, to allocate the per-row buffers.
     shapes = jax.eval_shape(vmapped, chunk_of(rows, 0), chunk_of(ids, 0))
     _, _, loss_shape, aux_shape = shapes
+    if fold is not None:
+        aux_shape = aux_shape[0]  # the kept part; the folded part is never stored
     zeros = lambda s: jnp.zeros((physical, *s.shape[1:]), s.dtype)  # noqa: E731
     init = (
         jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
         zeros(loss_shape),
         jax.tree.map(zeros, aux_shape),
         jnp.zeros((), jnp.int32),
+        fold_init,
     )
 
     def body(i, carry):
-        grad_sum, losses, aux, nonfinite = carry
+        grad_sum, losses, aux, nonfinite, acc = carry
         chunk_mask = chunk_of(mask, i)
-        clipped, finite, loss, chunk_aux = vmapped(chunk_of(rows, i), chunk_of(ids, i))
+        chunk_rows = chunk_of(rows, i)
+        clipped, finite, loss, chunk_aux = vmapped(chunk_rows, chunk_of(ids, i))
+        if fold is not None:
+            chunk_aux, values = chunk_aux
+            acc = fold(acc, chunk_rows, values, chunk_mask)
         weight = chunk_mask & finite
         grad_sum = jax.tree.map(
             lambda s, g: s + jnp.tensordot(weight.astype(jnp.float32), g.astype(jnp.float32), 1),
@@ -133,8 +163,9 @@ def _shard_sum(example_fn, params, rows, mask, ids, l2_clip_norm, chunk_size):
         losses = put(losses, loss)
         aux = jax.tree.map(put, aux, chunk_aux)
         nonfinite = nonfinite + jnp.sum(chunk_mask & ~finite).astype(jnp.int32)
-        return grad_sum, losses, aux, nonfinite
+        return grad_sum, losses, aux, nonfinite, acc
 
     num_real = jnp.sum(mask.astype(jnp.int32))
     chunks_with_real_rows = jnp.minimum((num_real + chunk_size - 1) // chunk_size, num_chunks)
-    return jax.lax.fori_loop(0, chunks_with_real_rows, body, init)
+    grad_sum, losses, aux, nonfinite, acc = jax.lax.fori_loop(0, chunks_with_real_rows, body, init)
+    return grad_sum, losses, (aux, acc) if fold is not None else aux, nonfinite

@@ -8,33 +8,50 @@ import keras
 
 
 def update(model, metrics_vars, loss, num_real, y, y_pred, real, sample_weight):
-    """Loss and compiled metrics over real rows only (padding has weight 0).
+    """The loss tracker, and the compiled metrics when ``y_pred`` is given; the logs.
 
-    Keras gives unweighted ``metrics`` no sample weight, which would count padding;
-    here every compiled metric gets the row mask (times ``sample_weight`` for
-    ``weighted_metrics``).
+    ``y_pred=None``: the compiled metrics were already updated chunk by chunk
+    (:func:`update_compiled`) or there are none.
     """
     mapping = list(zip(model.metrics_variables, metrics_vars))
     with keras.StatelessScope(state_mapping=mapping) as scope:
         model._loss_tracker.update_state(loss, sample_weight=num_real)
-        compiled = model._compile_metrics
-        if compiled is not None:
-            if not compiled.built:
-                compiled.build(y, y_pred)
-            ys, preds = compiled._flatten_y(y), compiled._flatten_y(y_pred)
-            for metrics, weight in (
-                (compiled._flat_metrics, row_weights(real, None, preds[0])),
-                (compiled._flat_weighted_metrics, row_weights(real, sample_weight, preds[0])),
-            ):
-                for metric, y_t, y_p in zip(metrics, ys, preds):
-                    if metric:
-                        metric.update_state(y_t, y_p, sample_weight=weight)
+        if y_pred is not None and model._compile_metrics is not None:
+            _update_compiled(model._compile_metrics, y, y_pred, real, sample_weight)
         logs = model.get_metrics_result()
-    new_vars = []
+    return logs, _values(model, scope)
+
+
+def update_compiled(model, metrics_vars, y, y_pred, real, sample_weight):
+    """The compiled metrics' variables after one chunk of rows (padding weighs 0)."""
+    mapping = list(zip(model.metrics_variables, metrics_vars))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        _update_compiled(model._compile_metrics, y, y_pred, real, sample_weight)
+    return _values(model, scope)
+
+
+def _update_compiled(compiled, y, y_pred, real, sample_weight):
+    """Keras gives unweighted ``metrics`` no sample weight, which would count padding;
+    here every compiled metric gets the row mask (times ``sample_weight`` for
+    ``weighted_metrics``)."""
+    if not compiled.built:
+        compiled.build(y, y_pred)
+    ys, preds = compiled._flatten_y(y), compiled._flatten_y(y_pred)
+    for metrics, weight in (
+        (compiled._flat_metrics, row_weights(real, None, preds[0])),
+        (compiled._flat_weighted_metrics, row_weights(real, sample_weight, preds[0])),
+    ):
+        for metric, y_t, y_p in zip(metrics, ys, preds):
+            if metric:
+                metric.update_state(y_t, y_p, sample_weight=weight)
+
+
+def _values(model, scope) -> list:
+    values = []
     for ref in model.metrics_variables:
         value = scope.get_current_value(ref)
-        new_vars.append(ref.value if value is None else value)
-    return logs, new_vars
+        values.append(ref.value if value is None else value)
+    return values
 
 
 def row_weights(real: jax.Array, sample_weight, y_pred):

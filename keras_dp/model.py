@@ -290,9 +290,14 @@ class DPModel:
         ]
 
         compiled = self._compile_metrics
-        keep_predictions = compiled is not None and bool(
+        has_metrics = compiled is not None and bool(
             compiled._user_metrics or compiled._user_weighted_metrics
         )
+        # Built metrics are updated chunk by chunk inside the loop, so no row's prediction
+        # is kept for the whole batch and memory follows the chunk. (Unbuilt ones, which
+        # fit's symbolic build normally prevents, see the whole batch once.)
+        fold_metrics = has_metrics and compiled.built
+        keep_predictions = has_metrics and not compiled.built
 
         def example_fn(params, row, index):
             xi, yi, swi = jax.tree.map(lambda a: a[None], row)
@@ -301,14 +306,18 @@ class DPModel:
                 offset = jnp.asarray([(index + 1) * _GOLDEN, 0]).astype(nt[i].dtype)
                 nt[i] = nt[i] + offset
             loss, (y_pred, nt_out) = self._dp_loss(params, nt, metrics_vars, xi, yi, swi)
-            # Each row's prediction is kept for the compiled metrics only: without them
-            # (e.g. a causal LM trained on its loss) memory follows the chunk, not the batch.
-            y_pred = jax.tree.map(lambda a: a[0], y_pred) if keep_predictions else None
-            return loss, (y_pred, [nt_out[i] for i in seed_slots])
+            y_pred = jax.tree.map(lambda a: a[0], y_pred)
+            kept = (y_pred if keep_predictions else None, [nt_out[i] for i in seed_slots])
+            return loss, ((kept, y_pred) if fold_metrics else kept)
+
+        def fold(values, chunk_rows, chunk_pred, chunk_mask):
+            _, chunk_y, chunk_sw = chunk_rows
+            real = chunk_mask.astype(jnp.float32)
+            return metrics.update_compiled(self, values, chunk_y, chunk_pred, real, chunk_sw)
 
         shards, shard_axis = distribute.batch_shards()
         chunk = min(mask.shape[0] // shards, _chunk_size(config, shards))
-        grad_sum, losses, (y_pred, seeds), nonfinite = clipping.clipped_sum(
+        grad_sum, losses, aux, nonfinite = clipping.clipped_sum(
             example_fn,
             trainable,
             (x, y, sample_weight),
@@ -317,7 +326,13 @@ class DPModel:
             chunk,
             shards,
             shard_axis,
+            fold=fold if fold_metrics else None,
+            fold_init=list(metrics_vars) if fold_metrics else None,
         )
+        if fold_metrics:
+            (y_pred, seeds), metrics_vars = aux
+        else:
+            y_pred, seeds = aux
         # The ledger's count of this update keys its noise: unique along the weights'
         # history, also across restored checkpoints and recompiled optimizers.
         key = noise.step_key(noise.root_key(self._dp_seed), packed["dp_step"][0])

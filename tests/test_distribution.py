@@ -58,6 +58,7 @@ def test_one_and_four_devices_train_the_same_weights_and_spend_the_same_epsilon(
     # Poisson sampling, per-example dropout, 15 noisy steps: only float reduction order differs.
     np.testing.assert_allclose(four["mlp_weights"], one["mlp_weights"], atol=1e-6)
     assert four["mlp_epsilon"] == one["mlp_epsilon"] and four["mlp_steps"] == 15
+    np.testing.assert_allclose(four["mlp_accuracy"], one["mlp_accuracy"], rtol=1e-6)
     assert four["mlp_physical"] % 4 == 0
 
 
