@@ -21,14 +21,16 @@ from keras.src.saving.keras_saveable import KerasSaveable
 from keras_dp import saving
 from keras_dp.config import DPConfig
 
+SEED_STATE = "seed_generator_state"  # in the path of every Keras seed-generator state
+
 
 class Ledger(KerasSaveable):
-    """Accounted updates taken (``steps``) under ``plan``; saved with the weights.
+    """Accounted updates taken (``steps``) under the model's plan; saved with the weights.
 
     Attributes:
-      model: The model whose seed states are saved with the ledger (a weak reference).
+      model: The model whose plan and seed states are saved with the ledger (a weak
+        reference).
       steps: DP updates that produced the current weights.
-      plan: The model's current plan (written when saving).
       checkpoint_plan: The plan a loaded checkpoint was trained under, checked
         against the model's plan before training continues.
     """
@@ -36,7 +38,6 @@ class Ledger(KerasSaveable):
     def __init__(self, model=None, steps: int = 0):
         self._model = weakref.ref(model) if model is not None else lambda: None
         self.steps = steps
-        self.plan: DPConfig | None = None
         self.checkpoint_plan: DPConfig | None = None
 
     def _obj_type(self):
@@ -46,8 +47,10 @@ class Ledger(KerasSaveable):
 
     def save_own_variables(self, store):
         store["steps"] = np.asarray([self.steps], np.int64)
-        if self.plan is not None and self.plan.is_calibrated:
-            text = json.dumps(saving.config_to_dict(self.plan))
+        model = self._model()
+        plan = model.dp_config if model is not None else None
+        if plan is not None and plan.is_calibrated:
+            text = json.dumps(saving.config_to_dict(plan))
             store["plan"] = np.frombuffer(text.encode(), np.uint8)
         for path, variable in self._seed_states().items():
             store[path] = np.asarray(variable.value)
@@ -72,7 +75,7 @@ class Ledger(KerasSaveable):
         return {
             "seed|" + v.path.replace("/", "|"): v
             for v in model.non_trainable_variables
-            if "seed_generator_state" in v.path
+            if SEED_STATE in v.path
         }
 
     def check_plan(self, plan: DPConfig) -> None:

@@ -27,7 +27,6 @@ from keras_dp.config import DPConfig
 
 logger = logging.getLogger(__name__)
 
-_SEED_STATE = "seed_generator_state"
 _GOLDEN = np.uint32(0x9E3779B1)
 
 
@@ -81,7 +80,7 @@ class DPModel:
         self._dp_set_plan(config)
 
     def _dp_set_plan(self, config: DPConfig | None) -> None:
-        self._dp_config = self._dp_ledger.plan = config
+        self._dp_config = config
         self.train_function = None  # the traced step reads the config
 
     def _dp_same_plan(self, config: DPConfig) -> bool:
@@ -286,7 +285,7 @@ class DPModel:
         packed, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         x, mask = packed["dp_x"], packed["dp_mask"]
         seed_slots = [
-            i for i, v in enumerate(self.non_trainable_variables) if _SEED_STATE in v.path
+            i for i, v in enumerate(self.non_trainable_variables) if ledger.SEED_STATE in v.path
         ]
 
         compiled = self._compile_metrics
