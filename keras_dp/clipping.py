@@ -165,7 +165,11 @@ def _shard_sum(
         nonfinite = nonfinite + jnp.sum(chunk_mask & ~finite).astype(jnp.int32)
         return grad_sum, losses, aux, nonfinite, acc
 
-    num_real = jnp.sum(mask.astype(jnp.int32))
-    chunks_with_real_rows = jnp.minimum((num_real + chunk_size - 1) // chunk_size, num_chunks)
-    grad_sum, losses, aux, nonfinite, acc = jax.lax.fori_loop(0, chunks_with_real_rows, body, init)
+    if num_chunks == 1:  # one vectorised pass: no loop, so no loop condition to read back
+        carry = body(0, init)
+    else:
+        num_real = jnp.sum(mask.astype(jnp.int32))
+        chunks_with_real_rows = jnp.minimum((num_real + chunk_size - 1) // chunk_size, num_chunks)
+        carry = jax.lax.fori_loop(0, chunks_with_real_rows, body, init)
+    grad_sum, losses, aux, nonfinite, acc = carry
     return grad_sum, losses, (aux, acc) if fold is not None else aux, nonfinite

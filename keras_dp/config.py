@@ -69,7 +69,10 @@ class DPConfig:
       noise_multiplier: σ, the noise standard deviation in units of C. None: filled
         in by ``calibrate``. 0 only with ``target_epsilon=math.inf``.
       microbatch_size: Examples per chunk inside one update (memory only: the
-        update, and ε, do not depend on it). None: chosen automatically.
+        update, and ε, do not depend on it), per device. None: chosen for the
+        platform: B/4 on CPU (chunks of padding are skipped); on GPU/TPU the
+        device's whole physical batch in one pass, if its per-example gradients
+        fit in 1 GiB.
       seed: Seed of the sampler and the noise. None: drawn from a secure source
         when training starts.
     """

@@ -56,7 +56,7 @@ def naive_clipped_mean(model, x, y, clip):
     return [-t / len(x) for t in total]
 
 
-@pytest.mark.parametrize("microbatch", [None, 1, 3])
+@pytest.mark.parametrize("microbatch", [None, 1, 3, 64])  # 64: one pass, no loop
 def test_update_is_minus_mean_of_clipped_gradients(microbatch):
     x, y = data(10)
     model = private(
@@ -70,6 +70,28 @@ def test_update_is_minus_mean_of_clipped_gradients(microbatch):
         np.testing.assert_allclose(np.array(v.value) - b, e, rtol=1e-4, atol=1e-6)
     # Clipping was active: some example's norm exceeded 0.5.
     assert model.privacy_spent().steps == 1
+
+
+def test_default_microbatch_follows_the_platform(monkeypatch):
+    """CPU: a quarter of the batch. GPU/TPU: per-example gradients within a byte budget."""
+    import jax
+
+    from keras_dp import model as dp_model
+
+    model = mlp()  # 5*4 + 4 + 4*3 + 3 = 39 trainable parameters
+    config = DPConfig(target_epsilon=1.0, batch_size=64, steps=1)
+    assert dp_model._chunk_size(config, 1, model) == 16
+    assert dp_model._chunk_size(config, 4, model) == 4  # per device
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert dp_model._chunk_size(config, 1, model) == 2**30 // (4 * 39)
+    monkeypatch.setattr(dp_model, "_CHUNK_GRADIENT_BYTES", 4 * 39 * 5)
+    assert dp_model._chunk_size(config, 1, model) == 5
+    assert (
+        dp_model._chunk_size(
+            DPConfig(target_epsilon=1.0, batch_size=64, steps=1, microbatch_size=3), 1, model
+        )
+        == 3
+    )
 
 
 ZERO_LOSS = lambda y_true, y_pred: 0.0 * keras.ops.mean(y_pred)  # noqa: E731
