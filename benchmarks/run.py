@@ -72,8 +72,13 @@ class EpochTimer(keras.callbacks.Callback):
             self.per_step.append((time.perf_counter() - self._start) / self._steps)
 
 
-def fit_time(kind: str, name: str, x, y, microbatch=None) -> float:
-    """Median seconds per update of one fit: kind is plain, keras_dp or jax_privacy."""
+def fit_time(kind: str, name: str, x, y, microbatch=None, seed=0) -> tuple[float, float]:
+    """Median seconds per update of one fit, and the mean rows per timed update.
+
+    ``kind`` is plain, keras_dp or jax_privacy. Plain and jax-privacy take fixed
+    batches of B rows; keras_dp's Poisson batches hold B rows only on average, so
+    the rows its timed updates drew are counted (``seed`` picks the draws).
+    """
     model_fn, _, batch, epochs = MODELS[name]
     model = model_fn()
     # Whole batches only, for every side: jax-privacy fails on a partial last batch.
@@ -87,7 +92,7 @@ def fit_time(kind: str, name: str, x, y, microbatch=None) -> float:
             batch_size=batch,
             epochs=epochs,
             microbatch_size=microbatch,
-            seed=0,
+            seed=seed,
         )
         model = keras_dp.make_private(model, config)
     else:
@@ -104,7 +109,7 @@ def fit_time(kind: str, name: str, x, y, microbatch=None) -> float:
             train_steps=epochs * (n // batch),
             train_size=n,
             microbatch_size=microbatch,
-            seed=0,
+            seed=seed,
         )
         with contextlib.redirect_stdout(io.StringIO()):  # it prints while calibrating
             model = keras_api.make_private(model, params)
@@ -112,7 +117,27 @@ def fit_time(kind: str, name: str, x, y, microbatch=None) -> float:
     timer = EpochTimer()
     with contextlib.redirect_stdout(io.StringIO()):
         model.fit(x, y, verbose=0, callbacks=[timer], **kwargs)
-    return statistics.median(timer.per_step)
+    rows = float(batch)
+    if kind == "keras_dp":
+        rows = timed_rows(model, epochs)
+    return statistics.median(timer.per_step), rows
+
+
+def timed_rows(model, epochs: int) -> float:
+    """Mean real rows of the updates after the first epoch (those timed)."""
+    config = model.dp_config
+    counts = [
+        len(
+            sampling.poisson_indices(
+                sampling.step_rng(model._dp_seed, step),
+                config.dataset_size,
+                config.sampling_probability,
+                config.max_batch_size,
+            )
+        )
+        for step in range(config.steps // epochs, config.steps)
+    ]
+    return float(np.mean(counts))
 
 
 def overhead(names, repeats, sweep) -> dict:
@@ -121,18 +146,28 @@ def overhead(names, repeats, sweep) -> dict:
     for name in names:
         x, y = MODELS[name][1]()
         times = {"plain": [], "keras_dp": [], "jax_privacy": []}
-        for _ in range(repeats):
+        rows = []
+        for repeat in range(repeats):  # each repeat its own Poisson draws
             for kind in times:
-                times[kind].append(fit_time(kind, name, x, y))
-                log(f"{name} {kind}: {times[kind][-1] * 1e3:.1f} ms/step")
+                seconds, drawn = fit_time(kind, name, x, y, seed=repeat)
+                times[kind].append(seconds)
+                rows += [drawn] if kind == "keras_dp" else []
+                log(f"{name} {kind}: {seconds * 1e3:.1f} ms/step ({drawn:.1f} rows/step)")
         entry = {kind: statistics.median(t) for kind, t in times.items()}
         entry["runs"] = times
+        entry["keras_dp_rows"] = rows
+        entry["batch_size"] = MODELS[name][2]
         if name != "mlp" and sweep:
             for kind in ("keras_dp", "jax_privacy"):
                 swept = {}
                 for size in sweep:
-                    swept[size] = fit_time(kind, name, x, y, microbatch=size)
-                    log(f"{name} {kind} microbatch {size}: {swept[size] * 1e3:.1f} ms/step")
+                    swept[size], drawn = fit_time(kind, name, x, y, microbatch=size)
+                    log(
+                        f"{name} {kind} microbatch {size}: {swept[size] * 1e3:.1f} ms/step "
+                        f"({drawn:.1f} rows/step)"
+                    )
+                    if kind == "keras_dp":
+                        entry["keras_dp_sweep_rows"] = drawn
                 best = min(swept, key=swept.get)
                 entry[f"{kind}_sweep"] = swept
                 entry[f"{kind}_best"] = {"microbatch_size": best, "seconds": swept[best]}
@@ -242,9 +277,12 @@ def markdown(results: dict) -> str:
 
 
 def overhead_table(overhead: dict) -> list:
-    lines = ["| model | plain ms/step | keras_dp | jax-privacy | keras_dp/plain | "]
-    lines[-1] += "jax-privacy/plain | keras_dp best (mb) | jax-privacy best (mb) |"
-    lines += ["|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | B | plain ms/step | keras_dp | keras_dp rows/step | jax-privacy | "
+        "keras_dp/plain | jax-privacy/plain | jax-privacy/keras_dp | keras_dp best (mb) | "
+        "jax-privacy best (mb) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in overhead.items():
         best = {
             k: f"{r[f'{k}_best']['seconds'] * 1e3:.0f} ({r[f'{k}_best']['microbatch_size']})"
@@ -252,10 +290,14 @@ def overhead_table(overhead: dict) -> list:
             else "–"
             for k in ("keras_dp", "jax_privacy")
         }
+        if "keras_dp_sweep_rows" in r:
+            best["keras_dp"] += f", {r['keras_dp_sweep_rows']:.1f} rows/step"
+        rows = statistics.mean(r.get("keras_dp_rows") or [float("nan")])
         lines.append(
-            f"| {name} | {r['plain'] * 1e3:.1f} | {r['keras_dp'] * 1e3:.1f} | "
-            f"{r['jax_privacy'] * 1e3:.1f} | {r['keras_dp'] / r['plain']:.2f}× | "
-            f"{r['jax_privacy'] / r['plain']:.2f}× | {best['keras_dp']} | "
+            f"| {name} | {r.get('batch_size', '')} | {r['plain'] * 1e3:.1f} | "
+            f"{r['keras_dp'] * 1e3:.1f} | {rows:.1f} | {r['jax_privacy'] * 1e3:.1f} | "
+            f"{r['keras_dp'] / r['plain']:.2f}× | {r['jax_privacy'] / r['plain']:.2f}× | "
+            f"{r['jax_privacy'] / r['keras_dp']:.2f}× | {best['keras_dp']} | "
             f"{best['jax_privacy']} |"
         )
     return lines

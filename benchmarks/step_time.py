@@ -102,8 +102,8 @@ def functional(task):
 
 MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "mlp": (mlp, digits_data, 64, 6),
-    "gemma-lora": (lambda: functional(gemma(True)), token_data, 16, 3),
-    "gemma-full": (lambda: functional(gemma(False)), token_data, 16, 3),
+    "gemma-lora": (lambda: functional(gemma(True)), token_data, 16, 5),
+    "gemma-full": (lambda: functional(gemma(False)), token_data, 16, 5),
 }
 # The keras-hub task itself (with its default per-token accuracy), for the memory section.
 TASKS = {"mlp": mlp, "gemma-lora": lambda: gemma(True), "gemma-full": lambda: gemma(False)}
