@@ -1,7 +1,8 @@
 """The benchmark suite: speed, memory, calibration and compilations, in one run.
 
     pip install -e ".[bench]"        # adds jax-privacy (the peer) and scikit-learn
-    python benchmarks/run.py [--repeats 3] [--sweep 1 2 4 8 16] [--out benchmarks/results]
+    python benchmarks/run.py [--repeats 3] [--sweep 1 2 4 8 16] [--sweep-repeats 3]
+                             [--out benchmarks/results]
 
 Writes ``results.md`` (tables) and ``results.json`` (every measurement) to --out.
 Not a test: nothing here asserts a time. Every figure is a ratio measured in this
@@ -140,7 +141,7 @@ def timed_rows(model, epochs: int) -> float:
     return float(np.mean(counts))
 
 
-def overhead(names, repeats, sweep) -> dict:
+def overhead(names, repeats, sweep, sweep_repeats) -> dict:
     """Step times of plain, keras_dp and jax-privacy (defaults), alternated, and sweeps."""
     results = {}
     for name in names:
@@ -158,21 +159,34 @@ def overhead(names, repeats, sweep) -> dict:
         entry["keras_dp_rows"] = rows
         entry["batch_size"] = MODELS[name][2]
         if name != "mlp" and sweep:
-            for kind in ("keras_dp", "jax_privacy"):
-                swept = {}
-                for size in sweep:
-                    swept[size], drawn = fit_time(kind, name, x, y, microbatch=size)
-                    log(
-                        f"{name} {kind} microbatch {size}: {swept[size] * 1e3:.1f} ms/step "
-                        f"({drawn:.1f} rows/step)"
-                    )
-                    if kind == "keras_dp":
-                        entry["keras_dp_sweep_rows"] = drawn
-                best = min(swept, key=swept.get)
-                entry[f"{kind}_sweep"] = swept
-                entry[f"{kind}_best"] = {"microbatch_size": best, "seconds": swept[best]}
+            entry.update(sweep_sizes(name, x, y, sweep, sweep_repeats))
         results[name] = entry
     return results
+
+
+def sweep_sizes(name, x, y, sizes, repeats) -> dict:
+    """Both libraries at each ``microbatch_size``, alternated, median of ``repeats``.
+
+    Repeat r uses seed r for both, so keras_dp sees the same Poisson draws at every
+    size; its rows per timed update are reported with each repeat.
+    """
+    swept = {kind: {size: [] for size in sizes} for kind in ("keras_dp", "jax_privacy")}
+    rows = []
+    for repeat in range(repeats):
+        for size in sizes:
+            for kind in swept:
+                seconds, drawn = fit_time(kind, name, x, y, microbatch=size, seed=repeat)
+                swept[kind][size].append(seconds)
+                log(f"{name} {kind} mb {size}: {seconds * 1e3:.1f} ms/step ({drawn:.1f} rows)")
+                if kind == "keras_dp" and size == sizes[0]:
+                    rows.append(drawn)
+    out = {"keras_dp_sweep_rows": statistics.mean(rows)}
+    for kind, by_size in swept.items():
+        medians = {size: statistics.median(t) for size, t in by_size.items()}
+        best = min(medians, key=medians.get)
+        out[f"{kind}_sweep"] = {"median": medians, "runs": by_size}
+        out[f"{kind}_best"] = {"microbatch_size": best, "seconds": medians[best]}
+    return out
 
 
 def step_memory(name: str, logical_batch: int, microbatch: int, metrics=None) -> int:
@@ -264,7 +278,7 @@ def compilations() -> int:
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}", ""]
     if "overhead" in results:
-        lines += overhead_table(results["overhead"])
+        lines += overhead_table(results["overhead"]) + sweep_table(results["overhead"])
     if "memory" in results:
         lines += memory_table(results["memory"])
     if "calibration" in results:
@@ -290,8 +304,10 @@ def overhead_table(overhead: dict) -> list:
             else "–"
             for k in ("keras_dp", "jax_privacy")
         }
-        if "keras_dp_sweep_rows" in r:
-            best["keras_dp"] += f", {r['keras_dp_sweep_rows']:.1f} rows/step"
+        if "keras_dp_sweep_rows" in r:  # and per B rows, as the peer's fixed batches hold
+            rows = r["keras_dp_sweep_rows"]
+            per_b = r["keras_dp_best"]["seconds"] * r["batch_size"] / rows
+            best["keras_dp"] += f", {rows:.1f} rows/step; {per_b * 1e3:.0f} per B rows"
         rows = statistics.mean(r.get("keras_dp_rows") or [float("nan")])
         lines.append(
             f"| {name} | {r.get('batch_size', '')} | {r['plain'] * 1e3:.1f} | "
@@ -300,6 +316,21 @@ def overhead_table(overhead: dict) -> list:
             f"{r['jax_privacy'] / r['keras_dp']:.2f}× | {best['keras_dp']} | "
             f"{best['jax_privacy']} |"
         )
+    return lines
+
+
+def sweep_table(overhead: dict) -> list:
+    lines = []
+    for name, r in overhead.items():
+        if "keras_dp_sweep" not in r:
+            continue
+        sizes = list(r["keras_dp_sweep"]["median"])
+        lines += ["", f"{name}, ms/step by microbatch_size (median of the sweep's repeats):", ""]
+        lines += ["| library | " + " | ".join(str(m) for m in sizes) + " |"]
+        lines += ["|---|" + "---|" * len(sizes)]
+        for kind in ("keras_dp", "jax_privacy"):
+            cells = " | ".join(f"{r[f'{kind}_sweep']['median'][m] * 1e3:.0f}" for m in sizes)
+            lines.append(f"| {kind} | {cells} |")
     return lines
 
 
@@ -323,6 +354,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sweep", nargs="*", type=int, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--sweep-repeats", type=int, default=3)
     parser.add_argument("--memory-models", nargs="*", default=["mlp", "gemma-lora"])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument(
@@ -338,7 +370,7 @@ def main() -> None:
         "calibration": calibration,
         "compilations": compilations,
         "memory": lambda: memory(args.memory_models),
-        "overhead": lambda: overhead(args.models, args.repeats, args.sweep),
+        "overhead": lambda: overhead(args.models, args.repeats, args.sweep, args.sweep_repeats),
     }
     os.makedirs(args.out, exist_ok=True)
     for section in args.sections:  # written after each section, so a cut-off run keeps some
