@@ -76,9 +76,11 @@ class EpochTimer(keras.callbacks.Callback):
 def fit_time(kind: str, name: str, x, y, microbatch=None, seed=0) -> tuple[float, float]:
     """Median seconds per update of one fit, and the mean rows per timed update.
 
-    ``kind`` is plain, keras_dp or jax_privacy. Plain and jax-privacy take fixed
-    batches of B rows; keras_dp's Poisson batches hold B rows only on average, so
-    the rows its timed updates drew are counted (``seed`` picks the draws).
+    ``kind`` is plain, keras_dp, jax_privacy or keras_dp_fixed (keras_dp with fixed
+    batches of B rows, like jax-privacy's: a like-for-like comparison of the step).
+    Plain and jax-privacy take fixed batches of B rows; keras_dp's Poisson batches
+    hold B rows only on average, so the rows its timed updates drew are counted
+    (``seed`` picks the draws).
     """
     model_fn, _, batch, epochs = MODELS[name]
     model = model_fn()
@@ -86,7 +88,8 @@ def fit_time(kind: str, name: str, x, y, microbatch=None, seed=0) -> tuple[float
     n = len(y) - len(y) % batch
     x, y = keras.tree.map_structure(lambda a: a[:n], x), y[:n]
     kwargs = {}
-    if kind == "keras_dp":
+    if kind.startswith("keras_dp"):
+        fixed = {"sampling": "fixed", "accountant": "rdp"} if kind == "keras_dp_fixed" else {}
         config = keras_dp.DPConfig(
             target_epsilon=EPSILON,
             target_delta=DELTA,
@@ -94,6 +97,7 @@ def fit_time(kind: str, name: str, x, y, microbatch=None, seed=0) -> tuple[float
             epochs=epochs,
             microbatch_size=microbatch,
             seed=seed,
+            **fixed,
         )
         model = keras_dp.make_private(model, config)
     else:
@@ -141,7 +145,7 @@ def timed_rows(model, epochs: int) -> float:
     return float(np.mean(counts))
 
 
-def overhead(names, repeats, sweep, sweep_repeats) -> dict:
+def overhead(names, repeats, sweep, sweep_repeats, sweep_kinds) -> dict:
     """Step times of plain, keras_dp and jax-privacy (defaults), alternated, and sweeps."""
     results = {}
     for name in names:
@@ -159,18 +163,18 @@ def overhead(names, repeats, sweep, sweep_repeats) -> dict:
         entry["keras_dp_rows"] = rows
         entry["batch_size"] = MODELS[name][2]
         if name != "mlp" and sweep:
-            entry.update(sweep_sizes(name, x, y, sweep, sweep_repeats))
+            entry.update(sweep_sizes(name, x, y, sweep, sweep_repeats, sweep_kinds))
         results[name] = entry
     return results
 
 
-def sweep_sizes(name, x, y, sizes, repeats) -> dict:
+def sweep_sizes(name, x, y, sizes, repeats, kinds=("keras_dp", "jax_privacy")) -> dict:
     """Both libraries at each ``microbatch_size``, alternated, median of ``repeats``.
 
     Repeat r uses seed r for both, so keras_dp sees the same Poisson draws at every
     size; its rows per timed update are reported with each repeat.
     """
-    swept = {kind: {size: [] for size in sizes} for kind in ("keras_dp", "jax_privacy")}
+    swept = {kind: {size: [] for size in sizes} for kind in kinds}
     rows = []
     for repeat in range(repeats):
         for size in sizes:
@@ -328,7 +332,7 @@ def sweep_table(overhead: dict) -> list:
         lines += ["", f"{name}, ms/step by microbatch_size (median of the sweep's repeats):", ""]
         lines += ["| library | " + " | ".join(str(m) for m in sizes) + " |"]
         lines += ["|---|" + "---|" * len(sizes)]
-        for kind in ("keras_dp", "jax_privacy"):
+        for kind in [k for k in ("keras_dp", "keras_dp_fixed", "jax_privacy") if f"{k}_sweep" in r]:
             cells = " | ".join(f"{r[f'{kind}_sweep']['median'][m] * 1e3:.0f}" for m in sizes)
             lines.append(f"| {kind} | {cells} |")
     return lines
@@ -355,6 +359,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sweep", nargs="*", type=int, default=[1, 2, 4, 8, 16])
     parser.add_argument("--sweep-repeats", type=int, default=3)
+    parser.add_argument(
+        "--sweep-fixed",
+        action="store_true",
+        help="also sweep keras_dp with fixed batches of B rows (like jax-privacy's)",
+    )
     parser.add_argument("--memory-models", nargs="*", default=["mlp", "gemma-lora"])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument(
@@ -370,7 +379,13 @@ def main() -> None:
         "calibration": calibration,
         "compilations": compilations,
         "memory": lambda: memory(args.memory_models),
-        "overhead": lambda: overhead(args.models, args.repeats, args.sweep, args.sweep_repeats),
+        "overhead": lambda: overhead(
+            args.models,
+            args.repeats,
+            args.sweep,
+            args.sweep_repeats,
+            ("keras_dp", "jax_privacy") + (("keras_dp_fixed",) if args.sweep_fixed else ()),
+        ),
     }
     os.makedirs(args.out, exist_ok=True)
     for section in args.sections:  # written after each section, so a cut-off run keeps some
