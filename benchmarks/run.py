@@ -132,14 +132,7 @@ def timed_rows(model, epochs: int) -> float:
     """Mean real rows of the updates after the first epoch (those timed)."""
     config = model.dp_config
     counts = [
-        len(
-            sampling.poisson_indices(
-                sampling.step_rng(model._dp_seed, step),
-                config.dataset_size,
-                config.sampling_probability,
-                config.max_batch_size,
-            )
-        )
+        len(dp_data.draw_indices(config, model._dp_seed, step))
         for step in range(config.steps // epochs, config.steps)
     ]
     return float(np.mean(counts))
@@ -156,7 +149,8 @@ def overhead(names, repeats, sweep, sweep_repeats, sweep_kinds) -> dict:
             for kind in times:
                 seconds, drawn = fit_time(kind, name, x, y, seed=repeat)
                 times[kind].append(seconds)
-                rows += [drawn] if kind == "keras_dp" else []
+                if kind == "keras_dp":
+                    rows.append(drawn)
                 log(f"{name} {kind}: {seconds * 1e3:.1f} ms/step ({drawn:.1f} rows/step)")
         entry = {kind: statistics.median(t) for kind, t in times.items()}
         entry["runs"] = times

@@ -173,18 +173,11 @@ def _shard_sum(
     if num_chunks == 1:  # one vectorised pass: no loop, so no loop condition to read back
         return _outputs(chunk(0, chunk_size, init), fold)
     num_real = jnp.sum(mask.astype(jnp.int32))
-    whole = jnp.minimum(num_real // chunk_size, num_chunks)
+    whole = num_real // chunk_size
     carry = jax.lax.fori_loop(0, whole, lambda i, c: chunk(i * chunk_size, chunk_size, c), init)
-    tail = tail_size(chunk_size)
-    if tail < chunk_size:
-        done = whole * chunk_size
-        count = (jnp.minimum(num_real, physical) - done + tail - 1) // tail
-        carry = jax.lax.fori_loop(0, count, lambda i, c: chunk(done + i * tail, tail, c), carry)
-    else:  # no smaller size divides the chunk: the last chunk is computed whole
-        last = jnp.where(whole * chunk_size < num_real, 1, 0)
-        carry = jax.lax.fori_loop(
-            0, last, lambda i, c: chunk(whole * chunk_size, chunk_size, c), carry
-        )
+    tail, done = tail_size(chunk_size), whole * chunk_size
+    count = (num_real - done + tail - 1) // tail  # at most 1 when tail == chunk_size
+    carry = jax.lax.fori_loop(0, count, lambda i, c: chunk(done + i * tail, tail, c), carry)
     return _outputs(carry, fold)
 
 

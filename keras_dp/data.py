@@ -80,15 +80,9 @@ class DPBatches(keras.utils.PyDataset):
         return self._per_epoch
 
     def __getitem__(self, index):
-        config, step = self._config, self._next_step
+        step = self._next_step
         self._next_step += 1
-        rng = sampling.step_rng(self._model._dp_seed, step)
-        if config.sampling == "fixed":
-            indices = sampling.fixed_indices(rng, config.dataset_size, config.batch_size)
-        else:
-            indices = sampling.poisson_indices(
-                rng, config.dataset_size, config.sampling_probability, config.max_batch_size
-            )
+        indices = draw_indices(self._config, self._model._dp_seed, step)
         physical = self.physical
         if len(indices) > physical:  # untruncated Poisson (RDP) drew beyond the bound
             logger.warning(
@@ -105,6 +99,16 @@ class DPBatches(keras.utils.PyDataset):
         if sw is not None:
             return packed, y, sw
         return (packed, y) if y is not None else (packed,)
+
+
+def draw_indices(config: DPConfig, seed: int, step: int) -> np.ndarray:
+    """The examples of update ``step``, drawn as the config's sampler says."""
+    rng = sampling.step_rng(seed, step)
+    if config.sampling == "fixed":
+        return sampling.fixed_indices(rng, config.dataset_size, config.batch_size)
+    return sampling.poisson_indices(
+        rng, config.dataset_size, config.sampling_probability, config.max_batch_size
+    )
 
 
 def adapter(batches: DPBatches) -> PyDatasetAdapter:

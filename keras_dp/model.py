@@ -379,7 +379,7 @@ class DPModel:
         return loss, (y_pred, non_trainable)
 
 
-def _chunk_size(config: DPConfig, num_shards: int = 1, model: keras.Model | None = None) -> int:
+def _chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
     """``microbatch_size``, or one chosen for the platform (per device).
 
     On several devices ``microbatch_size`` is per device: each device computes
@@ -400,7 +400,7 @@ def _chunk_size(config: DPConfig, num_shards: int = 1, model: keras.Model | None
     if config.microbatch_size is not None:
         return config.microbatch_size
     per_device = math.ceil(config.batch_size / num_shards)
-    if jax.default_backend() == "cpu" or model is None:
+    if jax.default_backend() == "cpu":
         return max(1, min(128, math.ceil(per_device / 4)))
     params = sum(math.prod(v.shape) for v in model.trainable_variables)
     return max(1, _CHUNK_GRADIENT_BYTES // (4 * max(params, 1)))

@@ -46,7 +46,7 @@ def physical_rows(model, x, y):
     from keras_dp.model import _chunk_size
 
     shards, _ = keras_dp.distribute.batch_shards()
-    return data.DPBatches(model, source, config, _chunk_size(config, shards), 1).physical
+    return data.DPBatches(model, source, config, _chunk_size(config, shards, model), 1).physical
 
 
 def mlp_with_dropout():
