@@ -118,8 +118,8 @@ def _shard_sum(
     """:func:`clipped_sum` over one shard; ``ids`` are the rows' indices.
 
     The real rows (first in the shard) are covered by whole chunks of
-    ``chunk_size``, then the remainder by chunks of :func:`tail_size`, so that at
-    most ``tail_size - 1`` padding rows are computed instead of ``chunk_size - 1``.
+    ``chunk_size``, then the remainder by the smaller chunks of :func:`tail_sizes`,
+    so that padding rows are computed only past its smallest size.
     """
     physical = mask.shape[0]
     num_chunks = physical // chunk_size
@@ -175,20 +175,34 @@ def _shard_sum(
     num_real = jnp.sum(mask.astype(jnp.int32))
     whole = num_real // chunk_size
     carry = jax.lax.fori_loop(0, whole, lambda i, c: chunk(i * chunk_size, chunk_size, c), init)
-    tail, done = tail_size(chunk_size), whole * chunk_size
-    count = (num_real - done + tail - 1) // tail  # at most 1 when tail == chunk_size
-    carry = jax.lax.fori_loop(0, count, lambda i, c: chunk(done + i * tail, tail, c), carry)
+    if chunk_size == 1:
+        return _outputs(carry, fold)
+    done = whole * chunk_size
+    *larger, smallest = tail_sizes(chunk_size)
+    for size in larger:  # each at most once: the binary digits of what is left
+        take = num_real - done >= size
+        step = lambda c, start=done, size=size: chunk(start, size, c)  # noqa: E731
+        carry = jax.lax.cond(take, step, lambda c: c, carry)
+        done = done + jnp.where(take, size, 0)
+    count = (num_real - done + smallest - 1) // smallest  # at most 2; 1 when smallest == 1
+    carry = jax.lax.fori_loop(0, count, lambda i, c: chunk(done + i * smallest, smallest, c), carry)
     return _outputs(carry, fold)
 
 
-def tail_size(chunk_size: int) -> int:
-    """Rows per chunk for what is left after the whole chunks: a quarter or a half of
-    ``chunk_size`` if that divides it and is at least 2 (a one-row chunk cost about
-    1.4× per row on CPU), else ``chunk_size``."""
-    for parts in (4, 2):
-        if chunk_size % parts == 0 and chunk_size // parts >= 2:
-            return chunk_size // parts
-    return chunk_size
+def tail_sizes(chunk_size: int, max_sizes: int = 4) -> list[int]:
+    """Chunk sizes, largest first, for the rows left after the whole chunks.
+
+    Powers of two below ``chunk_size``, each used at most once, so the rest is
+    computed with no padding when ``chunk_size <= 2 ** max_sizes`` (the CPU default),
+    and with fewer than ``chunk_size / 2 ** max_sizes`` padding rows otherwise. Each
+    size is one more compiled shape of the per-example gradient, hence the cap.
+    """
+    sizes = []
+    size = 1 << max(0, (chunk_size - 1).bit_length() - 1)
+    while size >= 1 and len(sizes) < max_sizes:
+        sizes.append(size)
+        size //= 2
+    return sizes or [chunk_size]
 
 
 def _outputs(carry, fold):

@@ -1,7 +1,6 @@
 """Pure JAX: the chunked clipped sum against a plain loop, and how much padding it computes."""
 
-import math
-
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,28 +16,32 @@ def naive_sum(w, rows, clip):
     return total
 
 
-def test_tail_size():
-    assert [clipping.tail_size(c) for c in (1, 2, 3, 4, 6, 8, 16, 64)] == [1, 2, 3, 2, 3, 2, 4, 16]
+def test_tail_sizes():
+    assert clipping.tail_sizes(2) == [1]
+    assert clipping.tail_sizes(3) == clipping.tail_sizes(4) == [2, 1]
+    assert clipping.tail_sizes(16) == [8, 4, 2, 1]
+    assert clipping.tail_sizes(64) == [32, 16, 8, 4]
 
 
-@pytest.mark.parametrize("chunk", [8, 3])
+@pytest.mark.parametrize("chunk", [8, 3, 4, 1, 20])
 def test_every_real_row_once_and_little_padding(chunk):
     rng = np.random.default_rng(0)
     w = rng.normal(size=(3,)).astype("float32")
-    physical = 24
+    physical = 40 if chunk == 20 else 24
     rows = rng.normal(size=(physical, 3)).astype("float32") * 3
 
     def example_fn(params, row, index):
         return jnp.sum(params * row) ** 2, jnp.ones(())  # aux: 1 where the row was computed
 
-    tail = clipping.tail_size(chunk)
+    smallest = clipping.tail_sizes(chunk)[-1]
+    run = jax.jit(lambda m: clipping.clipped_sum(example_fn, w, rows, m, 1.0, chunk))
     for real in range(physical + 1):
-        mask = np.arange(physical) < real
-        grad, losses, computed, nonfinite = clipping.clipped_sum(
-            example_fn, jnp.asarray(w), jnp.asarray(rows), jnp.asarray(mask), 1.0, chunk
-        )
+        grad, losses, computed, nonfinite = run(jnp.asarray(np.arange(physical) < real))
         np.testing.assert_allclose(grad, naive_sum(w, rows[:real], 1.0), rtol=1e-5, atol=1e-6)
-        whole = real // chunk * chunk
-        expected = whole + math.ceil((real - whole) / tail) * tail
-        assert int(np.sum(computed)) == expected, (real, chunk)
+        assert np.all(np.asarray(computed)[:real] == 1), (real, chunk)  # every real row
+        padding = int(np.sum(computed)) - real
+        if chunk <= 16:  # no padding at all
+            assert padding == 0, (real, chunk)
+        else:  # padding only past the smallest tail size (2 for a chunk of 20)
+            assert 0 <= padding < smallest, (real, chunk)
         assert int(nonfinite) == 0
