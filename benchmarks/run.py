@@ -82,12 +82,26 @@ def fit_time(kind: str, name: str, x, y, microbatch=None, seed=0) -> tuple[float
     hold B rows only on average, so the rows its timed updates drew are counted
     (``seed`` picks the draws).
     """
-    model_fn, _, batch, epochs = MODELS[name]
-    model = model_fn()
+    _, _, batch, epochs = MODELS[name]
     # Whole batches only, for every side: jax-privacy fails on a partial last batch.
     n = len(y) - len(y) % batch
     x, y = keras.tree.map_structure(lambda a: a[:n], x), y[:n]
-    kwargs = {}
+    model = build(kind, name, n, microbatch, seed)
+    kwargs = {} if kind.startswith("keras_dp") else {"batch_size": batch, "epochs": epochs}
+    timer = EpochTimer()
+    with contextlib.redirect_stdout(io.StringIO()):
+        model.fit(x, y, verbose=0, callbacks=[timer], **kwargs)
+    rows = float(batch)
+    if kind == "keras_dp":
+        rows = timed_rows(model, epochs)
+    return statistics.median(timer.per_step), rows
+
+
+def build(kind: str, name: str, n: int, microbatch=None, seed=0, epochs=None) -> keras.Model:
+    """``MODELS[name]`` compiled as ``kind`` trains it, for ``n`` training examples."""
+    model_fn, _, batch, model_epochs = MODELS[name]
+    epochs = epochs or model_epochs
+    model = model_fn()
     if kind.startswith("keras_dp"):
         fixed = {"sampling": "fixed", "accountant": "rdp"} if kind == "keras_dp_fixed" else {}
         config = keras_dp.DPConfig(
@@ -100,8 +114,6 @@ def fit_time(kind: str, name: str, x, y, microbatch=None, seed=0) -> tuple[float
             **fixed,
         )
         model = keras_dp.make_private(model, config)
-    else:
-        kwargs = {"batch_size": batch, "epochs": epochs}
     if kind == "jax_privacy":
         from jax_privacy import keras_api
 
@@ -119,13 +131,17 @@ def fit_time(kind: str, name: str, x, y, microbatch=None, seed=0) -> tuple[float
         with contextlib.redirect_stdout(io.StringIO()):  # it prints while calibrating
             model = keras_api.make_private(model, params)
     model.compile(optimizer="adam", loss=LOSS)
-    timer = EpochTimer()
-    with contextlib.redirect_stdout(io.StringIO()):
-        model.fit(x, y, verbose=0, callbacks=[timer], **kwargs)
-    rows = float(batch)
-    if kind == "keras_dp":
-        rows = timed_rows(model, epochs)
-    return statistics.median(timer.per_step), rows
+    return model
+
+
+def train_state(model) -> tuple:
+    """The JAX trainer's ``state`` argument of ``train_step``, from the model's variables."""
+    return (
+        [v.value for v in model.trainable_variables],
+        [v.value for v in model.non_trainable_variables],
+        [v.value for v in model.optimizer.variables],
+        [v.value for v in model.metrics_variables],
+    )
 
 
 def timed_rows(model, epochs: int) -> float:
@@ -217,13 +233,7 @@ def step_memory(name: str, logical_batch: int, microbatch: int, metrics=None) ->
     model._dp_seed = 0
     batches = dp_data.DPBatches(model, source, config, microbatch, 1)
     batch = jax.tree.map(jax.numpy.asarray, batches[0])
-    state = (
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-        [v.value for v in model.optimizer.variables],
-        [v.value for v in model.metrics_variables],
-    )
-    compiled = jax.jit(model.train_step).lower(state, batch).compile()
+    compiled = jax.jit(model.train_step).lower(train_state(model), batch).compile()
     if os.environ.get("KERAS_DP_DUMP_HLO"):
         with open(f"{os.environ['KERAS_DP_DUMP_HLO']}.{logical_batch}.txt", "w") as f:
             f.write(compiled.as_text())
