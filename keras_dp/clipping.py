@@ -179,7 +179,10 @@ def _shard_sum(
         return _outputs(carry, fold)
     done = whole * chunk_size
     *larger, smallest = tail_sizes(chunk_size)
-    for size in larger:  # each at most once: the binary digits of what is left
+    # Each size at most once: the binary digits of what is left. (Over several shards,
+    # vmap turns a cond whose predicate differs by shard into a select that computes
+    # both branches, so there every tail size is computed once per step.)
+    for size in larger:
         take = num_real - done >= size
         step = lambda c, start=done, size=size: chunk(start, size, c)  # noqa: E731
         carry = jax.lax.cond(take, step, lambda c: c, carry)
