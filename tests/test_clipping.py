@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from keras_dp import clipping
+from keras_dp import clipping, sampling
 
 
 def naive_sum(w, rows, clip):
@@ -44,4 +44,28 @@ def test_every_real_row_once_and_little_padding(chunk):
             assert padding == 0, (real, chunk)
         else:  # padding only past the smallest tail size (2 for a chunk of 20)
             assert 0 <= padding < smallest, (real, chunk)
+        assert int(nonfinite) == 0
+
+
+def test_tails_over_several_shards_count_every_real_row_once():
+    """Over shards the tail chunks run under vmap (a cond becomes a select): still each
+    real row once, and padding never added."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(3,)).astype("float32")
+    rows = rng.normal(size=(40, 3)).astype("float32") * 3
+    shards, physical = 2, 24  # 2 shards of 12 rows, chunks of 4 with tails of 2 and 1
+
+    def example_fn(params, row, index):
+        return jnp.sum(params * row) ** 2, index
+
+    def run(padded, mask):
+        return clipping.clipped_sum(example_fn, w, jnp.asarray(rows)[padded], mask, 1.0, 4, shards)
+
+    run = jax.jit(run)
+    for real in range(physical + 1):
+        indices = rng.choice(40, size=real, replace=False)
+        padded, mask = sampling.shard_layout(np.sort(indices), physical, shards)
+        grad, _, ids, nonfinite = run(padded, jnp.asarray(mask))
+        np.testing.assert_allclose(grad, naive_sum(w, rows[indices], 1.0), rtol=1e-5, atol=1e-5)
+        assert sorted(np.asarray(ids)[mask].tolist()) == list(range(real))  # ranks 0..real-1
         assert int(nonfinite) == 0
