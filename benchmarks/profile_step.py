@@ -52,9 +52,10 @@ def dp_batch(model, x, y, real: int):
     """keras_dp's physical batch with the first ``real`` examples as its real rows."""
     config = model.dp_config
     chunk = dp_model._chunk_size(config, 1, model)
-    batches = dp_data.DPBatches(model, sampling.ExampleSource(x, y), config, chunk, 1)
-    padded, mask = sampling.shard_layout(np.arange(real), batches.physical, 1)
-    xs, ys, _ = batches._source.gather(padded)
+    source = sampling.ExampleSource(x, y)
+    physical = dp_data.DPBatches(model, source, config, chunk, 1).physical
+    padded, mask = sampling.shard_layout(np.arange(real), physical, 1)
+    xs, ys, _ = source.gather(padded)
     return {"dp_x": xs, "dp_mask": mask, "dp_step": np.zeros(len(mask), np.int32)}, ys
 
 
@@ -75,15 +76,12 @@ def profile(name: str, repeats: int, rows: list) -> None:
     b = MODELS[name][2]
     n = len(y) - len(y) % b
     x, y = jax.tree.map(lambda a: a[:n], x), y[:n]
-    steps = {}
-    for kind in KINDS:
-        model = trained(kind, name, x, y)
-        first = (jax.tree.map(lambda a: a[:b], x), y[:b])
-        steps[kind] = compiled_step(
-            model, dp_batch(model, x, y, b) if kind == "keras_dp" else first
-        )
-        if kind == "keras_dp":
-            dp = model
+    first = (jax.tree.map(lambda a: a[:b], x), y[:b])
+    models = {kind: trained(kind, name, x, y) for kind in KINDS}
+    steps = {
+        kind: compiled_step(model, dp_batch(model, x, y, b) if kind == "keras_dp" else first)
+        for kind, model in models.items()
+    }
     times = {kind: [] for kind in KINDS}
     for _ in range(repeats):  # alternated
         for kind in KINDS:
@@ -103,6 +101,7 @@ def profile(name: str, repeats: int, rows: list) -> None:
             f"{cost.get('bytes accessed', 0) / 2**30:.2f} GiB | {cost.get('flops', 0) / 1e9:.1f} |"
         )
     if rows:
+        dp = models["keras_dp"]
         step = jax.jit(dp.train_step)
         state = train_state(dp)
         batches = {r: dp_batch(dp, x, y, r) for r in rows}

@@ -97,10 +97,9 @@ def fit_time(kind: str, name: str, x, y, microbatch=None, seed=0) -> tuple[float
     return statistics.median(timer.per_step), rows
 
 
-def build(kind: str, name: str, n: int, microbatch=None, seed=0, epochs=None) -> keras.Model:
+def build(kind: str, name: str, n: int, microbatch=None, seed=0) -> keras.Model:
     """``MODELS[name]`` compiled as ``kind`` trains it, for ``n`` training examples."""
-    model_fn, _, batch, model_epochs = MODELS[name]
-    epochs = epochs or model_epochs
+    model_fn, _, batch, epochs = MODELS[name]
     model = model_fn()
     if kind.startswith("keras_dp"):
         fixed = {"sampling": "fixed", "accountant": "rdp"} if kind == "keras_dp_fixed" else {}

@@ -205,7 +205,7 @@ def tail_sizes(chunk_size: int, max_sizes: int = 4) -> list[int]:
     while size >= 1 and len(sizes) < max_sizes:
         sizes.append(size)
         size //= 2
-    return sizes or [chunk_size]
+    return sizes
 
 
 def _outputs(carry, fold):
