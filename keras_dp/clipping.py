@@ -150,11 +150,19 @@ def _shard_sum(
     )
 
     def chunk(start, size, carry):
-        """Adds the rows ``start:start + size`` to the carry."""
+        """Adds the rows ``start:start + size`` (those below ``physical``) to the carry.
+
+        ``dynamic_slice`` clamps a start that would run past the end back into range,
+        so a chunk near the end re-reads rows an earlier chunk already summed. The
+        slice is therefore taken at the clamped start explicitly, and a row counts only
+        if its absolute position is at or after ``start`` (and it is real).
+        """
         grad_sum, losses, aux, nonfinite, acc = carry
-        chunk_mask = rows_at(mask, start, size)
-        chunk_rows = rows_at(rows, start, size)
-        clipped, finite, loss, chunk_aux = vmapped(chunk_rows, rows_at(ids, start, size))
+        at = jnp.minimum(start, physical - size)
+        fresh = at + jnp.arange(size) >= start
+        chunk_mask = rows_at(mask, at, size) & fresh
+        chunk_rows = rows_at(rows, at, size)
+        clipped, finite, loss, chunk_aux = vmapped(chunk_rows, rows_at(ids, at, size))
         if fold is not None:
             chunk_aux, values = chunk_aux
             acc = fold(acc, chunk_rows, values, chunk_mask)
@@ -164,7 +172,13 @@ def _shard_sum(
             grad_sum,
             clipped,
         )
-        put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x, start, 0)  # noqa: E731
+
+        def put(buf, x):  # rows re-read from an earlier chunk keep their stored value
+            keep = fresh.reshape(fresh.shape + (1,) * (x.ndim - 1))
+            return jax.lax.dynamic_update_slice_in_dim(
+                buf, jnp.where(keep, x, rows_at(buf, at, size)), at, 0
+            )
+
         losses = put(losses, loss)
         aux = jax.tree.map(put, aux, chunk_aux)
         nonfinite = nonfinite + jnp.sum(chunk_mask & ~finite).astype(jnp.int32)

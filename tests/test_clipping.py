@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keras_dp import clipping, sampling
 
@@ -68,4 +70,62 @@ def test_tails_over_several_shards_count_every_real_row_once():
         grad, _, ids, nonfinite = run(padded, jnp.asarray(mask))
         np.testing.assert_allclose(grad, naive_sum(w, rows[indices], 1.0), rtol=1e-5, atol=1e-5)
         assert sorted(np.asarray(ids)[mask].tolist()) == list(range(real))  # ranks 0..real-1
+        assert int(nonfinite) == 0
+
+
+def one_hot_run(physical, chunk, shards=1):
+    """A jitted clipped sum whose row i has gradient e_i (norm 1 <= C): the sum is then
+    the count of how often each row was summed."""
+
+    def example_fn(params, row, index):
+        return jnp.sum(params * row), jnp.ones(())
+
+    eye = jnp.eye(physical, dtype=jnp.float32)
+    params = jnp.zeros((physical,), jnp.float32)
+
+    @jax.jit
+    def run(mask):
+        return clipping.clipped_sum(example_fn, params, eye, mask, 2.0, chunk, shards)
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "physical, chunk, reals",
+    [
+        (200, 50, [199, 197, 151, 149]),  # the review's cases: rows 196-197 summed twice
+        (200, 100, [199, 193, 135]),  # rows 192-195 summed twice
+        (144, 48, [139, 143, 97]),
+        (260, 130, [259, 255, 131]),
+    ],
+)
+def test_last_tail_chunk_never_resums_rows(physical, chunk, reals):
+    """``dynamic_slice`` clamps a start past the end; the last tail chunk must not count
+    the rows it re-reads (it did: B = 199 at chunk 50 summed rows 196 and 197 twice)."""
+    run = one_hot_run(physical, chunk)
+    for real in reals:
+        grad, _, _, _ = run(jnp.asarray(np.arange(physical) < real))
+        np.testing.assert_array_equal(np.asarray(grad), (np.arange(physical) < real) * 1.0)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    shards=st.sampled_from([1, 2, 4]),
+    chunk=st.integers(1, 128),
+    chunks_per_shard=st.integers(1, 3),
+    data=st.data(),
+)
+def test_each_real_row_is_summed_exactly_once(shards, chunk, chunks_per_shard, data):
+    """Any chunk (1..128, powers of two or not), any shard count, any real count: the
+    one-hot sum is exactly the mask, so no row is dropped, doubled, or padding added."""
+    per_shard = chunk * chunks_per_shard
+    physical = per_shard * shards
+    run = one_hot_run(physical, chunk, shards)
+    counts = data.draw(
+        st.lists(st.integers(0, physical), min_size=1, max_size=6, unique=True), label="real"
+    )
+    for real in counts + [physical, max(0, physical - 1)]:
+        _, mask = sampling.shard_layout(np.arange(real), physical, shards)
+        grad, _, _, nonfinite = run(jnp.asarray(mask))
+        np.testing.assert_array_equal(np.asarray(grad), mask * 1.0, err_msg=f"{real} real")
         assert int(nonfinite) == 0
