@@ -33,7 +33,10 @@ from run import MODELS, build, log, train_state  # noqa: E402
 
 from keras_dp import data as dp_data  # noqa: E402
 from keras_dp import model as dp_model  # noqa: E402
-from keras_dp import sampling  # noqa: E402
+from keras_dp import (
+    noise,  # noqa: E402
+    sampling,  # noqa: E402
+)
 
 KINDS = ("plain", "keras_dp", "jax_privacy")
 
@@ -56,7 +59,9 @@ def dp_batch(model, x, y, real: int):
     physical = dp_data.DPBatches(model, source, config, chunk, 1).physical
     padded, mask = sampling.shard_layout(np.arange(real), physical, 1)
     xs, ys, _ = source.gather(padded)
-    return {"dp_x": xs, "dp_mask": mask, "dp_step": np.zeros(len(mask), np.int32)}, ys
+    seed = np.broadcast_to(noise.seed_words(model._dp_seed), (len(mask), 2))
+    packed = {"dp_x": xs, "dp_mask": mask, "dp_step": np.zeros(len(mask), np.int32)}
+    return {**packed, "dp_seed": np.ascontiguousarray(seed)}, ys
 
 
 def compiled_step(model, batch):

@@ -48,7 +48,6 @@ def train(epsilon: float | None, data, seed: int) -> float:
             batch_size=BATCH,
             epochs=EPOCHS,
             l2_clip_norm=CLIP,
-            seed=seed,
         )
         model = keras_dp.make_private(model, config)
     model.compile(

@@ -45,7 +45,9 @@ class AuditReport:
       epsilon_clopper_pearson: The membership-inference lower bound from the best
         TPR/FPR threshold, with Clopper–Pearson intervals (Bonferroni over
         thresholds).
-      confidence: Each lower bound holds with at least this probability.
+      confidence: Both lower bounds hold together with at least this probability
+        (each is computed at (1 - confidence) / 2, a Bonferroni correction), so
+        ``epsilon_lower_bound`` does too.
       auroc: Area under the attack's ROC curve (0.5: no better than chance).
       tpr_at_fpr: The attack's true-positive rate at a few false-positive rates.
       in_scores: Membership scores of the included canaries (higher: more "in").
@@ -176,7 +178,7 @@ def run(
       num_canaries: Canaries made when ``canaries`` is None (random-label,
         out-of-distribution inputs; see :func:`random_label_canaries`).
       canaries: ``(x_canary, y_canary)`` to use instead.
-      confidence: The probability with which each lower bound holds.
+      confidence: The probability with which both lower bounds hold together.
       private: False trains without DP (a control that should audit high).
       seed: Seeds the canaries and the in/out coin (not the DP noise).
       score_fn: ``(model, x, y) -> scores``, higher meaning "more likely in".
@@ -189,6 +191,13 @@ def run(
 
     if not 0.5 < confidence < 1:
         raise ValueError(f"confidence={confidence} must be in (0.5, 1), e.g. 0.95.")
+    if config is not None and config.sampling != "poisson":
+        raise ValueError(
+            f"audit.run needs DPConfig(sampling='poisson'): canaries are added or removed, "
+            f"so the audit bounds ε for add-or-remove neighbours, while sampling="
+            f"{config.sampling!r} is accounted for replace-one neighbours; the two are not "
+            "comparable."
+        )
     if config is not None and config.dataset_size is not None:
         raise ValueError(
             "audit.run needs DPConfig(dataset_size=None): the included canaries change "
@@ -225,7 +234,7 @@ def run(
         delta = config.target_delta or min(1e-5, 0.1 / len(y_train))
     scores = np.asarray(score_fn(model, cx, cy), np.float64)
     auditor = auditing.CanaryScoreAuditor(scores[included], scores[~included])
-    significance = 1 - confidence
+    significance = (1 - confidence) / 2  # two bounds, jointly at `confidence`
     report = AuditReport(
         accounted_epsilon=float(accounted),
         delta=float(delta),

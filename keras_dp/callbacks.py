@@ -61,3 +61,26 @@ class PrivacyBudget(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["epsilon"] = self.model.privacy_spent(self.delta).epsilon
+
+
+class DPProgbarLogger(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, without ``nonfinite_examples`` while it is 0.
+
+    DP ``fit`` puts it in place of the default one; ``History`` still records
+    ``nonfinite_examples`` (the count of real examples of the epoch's last update whose
+    gradient was not finite and so contributed nothing).
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, _without_zero_nonfinite(logs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, _without_zero_nonfinite(logs))
+
+
+def _without_zero_nonfinite(logs):
+    if not logs or "nonfinite_examples" not in logs:
+        return logs
+    if float(logs["nonfinite_examples"]) != 0:
+        return logs
+    return {k: v for k, v in logs.items() if k != "nonfinite_examples"}

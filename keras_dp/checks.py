@@ -6,6 +6,8 @@ preprocessed and before the first update; none of them changes the model.
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 
@@ -128,4 +130,34 @@ def check_class_labels(model, source: sampling.ExampleSource, first) -> None:
             f"{int(np.sum(bad))} labels are not class indices in [0, {classes}) (e.g. "
             f"{labels[bad].flat[0].item()!r}); the model outputs {classes} classes. Fix the "
             "labels, or use CategoricalCrossentropy for one-hot/soft labels."
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def check_plan_within_target(config) -> float:
+    """Refuses a plan whose ε over all its steps exceeds its target; returns that ε.
+
+    Run by ``fit`` before the first update, however the plan was built (calibrated,
+    a user-given σ, loaded from a file): the accountant is asked again.
+    """
+    spent = config.epsilon()
+    if not spent <= config.target_epsilon:
+        raise ValueError(
+            f"This plan spends ε={spent:.4g} over its {config.steps} updates, more than "
+            f"DPConfig.target_epsilon={config.target_epsilon} (δ={config.delta:.3g}). Pass "
+            "noise_multiplier=None to calibrate σ for the target, or fewer steps/epochs, "
+            "or a larger target_epsilon. Nothing was trained."
+        )
+    return spent
+
+
+def check_delta(where: str, delta, config) -> None:
+    """Refuses a δ outside (0, 1/N): a δ of 1/N or more allows releasing an example."""
+    n = None if config is None else config.dataset_size
+    if not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise ValueError(f"{where}: δ={delta!r} must be in (0, 1), e.g. 1e-5.")
+    if n is not None and delta >= 1 / n:
+        raise ValueError(
+            f"{where}: δ={delta:.3g} is not below 1/dataset_size = {1 / n:.3g} (a δ that "
+            f"large allows releasing whole examples); pass δ <= {0.1 / n:.2g}."
         )

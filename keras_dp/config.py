@@ -322,6 +322,8 @@ class DPConfig:
         event = self.dp_event(steps)
         if event.count == 0:
             return 0.0
+        if self.noise_multiplier == 0:
+            return math.inf  # no noise (an explicit non-private debug run)
         delta = self.delta if delta is None else delta
         return accounting.epsilon(event, delta, self.accountant, self.neighboring_relation)
 

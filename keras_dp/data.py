@@ -14,7 +14,7 @@ import keras
 import numpy as np
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
-from keras_dp import accounting, distribute, sampling
+from keras_dp import accounting, distribute, noise, sampling
 from keras_dp.config import DPConfig
 
 logger = logging.getLogger(__name__)
@@ -28,9 +28,20 @@ def preprocess(preprocessor, source: sampling.ExampleSource, chunk: int = 1024):
     """
     parts = []
     for start in range(0, source.size, chunk):
-        x, y, sw = source.gather(np.arange(start, min(start + chunk, source.size)))
+        stop = min(start + chunk, source.size)
+        x, y, sw = source.gather(np.arange(start, stop))
         out = keras.utils.unpack_x_y_sample_weight(preprocessor(x, y, sw))
-        parts.append([None if a is None else keras.tree.map_structure(np.asarray, a) for a in out])
+        out = [None if a is None else keras.tree.map_structure(np.asarray, a) for a in out]
+        rows = {int(np.shape(a)[0]) for a in keras.tree.flatten(out) if a is not None}
+        if rows != {stop - start}:
+            raise ValueError(
+                f"The preprocessor turned {stop - start} examples into {sorted(rows)} rows. "
+                "DP training needs exactly one row per example (the privacy unit): an "
+                "example split into several rows would be sampled and clipped as several. "
+                "Use a preprocessor that maps each example to one row (e.g. truncate "
+                "instead of splitting long texts). Nothing was trained."
+            )
+        parts.append(out)
     joined = [
         None if part is None else keras.tree.map_structure(lambda *a: np.concatenate(a), *column)
         for part, column in zip(parts[0], zip(*parts))
@@ -61,16 +72,22 @@ class DPBatches(keras.utils.PyDataset):
         self._model, self._source, self._config, self._per_epoch = model, source, config, per_epoch
         b_max = config.max_batch_size or _untruncated_bound(config)
         self._shards, _ = distribute.batch_shards()
-        self._chunk = min(chunk, -(-b_max // self._shards))
-        self.physical = sampling.physical_batch_size(b_max, self._chunk, self._shards)
-        self._next_step = model._dp_steps
+        self._chunk = chunk
+        self.physical = self._physical(b_max)
+        self._next_step = model._dp_ledger.steps
+
+    def _physical(self, rows: int) -> int:
+        """Rows fed for a draw of up to ``rows``: shards of whole chunks of the size
+        the train step will use (``model.step_chunk``), so no row is left out."""
+        per_shard = -(-rows // self._shards)
+        return sampling.physical_batch_size(rows, min(self._chunk, per_shard), self._shards)
 
     def resume_at(self, step: int) -> None:
         """Draws the next batch for update ``step`` (after a checkpoint was restored)."""
         self._next_step = step
 
     def steps_this_fit(self, epochs: int) -> int:
-        return min(epochs * self._per_epoch, self._config.steps - self._model._dp_steps)
+        return min(epochs * self._per_epoch, self._config.steps - self._model._dp_ledger.spent)
 
     @property
     def num_batches(self) -> int:
@@ -90,12 +107,25 @@ class DPBatches(keras.utils.PyDataset):
                 len(indices),
                 physical,
             )
-            physical = sampling.physical_batch_size(len(indices), self._chunk, self._shards)
+            physical = self._physical(len(indices))
         padded, mask = sampling.shard_layout(indices, physical, self._shards)
         mine = distribute.local_rows(physical)  # all rows, unless several processes
         x, y, sw = self._source.gather(padded[mine])
         rows = len(mask[mine])
-        packed = {"dp_x": x, "dp_mask": mask[mine], "dp_step": np.full(rows, step, np.int32)}
+        got = {int(np.shape(a)[0]) for a in keras.tree.flatten((x, y, sw)) if a is not None}
+        if got != {rows}:
+            raise ValueError(
+                f"The data source returned {sorted(got)} rows for {rows} requested indices "
+                "(repeated indices included: padding repeats example 0). Its "
+                "__getitems__/__getitem__ must return one item per index, in order."
+            )
+        seed = np.broadcast_to(noise.seed_words(self._model._dp_seed), (rows, 2))
+        packed = {
+            "dp_x": x,
+            "dp_mask": mask[mine],
+            "dp_step": np.full(rows, step, np.int32),
+            "dp_seed": np.ascontiguousarray(seed),
+        }
         if sw is not None:
             return packed, y, sw
         return (packed, y) if y is not None else (packed,)

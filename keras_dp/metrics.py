@@ -10,8 +10,8 @@ import keras
 def update(model, metrics_vars, loss, num_real, y, y_pred, real, sample_weight):
     """The loss tracker, and the compiled metrics when ``y_pred`` is given; the logs.
 
-    ``y_pred=None``: the compiled metrics were already updated chunk by chunk
-    (:func:`update_compiled`) or there are none.
+    ``real`` is the bool mask of real rows. ``y_pred=None``: the compiled metrics were
+    already updated chunk by chunk (:func:`update_compiled`) or there are none.
     """
     mapping = list(zip(model.metrics_variables, metrics_vars))
     with keras.StatelessScope(state_mapping=mapping) as scope:
@@ -33,10 +33,13 @@ def update_compiled(model, metrics_vars, y, y_pred, real, sample_weight):
 def _update_compiled(compiled, y, y_pred, real, sample_weight):
     """Keras gives unweighted ``metrics`` no sample weight, which would count padding;
     here every compiled metric gets the row mask (times ``sample_weight`` for
-    ``weighted_metrics``)."""
+    ``weighted_metrics``). Padding rows' values are replaced by zeros first: a weight
+    of 0 does not cancel a NaN (padding repeats example 0, which may be non-finite)."""
+    y, y_pred, sample_weight = (masked(a, real) for a in (y, y_pred, sample_weight))
     if not compiled.built:
         compiled.build(y, y_pred)
     ys, preds = compiled._flatten_y(y), compiled._flatten_y(y_pred)
+    real = real.astype(jnp.float32)
     for metrics, weight in (
         (compiled._flat_metrics, row_weights(real, None, preds[0])),
         (compiled._flat_weighted_metrics, row_weights(real, sample_weight, preds[0])),
@@ -44,6 +47,19 @@ def _update_compiled(compiled, y, y_pred, real, sample_weight):
         for metric, y_t, y_p in zip(metrics, ys, preds):
             if metric:
                 metric.update_state(y_t, y_p, sample_weight=weight)
+
+
+def masked(tree, real: jax.Array):
+    """``tree`` with every row that is not real set to zero (``jnp.where``, not ``*``)."""
+    if tree is None:
+        return None
+
+    def zero_padding(a):
+        a = jnp.asarray(a)
+        keep = real.reshape(real.shape + (1,) * (a.ndim - 1))
+        return jnp.where(keep, a, jnp.zeros((), a.dtype))
+
+    return jax.tree.map(zero_padding, tree)
 
 
 def _values(model, scope) -> list:

@@ -22,7 +22,7 @@ import numpy as np
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 from keras_dp import checks, clipping, data, distribute, ledger, metrics, noise, sampling, saving
-from keras_dp.callbacks import PrivacyBudget
+from keras_dp.callbacks import DPProgbarLogger, PrivacyBudget
 from keras_dp.config import DPConfig
 
 logger = logging.getLogger(__name__)
@@ -32,11 +32,22 @@ _GOLDEN = np.uint32(0x9E3779B1)
 
 @dataclasses.dataclass(frozen=True)
 class PrivacySpent:
-    """What a model's training has spent so far: ε at δ after ``steps`` updates."""
+    """What a model's training has spent so far: ε at δ after ``steps`` updates.
+
+    Attributes:
+      epsilon: ε of ``steps`` updates of the plan, at ``delta``.
+      delta: The δ of the guarantee.
+      steps: Accounted updates: those in the weights' lineage, plus any computed
+        after them in this process and thrown away (see :mod:`keras_dp.ledger`).
+      private: False when the noise came from a user-fixed ``DPConfig.seed``: the
+        noise can then be regenerated and removed, so ``epsilon`` holds only for
+        someone who does not know the seed, i.e. the weights are NOT private.
+    """
 
     epsilon: float
     delta: float | None
     steps: int
+    private: bool = True
 
 
 class DPModel:
@@ -66,10 +77,24 @@ class DPModel:
         """The DP plan (calibrated once ``fit`` has seen the data)."""
         return self._dp_config
 
-    def set_dp_config(self, config: DPConfig) -> None:
-        """Sets the plan. Refused once training has spent part of another plan."""
+    def set_dp_config(self, config: DPConfig, prior_updates: int = 0) -> None:
+        """Sets the plan. Refused once training has spent part of another plan.
+
+        Args:
+          config: The plan.
+          prior_updates: DP updates of this same plan that the current weights
+            already took where this model's ledger could not see them (weights set
+            with ``set_weights``, loaded by a plain Keras model, or cloned). They are
+            counted as spent. Loading a keras_dp checkpoint *after* ``make_private``
+            restores the count by itself.
+        """
         if not isinstance(config, DPConfig):
             raise TypeError(f"dp_config must be a keras_dp.DPConfig; got {type(config).__name__}.")
+        if not isinstance(prior_updates, int) or prior_updates < 0:
+            raise ValueError(
+                f"prior_updates={prior_updates!r} is invalid: pass the number (>= 0) of DP "
+                "updates of this plan that the weights already took."
+            )
         if self._dp_steps and not self._dp_same_plan(config):
             raise ValueError(
                 f"This model already took {self._dp_steps} DP steps under another plan "
@@ -78,6 +103,8 @@ class DPModel:
                 "start from a new model."
             )
         self._dp_set_plan(config)
+        self._dp_ledger.conflict = None
+        self._dp_ledger.declare(prior_updates)
 
     def _dp_set_plan(self, config: DPConfig | None) -> None:
         self._dp_config = config
@@ -85,19 +112,29 @@ class DPModel:
 
     def _dp_same_plan(self, config: DPConfig) -> bool:
         old = self._dp_config
-        if old is None:
-            return False
-        if not config.is_calibrated and old.dataset_size is not None:
-            config = config.calibrate(old.dataset_size)
-        return saving.same_plan(config, old)
+        return old is not None and saving.plans_agree(config, old)
+
+    def _dp_new_seed(self) -> None:
+        """Draws a new secret seed (unless the user fixed one) when weights go back.
+
+        Called whenever weights are loaded: continuing from an earlier update with the
+        same seed would redraw the same samples and noise, and two released models
+        that share their noise reveal their difference without it.
+        """
+        config = self._dp_config
+        if self._dp_seed is not None and (config is None or config.seed is None):
+            self._dp_seed = distribute.shared_seed(secrets.randbits(63))
 
     # Saving: the plan and the ledger travel in the config; the noise key never does.
 
     def get_config(self):
         config = super().get_config()
+        ledger_ = self._dp_ledger
         config["dp_state"] = {
             "config": saving.config_to_dict(self._dp_config),
-            "steps": self._dp_steps,
+            "steps": ledger_.steps,
+            "spent": ledger_.spent,
+            "public_seed": ledger_.public_seed,
         }
         if type(self) in _DP_CLASSES.values():  # made by make_private
             config["dp_base_class"] = saving.base_reference(type(self).__bases__[1])
@@ -117,6 +154,8 @@ class DPModel:
             model = super().from_config(config)
         model._dp_set_plan(saving.config_from_dict(state.get("config")))
         model._dp_ledger.steps = int(state.get("steps", 0))
+        model._dp_ledger.spent = int(state.get("spent", model._dp_ledger.steps))
+        model._dp_ledger.public_seed = bool(state.get("public_seed", False))
         return model
 
     def load_weights(self, filepath, *args, **kwargs):
@@ -131,20 +170,34 @@ class DPModel:
 
     @property
     def _dp_steps(self) -> int:
-        return self._dp_ledger.steps
+        return self._dp_ledger.spent
 
     @property
     def dp_steps(self) -> int:
-        """Optimizer updates (accounted steps) taken by all ``fit`` calls so far."""
+        """Accounted optimizer updates: those the weights took, and any computed after
+        them in this process and thrown away (a rolled-back or unchosen checkpoint)."""
         return self._dp_steps
 
     def privacy_spent(self, delta: float | None = None) -> PrivacySpent:
-        """ε spent by all ``fit`` calls so far (0 before any training)."""
+        """ε spent by all ``fit`` calls so far (0 before any training).
+
+        ``private`` is False when a user-fixed seed made the noise known.
+        """
         config = self._dp_config
+        if delta is not None:
+            checks.check_delta("privacy_spent(delta=...)", delta, config)
         delta = delta if delta is not None else (config.delta if config else None)
+        private = not self._dp_ledger.public_seed
         if not self._dp_steps:
-            return PrivacySpent(0.0, delta, 0)
-        return PrivacySpent(config.epsilon(self._dp_steps, delta), delta, self._dp_steps)
+            return PrivacySpent(0.0, delta, 0, private)
+        return PrivacySpent(config.epsilon(self._dp_steps, delta), delta, self._dp_steps, private)
+
+    def train_on_batch(self, *args, **kwargs):
+        raise ValueError(
+            "train_on_batch is not available on a DP model: an update on a batch that "
+            "keras_dp's sampler did not draw is not covered by the accountant. Use "
+            "model.fit(x, y) (the config sets the batch and the number of updates)."
+        )
 
     # fit ------------------------------------------------------------------------
 
@@ -194,6 +247,8 @@ class DPModel:
         if source.size == 0:
             raise ValueError("fit got no training examples (x is empty).")
         config = self._dp_calibrate(config, source.size)
+        checks.check_plan_within_target(config)
+        self._dp_ledger.check_plan()
         first = source.gather(np.arange(min(2, source.size)))
         checks.check_examples(first, labels_needed=getattr(self, "_compile_loss", None) is not None)
         self._symbolic_build(data_batch=first)
@@ -207,7 +262,19 @@ class DPModel:
         if self._dp_seed is None:
             seed = config.seed if config.seed is not None else secrets.randbits(63)
             self._dp_seed = distribute.shared_seed(seed)
-            self.train_function = None
+        self._dp_ledger.start_run()
+        if config.seed is not None:
+            self._dp_ledger.public_seed = True
+            logger.warning(
+                "DPConfig(seed=%d) is fixed: anyone who knows it can regenerate the noise, "
+                "so this run is NOT differentially private (for tests only). Pass "
+                "seed=None for a secret seed.",
+                config.seed,
+            )
+        distribute.check_processes_agree(
+            source.size,
+            lambda: source.gather(data.draw_indices(config, self._dp_seed, self._dp_ledger.steps)),
+        )
         shards, _ = distribute.batch_shards()
         chunk = _chunk_size(config, shards, self)
         batches = data.DPBatches(self, source, config, chunk, per_epoch)
@@ -216,6 +283,8 @@ class DPModel:
             stop_at = config.steps
         for callback in callbacks:
             if isinstance(callback, PrivacyBudget):
+                if callback.delta is not None:
+                    checks.check_delta("PrivacyBudget(delta=...)", callback.delta, config)
                 callback._max_steps = callback.max_steps(self)
                 stop_at = min(stop_at, callback._max_steps)
         if stop_at <= self._dp_steps:
@@ -225,6 +294,10 @@ class DPModel:
                 "stop here."
             )
         callbacks = [ledger.LedgerCallback(stop_at, per_epoch, batches), *callbacks]
+        if verbose != 0 and not any(
+            isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks
+        ):
+            callbacks.append(DPProgbarLogger())
         return keras.Model.fit(
             self,
             data.adapter(batches),
@@ -244,12 +317,16 @@ class DPModel:
                 f"fit got {size} examples but DPConfig.dataset_size={config.dataset_size}; "
                 "pass the data the plan was made for, or dataset_size=None."
             )
-        if not config.is_calibrated:
-            config = config.calibrate(size)
-            logger.info("Calibrated noise_multiplier=%.4f for %s", config.noise_multiplier, config)
-            self._dp_set_plan(config)
-        self._dp_ledger.check_plan(config)  # weights loaded from another plan's checkpoint
-        return config
+        calibrated = config.calibrate(size)  # a given σ is checked against the target
+        if calibrated is not config:
+            if config.noise_multiplier is None:
+                logger.info(
+                    "Calibrated noise_multiplier=%.4f for %s",
+                    calibrated.noise_multiplier,
+                    calibrated,
+                )
+            self._dp_set_plan(calibrated)
+        return calibrated
 
     def _dp_epochs(
         self, config: DPConfig, epochs, initial_epoch: int, restartable: bool = False
@@ -305,18 +382,18 @@ class DPModel:
             for i in seed_slots:  # each example its own dropout randomness
                 offset = jnp.asarray([(index + 1) * _GOLDEN, 0]).astype(nt[i].dtype)
                 nt[i] = nt[i] + offset
-            loss, (y_pred, nt_out) = self._dp_loss(params, nt, metrics_vars, xi, yi, swi)
+            loss, (y_pred, _) = self._dp_loss(params, nt, metrics_vars, xi, yi, swi)
             y_pred = jax.tree.map(lambda a: a[0], y_pred)
-            kept = (y_pred if keep_predictions else None, [nt_out[i] for i in seed_slots])
+            kept = y_pred if keep_predictions else None
             return loss, ((kept, y_pred) if fold_metrics else kept)
 
         def fold(values, chunk_rows, chunk_pred, chunk_mask):
             _, chunk_y, chunk_sw = chunk_rows
-            real = chunk_mask.astype(jnp.float32)
-            return metrics.update_compiled(self, values, chunk_y, chunk_pred, real, chunk_sw)
+            return metrics.update_compiled(self, values, chunk_y, chunk_pred, chunk_mask, chunk_sw)
 
         shards, shard_axis = distribute.batch_shards()
-        chunk = min(mask.shape[0] // shards, _chunk_size(config, shards, self))
+        per_shard = mask.shape[0] // shards
+        chunk = step_chunk(per_shard, _chunk_size(config, shards, self))
         grad_sum, losses, aux, nonfinite = clipping.clipped_sum(
             example_fn,
             trainable,
@@ -328,33 +405,62 @@ class DPModel:
             shard_axis,
             fold=fold if fold_metrics else None,
             fold_init=list(metrics_vars) if fold_metrics else None,
+            mesh=distribute.batch_mesh() if shards > 1 else None,
         )
-        if fold_metrics:
-            (y_pred, seeds), metrics_vars = aux
-        else:
-            y_pred, seeds = aux
-        # The ledger's count of this update keys its noise: unique along the weights'
-        # history, also across restored checkpoints and recompiled optimizers.
-        key = noise.step_key(noise.root_key(self._dp_seed), packed["dp_step"][0])
+        y_pred, metrics_vars = aux if fold_metrics else (aux, metrics_vars)
+        # The secret seed is an input (never a constant of the compiled program); the
+        # ledger's count of this update keys its noise: unique along the weights'
+        # history, and a new seed is drawn whenever loaded weights go back.
+        key = noise.step_key(noise.root_key(packed["dp_seed"][0]), packed["dp_step"][0])
         grads = noise.privatize(
             grad_sum, key, config.noise_multiplier, config.l2_clip_norm, config.batch_size
         )
-        grads = [g.astype(v.dtype) for g, v in zip(grads, trainable)]
+        # The optimizer divides by its loss scale (LossScaleOptimizer under mixed_float16,
+        # loss_scale_factor); the DP loss was never scaled, so scale the gradient to match.
+        scale = _loss_scale(self.optimizer, optimizer_vars)
+        grads = [(g * scale).astype(v.dtype) for g, v in zip(grads, trainable)]
         trainable, optimizer_vars = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
 
+        non_trainable = self._dp_next_state(
+            state[0], non_trainable, seed_slots, metrics_vars, (x, y, sample_weight)
+        )
         num_real = jnp.sum(mask)
-        non_trainable = list(non_trainable)
-        for slot, new in zip(seed_slots, seeds):  # advance every seed state once per step
-            advanced = new[0] - jnp.asarray([_GOLDEN, 0]).astype(new.dtype)
-            step_on = non_trainable[slot] + jnp.asarray([0, 1]).astype(new.dtype)
-            non_trainable[slot] = jnp.where(num_real > 0, advanced, step_on)
-        real = mask.astype(jnp.float32)
-        loss = jnp.sum(losses * real) / jnp.maximum(num_real, 1)
+        loss = jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.maximum(num_real, 1)
         logs, metrics_vars = metrics.update(
-            self, metrics_vars, loss, num_real, y, y_pred, real, sample_weight
+            self, metrics_vars, loss, num_real, y, y_pred, mask, sample_weight
         )
         logs = {**logs, "nonfinite_examples": nonfinite}
         return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+    def _dp_next_state(self, params, non_trainable, seed_slots, metrics_vars, rows):
+        """The non-trainable state after the step: every seed state advanced as one
+        forward pass advances it, whatever the batch holds (an empty Poisson draw
+        included), so the saved state reveals nothing of the draws.
+
+        The advance comes from one more forward pass on row 0 whose only used outputs
+        are the seed states; they do not depend on the data, so XLA keeps nothing else
+        of it. Other non-trainable state that a layer assigns in ``call`` would need
+        one value per example; it is not kept, and a warning names it.
+        """
+        row = jax.tree.map(lambda a: a[:1], rows)
+        _, (_, after) = self._dp_loss(params, list(non_trainable), metrics_vars, *row)
+        variables = self.non_trainable_variables
+        changed = [
+            variables[i].path
+            for i, (a, b) in enumerate(zip(non_trainable, after))
+            if i not in seed_slots and a is not b
+        ]
+        if changed:
+            logger.warning(
+                "Non-trainable state assigned in call() is not kept by DP training (it "
+                "would mix examples): %s. Compute it outside the DP step, or make it "
+                "trainable=False weights that call() does not assign.",
+                ", ".join(changed),
+            )
+        state = list(non_trainable)
+        for i in seed_slots:
+            state[i] = after[i]
+        return state
 
     def _dp_loss(self, params, non_trainable, metrics_vars, x, y, sample_weight):
         kwargs = {"training": True} if self._call_has_training_arg else {}
@@ -377,6 +483,30 @@ class DPModel:
         if losses:
             self._losses_override.clear()
         return loss, (y_pred, non_trainable)
+
+
+def _loss_scale(optimizer, optimizer_vars) -> jax.Array:
+    """What ``optimizer.stateless_apply`` divides the gradients by (1.0 for most)."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    mapping = list(zip(optimizer.variables, optimizer_vars))
+    with keras.StatelessScope(state_mapping=mapping):
+        scale = optimizer.scale_loss(jnp.float32(1.0))
+        if inner is not None:
+            scale = scale * inner.scale_loss(jnp.float32(1.0))
+    return jnp.asarray(scale, jnp.float32)
+
+
+def step_chunk(per_shard: int, chunk_size: int) -> int:
+    """The chunk a step of ``per_shard`` rows per shard runs: ``chunk_size``, or one
+    chunk of the whole shard when it is smaller. :class:`keras_dp.data.DPBatches`
+    sizes every batch so that this divides ``per_shard``."""
+    chunk = min(per_shard, chunk_size)
+    if per_shard % chunk:
+        raise ValueError(
+            f"Internal: a shard of {per_shard} rows is not a whole number of chunks of "
+            f"{chunk}; rows would be dropped. Please report this."
+        )
+    return chunk
 
 
 def _chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
@@ -413,16 +543,26 @@ _CHUNK_GRADIENT_BYTES = 2**30
 _DP_CLASSES: dict[type, type] = {}
 
 
-def make_private(model: keras.Model, config: DPConfig) -> keras.Model:
+def make_private(model: keras.Model, config: DPConfig, prior_updates: int = 0) -> keras.Model:
     """Gives ``model`` (any Keras or keras-hub model) DP training, in place.
 
     The instance's class becomes a subclass ``DP<Class>(DPModel, Class)``; no
     method is patched. ``isinstance(model, keras_dp.DPModel)`` holds afterwards
     and everything but ``fit``/``train_step`` behaves as before.
 
+    The privacy ledger lives in the DP model and travels with its checkpoints. To
+    continue DP-trained weights, call ``make_private`` first and *then* load them
+    (``model.load_weights(path)``, or ``keras.models.load_model`` of a ``.keras``
+    file): the ledger comes back with them. Weights that reach the model any other
+    way (a plain model loaded them before ``make_private``, ``set_weights``,
+    ``clone_model``) cannot be recognised: declare their updates with
+    ``prior_updates``, or ε is under-reported.
+
     Args:
       model: A Keras 3 model (Sequential, functional, subclassed, keras-hub task).
       config: The DP plan.
+      prior_updates: DP updates of this same plan that the model's current weights
+        already took; they are counted as spent.
 
     Returns:
       The same object, now a DPModel.
@@ -430,10 +570,11 @@ def make_private(model: keras.Model, config: DPConfig) -> keras.Model:
     if not isinstance(model, keras.Model):
         raise TypeError(f"make_private needs a keras.Model; got {type(model).__name__}.")
     if isinstance(model, DPModel):
-        model.set_dp_config(config)
+        model.set_dp_config(config, prior_updates)
         return model
     model.__class__ = _dp_class(type(model))
-    model._dp_init(config)
+    model._dp_init(None)
+    model.set_dp_config(config, prior_updates)
     return model
 
 

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def root_key(seed: int) -> jax.Array:
-    """A key from all 64 bits of ``seed`` (a 32-bit key, its high word folded in)."""
+def seed_words(seed: int) -> np.ndarray:
+    """``seed``'s 64 bits as two uint32 words (high, low): the form the train step takes.
+
+    The words travel with each batch as data, so the secret seed is an input of the
+    compiled step, never a constant in its program (or in a compilation cache).
+    """
     seed = int(seed) % 2**64
-    return jax.random.fold_in(jax.random.key(seed % 2**32), seed >> 32)
+    return np.asarray([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32)
+
+
+def root_key(seed) -> jax.Array:
+    """A key from all 64 bits of ``seed``: an int, or its :func:`seed_words` (traceable).
+
+    The low word seeds the key and the high word is folded in.
+    """
+    words = seed_words(seed) if isinstance(seed, (int, np.integer)) else seed
+    words = jnp.asarray(words, jnp.uint32)
+    return jax.random.fold_in(jax.random.key(words[1]), words[0])
 
 
 def step_key(root: jax.Array, step: jax.Array) -> jax.Array:

@@ -51,6 +51,24 @@ def same_plan(a: DPConfig, b: DPConfig) -> bool:
     )
 
 
+def plans_agree(a: DPConfig, b: DPConfig) -> bool:
+    """True when two plans, calibrated for the same data, spend privacy identically.
+
+    A plan without ``dataset_size`` is calibrated for the other's; a plan that cannot
+    be calibrated (a user-given σ that overspends) agrees with none.
+    """
+    try:
+        if a.dataset_size is None and b.dataset_size is not None:
+            a = a.calibrate(b.dataset_size)
+        if b.dataset_size is None and a.dataset_size is not None:
+            b = b.calibrate(a.dataset_size)
+        if a.dataset_size is None:  # neither knows N: compare what is promised
+            return same_plan(a, b)
+        return same_plan(a.calibrate(), b.calibrate())
+    except ValueError:
+        return False
+
+
 def base_reference(cls: type) -> dict:
     return {
         "module": cls.__module__,

@@ -11,8 +11,20 @@ _NOT_COVERED = (
     "Not covered: data used outside this training run (pre-training data, a tokenizer or "
     "vocabulary fitted on the private data, preprocessing statistics), the choice of "
     "hyperparameters made by looking at the private data, other releases from the same "
-    "data, and side channels such as timing. The guarantee assumes the sampler and the "
-    "noise run as stated and that each privacy unit is one example."
+    "data, and side channels such as timing. The per-step training loss and metrics "
+    "are computed on private rows without noise: anything that acts on them "
+    "(EarlyStopping, ReduceLROnPlateau or ModelCheckpoint monitoring 'loss', printing "
+    "them) is outside the guarantee; monitor held-out data instead. The guarantee "
+    "assumes the sampler and the noise run as stated, that the seed stays secret, and "
+    "that each privacy unit is one example. Updates computed in an earlier process and "
+    "thrown away by a crash recovery are assumed never released."
+)
+
+_PUBLIC_SEED = (
+    "NOT PRIVATE: this run used a fixed, known seed (DPConfig.seed). Anyone who knows it "
+    "can regenerate the noise and remove it from the weights, so the figures below hold "
+    "only for someone who does not know the seed. A fixed seed is for tests; train with "
+    "seed=None for a secret one."
 )
 
 
@@ -38,8 +50,10 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
     >>> print(privacy_statement(config).splitlines()[0])
     Differential privacy statement (keras_dp, example-level DP-SGD)
     """
+    public_seed, lineage = False, None
     if isinstance(config_or_model, DPConfig):
         config = config_or_model
+        public_seed = config.seed is not None
     else:
         config = getattr(config_or_model, "dp_config", None)
         if not isinstance(config, DPConfig):
@@ -47,8 +61,12 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
                 "privacy_statement needs a DPConfig or a keras_dp model; got "
                 f"{type(config_or_model).__name__}."
             )
+        spent = config_or_model.privacy_spent()
+        public_seed = not spent.private
         if steps is None:
-            steps = config_or_model.privacy_spent().steps
+            steps = spent.steps
+            ledger = getattr(config_or_model, "_dp_ledger", None)
+            lineage = None if ledger is None else ledger.steps
     if not config.is_calibrated:
         config = config.calibrate()
     steps = config.steps if steps is None else steps
@@ -65,7 +83,10 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
                 else ", never truncated."
             )
         )
-        relation = "add-or-remove-one example (N is not assumed public)"
+        relation = (
+            "add-or-remove-one example (N is treated as public: q, the truncation size "
+            "and δ's default are computed from it)"
+        )
     else:
         sampler = (
             f"Fixed-size sampling: each update uses a uniformly random subset of exactly "
@@ -75,14 +96,22 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
     deltas = [delta, delta / 10, delta * 10 if delta * 10 < 1 / n else delta / 100]
     eps_lines = [f"  ε = {config.epsilon(steps, d):.4g} at δ = {d:.3g}" for d in deltas]
     version = importlib.metadata.version("dp-accounting")
+    accounted = f"Updates accounted: {steps} of {config.steps} planned."
+    if lineage is not None and lineage < steps:
+        accounted += (
+            f" The weights took {lineage}; the other {steps - lineage} were computed after "
+            "them in this process and are counted, since weights chosen after seeing later "
+            "updates (a best checkpoint, a rollback) depend on them."
+        )
     lines = [
+        *([_PUBLIC_SEED] if public_seed else []),
         "Differential privacy statement (keras_dp, example-level DP-SGD)",
         f"Sampler: {sampler}",
         f"Neighbouring relation: {relation}.",
         f"Mechanism: each example's gradient clipped to L2 norm C = {config.l2_clip_norm:g}; "
         f"Gaussian noise σ·C with noise multiplier σ = {config.noise_multiplier:.6g} added "
         "to the clipped sum; divided by the expected batch size.",
-        f"Updates accounted: {steps} of {config.steps} planned.",
+        accounted,
         f"Accountant: dp_accounting {version}, {config.accountant.upper()} "
         f"({type(config.dp_event(steps).event).__name__}).",
         *eps_lines,

@@ -118,7 +118,7 @@ print(f"trainable (LoRA) parameters: {trainable:,} of {total:,} ({trainable / to
     (
         "code",
         """config = keras_dp.DPConfig(
-    target_epsilon=TARGET_EPSILON, batch_size=BATCH_SIZE, epochs=EPOCHS, l2_clip_norm=1.0, seed=0
+    target_epsilon=TARGET_EPSILON, batch_size=BATCH_SIZE, epochs=EPOCHS, l2_clip_norm=1.0
 )
 dp_lm = compile_lm(keras_dp.make_private(lm, config))
 history = dp_lm.fit(

@@ -163,7 +163,9 @@ class Interrupt(keras.callbacks.Callback):
             raise RuntimeError("interrupted")
 
 
-def test_backup_and_restore_after_an_exception_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_backup_and_restore_after_an_exception_resumes_and_counts_the_lost_updates(
+    tmp_path, monkeypatch
+):
     x, y = data()
     drawn = []  # the sampler's step numbers, in the order drawn
     step_rng = keras_dp.sampling.step_rng
@@ -183,13 +185,12 @@ def test_backup_and_restore_after_an_exception_equals_an_uninterrupted_run(tmp_p
     # was about to be dispatched when the exception came (the safe side).
     assert model.dp_steps == 15
     model.fit(x, y, epochs=2, verbose=0, callbacks=[backup])
-    # The backup rolled the weights and the ledger back to update 10; the sampler went on
-    # from there: no update counted twice or lost, and the result is the uninterrupted one.
-    assert drawn == list(range(14)) + list(range(10, 20))
-    assert model.dp_steps == 20
+    # The backup rolled the weights back to update 10 and the sampler went on from there.
+    # In the same process the 5 lost updates stay accounted (the weights before the
+    # rollback could have been looked at), so 5 more fill the plan: ε is the plan's.
+    assert drawn == list(range(14)) + list(range(10, 15))
+    assert model.dp_steps == 20 and model._dp_ledger.steps == 15
     assert model.privacy_spent().epsilon == straight.privacy_spent().epsilon
-    for a, b in zip(weights(model), weights(straight)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_weights_only_checkpoints_carry_the_ledger_and_its_plan(tmp_path):
