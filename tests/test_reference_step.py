@@ -95,7 +95,9 @@ def reference_updates(model, config, seed, x, y, sample_weight, weights0, nt0, s
         for rank, i in enumerate(indices):
             nt = list(nt0)
             for s in seed_slots:  # the documented per-example dropout key: rank and step
-                nt[s] = nt0[s] + np.asarray([(rank + 1) * dp_model._GOLDEN, step], nt0[s].dtype)
+                with np.errstate(over="ignore"):  # uint32 arithmetic wraps, as in the step
+                    offset = np.asarray([(rank + 1) * dp_model._GOLDEN, step], nt0[s].dtype)
+                nt[s] = nt0[s] + offset
             sw = None if sample_weight is None else jnp.asarray(sample_weight[i])
             g = grad_fn(current, nt, jnp.asarray(x[i]), jnp.asarray(y[i]), sw)
             g = [np.asarray(a, np.float64) for a in g]
