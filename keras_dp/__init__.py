@@ -7,6 +7,7 @@ require_jax_backend()
 from keras_dp import accounting, audit, callbacks  # noqa: E402
 from keras_dp.config import DPConfig, default_delta  # noqa: E402
 from keras_dp.model import DPModel, PrivacySpent, make_private  # noqa: E402
+from keras_dp.planner import Plans, plan, plan_table  # noqa: E402
 from keras_dp.saving import save_lora_weights  # noqa: E402
 from keras_dp.statement import privacy_statement  # noqa: E402
 
@@ -16,10 +17,13 @@ __all__ = [
     "DPConfig",
     "DPModel",
     "PrivacySpent",
+    "Plans",
     "accounting",
     "audit",
     "callbacks",
     "make_private",
+    "plan",
+    "plan_table",
     "default_delta",
     "privacy_statement",
     "save_lora_weights",

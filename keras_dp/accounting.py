@@ -41,6 +41,15 @@ SAMPLINGS = ("poisson", "fixed")
 # finer than dp_accounting's default (1e-4): that is the reference we promise to
 # stay within 0.5% of.
 _PLD_START = 4e-3
+# ... or a thousandth of the ε expected (from RDP, an upper bound), when that is coarser:
+# the error that matters is relative, and an absolute 4e-3 makes the PLD of a
+# low-noise (large ε) mechanism huge (ε = 1000: 17 s; ε = 1e6: out of memory).
+_PLD_START_RELATIVE = 1e-3
+_PLD_COARSEST = 1.0  # dp_accounting computes expm1(discretization)
+# Targets above this are refused: no meaningful guarantee, and the accountants' grids
+# (PLD) or orders (RDP) are not built for them. A non-private run says so explicitly:
+# target_epsilon=math.inf with noise_multiplier=0.
+MAX_TARGET_EPSILON = 1000.0
 _PLD_FINEST = 1e-4
 _PLD_REL_TOL = 0.005
 # Truncation: the chance that any planned step draws more than B_max examples is at
@@ -96,7 +105,15 @@ def poisson_event(
     steps: int,
     truncated_batch_size: int | None = None,
 ) -> dp_accounting.DpEvent:
-    """``steps`` Gaussian steps on a Poisson sample (truncated when B_max is given)."""
+    """``steps`` Gaussian steps on a Poisson sample (truncated when B_max is given).
+
+    With q = 1 every example is in every step: ``steps`` Gaussian mechanisms of noise σ,
+    which compose exactly into one of noise σ/√steps (their privacy curves are equal);
+    the PLD of 10⁶ composed steps would otherwise take minutes and gigabytes.
+    """
+    if sampling_probability >= 1:
+        single = dp_accounting.GaussianDpEvent(noise_multiplier / math.sqrt(max(steps, 1)))
+        return dp_accounting.SelfComposedDpEvent(single, 1 if steps else 0)
     if truncated_batch_size is None:
         step = dp_accounting.PoissonSampledDpEvent(
             sampling_probability, dp_accounting.GaussianDpEvent(noise_multiplier)
@@ -158,11 +175,28 @@ def _epsilon_at(
         return float(acc.compose(event).get_epsilon(delta))
 
 
+def pld_start(epsilon_guess: float) -> float:
+    """The PLD discretization to start from for an ε of about ``epsilon_guess``."""
+    if not math.isfinite(epsilon_guess):
+        return _PLD_START
+    return min(_PLD_COARSEST, max(_PLD_START, _PLD_START_RELATIVE * epsilon_guess))
+
+
+def rdp_estimate(
+    event: dp_accounting.DpEvent, delta: float, relation: NeighboringRelation
+) -> float:
+    """A fast upper bound on ε (RDP of the untruncated twin): sizes the PLD grid."""
+    try:
+        return _epsilon_at(_untruncated(event), delta, "rdp", relation)
+    except Exception:  # an event RDP does not support: no estimate
+        return math.inf
+
+
 def pld_discretization(
     event: dp_accounting.DpEvent, delta: float, relation: NeighboringRelation
 ) -> tuple[float, float]:
     """The coarsest PLD discretization whose ε is stable to 0.5%, and that ε."""
-    d = _PLD_START
+    d = pld_start(rdp_estimate(event, delta, relation))
     eps = _epsilon_at(event, delta, "pld", relation, d)
     while d > _PLD_FINEST and math.isfinite(eps):
         finer = max(d / 2, _PLD_FINEST)
@@ -218,10 +252,12 @@ def calibrate_noise_multiplier(
                 tol=tol,
             )
 
+    d0 = pld_start(target_epsilon)
     lo, hi = _bracket(
-        lambda s: _epsilon_at(proxy(s), delta, accountant, relation, 4e-3), target_epsilon
+        lambda s: _epsilon_at(proxy(s), delta, accountant, relation, d0),
+        target_epsilon,
     )
-    coarse = root(lambda: _accountant(accountant, relation, 4e-3), lo, hi, 2e-3 * hi)
+    coarse = root(lambda: _accountant(accountant, relation, d0), lo, hi, 2e-3 * hi)
     sigma = coarse
     if accountant == "pld":
         d, _ = pld_discretization(proxy(coarse), delta, relation)

@@ -140,6 +140,7 @@ def check_plan_within_target(config) -> float:
     Run by ``fit`` before the first update, however the plan was built (calibrated,
     a user-given σ, loaded from a file): the accountant is asked again.
     """
+    _ = config.gradient_noise_multiplier  # adaptive clipping: refuses too small a count noise
     spent = config.epsilon()
     if not spent <= config.target_epsilon:
         raise ValueError(

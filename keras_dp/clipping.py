@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,27 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+class ClippedSum(NamedTuple):
+    """What :func:`clipped_sum` returns.
+
+    Attributes:
+      grad_sum: Σ over real rows of the clipped gradients (float32).
+      losses: Each row's loss (zeros in chunks that were skipped).
+      aux: Each row's aux (with ``fold``: ``(kept, acc)``).
+      nonfinite: Real rows whose gradient was not finite (they contribute nothing).
+      clipped: Real rows whose gradient norm exceeded C (they were scaled down).
+    """
+
+    grad_sum: object
+    losses: jax.Array
+    aux: object
+    nonfinite: jax.Array
+    clipped: jax.Array
+
+
 def clip_to_norm(tree, l2_clip_norm: float):
-    """``tree`` in float32, scaled to L2 norm at most ``l2_clip_norm``; and whether it was finite.
+    """``tree`` in float32 scaled to L2 norm at most ``l2_clip_norm``; whether it was
+    finite; its norm before clipping.
 
     The norm and the scaling are computed in float32 whatever the leaves' dtype
     (scaling bfloat16 leaves in bfloat16 overshot C by up to 0.26%). A gradient with
@@ -42,7 +62,7 @@ def clip_to_norm(tree, l2_clip_norm: float):
     clipped = jax.tree.map(
         lambda x: jnp.where(finite, x.astype(jnp.float32) * scale, jnp.float32(0)), tree
     )
-    return clipped, finite
+    return clipped, finite, norm
 
 
 def clipped_sum(
@@ -84,10 +104,10 @@ def clipped_sum(
       fold_init: The initial ``acc``.
 
     Returns:
-      ``(grad_sum, losses, aux, nonfinite)``: the clipped sum (float32), each row's
-      loss and aux (zeros in chunks that were skipped), and the number of real rows
-      whose gradient was not finite. ``index`` is the row's rank among the real
-      rows when they are dealt round-robin over the shards (see
+      A :class:`ClippedSum`: the clipped sum (float32), each row's loss and aux
+      (zeros in chunks that were skipped), and the numbers of real rows whose
+      gradient was not finite, and whose gradient was clipped. ``index`` is the
+      row's rank among the real rows when they are dealt round-robin over the shards (see
       :func:`keras_dp.sampling.shard_layout`), so it does not depend on the shard
       count. With ``fold``, aux is ``(kept, acc)``.
     """
@@ -101,17 +121,18 @@ def clipped_sum(
         fold_init=fold_init,
     )
     if num_shards == 1:
-        return local(rows, mask, jnp.arange(mask.shape[0]))
+        grad_sum, losses, aux, counts = local(rows, mask, jnp.arange(mask.shape[0]))
+        return ClippedSum(grad_sum, losses, aux, counts[0], counts[1])
     per_shard = mask.shape[0] // num_shards
     if mesh is not None and shard_axis is not None:
-        grad_sums, losses, aux, nonfinite = _per_device(
+        grad_sums, losses, aux, counts = _per_device(
             local, rows, mask, num_shards, mesh, shard_axis, fold
         )
     else:
         split = lambda x: x.reshape((num_shards, per_shard) + x.shape[1:])  # noqa: E731
         merge = lambda x: x.reshape((num_shards * per_shard,) + x.shape[2:])  # noqa: E731
         ids = jnp.arange(per_shard)[None, :] * num_shards + jnp.arange(num_shards)[:, None]
-        grad_sums, losses, aux, nonfinite = jax.vmap(local)(
+        grad_sums, losses, aux, counts = jax.vmap(local)(
             jax.tree.map(split, rows), split(mask), ids
         )
         losses = merge(losses)
@@ -121,11 +142,9 @@ def clipped_sum(
     if fold is not None:
         kept, acc = aux
         aux = (kept, jax.tree.map(lambda a, i: i + jnp.sum(a - i, axis=0), acc, fold_init))
-    return (
-        jax.tree.map(lambda g: jnp.sum(g, axis=0), grad_sums),
-        losses,
-        aux,
-        jnp.sum(nonfinite),
+    counts = jnp.sum(counts, axis=0)
+    return ClippedSum(
+        jax.tree.map(lambda g: jnp.sum(g, axis=0), grad_sums), losses, aux, counts[0], counts[1]
     )
 
 
@@ -137,10 +156,10 @@ def _per_device(local, rows, mask, num_shards, mesh, shard_axis, fold):
     def per_device(rows, mask):
         shard = jax.lax.axis_index(shard_axis)
         ids = jnp.arange(mask.shape[0]) * num_shards + shard
-        grad_sum, losses, aux, nonfinite = local(rows, mask, ids)
+        grad_sum, losses, aux, counts = local(rows, mask, ids)
         if fold is not None:
             aux = (aux[0], jax.tree.map(lead, aux[1]))
-        return jax.tree.map(lead, grad_sum), losses, aux, lead(nonfinite)
+        return jax.tree.map(lead, grad_sum), losses, aux, lead(counts)
 
     return jax.shard_map(
         per_device,
@@ -167,8 +186,8 @@ def _shard_sum(
 
     def per_row(row, index):
         (loss, aux), grads = grad_fn(params, row, index)
-        clipped, finite = clip_to_norm(grads, l2_clip_norm)
-        return clipped, finite, loss, aux
+        clipped, finite, norm = clip_to_norm(grads, l2_clip_norm)
+        return clipped, (finite, norm > l2_clip_norm), loss, aux
 
     vmapped = jax.vmap(per_row)
 
@@ -185,7 +204,7 @@ def _shard_sum(
         jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
         zeros(loss_shape),
         jax.tree.map(zeros, aux_shape),
-        jnp.zeros((), jnp.int32),
+        jnp.zeros((2,), jnp.int32),  # real rows: not finite, clipped
         fold_init,
     )
 
@@ -197,12 +216,12 @@ def _shard_sum(
         slice is therefore taken at the clamped start explicitly, and a row counts only
         if its absolute position is at or after ``start`` (and it is real).
         """
-        grad_sum, losses, aux, nonfinite, acc = carry
+        grad_sum, losses, aux, counts, acc = carry
         at = jnp.minimum(start, physical - size)
         fresh = at + jnp.arange(size) >= start
         chunk_mask = rows_at(mask, at, size) & fresh
         chunk_rows = rows_at(rows, at, size)
-        clipped, finite, loss, chunk_aux = vmapped(chunk_rows, rows_at(ids, at, size))
+        clipped, (finite, over), loss, chunk_aux = vmapped(chunk_rows, rows_at(ids, at, size))
         if fold is not None:
             chunk_aux, values = chunk_aux
             acc = fold(acc, chunk_rows, values, chunk_mask)
@@ -221,8 +240,10 @@ def _shard_sum(
 
         losses = put(losses, loss)
         aux = jax.tree.map(put, aux, chunk_aux)
-        nonfinite = nonfinite + jnp.sum(chunk_mask & ~finite).astype(jnp.int32)
-        return grad_sum, losses, aux, nonfinite, acc
+        counts = counts + jnp.stack([jnp.sum(chunk_mask & ~finite), jnp.sum(weight & over)]).astype(
+            jnp.int32
+        )
+        return grad_sum, losses, aux, counts, acc
 
     if num_chunks == 1:  # one vectorised pass: no loop, so no loop condition to read back
         return _outputs(chunk(0, chunk_size, init), fold)
@@ -263,5 +284,5 @@ def tail_sizes(chunk_size: int, max_sizes: int = 4) -> list[int]:
 
 
 def _outputs(carry, fold):
-    grad_sum, losses, aux, nonfinite, acc = carry
-    return grad_sum, losses, (aux, acc) if fold is not None else aux, nonfinite
+    grad_sum, losses, aux, counts, acc = carry
+    return grad_sum, losses, (aux, acc) if fold is not None else aux, counts

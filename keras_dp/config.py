@@ -46,7 +46,8 @@ class DPConfig:
     divided by the *expected* batch size.
 
     Attributes:
-      target_epsilon: The ε the whole run may spend (> 0). ``math.inf`` only
+      target_epsilon: The ε the whole run may spend (> 0). At most 1000 when σ is
+        to be calibrated (``accounting.MAX_TARGET_EPSILON``). ``math.inf`` only
         together with ``noise_multiplier=0``: an explicit non-private debug run.
       target_delta: The δ of the guarantee. None: ``default_delta(dataset_size)``,
         ``min(1e-5, 0.1/N)``, strictly below 1/N. Must be < 1/dataset_size.
@@ -74,7 +75,20 @@ class DPConfig:
         device's whole physical batch in one pass, if its per-example gradients
         fit in 1 GiB.
       seed: Seed of the sampler and the noise. None: drawn from a secure source
-        when training starts.
+        when training starts. A fixed seed makes the noise known: for tests only
+        (the run is then reported as not private).
+      clip_quantile: None (default): C is fixed at ``l2_clip_norm``. A number γ in
+        (0, 1): adaptive clipping (Andrew et al. 2021): ``l2_clip_norm`` is the
+        initial C, and after each update C ← C·exp(−η(b̃ − γ)), where b̃ is the
+        privatised fraction of the batch's examples whose gradient norm was at most
+        C. The count is released with Gaussian noise ``clip_count_noise``, and the
+        gradient gets noise ``gradient_noise_multiplier`` (more than σ), so that the
+        two together are exactly one Gaussian mechanism of noise multiplier σ: the
+        same ε as fixed clipping at σ.
+      clip_learning_rate: η, the geometric step of adaptive clipping (0.2 in the
+        paper).
+      clip_count_noise: σ_b, the noise std of the unclipped count. None: B/20 (the
+        paper's choice). Must exceed σ/2.
     """
 
     target_epsilon: float
@@ -89,6 +103,9 @@ class DPConfig:
     noise_multiplier: float | None = None
     microbatch_size: int | None = None
     seed: int | None = None
+    clip_quantile: float | None = None
+    clip_learning_rate: float = 0.2
+    clip_count_noise: float | None = None
     # Bookkeeping so that dataclasses.replace keeps working: the steps derived from
     # epochs, and the plan a noise multiplier was calibrated for.
     _derived_steps: int | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -125,6 +142,19 @@ class DPConfig:
                 eps,
                 "pass a positive number such as 3.0 (math.inf only for a non-private "
                 "debug run with noise_multiplier=0).",
+            )
+        if (
+            self.noise_multiplier is None
+            and math.isfinite(eps)
+            and eps > accounting.MAX_TARGET_EPSILON
+        ):
+            raise _bad(
+                "target_epsilon",
+                eps,
+                f"above {accounting.MAX_TARGET_EPSILON:g} ε bounds nothing meaningful (e^ε "
+                "exceeds any odds), and no σ is calibrated for it. Pass target_epsilon <= "
+                f"{accounting.MAX_TARGET_EPSILON:g}, or for a non-private run "
+                "target_epsilon=math.inf with noise_multiplier=0.",
             )
         clip = self.l2_clip_norm
         if not _is_real(clip) or not math.isfinite(clip) or clip <= 0:
@@ -167,6 +197,17 @@ class DPConfig:
             not _is_int(self.microbatch_size) or self.microbatch_size < 1
         ):
             raise _bad("microbatch_size", self.microbatch_size, "pass a positive integer or None.")
+        quantile = self.clip_quantile
+        if quantile is not None and (not _is_real(quantile) or not 0 < quantile < 1):
+            raise _bad("clip_quantile", quantile, "pass a quantile in (0, 1) such as 0.5, or None.")
+        rate = self.clip_learning_rate
+        if not _is_real(rate) or not math.isfinite(rate) or rate <= 0:
+            raise _bad("clip_learning_rate", rate, "pass a positive step such as 0.2.")
+        count_noise = self.clip_count_noise
+        if count_noise is not None and (
+            not _is_real(count_noise) or not math.isfinite(count_noise) or count_noise <= 0
+        ):
+            raise _bad("clip_count_noise", count_noise, "pass a positive std, or None (B/20).")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise _bad("seed", self.seed, "pass a non-negative integer, or None for a secure seed.")
 
@@ -259,6 +300,32 @@ class DPConfig:
     def sampling_probability(self) -> float | None:
         """q = batch_size / dataset_size (None until dataset_size is known)."""
         return None if self.dataset_size is None else self.batch_size / self.dataset_size
+
+    @property
+    def count_noise(self) -> float | None:
+        """σ_b of adaptive clipping's count (None when C is fixed)."""
+        if self.clip_quantile is None:
+            return None
+        return self.clip_count_noise if self.clip_count_noise is not None else self.batch_size / 20
+
+    @property
+    def gradient_noise_multiplier(self) -> float | None:
+        """The noise multiplier on the clipped gradient sum: σ, or with adaptive
+        clipping σ_Δ = (σ⁻² − (2σ_b)⁻²)^(-1/2), so that gradient and count together are
+        one Gaussian mechanism of multiplier σ (Andrew et al. 2021, Theorem 1)."""
+        sigma = self.noise_multiplier
+        if sigma is None or self.clip_quantile is None or sigma == 0:
+            return sigma
+        share = sigma**-2 - (2 * self.count_noise) ** -2
+        if share <= 0:
+            raise _bad(
+                "clip_count_noise",
+                self.count_noise,
+                f"adaptive clipping needs 2·clip_count_noise > σ = {sigma:.4g}; pass "
+                f"clip_count_noise > {sigma / 2:.4g} (or a larger batch_size: the "
+                "default is B/20).",
+            )
+        return share**-0.5
 
     @property
     def neighboring_relation(self) -> dp_accounting.NeighboringRelation:

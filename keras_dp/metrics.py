@@ -6,9 +6,29 @@ import jax
 import jax.numpy as jnp
 import keras
 
+# What DP training counts per epoch, beside the loss (from private rows, without noise:
+# like the loss, not covered by the guarantee).
+DP_COUNTERS = ("clipped_fraction", "nonfinite_examples")
 
-def update(model, metrics_vars, loss, num_real, y, y_pred, real, sample_weight):
-    """The loss tracker, and the compiled metrics when ``y_pred`` is given; the logs.
+
+def add_counters(model) -> None:
+    """Gives ``model`` the epoch counters of DP training (once), as Keras metrics.
+
+    ``clipped_fraction``: the fraction of the epoch's real examples whose gradient norm
+    exceeded C (a guide for choosing C). ``nonfinite_examples``: the epoch's real
+    examples whose gradient was not finite (they contributed nothing). Being metrics,
+    both are totals over the epoch, reset by Keras at each epoch's start.
+    """
+    if getattr(model, "_dp_counters", None) is None:
+        model._dp_counters = (
+            keras.metrics.Mean(name=DP_COUNTERS[0]),
+            keras.metrics.Sum(name=DP_COUNTERS[1]),
+        )
+
+
+def update(model, metrics_vars, loss, num_real, y, y_pred, real, sample_weight, nonfinite, clipped):
+    """The loss tracker, the DP counters, and the compiled metrics when ``y_pred`` is
+    given; the logs.
 
     ``real`` is the bool mask of real rows. ``y_pred=None``: the compiled metrics were
     already updated chunk by chunk (:func:`update_compiled`) or there are none.
@@ -16,6 +36,12 @@ def update(model, metrics_vars, loss, num_real, y, y_pred, real, sample_weight):
     mapping = list(zip(model.metrics_variables, metrics_vars))
     with keras.StatelessScope(state_mapping=mapping) as scope:
         model._loss_tracker.update_state(loss, sample_weight=num_real)
+        counters = getattr(model, "_dp_counters", None)
+        if counters is not None:
+            fraction, dropped = counters
+            real_count = jnp.maximum(num_real, 1).astype(jnp.float32)
+            fraction.update_state(clipped.astype(jnp.float32) / real_count, sample_weight=num_real)
+            dropped.update_state(nonfinite.astype(jnp.float32))
         if y_pred is not None and model._compile_metrics is not None:
             _update_compiled(model._compile_metrics, y, y_pred, real, sample_weight)
         logs = model.get_metrics_result()

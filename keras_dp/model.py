@@ -21,13 +21,25 @@ import keras
 import numpy as np
 from keras.src.trainers.data_adapters import data_adapter_utils
 
-from keras_dp import checks, clipping, data, distribute, ledger, metrics, noise, sampling, saving
+from keras_dp import (
+    adaptive,
+    checks,
+    clipping,
+    data,
+    distribute,
+    ledger,
+    metrics,
+    noise,
+    sampling,
+    saving,
+)
 from keras_dp.callbacks import DPProgbarLogger, PrivacyBudget
 from keras_dp.config import DPConfig
 
 logger = logging.getLogger(__name__)
 
 _GOLDEN = np.uint32(0x9E3779B1)
+ADAPTIVE_CLIP_NORM = "dp_adaptive_clip_norm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +121,18 @@ class DPModel:
     def _dp_set_plan(self, config: DPConfig | None) -> None:
         self._dp_config = config
         self.train_function = None  # the traced step reads the config
+        if config is not None and config.clip_quantile is not None:
+            if getattr(self, "_dp_clip_norm", None) is None:  # adaptive C: saved with weights
+                self._dp_clip_norm = keras.Variable(
+                    float(config.l2_clip_norm), trainable=False, name=ADAPTIVE_CLIP_NORM
+                )
+
+    def _dp_clip_slot(self) -> int | None:
+        """Where the adaptive clip norm sits among the non-trainable variables."""
+        variable = getattr(self, "_dp_clip_norm", None)
+        if variable is None or self._dp_config.clip_quantile is None:
+            return None
+        return next(i for i, v in enumerate(self.non_trainable_variables) if v is variable)
 
     def _dp_same_plan(self, config: DPConfig) -> bool:
         old = self._dp_config
@@ -293,6 +317,7 @@ class DPModel:
                 "exceed its stop_at_epsilon. Nothing was trained; raise stop_at_epsilon or "
                 "stop here."
             )
+        metrics.add_counters(self)
         callbacks = [ledger.LedgerCallback(stop_at, per_epoch, batches), *callbacks]
         if verbose != 0 and not any(
             isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks
@@ -391,15 +416,17 @@ class DPModel:
             _, chunk_y, chunk_sw = chunk_rows
             return metrics.update_compiled(self, values, chunk_y, chunk_pred, chunk_mask, chunk_sw)
 
+        clip_slot = self._dp_clip_slot()
+        clip_norm = config.l2_clip_norm if clip_slot is None else non_trainable[clip_slot]
         shards, shard_axis = distribute.batch_shards()
         per_shard = mask.shape[0] // shards
         chunk = step_chunk(per_shard, _chunk_size(config, shards, self))
-        grad_sum, losses, aux, nonfinite = clipping.clipped_sum(
+        grad_sum, losses, aux, nonfinite, clipped = clipping.clipped_sum(
             example_fn,
             trainable,
             (x, y, sample_weight),
             mask,
-            config.l2_clip_norm,
+            clip_norm,
             chunk,
             shards,
             shard_axis,
@@ -413,7 +440,7 @@ class DPModel:
         # history, and a new seed is drawn whenever loaded weights go back.
         key = noise.step_key(noise.root_key(packed["dp_seed"][0]), packed["dp_step"][0])
         grads = noise.privatize(
-            grad_sum, key, config.noise_multiplier, config.l2_clip_norm, config.batch_size
+            grad_sum, key, config.gradient_noise_multiplier, clip_norm, config.batch_size
         )
         # The optimizer divides by its loss scale (LossScaleOptimizer under mixed_float16,
         # loss_scale_factor); the DP loss was never scaled, so scale the gradient to match.
@@ -425,12 +452,23 @@ class DPModel:
             state[0], non_trainable, seed_slots, metrics_vars, (x, y, sample_weight)
         )
         num_real = jnp.sum(mask)
+        if clip_slot is not None:  # adaptive clipping: C for the next update, privatised
+            fraction = adaptive.unclipped_fraction(
+                num_real - nonfinite - clipped, num_real, key, config.count_noise, config.batch_size
+            )
+            non_trainable[clip_slot] = adaptive.next_clip_norm(
+                clip_norm, fraction, config.clip_quantile, config.clip_learning_rate
+            )
         loss = jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.maximum(num_real, 1)
         logs, metrics_vars = metrics.update(
-            self, metrics_vars, loss, num_real, y, y_pred, mask, sample_weight
+            self, metrics_vars, loss, num_real, y, y_pred, mask, sample_weight, nonfinite, clipped
         )
-        logs = {**logs, "nonfinite_examples": nonfinite}
         return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+    def test_step(self, state, data):
+        """Keras' own evaluation; the DP training counters are not part of its logs."""
+        logs, state = super().test_step(state, data)
+        return {k: v for k, v in logs.items() if k not in metrics.DP_COUNTERS}, state
 
     def _dp_next_state(self, params, non_trainable, seed_slots, metrics_vars, rows):
         """The non-trainable state after the step: every seed state advanced as one

@@ -11,8 +11,9 @@ _NOT_COVERED = (
     "Not covered: data used outside this training run (pre-training data, a tokenizer or "
     "vocabulary fitted on the private data, preprocessing statistics), the choice of "
     "hyperparameters made by looking at the private data, other releases from the same "
-    "data, and side channels such as timing. The per-step training loss and metrics "
-    "are computed on private rows without noise: anything that acts on them "
+    "data, and side channels such as timing. The training loss and metrics, "
+    "clipped_fraction and nonfinite_examples are computed on private rows without "
+    "noise: anything that acts on them "
     "(EarlyStopping, ReduceLROnPlateau or ModelCheckpoint monitoring 'loss', printing "
     "them) is outside the guarantee; monitor held-out data instead. The guarantee "
     "assumes the sampler and the noise run as stated, that the seed stays secret, and "
@@ -96,6 +97,21 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
     deltas = [delta, delta / 10, delta * 10 if delta * 10 < 1 / n else delta / 100]
     eps_lines = [f"  ε = {config.epsilon(steps, d):.4g} at δ = {d:.3g}" for d in deltas]
     version = importlib.metadata.version("dp-accounting")
+    mechanism = (
+        f"Mechanism: each example's gradient clipped to L2 norm C = {config.l2_clip_norm:g}; "
+        f"Gaussian noise σ·C with noise multiplier σ = {config.noise_multiplier:.6g} added "
+        "to the clipped sum; divided by the expected batch size."
+    )
+    if config.clip_quantile is not None:
+        mechanism = (
+            f"Mechanism: adaptive clipping (Andrew et al. 2021): each example's gradient "
+            f"clipped to L2 norm C_t (C_0 = {config.l2_clip_norm:g}, following quantile "
+            f"{config.clip_quantile:g} of the norms); Gaussian noise with multiplier "
+            f"{config.gradient_noise_multiplier:.6g} on the clipped sum and std "
+            f"{config.count_noise:.4g} on the centred count of unclipped examples, together "
+            f"one Gaussian mechanism of multiplier σ = {config.noise_multiplier:.6g}; divided "
+            "by the expected batch size."
+        )
     accounted = f"Updates accounted: {steps} of {config.steps} planned."
     if lineage is not None and lineage < steps:
         accounted += (
@@ -108,9 +124,7 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
         "Differential privacy statement (keras_dp, example-level DP-SGD)",
         f"Sampler: {sampler}",
         f"Neighbouring relation: {relation}.",
-        f"Mechanism: each example's gradient clipped to L2 norm C = {config.l2_clip_norm:g}; "
-        f"Gaussian noise σ·C with noise multiplier σ = {config.noise_multiplier:.6g} added "
-        "to the clipped sum; divided by the expected batch size.",
+        mechanism,
         accounted,
         f"Accountant: dp_accounting {version}, {config.accountant.upper()} "
         f"({type(config.dp_event(steps).event).__name__}).",

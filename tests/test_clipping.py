@@ -38,7 +38,7 @@ def test_every_real_row_once_and_little_padding(chunk):
     smallest = clipping.tail_sizes(chunk)[-1]
     run = jax.jit(lambda m: clipping.clipped_sum(example_fn, w, rows, m, 1.0, chunk))
     for real in range(physical + 1):
-        grad, losses, computed, nonfinite = run(jnp.asarray(np.arange(physical) < real))
+        grad, losses, computed, nonfinite, _ = run(jnp.asarray(np.arange(physical) < real))
         np.testing.assert_allclose(grad, naive_sum(w, rows[:real], 1.0), rtol=1e-5, atol=1e-6)
         assert np.all(np.asarray(computed)[:real] == 1), (real, chunk)  # every real row
         padding = int(np.sum(computed)) - real
@@ -67,7 +67,7 @@ def test_tails_over_several_shards_count_every_real_row_once():
     for real in range(physical + 1):
         indices = rng.choice(40, size=real, replace=False)
         padded, mask = sampling.shard_layout(np.sort(indices), physical, shards)
-        grad, _, ids, nonfinite = run(padded, jnp.asarray(mask))
+        grad, _, ids, nonfinite, _ = run(padded, jnp.asarray(mask))
         np.testing.assert_allclose(grad, naive_sum(w, rows[indices], 1.0), rtol=1e-5, atol=1e-5)
         assert sorted(np.asarray(ids)[mask].tolist()) == list(range(real))  # ranks 0..real-1
         assert int(nonfinite) == 0
@@ -104,7 +104,7 @@ def test_last_tail_chunk_never_resums_rows(physical, chunk, reals):
     the rows it re-reads (it did: B = 199 at chunk 50 summed rows 196 and 197 twice)."""
     run = one_hot_run(physical, chunk)
     for real in reals:
-        grad, _, _, _ = run(jnp.asarray(np.arange(physical) < real))
+        grad, _, _, _, _ = run(jnp.asarray(np.arange(physical) < real))
         np.testing.assert_array_equal(np.asarray(grad), (np.arange(physical) < real) * 1.0)
 
 
@@ -126,6 +126,6 @@ def test_each_real_row_is_summed_exactly_once(shards, chunk, chunks_per_shard, d
     )
     for real in counts + [physical, max(0, physical - 1)]:
         _, mask = sampling.shard_layout(np.arange(real), physical, shards)
-        grad, _, _, nonfinite = run(jnp.asarray(mask))
+        grad, _, _, nonfinite, _ = run(jnp.asarray(mask))
         np.testing.assert_array_equal(np.asarray(grad), mask * 1.0, err_msg=f"{real} real")
         assert int(nonfinite) == 0

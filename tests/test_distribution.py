@@ -119,8 +119,8 @@ def test_sharded_clipped_sum_equals_one_shard_on_the_same_rows():
 
     p1, m1 = sampling.shard_layout(np.arange(5), 6, 1)
     p3, m3 = sampling.shard_layout(np.arange(5), 6, 3)
-    g1, l1, ids1, _ = clipping.clipped_sum(example_fn, w, jnp.asarray(rows[p1]), m1, 1.0, 2)
-    g3, l3, ids3, _ = clipping.clipped_sum(example_fn, w, jnp.asarray(rows[p3]), m3, 1.0, 1, 3)
+    g1, l1, ids1, *_ = clipping.clipped_sum(example_fn, w, jnp.asarray(rows[p1]), m1, 1.0, 2)
+    g3, l3, ids3, *_ = clipping.clipped_sum(example_fn, w, jnp.asarray(rows[p3]), m3, 1.0, 1, 3)
     np.testing.assert_allclose(g3, g1, rtol=1e-5)
     # Each real row's loss and rank are the same whichever shard it landed in.
     order = np.argsort(p3[m3])  # the sampled indices here are the ranks 0..4

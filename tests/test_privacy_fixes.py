@@ -110,7 +110,7 @@ def test_clipped_norm_never_exceeds_c_in_low_precision(dtype):
     worst = 0.0
     for _ in range(200):
         tree = [jnp.asarray(rng.normal(size=s) * rng.uniform(1, 50), dtype) for s in (37, (5, 3))]
-        clipped, finite = clipping.clip_to_norm(tree, 1.0)
+        clipped, finite, _ = clipping.clip_to_norm(tree, 1.0)
         assert bool(finite) and all(c.dtype == jnp.float32 for c in clipped)
         worst = max(worst, float(clipping.global_norm(clipped)))
     assert worst <= 1.0 + 1e-6
