@@ -2,10 +2,11 @@
 
 The same MLP and plan as ``digits_dp.py`` (batch 128, 40 epochs, Adam 1e-2, δ = 1e-5)
 at one ε: DP-SGD with fixed C ∈ {0.1, 0.3, 1, 3}, and with adaptive clipping
-(``DPConfig(clip_quantile=0.5)``, C₀ = 1, η = 0.2, σ_b = B/20), which spends the same ε.
+(``DPConfig(clip_quantile=γ)`` for γ ∈ {0.5, 0.2}, C₀ = 1, η = 0.2, σ_b = B/20), which
+spends the same ε.
 Prints the median test accuracy over seeds and the final adaptive C.
 
-    python examples/adaptive_clipping_digits.py [--epsilon 3] [--seeds 3]
+    python examples/adaptive_clipping_digits.py [--epsilon 3] [--seeds 3] [--quantiles 0.5 0.2]
 
 Choosing the best fixed C by looking at test accuracy is itself not covered by ε;
 adaptive clipping needs no such choice.
@@ -28,7 +29,9 @@ BATCH, EPOCHS, LR = 128, 40, 1e-2
 FIXED = (0.1, 0.3, 1.0, 3.0)
 
 
-def train(data, epsilon: float, seed: int, clip: float, adaptive: bool) -> tuple[float, float]:
+def train(
+    data, epsilon: float, seed: int, clip: float, quantile: float | None
+) -> tuple[float, float]:
     """(test accuracy, final C) of one run."""
     x_train, x_test, y_train, y_test = data
     keras.utils.set_random_seed(seed)  # initial weights only; the DP seed stays secret
@@ -41,7 +44,7 @@ def train(data, epsilon: float, seed: int, clip: float, adaptive: bool) -> tuple
         batch_size=BATCH,
         epochs=EPOCHS,
         l2_clip_norm=clip,
-        clip_quantile=0.5 if adaptive else None,
+        clip_quantile=quantile,
     )
     model = keras_dp.make_private(model, config)
     model.compile(
@@ -51,7 +54,7 @@ def train(data, epsilon: float, seed: int, clip: float, adaptive: bool) -> tuple
     )
     model.fit(x_train, y_train, verbose=0)
     accuracy = model.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"]
-    final = float(model._dp_clip_norm.value) if adaptive else clip
+    final = float(model._dp_clip_norm.value) if quantile is not None else clip
     return float(accuracy), final
 
 
@@ -59,6 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quantiles", type=float, nargs="+", default=[0.5, 0.2])
+    parser.add_argument("--fixed", type=float, nargs="*", default=list(FIXED))
     args = parser.parse_args()
     x, y = load_digits(return_X_y=True)
     data = train_test_split(
@@ -66,11 +71,11 @@ def main() -> None:
     )
     print(f"digits, ε = {args.epsilon:g} (δ = 1e-5), median of {args.seeds} seeds")
     print("| clipping | test accuracy | runs | final C |\n|---|---|---|---|")
-    settings = [(f"fixed C = {c:g}", c, False) for c in FIXED] + [
-        ("adaptive (quantile 0.5, C₀ = 1)", 1.0, True)
+    settings = [(f"fixed C = {c:g}", c, None) for c in args.fixed] + [
+        (f"adaptive (quantile {q:g}, C₀ = 1)", 1.0, q) for q in args.quantiles
     ]
-    for name, clip, adaptive in settings:
-        runs = [train(data, args.epsilon, s, clip, adaptive) for s in range(args.seeds)]
+    for name, clip, quantile in settings:
+        runs = [train(data, args.epsilon, s, clip, quantile) for s in range(args.seeds)]
         accuracies = [a for a, _ in runs]
         finals = ", ".join(f"{c:.3g}" for _, c in runs)
         print(

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import keras
 
+from keras_dp._backend import track_after_build
+
 # What DP training counts per epoch, beside the loss (from private rows, without noise:
 # like the loss, not covered by the guarantee).
 DP_COUNTERS = ("clipped_fraction", "nonfinite_examples")
@@ -20,10 +22,8 @@ def add_counters(model) -> None:
     both are totals over the epoch, reset by Keras at each epoch's start.
     """
     if getattr(model, "_dp_counters", None) is None:
-        model._dp_counters = (
-            keras.metrics.Mean(name=DP_COUNTERS[0]),
-            keras.metrics.Sum(name=DP_COUNTERS[1]),
-        )
+        counters = (keras.metrics.Mean(name=DP_COUNTERS[0]), keras.metrics.Sum(name=DP_COUNTERS[1]))
+        track_after_build(model, "_dp_counters", counters)
 
 
 def update(model, metrics_vars, loss, num_real, y, y_pred, real, sample_weight, nonfinite, clipped):

@@ -33,6 +33,7 @@ from keras_dp import (
     sampling,
     saving,
 )
+from keras_dp._backend import track_after_build
 from keras_dp.callbacks import DPProgbarLogger, PrivacyBudget
 from keras_dp.config import DPConfig
 
@@ -123,9 +124,10 @@ class DPModel:
         self.train_function = None  # the traced step reads the config
         if config is not None and config.clip_quantile is not None:
             if getattr(self, "_dp_clip_norm", None) is None:  # adaptive C: saved with weights
-                self._dp_clip_norm = keras.Variable(
+                variable = keras.Variable(
                     float(config.l2_clip_norm), trainable=False, name=ADAPTIVE_CLIP_NORM
                 )
+                track_after_build(self, "_dp_clip_norm", variable)
 
     def _dp_clip_slot(self) -> int | None:
         """Where the adaptive clip norm sits among the non-trainable variables."""
