@@ -13,6 +13,16 @@ from keras_dp.statement import privacy_statement  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 
+
+def __getattr__(name: str):
+    """``keras_dp.offline`` (it imports keras-hub) is loaded on first use."""
+    if name == "offline":
+        import importlib
+
+        return importlib.import_module("keras_dp.offline")
+    raise AttributeError(f"module 'keras_dp' has no attribute {name!r}")
+
+
 __all__ = [
     "DPConfig",
     "DPModel",

@@ -275,14 +275,23 @@ def _bracket(
     start: float = 1.0,
     factor: float = 2.0,
 ) -> tuple[float, float]:
-    """σ_lo < σ_hi with eps_of(σ_lo) > target >= eps_of(σ_hi), stepping by ``factor``."""
+    """σ_lo < σ_hi with eps_of(σ_lo) > target >= eps_of(σ_hi), stepping by ``factor``.
+
+    The step squares after each miss (1.05, 1.1, 1.2, 1.5, 2.2, ...), so a start that is
+    far off costs a few evaluations, not dozens (10⁶-step plans: the coarse σ can be
+    several times the fine one).
+    """
     sigma = start
     too_little_noise = eps_of(sigma) > target
     while True:
         nxt = sigma * factor if too_little_noise else sigma / factor
+        factor = factor * factor
         if not 1e-4 < nxt < 1e6:
             raise ValueError(
-                f"No noise multiplier in (1e-4, 1e6) brackets ε={target}; check the plan."
+                f"No noise multiplier in (1e-4, 1e6) gives ε={target} for this plan with this "
+                "accountant (RDP cannot certify an ε below about log(1/δ)/255, whatever the "
+                "noise). Raise target_epsilon, or use sampling='poisson' with "
+                "accountant='pld'."
             )
         if (eps_of(nxt) > target) != too_little_noise:
             return (sigma, nxt) if too_little_noise else (nxt, sigma)

@@ -59,7 +59,8 @@ class PrivacyBudget(keras.callbacks.Callback):
         self._max_steps = None
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
+        # DP fit puts ε into the logs before any callback runs; this is for other loops.
+        if logs is not None and "epsilon" not in logs:
             logs["epsilon"] = self.model.privacy_spent(self.delta).epsilon
 
 

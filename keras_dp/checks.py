@@ -20,9 +20,19 @@ def _mixes_examples(layer) -> bool:
     )
 
 
-def check_fit_args(
-    model, config, batch_size, shuffle, validation_split, class_weight, steps_per_epoch
-) -> None:
+def check_own_train_step(model, dp_class) -> None:
+    """Refuses a DPModel subclass that overrides ``train_step`` (it would bypass DP)."""
+    owner = next(c for c in type(model).__mro__ if "train_step" in vars(c))
+    if owner is not dp_class:
+        raise ValueError(
+            f"{owner.__name__} overrides train_step, which replaces keras_dp's DP step "
+            "(per-example clipping and noise), so its updates would not be private. Remove "
+            "the override: customise the loss with compute_loss(...) or the model's call(), "
+            "which keras_dp's step runs for each example."
+        )
+
+
+def check_fit_args(model, config, batch_size, shuffle, validation_split, steps_per_epoch) -> None:
     """Refuses ``fit`` arguments and compilations that contradict the plan."""
     if batch_size is not None and batch_size != config.batch_size:
         raise ValueError(
@@ -40,8 +50,6 @@ def check_fit_args(
             "dataset size the plan accounts for. Split the data yourself and pass "
             "validation_data=(x_val, y_val)."
         )
-    if class_weight is not None:
-        raise ValueError("fit(class_weight=...) is not supported; pass sample_weight=.")
     if steps_per_epoch is not None:
         raise ValueError(
             "fit(steps_per_epoch=...) contradicts the plan; set DPConfig(steps=...) "

@@ -434,13 +434,17 @@ class DPConfig:
         fits = dataclasses.replace(self, noise_multiplier=None).calibrate().noise_multiplier
         steps_ok = self.max_steps_within(self.target_epsilon)
         per_epoch = self.dataset_size / self.batch_size
+        fewer = (
+            f", or plan at most steps={steps_ok} (epochs={steps_ok / per_epoch:.3g})"
+            if steps_ok
+            else " (even one step spends more)"
+        )
         raise _bad(
             "noise_multiplier",
             self.noise_multiplier,
             f"over {self.steps} steps it spends ε={spent:.4g} > target_epsilon="
             f"{self.target_epsilon} (δ={self.delta:.3g}). Pass noise_multiplier >= "
-            f"{fits:.4g}, or plan at most steps={steps_ok} "
-            f"(epochs={steps_ok / per_epoch:.3g}), or raise target_epsilon.",
+            f"{fits:.4g} (or None to calibrate it){fewer}, or raise target_epsilon.",
         )
 
     def max_steps_within(self, epsilon: float, delta: float | None = None) -> int:
@@ -452,3 +456,42 @@ class DPConfig:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.epsilon(mid, delta) <= epsilon else (lo, mid)
         return lo
+
+
+# Names other DP libraries use for DPConfig's fields (TF Privacy, Opacus, jax-privacy).
+_OTHER_NAMES = {
+    "l2_norm_clip": "l2_clip_norm",
+    "max_grad_norm": "l2_clip_norm",
+    "clipping_norm": "l2_clip_norm",
+    "clip_norm": "l2_clip_norm",
+    "delta": "target_delta",
+    "epsilon": "target_epsilon",
+    "target_eps": "target_epsilon",
+    "num_microbatches": "microbatch_size",
+    "sample_rate": "batch_size (expected examples per update; q = batch_size / dataset_size)",
+    "num_epochs": "epochs",
+    "train_steps": "steps",
+    "num_examples": "dataset_size",
+}
+_dataclass_init = DPConfig.__init__
+
+
+def _init_with_hints(self, *args, **kwargs):
+    known = {f.name for f in dataclasses.fields(DPConfig)}
+    unknown = [k for k in kwargs if k not in known]
+    if unknown:
+        hints = [
+            f"{k!r} (did you mean {_OTHER_NAMES[k]}?)" if k in _OTHER_NAMES else repr(k)
+            for k in unknown
+        ]
+        public = sorted(k for k in known if not k.startswith("_"))
+        raise TypeError(
+            f"DPConfig got unknown field(s) {', '.join(hints)}. Its fields are: "
+            f"{', '.join(public)}."
+        )
+    _dataclass_init(self, *args, **kwargs)
+
+
+_init_with_hints.__doc__ = _dataclass_init.__doc__
+_init_with_hints.__signature__ = __import__("inspect").signature(_dataclass_init)
+DPConfig.__init__ = _init_with_hints

@@ -155,3 +155,28 @@ def _untruncated_bound(config: DPConfig) -> int:
     return accounting.truncated_batch_size(
         config.dataset_size, config.sampling_probability, config.steps, 1e-4 * config.delta
     )
+
+
+def class_weights_as_sample_weight(class_weight: dict, y, sample_weight=None) -> np.ndarray:
+    """``fit(class_weight=...)`` as one weight per example (times any ``sample_weight``).
+
+    A weight that is a fixed function of the example's own label does not change the
+    neighbouring relation, and each weighted gradient is still clipped to C.
+    """
+    if y is None or isinstance(y, dict) or not hasattr(np.asarray(y), "shape"):
+        raise ValueError(
+            "fit(class_weight=...) needs the labels y as one array; pass sample_weight= "
+            "per example instead."
+        )
+    labels = np.asarray(y)
+    if labels.ndim > 1 and labels.shape[-1] > 1:  # one-hot
+        labels = labels.argmax(-1)
+    labels = labels.reshape(len(labels), -1)[:, 0]
+    missing = sorted({int(c) for c in np.unique(labels)} - {int(c) for c in class_weight})
+    if missing:
+        raise ValueError(
+            f"fit(class_weight=...) has no weight for classes {missing[:10]}; give every "
+            "class a weight."
+        )
+    weights = np.asarray([class_weight[int(c)] for c in labels], np.float32)
+    return weights if sample_weight is None else weights * np.asarray(sample_weight, np.float32)

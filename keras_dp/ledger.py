@@ -205,9 +205,10 @@ class LedgerCallback(keras.callbacks.Callback):
     count, so no draw is replayed.
     """
 
-    def __init__(self, stop_at: int, per_epoch: int, batches):
+    def __init__(self, stop_at: int, per_epoch: int, batches, budget=None):
         super().__init__()
         self._stop_at, self._per_epoch, self._batches = stop_at, per_epoch, batches
+        self._budget = budget  # a PrivacyBudget: its ε goes into the logs from here
         self._first = True
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -223,6 +224,12 @@ class LedgerCallback(keras.callbacks.Callback):
                 f"for {ledger.spent} DP updates. Nothing was trained."
             )
         self._batches.resume_at(ledger.steps)
+
+    def on_epoch_end(self, epoch, logs=None):
+        # First in the callback list, so CSVLogger, TensorBoard and History see ε whatever
+        # the order the user gave.
+        if self._budget is not None and logs is not None:
+            logs["epsilon"] = self.model.privacy_spent(self._budget.delta).epsilon
 
     def on_train_batch_begin(self, batch, logs=None):
         # Counted as the update is dispatched: a batch-*end* hook would make Keras wait

@@ -260,10 +260,11 @@ class DPModel:
                 "This DPModel has no DP plan: pass dp_config= or call "
                 "model.set_dp_config(keras_dp.DPConfig(...)) before fit."
             )
-        checks.check_fit_args(
-            self, config, batch_size, shuffle, validation_split, class_weight, steps_per_epoch
-        )
+        checks.check_own_train_step(self, DPModel)
+        checks.check_fit_args(self, config, batch_size, shuffle, validation_split, steps_per_epoch)
         sampling.refuse_streams(x)
+        if class_weight is not None:  # a per-example weight: the guarantee holds as it is
+            sample_weight = data.class_weights_as_sample_weight(class_weight, y, sample_weight)
         source = sampling.ExampleSource(x, y, sample_weight)
         preprocessor = getattr(self, "preprocessor", None)
         if preprocessor is not None:  # a keras-hub task: raw inputs, preprocessed once
@@ -320,7 +321,8 @@ class DPModel:
                 "stop here."
             )
         metrics.add_counters(self)
-        callbacks = [ledger.LedgerCallback(stop_at, per_epoch, batches), *callbacks]
+        budget = next((c for c in callbacks if isinstance(c, PrivacyBudget)), None)
+        callbacks = [ledger.LedgerCallback(stop_at, per_epoch, batches, budget), *callbacks]
         if verbose != 0 and not any(
             isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks
         ):
@@ -340,6 +342,13 @@ class DPModel:
 
     def _dp_calibrate(self, config: DPConfig, size: int) -> DPConfig:
         if config.dataset_size is not None and config.dataset_size != size:
+            if config._calibrated_for is not None and self._dp_steps:
+                raise ValueError(
+                    f"fit got {size} examples, but this model's plan was calibrated for the "
+                    f"{config.dataset_size} examples of its earlier fit, and its guarantee is "
+                    "for that dataset. Pass the same training set to every fit (the sampler "
+                    "draws the batches), or train a new model with a new DPConfig."
+                )
             raise ValueError(
                 f"fit got {size} examples but DPConfig.dataset_size={config.dataset_size}; "
                 "pass the data the plan was made for, or dataset_size=None."

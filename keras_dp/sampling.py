@@ -8,6 +8,7 @@ a fixed physical size: real rows first, then padding rows that the mask marks.
 from __future__ import annotations
 
 import collections.abc
+import inspect
 import math
 
 import numpy as np
@@ -146,6 +147,13 @@ def _stream_kind(x) -> str | None:
 
 def refuse_streams(x) -> None:
     """Data that cannot be sampled per example is refused before anything runs."""
+    if inspect.isgeneratorfunction(x) or (callable(x) and not hasattr(x, "__getitem__")):
+        raise ValueError(
+            f"fit got a function ({getattr(x, '__name__', type(x).__name__)}), not data. "
+            "DP fit samples examples itself, so it needs random access: pass numpy arrays "
+            "(or a dict of arrays), or an object with __len__ and __getitem__(i) returning "
+            "one example, not a generator or a function that makes one."
+        )
     kind = _stream_kind(x)
     if kind is not None:
         raise ValueError(

@@ -152,7 +152,7 @@ CATALOGUE = [
     ("shuffle=False", lambda: fit(shuffle=False), "shuffle=False"),
     ("validation_split", lambda: fit(validation_split=0.2), "validation_data="),
     ("steps_per_epoch", lambda: fit(steps_per_epoch=3), "DPConfig\\(steps="),
-    ("class_weight", lambda: fit(class_weight={0: 1.0}), "sample_weight"),
+    ("class_weight missing a class", lambda: fit(class_weight={0: 1.0}), "every class"),
     ("more epochs than planned", lambda: fit(epochs=5), "only 1 are left"),
     ("zero epochs", lambda: fit(epochs=0), "runs no epoch"),
     # The budget.
