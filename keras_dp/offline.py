@@ -100,14 +100,19 @@ def gemma3_backbone(
     )
 
 
-def gemma3_causal_lm(preset: str | None = None, sequence_length: int = 128, **tiny_options):
-    """``Gemma3CausalLM.from_preset(preset)`` (needs a network), or offline
-    :func:`tiny_gemma3` when ``preset`` is None; ``tiny_options`` go to the latter."""
+def gemma3_causal_lm(
+    preset: str | None = None, sequence_length: int = 128, dtype: str | None = None, **tiny_options
+):
+    """``Gemma3CausalLM.from_preset(preset, dtype=dtype)`` (a Kaggle/Hugging Face name
+    needs a network; a local directory written by ``save_to_preset`` does not), or
+    offline :func:`tiny_gemma3` when ``preset`` is None; ``tiny_options`` go to the
+    latter."""
     if preset is None:
         return tiny_gemma3(sequence_length=sequence_length, **tiny_options)
     import keras_hub
 
-    lm = keras_hub.models.Gemma3CausalLM.from_preset(preset)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    lm = keras_hub.models.Gemma3CausalLM.from_preset(preset, **kwargs)
     lm.preprocessor.sequence_length = sequence_length
     return lm
 

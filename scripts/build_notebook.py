@@ -7,6 +7,8 @@ its outputs; the README's ROUGE table comes from that run.
 """
 
 import pathlib
+import re
+import site
 import sys
 
 import nbformat
@@ -56,7 +58,12 @@ if os.environ.get("KERAS_DP_NOTEBOOK_SMOKE"):  # CI: the same notebook, smaller
     (
         "code",
         """os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keras-hub imports TensorFlow: quiet it
 import math
+import warnings
+
+warnings.filterwarnings("ignore", message=".*shuffle=True.*")  # keras-hub's tf.data path
+warnings.filterwarnings("ignore", message=".*IProgress not found.*")
 
 import keras
 import keras_hub
@@ -122,7 +129,7 @@ print(f"trainable (LoRA) parameters: {trainable:,} of {total:,} ({trainable / to
 )
 dp_lm = compile_lm(keras_dp.make_private(lm, config))
 history = dp_lm.fit(
-    train, validation_data=held_out, callbacks=[keras_dp.callbacks.PrivacyBudget()], verbose=1
+    train, validation_data=held_out, callbacks=[keras_dp.callbacks.PrivacyBudget()], verbose=2
 )
 print(dp_lm.privacy_spent())""",
     ),
@@ -207,6 +214,33 @@ print(f"EPSILON_SPENT={EPSILON_SPENT:.6f} TARGET={TARGET_EPSILON}")""",
 ]
 
 
+# Lines a reader does not need: TensorFlow/XLA/absl start-up logs and machine paths.
+LOG_LINE = re.compile(
+    r"^(WARNING: All log messages before absl|[IWE]\d{4} |.*oneDNN|.*cuda|.*TqdmWarning"
+    r"|\s*from \.autonotebook import)"
+)
+
+
+def clean_outputs(nb) -> None:
+    """Drops log lines from stream outputs and replaces machine-specific paths."""
+    prefixes = sorted({sys.prefix, site.getsitepackages()[0], str(pathlib.Path.home())}, key=len)
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    for cell in nb.cells:
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                lines = [ln for ln in out["text"].splitlines() if not LOG_LINE.match(ln)]
+                text = "\n".join(lines)
+                for prefix in [root, *reversed(prefixes)]:
+                    text = text.replace(prefix, "…")
+                if not text.strip():
+                    continue
+                out["text"] = text + "\n"
+            kept.append(out)
+        if cell.cell_type == "code":
+            cell["outputs"] = kept
+
+
 def main() -> None:
     cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in CELLS]
     cells[1].metadata["tags"] = ["parameters"]
@@ -225,6 +259,7 @@ def main() -> None:
         out_dir = path.parent / "outputs"
         out_dir.mkdir(exist_ok=True)
         NotebookClient(nb, timeout=3600, resources={"metadata": {"path": str(out_dir)}}).execute()
+        clean_outputs(nb)
     nbformat.write(nb, path)
     print(f"wrote {path}")
 

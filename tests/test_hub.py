@@ -75,3 +75,29 @@ def test_raw_strings_are_preprocessed_once_then_sampled():
     assert lm.dp_config.dataset_size == 40 and lm.dp_steps == 5
     assert lm.privacy_spent().epsilon <= 8.0
     assert isinstance(lm.generate(raw["prompts"][:1], max_length=64)[0], str)
+
+
+def test_the_preset_path_runs_offline_in_bfloat16(tmp_path):
+    """The notebook's PRESET path: save_to_preset, then from_preset(directory) in bfloat16
+    (as real Gemma presets load), LoRA, DP fit on raw strings through the preprocessor."""
+    small = offline.tiny_gemma3(
+        sequence_length=16, num_layers=1, hidden_dim=16, vocabulary_size=128, pretrain_epochs=0
+    )
+    small.save_to_preset(str(tmp_path / "preset"))
+    lm = offline.gemma3_causal_lm(str(tmp_path / "preset"), sequence_length=16, dtype="bfloat16")
+    assert lm.backbone.token_embedding.embeddings.dtype == "bfloat16"
+    lm.backbone.enable_lora(rank=2)
+    pairs = offline.synthetic_dialogues(limit=40)
+    data = offline.as_prompts_and_responses(pairs)
+    lm = keras_dp.make_private(lm, keras_dp.DPConfig(target_epsilon=8.0, batch_size=8, epochs=1))
+    lm.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    before = {v.path: np.array(v.value, np.float32) for v in lm.trainable_variables}
+    lm.fit(data, verbose=0)
+    moved = [p for p, v in ((v.path, v) for v in lm.trainable_variables)
+             if not np.array_equal(before[p], np.array(v.value, np.float32))]  # fmt: skip
+    assert moved and all("lora_kernel" in p for p in moved)
+    assert 0 < lm.privacy_spent().epsilon <= 8.0
+    assert isinstance(lm.generate("Hi", max_length=8), str)

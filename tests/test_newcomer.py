@@ -42,9 +42,7 @@ def test_nonfinite_examples_is_the_epochs_total_not_its_last_steps():
     x[:6] = np.nan  # drawn now and then; the last step of an epoch may hold none
     model = private(batch_size=4, epochs=2, target_epsilon=math.inf, noise_multiplier=0.0)
     history = model.fit(x, y, verbose=0)
-    drawn = [
-        keras_dp.data.draw_indices(model.dp_config, model._dp_seed, t) for t in range(20)
-    ]
+    drawn = [keras_dp.data.draw_indices(model.dp_config, model._dp_seed, t) for t in range(20)]
     per_epoch = [sum(int(np.sum(d < 6)) for d in drawn[e * 10 : e * 10 + 10]) for e in (0, 1)]
     assert history.history["nonfinite_examples"] == per_epoch
 

@@ -32,3 +32,21 @@ def test_gemma_notebook_runs_and_spends_at_most_its_target(tmp_path, monkeypatch
     assert "Neighbouring relation" in statement.read_text()
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the ε/loss plot was not rendered"
+
+
+def test_the_committed_notebook_reads_cleanly():
+    """No machine paths, no TensorFlow/CUDA/absl log lines, one progress line per epoch,
+    and the outputs a reader wants (plot, ROUGE table, statement)."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    text = "\n".join(o.get("text", "") for o in outputs)
+    text += "\n".join("".join(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    for needle in ("/root/", "/work/", "/home/", "/tmp/", "site-packages"):
+        assert needle not in text, needle
+    for log in ("absl::InitializeLog", "oneDNN", "cuda", "I0000", "E0000", "TqdmWarning"):
+        assert log not in text, log
+    epochs = int(re.search(r"^EPOCHS = (\d+)", nb.cells[1].source, re.M).group(1))
+    progress = [line for line in text.splitlines() if "epsilon:" in line]
+    assert 1 <= len(progress) <= epochs
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert "| DP LoRA |" in text and "Differential privacy statement" in text
