@@ -444,7 +444,8 @@ class DPConfig:
             self.noise_multiplier,
             f"over {self.steps} steps it spends ε={spent:.4g} > target_epsilon="
             f"{self.target_epsilon} (δ={self.delta:.3g}). Pass noise_multiplier >= "
-            f"{fits:.4g} (or None to calibrate it){fewer}, or raise target_epsilon.",
+            f"{fits:.4g}, or noise_multiplier=None to calibrate it{fewer}, or raise "
+            "target_epsilon.",
         )
 
     def max_steps_within(self, epsilon: float, delta: float | None = None) -> int:

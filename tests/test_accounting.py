@@ -167,9 +167,14 @@ def test_explicit_sigma_that_overspends_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"noise_multiplier=0.6.*noise_multiplier >= (\S+),") as e:
         config.calibrate()
     fit = float(str(e.value).split("noise_multiplier >= ")[1].split(",")[0])
-    steps_ok = int(str(e.value).split("at most steps=")[1].split(" ")[0])
     assert dataclasses.replace(config, noise_multiplier=fit).epsilon() <= 1.0
-    assert config.epsilon(steps_ok) <= 1.0 < config.epsilon(steps_ok + 1)
+    # Here even one step spends ε = 1.6 > 1: the message says so instead of "steps=0".
+    assert "even one step" in str(e.value) and config.epsilon(1) > 1.0
+    fewer = dataclasses.replace(config, target_epsilon=2.0)
+    with pytest.raises(ValueError, match="at most steps=") as e:
+        fewer.calibrate()
+    steps_ok = int(str(e.value).split("at most steps=")[1].split(" ")[0])
+    assert fewer.epsilon(steps_ok) <= 2.0 < fewer.epsilon(steps_ok + 1)
 
 
 def test_explicit_sigma_that_fits_is_kept():
