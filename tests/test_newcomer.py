@@ -55,8 +55,9 @@ class OwnStep(keras_dp.DPModel, keras.Model):
     def call(self, x):
         return self.dense(x)
 
-    def train_step(self, state, data):
-        return super().train_step(state, data)
+    def train_step(self, state, data):  # a hand-written step that never calls keras_dp's
+        x, y = data[0], data[1]
+        return {"n": len(x) + len(y)}, state
 
 
 def test_errors_name_the_real_cause():
