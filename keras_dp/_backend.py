@@ -18,22 +18,3 @@ def require_jax_backend() -> None:
             "(e.g. `KERAS_BACKEND=jax python train.py`, or os.environ['KERAS_BACKEND'] = "
             "'jax' at the top of the notebook)."
         )
-
-
-def track_after_build(layer, name: str, value) -> None:
-    """``setattr(layer, name, value)`` with Keras' tracking, also once ``layer`` is built.
-
-    Keras locks a built layer's state (``Layer._tracker``, a private attribute; tested
-    with keras 3.15); adding DP state (epoch counters, the adaptive clip norm) to a
-    model that ``make_private`` received built needs the lock lifted for the one
-    assignment, as Keras' own ``_untrack_variable`` does.
-    """
-    tracker = getattr(layer, "_tracker", None)
-    locked = tracker is not None and tracker.locked
-    if locked:
-        tracker.unlock()
-    try:
-        setattr(layer, name, value)
-    finally:
-        if locked:
-            tracker.lock()

@@ -11,7 +11,7 @@ import functools
 import keras
 import numpy as np
 
-from keras_dp import sampling
+from keras_dp import _keras, sampling
 
 
 def _mixes_examples(layer) -> bool:
@@ -72,7 +72,7 @@ def check_fit_args(model, config, batch_size, shuffle, validation_split, steps_p
 
 def check_model(model) -> None:
     """Refuses layers that mix examples, and models with nothing to train."""
-    for layer in model._flatten_layers(include_self=False):
+    for layer in _keras.sublayers(model):
         if _mixes_examples(layer):
             raise ValueError(
                 f"Layer {layer.name!r} ({type(layer).__name__}) mixes examples within a "

@@ -12,9 +12,9 @@ import logging
 
 import keras
 import numpy as np
-from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
 from keras_dp import accounting, distribute, noise, sampling
+from keras_dp._keras import PyDatasetAdapter
 from keras_dp.config import DPConfig
 
 logger = logging.getLogger(__name__)

@@ -26,9 +26,9 @@ import weakref
 
 import keras
 import numpy as np
-from keras.src.saving.keras_saveable import KerasSaveable
 
 from keras_dp import saving
+from keras_dp._keras import KerasSaveable
 from keras_dp.config import DPConfig
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import keras
 
-from keras_dp._backend import track_after_build
+from keras_dp import _keras
 
 # What DP training counts per epoch, beside the loss (from private rows, without noise:
 # like the loss, not covered by the guarantee).
@@ -23,7 +23,7 @@ def add_counters(model) -> None:
     """
     if getattr(model, "_dp_counters", None) is None:
         counters = (keras.metrics.Mean(name=DP_COUNTERS[0]), keras.metrics.Sum(name=DP_COUNTERS[1]))
-        track_after_build(model, "_dp_counters", counters)
+        _keras.track_after_build(model, "_dp_counters", counters)
 
 
 def update(model, metrics_vars, loss, num_real, y, y_pred, real, sample_weight, nonfinite, clipped):
@@ -35,15 +35,16 @@ def update(model, metrics_vars, loss, num_real, y, y_pred, real, sample_weight, 
     """
     mapping = list(zip(model.metrics_variables, metrics_vars))
     with keras.StatelessScope(state_mapping=mapping) as scope:
-        model._loss_tracker.update_state(loss, sample_weight=num_real)
+        _keras.loss_tracker(model).update_state(loss, sample_weight=num_real)
         counters = getattr(model, "_dp_counters", None)
         if counters is not None:
             fraction, dropped = counters
             real_count = jnp.maximum(num_real, 1).astype(jnp.float32)
             fraction.update_state(clipped.astype(jnp.float32) / real_count, sample_weight=num_real)
             dropped.update_state(nonfinite.astype(jnp.float32))
-        if y_pred is not None and model._compile_metrics is not None:
-            _update_compiled(model._compile_metrics, y, y_pred, real, sample_weight)
+        compiled = _keras.compiled_metrics(model)
+        if y_pred is not None and compiled is not None:
+            _update_compiled(compiled, y, y_pred, real, sample_weight)
         logs = model.get_metrics_result()
     return logs, _values(model, scope)
 
@@ -52,7 +53,7 @@ def update_compiled(model, metrics_vars, y, y_pred, real, sample_weight):
     """The compiled metrics' variables after one chunk of rows (padding weighs 0)."""
     mapping = list(zip(model.metrics_variables, metrics_vars))
     with keras.StatelessScope(state_mapping=mapping) as scope:
-        _update_compiled(model._compile_metrics, y, y_pred, real, sample_weight)
+        _update_compiled(_keras.compiled_metrics(model), y, y_pred, real, sample_weight)
     return _values(model, scope)
 
 
@@ -62,13 +63,11 @@ def _update_compiled(compiled, y, y_pred, real, sample_weight):
     ``weighted_metrics``). Padding rows' values are replaced by zeros first: a weight
     of 0 does not cancel a NaN (padding repeats example 0, which may be non-finite)."""
     y, y_pred, sample_weight = (masked(a, real) for a in (y, y_pred, sample_weight))
-    if not compiled.built:
-        compiled.build(y, y_pred)
-    ys, preds = compiled._flatten_y(y), compiled._flatten_y(y_pred)
+    ys, preds, plain, weighted = _keras.metric_groups(compiled, y, y_pred)
     real = real.astype(jnp.float32)
     for metrics, weight in (
-        (compiled._flat_metrics, row_weights(real, None, preds[0])),
-        (compiled._flat_weighted_metrics, row_weights(real, sample_weight, preds[0])),
+        (plain, row_weights(real, None, preds[0])),
+        (weighted, row_weights(real, sample_weight, preds[0])),
     ):
         for metric, y_t, y_p in zip(metrics, ys, preds):
             if metric:

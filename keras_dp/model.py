@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
-from keras.src.trainers.data_adapters import data_adapter_utils
 
 from keras_dp import (
+    _keras,
     adaptive,
     checks,
     clipping,
@@ -33,7 +33,6 @@ from keras_dp import (
     sampling,
     saving,
 )
-from keras_dp._backend import track_after_build
 from keras_dp.callbacks import DPProgbarLogger, PrivacyBudget
 from keras_dp.config import DPConfig
 
@@ -127,7 +126,7 @@ class DPModel:
                 variable = keras.Variable(
                     float(config.l2_clip_norm), trainable=False, name=ADAPTIVE_CLIP_NORM
                 )
-                track_after_build(self, "_dp_clip_norm", variable)
+                _keras.track_after_build(self, "_dp_clip_norm", variable)
 
     def _dp_clip_slot(self) -> int | None:
         """Where the adaptive clip norm sits among the non-trainable variables."""
@@ -277,8 +276,8 @@ class DPModel:
         checks.check_plan_within_target(config)
         self._dp_ledger.check_plan()
         first = source.gather(np.arange(min(2, source.size)))
-        checks.check_examples(first, labels_needed=getattr(self, "_compile_loss", None) is not None)
-        self._symbolic_build(data_batch=first)
+        checks.check_examples(first, labels_needed=_keras.has_compiled_loss(self))
+        _keras.symbolic_build(self, first)
         checks.check_model(self)
         checks.check_class_labels(self, source, first)
         callbacks = list(callbacks or [])
@@ -396,16 +395,14 @@ class DPModel:
     def train_step(self, state, data):
         config = self._dp_config
         trainable, non_trainable, optimizer_vars, metrics_vars = state
-        packed, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        packed, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x, mask = packed["dp_x"], packed["dp_mask"]
         seed_slots = [
             i for i, v in enumerate(self.non_trainable_variables) if ledger.SEED_STATE in v.path
         ]
 
-        compiled = self._compile_metrics
-        has_metrics = compiled is not None and bool(
-            compiled._user_metrics or compiled._user_weighted_metrics
-        )
+        compiled = _keras.compiled_metrics(self)
+        has_metrics = _keras.user_metrics_compiled(self)
         # Built metrics are updated chunk by chunk inside the loop, so no row's prediction
         # is kept for the whole batch and memory follows the chunk. (Unbuilt ones, which
         # fit's symbolic build normally prevents, see the whole batch once.)
@@ -512,25 +509,21 @@ class DPModel:
         return state
 
     def _dp_loss(self, params, non_trainable, metrics_vars, x, y, sample_weight):
-        kwargs = {"training": True} if self._call_has_training_arg else {}
+        kwargs = {"training": True} if _keras.call_has_training_arg(self) else {}
         y_pred, non_trainable, losses = self.stateless_call(
             params, non_trainable, x, return_losses=True, **kwargs
         )
-        if losses:
-            self._losses_override.clear()
-            self._losses_override = losses
-        loss, _ = self.stateless_compute_loss(
-            params,
-            non_trainable,
-            metrics_vars,
-            x=x,
-            y=y,
-            y_pred=y_pred,
-            sample_weight=sample_weight,
-            training=True,
-        )
-        if losses:
-            self._losses_override.clear()
+        with _keras.losses_override(self, losses):
+            loss, _ = self.stateless_compute_loss(
+                params,
+                non_trainable,
+                metrics_vars,
+                x=x,
+                y=y,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
+                training=True,
+            )
         return loss, (y_pred, non_trainable)
 
 

@@ -1,0 +1,122 @@
+"""Every private Keras internal keras_dp uses, in one place.
+
+A Keras upgrade that renames one of these is this file's work. Each entry says what
+it is for. Tested with keras 3.15.1 (and keras-hub 0.32.0); ``pyproject.toml`` declares
+the range.
+
+- ``PyDatasetAdapter`` (``keras.src.trainers.data_adapters``): hands fit our sampled
+  batches as this process's share, in order (no Keras shuffling).
+- ``KerasSaveable`` (``keras.src.saving``): the privacy ledger is saved with the weights
+  (``.keras``, weights-only checkpoints) as a saveable part of the model.
+- ``Layer._flatten_layers``: every sublayer, to refuse layers that mix examples.
+- ``Trainer._loss_tracker``, ``Trainer._compile_metrics`` and the ``CompileMetrics``
+  internals (``_user_metrics``, ``_flat_metrics``, ``_flatten_y``, ...): the DP step
+  updates the loss and compiled metrics itself, over real rows only, chunk by chunk.
+- ``Trainer._compile_loss``: whether the compiled loss needs labels.
+- ``Trainer._symbolic_build``: builds the model, optimizer and metrics before the first
+  (traced) step, as Keras' own fit does.
+- ``Layer._call_has_training_arg``: whether ``call`` takes ``training``.
+- ``Layer._losses_override``: feeds ``add_loss`` losses of one example's stateless call
+  to ``stateless_compute_loss``, as Keras' own JAX trainer does.
+- ``Layer._tracker``: adds DP state to a model that ``make_private`` received built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from keras.src.saving.keras_saveable import KerasSaveable
+from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+__all__ = [
+    "KerasSaveable",
+    "PyDatasetAdapter",
+    "call_has_training_arg",
+    "compiled_metrics",
+    "has_compiled_loss",
+    "loss_tracker",
+    "losses_override",
+    "metric_groups",
+    "sublayers",
+    "symbolic_build",
+    "track_after_build",
+    "user_metrics_compiled",
+]
+
+
+def sublayers(model) -> list:
+    """Every layer inside ``model`` (not the model itself)."""
+    return list(model._flatten_layers(include_self=False))
+
+
+def loss_tracker(model):
+    """The ``Mean`` metric behind the ``loss`` log."""
+    return model._loss_tracker
+
+
+def compiled_metrics(model):
+    """The ``CompileMetrics`` of ``model.compile(metrics=..., weighted_metrics=...)``."""
+    return model._compile_metrics
+
+
+def user_metrics_compiled(model) -> bool:
+    """Whether the user compiled any metric (metrics or weighted_metrics)."""
+    compiled = model._compile_metrics
+    return compiled is not None and bool(compiled._user_metrics or compiled._user_weighted_metrics)
+
+
+def metric_groups(compiled, y, y_pred) -> tuple[list, list, list, list]:
+    """(flat y, flat y_pred, unweighted metrics, weighted metrics) of ``compiled``."""
+    if not compiled.built:
+        compiled.build(y, y_pred)
+    return (
+        compiled._flatten_y(y),
+        compiled._flatten_y(y_pred),
+        compiled._flat_metrics,
+        compiled._flat_weighted_metrics,
+    )
+
+
+def has_compiled_loss(model) -> bool:
+    return getattr(model, "_compile_loss", None) is not None
+
+
+def symbolic_build(model, data_batch) -> None:
+    model._symbolic_build(data_batch=data_batch)
+
+
+def call_has_training_arg(model) -> bool:
+    return model._call_has_training_arg
+
+
+@contextlib.contextmanager
+def losses_override(model, losses):
+    """``stateless_compute_loss`` sees ``losses`` (from ``stateless_call``) as the
+    model's ``add_loss`` losses."""
+    if not losses:
+        yield
+        return
+    model._losses_override.clear()
+    model._losses_override = losses
+    try:
+        yield
+    finally:
+        model._losses_override.clear()
+
+
+def track_after_build(layer, name: str, value) -> None:
+    """``setattr(layer, name, value)`` with Keras' tracking, also once ``layer`` is built.
+
+    Keras locks a built layer's state; adding DP state (epoch counters, the adaptive
+    clip norm) to a model that ``make_private`` received built needs the lock lifted
+    for the one assignment, as Keras' own ``_untrack_variable`` does.
+    """
+    tracker = getattr(layer, "_tracker", None)
+    locked = tracker is not None and tracker.locked
+    if locked:
+        tracker.unlock()
+    try:
+        setattr(layer, name, value)
+    finally:
+        if locked:
+            tracker.lock()
