@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Smoke-tests keras_dp against the oldest and the newest tested Keras and JAX, each in a
+# fresh virtual environment (keras-hub and jax-privacy left out: the smoke subset is the
+# DP step, its reference tests and the privacy fixes; TensorFlow is in, as keras-hub
+# brings it, and keras 3.12.0 imports it through optree).
+#
+#   scripts/version_range.sh oldest|newest     (about 4-8 min each on 2 cores)
+#
+# oldest: keras 3.12.0 (3.10.0 fails in the ledger's saving, 3.8.0 does not import without
+#         TensorFlow) and jax 0.7.0 (jax.shard_map with check_vma); newest: what pip serves.
+set -euo pipefail
+which=${1:?usage: scripts/version_range.sh oldest|newest}
+root=$(cd "$(dirname "$0")/.." && pwd)
+case "$which" in
+  oldest) pins=("keras==3.12.0" "jax==0.7.0" "jaxlib==0.7.0" "dp-accounting==0.6.0" "tensorflow") ;;
+  newest) pins=("keras" "jax" "jaxlib" "dp-accounting" "tensorflow") ;;
+  *) echo "usage: $0 oldest|newest" >&2; exit 2 ;;
+esac
+venv=$(mktemp -d -t keras-dp-range.XXXXXX)
+python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check "${pins[@]}" scipy numpy \
+  pytest hypothesis scikit-learn
+"$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -e "$root"
+"$venv/bin/python" -c "import keras, jax, dp_accounting, importlib.metadata as m; \
+print('keras', keras.__version__, '| jax', jax.__version__, '| dp-accounting', m.version('dp-accounting'))"
+cd "$root"
+start=$SECONDS
+KERAS_BACKEND=jax "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+  tests/test_training.py tests/test_clipping.py tests/test_reference_step.py \
+  tests/test_privacy_fixes.py tests/test_config.py -k "not audit"
+echo "version_range $which: tests took $((SECONDS - start)) s"
+rm -rf "$venv"
