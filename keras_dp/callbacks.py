@@ -65,7 +65,8 @@ class PrivacyBudget(keras.callbacks.Callback):
 
 
 class DPProgbarLogger(keras.callbacks.ProgbarLogger):
-    """Keras' progress bar, without ``nonfinite_examples`` while it is 0.
+    """Keras' progress bar, without ``nonfinite_examples`` while it is 0, and with the
+    updates that ran in an epoch the plan ends early.
 
     DP ``fit`` puts it in place of the default one; ``History`` still records
     ``nonfinite_examples`` (the count of real examples of the epoch's last update whose
@@ -76,6 +77,13 @@ class DPProgbarLogger(keras.callbacks.ProgbarLogger):
         super().on_train_batch_end(batch, _without_zero_nonfinite(logs))
 
     def on_epoch_end(self, epoch, logs=None):
+        # The plan's last epoch may stop early (its remaining updates): show what ran,
+        # e.g. 11/11, not 11 updates as 12/12.
+        seen, target = getattr(self, "seen", 0), getattr(self, "target", None)
+        if seen and target is not None and seen < target:
+            self.target = seen
+            if getattr(self, "progbar", None) is not None:
+                self.progbar.target = seen
         super().on_epoch_end(epoch, _without_zero_nonfinite(logs))
 
 

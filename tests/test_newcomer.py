@@ -103,3 +103,13 @@ def test_class_weight_becomes_a_per_example_weight():
 
 def test_offline_is_reachable_as_an_attribute():
     assert keras_dp.offline.gemma3_backbone is not None
+
+
+def test_the_last_short_epoch_shows_the_updates_that_ran(capsys):
+    x, y = data(120)
+    model = private(batch_size=10, steps=23)  # 2 epochs of 12: the second stops at 11
+    model.fit(x, y, verbose=2)
+    out = capsys.readouterr().out
+    assert "12/12" in out and "11/11" in out and "12/12" in out.split("Epoch 2/2")[0]
+    assert "11/12" not in out.split("Epoch 2/2")[1] and "12/12" not in out.split("Epoch 2/2")[1]
+    assert model.dp_steps == 23
