@@ -241,3 +241,13 @@ class LedgerCallback(keras.callbacks.Callback):
         ledger.count_update()
         if ledger.spent >= self._stop_at:
             self._model.stop_training = True  # Keras stops after this update
+
+
+class PerStepLedgerCallback(LedgerCallback):
+    """:class:`LedgerCallback` that also puts ε into every step's logs
+    (``PrivacyBudget(per_step=True)``). Its batch-end hook makes Keras wait for each
+    step, so it is used only when asked for."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs is not None:
+            logs["epsilon"] = self.model.privacy_spent(self._budget.delta).epsilon

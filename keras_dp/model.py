@@ -321,7 +321,10 @@ class DPModel:
             )
         metrics.add_counters(self)
         budget = next((c for c in callbacks if isinstance(c, PrivacyBudget)), None)
-        callbacks = [ledger.LedgerCallback(stop_at, per_epoch, batches, budget), *callbacks]
+        counting = (
+            ledger.PerStepLedgerCallback if budget and budget.per_step else ledger.LedgerCallback
+        )
+        callbacks = [counting(stop_at, per_epoch, batches, budget), *callbacks]
         if verbose != 0 and not any(
             isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks
         ):

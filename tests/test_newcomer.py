@@ -113,3 +113,21 @@ def test_the_last_short_epoch_shows_the_updates_that_ran(capsys):
     assert "12/12" in out and "11/11" in out and "12/12" in out.split("Epoch 2/2")[0]
     assert "11/12" not in out.split("Epoch 2/2")[1] and "12/12" not in out.split("Epoch 2/2")[1]
     assert model.dp_steps == 23
+
+
+def test_epsilon_can_be_logged_at_every_step():
+    x, y = data(40)
+    seen = []
+    spy = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: seen.append(logs))
+    model = private(batch_size=10, epochs=1)
+    model.fit(x, y, verbose=0, callbacks=[keras_dp.callbacks.PrivacyBudget(per_step=True), spy])
+    config = model.dp_config
+    assert [float(logs["epsilon"]) for logs in seen] == pytest.approx(
+        [config.epsilon(k) for k in range(1, 5)]
+    )
+    quiet = []
+    spy = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: quiet.append(logs))
+    private(batch_size=10, epochs=1).fit(
+        x, y, verbose=0, callbacks=[keras_dp.callbacks.PrivacyBudget(), spy]
+    )
+    assert quiet and all("epsilon" not in logs for logs in quiet)  # per epoch by default
