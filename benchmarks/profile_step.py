@@ -20,6 +20,7 @@ them is not computed).
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keras-hub imports TensorFlow
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402

@@ -27,6 +27,7 @@ dispatch, data sampling and per-epoch set-up count for every side.
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keras-hub imports TensorFlow
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402

@@ -13,6 +13,7 @@ Alternates plain and DP fits (plain, DP, plain, DP, ...), excludes the first
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keras-hub imports TensorFlow
 
 import argparse  # noqa: E402
 import platform  # noqa: E402

@@ -14,6 +14,7 @@ import os
 import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keras-hub imports TensorFlow
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

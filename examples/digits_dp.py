@@ -15,6 +15,7 @@ import os
 import statistics
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keras-hub imports TensorFlow
 
 import keras  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402

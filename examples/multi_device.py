@@ -49,6 +49,7 @@ def main(args) -> None:
     if args.coordinator is None or args.devices:
         os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import jax
 
     if args.coordinator is not None:

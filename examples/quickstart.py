@@ -16,6 +16,7 @@ import math
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keras-hub imports TensorFlow
 
 import keras  # noqa: E402
 

@@ -18,3 +18,29 @@ def require_jax_backend() -> None:
             "(e.g. `KERAS_BACKEND=jax python train.py`, or os.environ['KERAS_BACKEND'] = "
             "'jax' at the top of the notebook)."
         )
+
+
+def import_quietly(name: str):
+    """``importlib.import_module(name)`` with the process's stderr silenced meanwhile.
+
+    For keras-hub, which imports TensorFlow: TensorFlow writes start-up lines (oneDNN,
+    CUDA drivers, absl) straight to file descriptor 2, past ``TF_CPP_MIN_LOG_LEVEL``.
+    An import error is still raised (and shown) once stderr is back.
+    """
+    import importlib
+
+    if name in sys.modules:
+        return sys.modules[name]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real stderr (some notebook kernels): nothing to silence
+        return importlib.import_module(name)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        return importlib.import_module(name)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

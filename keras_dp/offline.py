@@ -16,6 +16,8 @@ import json
 import pathlib
 import warnings
 
+from keras_dp._backend import import_quietly
+
 CORPUS = pathlib.Path(__file__).parent / "assets" / "synthetic_dialogues.jsonl"
 TRAIN, EVAL, PUBLIC = slice(0, 2000), slice(2000, 2400), slice(2400, 3000)
 _PRETRAINED: dict = {}  # weights of pretrained tiny models, by their settings
@@ -84,7 +86,7 @@ def gemma3_backbone(
     ``head_dim = hidden_dim // num_query_heads``, an MLP of ``2 * hidden_dim`` and a
     sliding window of ``sequence_length``.
     """
-    import keras_hub
+    keras_hub = import_quietly("keras_hub")
 
     return keras_hub.models.Gemma3Backbone(
         vocabulary_size=vocabulary_size,
@@ -109,7 +111,7 @@ def gemma3_causal_lm(
     latter."""
     if preset is None:
         return tiny_gemma3(sequence_length=sequence_length, **tiny_options)
-    import keras_hub
+    keras_hub = import_quietly("keras_hub")
 
     kwargs = {} if dtype is None else {"dtype": dtype}
     lm = keras_hub.models.Gemma3CausalLM.from_preset(preset, **kwargs)
@@ -132,7 +134,8 @@ def tiny_gemma3(
     so a second call with the same settings returns a fresh copy at once.
     """
     import keras
-    import keras_hub
+
+    keras_hub = import_quietly("keras_hub")
 
     keras.utils.set_random_seed(seed)  # before the tokenizer: TF's reseed drops its resource
     public = synthetic_dialogues()[PUBLIC]
