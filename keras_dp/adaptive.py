@@ -14,8 +14,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_COUNT_STREAM = 0xC0C0  # the count's noise comes from its own stream of the step's key
-
 
 def unclipped_fraction(
     unclipped: jax.Array, num_real: jax.Array, key: jax.Array, count_noise: float, batch_size: int
@@ -23,10 +21,11 @@ def unclipped_fraction(
     """b̃: the privatised fraction of examples with norm ≤ C, in units of the expected batch.
 
     ``(Σ_real (b_i − ½) + N(0, σ_b²)) / B + ½``: the centred sum has sensitivity ½, and
-    the expected batch size B (public) replaces the real count.
+    the expected batch size B (public) replaces the real count. ``key`` must be
+    independent of the gradient noise's (the step splits its key in two).
     """
     centred = unclipped.astype(jnp.float32) - num_real.astype(jnp.float32) / 2
-    noise = count_noise * jax.random.normal(jax.random.fold_in(key, _COUNT_STREAM), ())
+    noise = count_noise * jax.random.normal(key, ())
     return (centred + noise) / batch_size + 0.5
 
 

@@ -450,6 +450,8 @@ class DPModel:
         # ledger's count of this update keys its noise: unique along the weights'
         # history, and a new seed is drawn whenever loaded weights go back.
         key = noise.step_key(noise.root_key(packed["dp_seed"][0]), packed["dp_step"][0])
+        if clip_slot is not None:  # adaptive clipping: the count's noise, its own stream
+            key, count_key = jax.random.split(key)
         grads = noise.privatize(
             grad_sum, key, config.gradient_noise_multiplier, clip_norm, config.batch_size
         )
@@ -465,7 +467,11 @@ class DPModel:
         num_real = jnp.sum(mask)
         if clip_slot is not None:  # adaptive clipping: C for the next update, privatised
             fraction = adaptive.unclipped_fraction(
-                num_real - nonfinite - clipped, num_real, key, config.count_noise, config.batch_size
+                num_real - nonfinite - clipped,
+                num_real,
+                count_key,
+                config.count_noise,
+                config.batch_size,
             )
             non_trainable[clip_slot] = adaptive.next_clip_norm(
                 clip_norm, fraction, config.clip_quantile, config.clip_learning_rate
