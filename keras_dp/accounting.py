@@ -207,6 +207,7 @@ def pld_discretization(
     return d, eps
 
 
+@functools.lru_cache(maxsize=1024)  # events are frozen and hashable; ε is deterministic
 def epsilon(
     event: dp_accounting.DpEvent,
     delta: float,
