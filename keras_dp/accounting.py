@@ -12,6 +12,8 @@ Formal guarantees:
     ``PoissonSampledDpEvent``, and the sampler then never truncates). Neighbouring
     datasets differ by adding or removing one example; the clipped sum has L2
     sensitivity C and the noise standard deviation is σ·C.
+  * "bandmf" noise (cyclic Poisson sampling, correlated noise): see
+    :func:`bandmf_event`.
   * "fixed" sampling: each step uses a uniformly random subset of exactly B examples
     (``SampledWithoutReplacementDpEvent``, RDP). Neighbouring datasets differ by
     replacing one example. Replacing one example moves the clipped sum by up to 2C,
@@ -34,6 +36,7 @@ NeighboringRelation = dp_accounting.NeighboringRelation
 
 ACCOUNTANTS = ("pld", "rdp")
 SAMPLINGS = ("poisson", "fixed")
+NOISES = ("independent", "bandmf")
 
 # PLD discretization: start coarse and halve until two successive values agree to
 # within ``_PLD_REL_TOL``. The error of the PLD estimate shrinks about 4x per halving,
@@ -126,6 +129,22 @@ def poisson_event(
             noise_multiplier=noise_multiplier,
         )
     return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+def bandmf_event(
+    group_probability: float, noise_multiplier: float, steps: int, bands: int
+) -> dp_accounting.DpEvent:
+    """``steps`` updates of Amplified BandMF (Choquette-Choo et al. 2023, Theorem 4).
+
+    Examples are partitioned into ``bands`` groups at random; update t Poisson-samples
+    group t mod b with ``group_probability``; the noise is C⁻¹z for a b-banded strategy
+    C with column norms at most 1. An example's participations are then b apart, where
+    the bands of its columns of C do not overlap, and the run is ceil(steps/b) rounds of
+    the Poisson-subsampled Gaussian mechanism of multiplier σ (add-or-remove-one).
+    jax-privacy's ``experimental.accounting.amplified_bandmf_event`` builds the same.
+    """
+    rounds = math.ceil(steps / bands)
+    return poisson_event(0, group_probability, noise_multiplier, rounds)
 
 
 def fixed_batch_event(

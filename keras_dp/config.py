@@ -89,6 +89,21 @@ class DPConfig:
         paper).
       clip_count_noise: σ_b, the noise std of the unclipped count. None: B/20 (the
         paper's choice). Must exceed σ/2.
+      noise: "independent" (default: DP-SGD, fresh noise every update) or "bandmf"
+        (Amplified banded matrix factorization, Choquette-Choo et al. 2023: the
+        noise of update t is (C⁻¹z)_t for a b-banded Toeplitz strategy C with unit
+        column norm, so it is correlated over the last ``bands`` updates and much of
+        it cancels in the weights). With "bandmf" the examples are split at random
+        (each independently, uniformly) into ``bands`` groups once per run, and
+        update t Poisson-samples group t mod b with probability b·B/N (expected batch
+        still B); an example is thus in at most one update of every b, and the run
+        is accounted as ceil(steps/b) Poisson-subsampled Gaussian rounds of noise σ
+        at probability b·B/N, under add-or-remove-one. Poisson sampling only; not
+        with adaptive clipping. Its draws are not truncated (B_max is exceeded with
+        chance ≤ 1e-6·δ over the run, and then one larger step is compiled).
+      bands: b, the number of bands of the "bandmf" strategy (1: exactly DP-SGD, the
+        same sampler, events, ε and weights). Needs b·batch_size <= dataset_size.
+        Costs (b − 1) float32 copies of the trainable variables as noise state.
     """
 
     target_epsilon: float
@@ -106,6 +121,8 @@ class DPConfig:
     clip_quantile: float | None = None
     clip_learning_rate: float = 0.2
     clip_count_noise: float | None = None
+    noise: str = "independent"
+    bands: int = 1
     # Bookkeeping so that dataclasses.replace keeps working: the steps derived from
     # epochs, and the plan a noise multiplier was calibrated for.
     _derived_steps: int | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -126,6 +143,26 @@ class DPConfig:
             raise _bad("sampling", self.sampling, "pass 'poisson' (default) or 'fixed'.")
         if self.accountant not in accounting.ACCOUNTANTS:
             raise _bad("accountant", self.accountant, "pass 'pld' (default) or 'rdp'.")
+        if self.noise not in accounting.NOISES:
+            raise _bad("noise", self.noise, "pass 'independent' (DP-SGD, default) or 'bandmf'.")
+        if not _is_int(self.bands) or self.bands < 1:
+            raise _bad("bands", self.bands, "pass a positive integer number of bands (1: DP-SGD).")
+        if self.bands > 1 and self.noise != "bandmf":
+            raise _bad("bands", self.bands, "bands apply to correlated noise; pass noise='bandmf'.")
+        if self.noise == "bandmf" and self.sampling != "poisson":
+            raise _bad(
+                "sampling",
+                self.sampling,
+                "noise='bandmf' is analysed for cyclic Poisson sampling only (Amplified "
+                "BandMF); pass sampling='poisson'.",
+            )
+        if self.noise == "bandmf" and self.clip_quantile is not None:
+            raise _bad(
+                "clip_quantile",
+                self.clip_quantile,
+                "adaptive clipping's count noise is not analysed together with correlated "
+                "noise; pass clip_quantile=None with noise='bandmf'.",
+            )
         if self.sampling == "fixed" and self.accountant != "rdp":
             raise _bad(
                 "accountant",
@@ -181,6 +218,14 @@ class DPConfig:
                     "batch_size",
                     self.batch_size,
                     f"it exceeds dataset_size={n}; pass batch_size <= {n}.",
+                )
+            if self.bands * self.batch_size > n:
+                raise _bad(
+                    "bands",
+                    self.bands,
+                    f"each of the b groups of about N/b examples must hold the expected "
+                    f"batch of {self.batch_size}; pass bands <= {n // self.batch_size} "
+                    "(dataset_size // batch_size) or a smaller batch_size.",
                 )
         delta = self.target_delta
         if delta is not None:
@@ -274,6 +319,8 @@ class DPConfig:
             self.dataset_size,
             self.sampling,
             self.accountant,
+            self.noise,
+            self.bands,
         )
 
     def _forget_stale_calibration(self) -> None:
@@ -300,6 +347,18 @@ class DPConfig:
     def sampling_probability(self) -> float | None:
         """q = batch_size / dataset_size (None until dataset_size is known)."""
         return None if self.dataset_size is None else self.batch_size / self.dataset_size
+
+    @property
+    def correlated(self) -> bool:
+        """True for correlated noise (``noise="bandmf"`` with ``bands > 1``)."""
+        return self.noise == "bandmf" and self.bands > 1
+
+    @property
+    def group_probability(self) -> float | None:
+        """The probability b·B/N with which update t samples each example of its group."""
+        return (
+            None if self.dataset_size is None else self.bands * self.batch_size / self.dataset_size
+        )
 
     @property
     def count_noise(self) -> float | None:
@@ -343,7 +402,12 @@ class DPConfig:
         """
         if self.sampling == "fixed":
             return self.batch_size
-        if self.accountant == "rdp" or self.dataset_size is None or self.steps is None:
+        if (
+            self.correlated
+            or self.accountant == "rdp"
+            or self.dataset_size is None
+            or self.steps is None
+        ):
             return None
         return accounting.truncated_batch_size(
             self.dataset_size, self.sampling_probability, self.steps, self.delta
@@ -368,6 +432,8 @@ class DPConfig:
     def _event_for(self, sigma: float, steps: int) -> dp_accounting.DpEvent:
         if self.sampling == "fixed":
             return accounting.fixed_batch_event(self.dataset_size, self.batch_size, sigma, steps)
+        if self.correlated:
+            return accounting.bandmf_event(self.group_probability, sigma, steps, self.bands)
         return accounting.poisson_event(
             self.dataset_size, self.sampling_probability, sigma, steps, self.max_batch_size
         )

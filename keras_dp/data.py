@@ -99,7 +99,8 @@ class DPBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         step = self._next_step
         self._next_step += 1
-        indices = draw_indices(self._config, self._model._dp_seed, step)
+        ledger = self._model._dp_ledger
+        indices = draw_indices(self._config, self._model._dp_seed, step, ledger.partition_seed)
         physical = self.physical
         if len(indices) > physical:  # untruncated Poisson (RDP) drew beyond the bound
             logger.warning(
@@ -131,9 +132,20 @@ class DPBatches(keras.utils.PyDataset):
         return (packed, y) if y is not None else (packed,)
 
 
-def draw_indices(config: DPConfig, seed: int, step: int) -> np.ndarray:
-    """The examples of update ``step``, drawn as the config's sampler says."""
+def draw_indices(
+    config: DPConfig, seed: int, step: int, partition_seed: int | None = None
+) -> np.ndarray:
+    """The examples of update ``step``, drawn as the config's sampler says.
+
+    Correlated noise (``bands > 1``) samples cyclically from groups drawn with
+    ``partition_seed`` (the ledger's, fixed for the weights' lineage).
+    """
     rng = sampling.step_rng(seed, step)
+    if config.correlated:
+        if partition_seed is None:
+            raise ValueError("Internal: cyclic Poisson sampling needs the partition seed.")
+        groups = sampling.cyclic_groups(partition_seed, config.dataset_size, config.bands)
+        return sampling.cyclic_poisson_indices(rng, groups, step, config.group_probability)
     if config.sampling == "fixed":
         return sampling.fixed_indices(rng, config.dataset_size, config.batch_size)
     return sampling.poisson_indices(

@@ -61,6 +61,11 @@ class Ledger(KerasSaveable):
         differentially private. Sticky: saved and loaded with the weights.
       conflict: A plan the user set that differs from the plan the loaded weights
         were trained under; ``fit`` refuses to continue until it is resolved.
+      partition_seed: Correlated noise only (``DPConfig.bands > 1``): the SECRET seed
+        of the run's partition of the examples into groups. It is saved with the
+        weights, like the noise history, so that a resumed run continues the
+        analysed mechanism; such a checkpoint is as sensitive as the data until the
+        plan is complete (both are then erased).
     """
 
     def __init__(self, model=None, steps: int = 0):
@@ -70,6 +75,7 @@ class Ledger(KerasSaveable):
         self.run: int | None = None
         self.public_seed = False
         self.conflict: DPConfig | None = None
+        self.partition_seed: int | None = None
 
     def _obj_type(self):
         # Keras' saving walks a saveable's attributes with the skip list of a kind it
@@ -103,6 +109,8 @@ class Ledger(KerasSaveable):
         store["spent"] = np.asarray([self.spent], np.int64)
         store["run"] = np.asarray([-1 if self.run is None else self.run], np.int64)
         store["public_seed"] = np.asarray([int(self.public_seed)], np.int64)
+        if self.partition_seed is not None:  # secret: see the class docstring
+            store["partition_seed"] = np.asarray([self.partition_seed], np.int64)
         model = self._model()
         plan = model.dp_config if model is not None else None
         if plan is not None and plan.is_calibrated:
@@ -121,6 +129,8 @@ class Ledger(KerasSaveable):
         self.run = None if run < 0 else run
         self.spent = max(read("spent", self.steps), _HIGH_WATER.get(self.run, 0))
         self.public_seed = self.public_seed or bool(read("public_seed", 0))
+        partition = read("partition_seed", -1)
+        self.partition_seed = None if partition < 0 else partition
         for path, variable in self._seed_states().items():
             if path in keys:
                 variable.assign(np.asarray(store[path]))
@@ -230,6 +240,13 @@ class LedgerCallback(keras.callbacks.Callback):
         # the order the user gave.
         if self._budget is not None and logs is not None:
             logs["epsilon"] = self.model.privacy_spent(self._budget.delta).epsilon
+
+    def on_train_end(self, logs=None):
+        model = self.model
+        config = model.dp_config
+        if config.correlated and model._dp_ledger.steps >= config.steps:
+            model._dp_erase_noise_state()  # the plan is complete: nothing secret is kept
+            logger.info("BandMF plan complete: the secret noise state was erased.")
 
     def on_train_batch_begin(self, batch, logs=None):
         # Counted as the update is dispatched: a batch-*end* hook would make Keras wait

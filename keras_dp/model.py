@@ -23,6 +23,7 @@ import numpy as np
 from keras_dp import (
     _keras,
     adaptive,
+    bandmf,
     checks,
     clipping,
     data,
@@ -127,6 +128,48 @@ class DPModel:
                     float(config.l2_clip_norm), trainable=False, name=ADAPTIVE_CLIP_NORM
                 )
                 _keras.track_after_build(self, "_dp_clip_norm", variable)
+
+    def _dp_make_noise_state(self) -> None:
+        """Correlated noise (``bands > 1``): once the model is built, non-trainable
+        variables for the strategy and the last b − 1 noise vectors (float32, one stack
+        per trainable variable). They are saved with the weights and are SECRET until
+        the plan is complete (then erased): see :mod:`keras_dp.ledger`."""
+        config = self._dp_config
+        if config is None or not config.correlated or not self.built:
+            return
+        if getattr(self, "_dp_noise_history", None) is not None:
+            return
+        coefs = bandmf.strategy(config.steps, config.bands)
+        history = [
+            keras.Variable(
+                keras.initializers.Zeros()((len(coefs) - 1, *v.shape), "float32"),
+                trainable=False,
+                name=f"dp_noise_history_{i}",
+            )
+            for i, v in enumerate(self.trainable_variables)
+        ]
+        strategy = keras.Variable(coefs.astype("float32"), trainable=False, name="dp_strategy")
+        _keras.track_after_build(self, "_dp_noise_strategy", strategy)
+        _keras.track_after_build(self, "_dp_noise_history", history)
+
+    def _dp_noise_slots(self) -> tuple[int, list[int]] | None:
+        """Where the strategy and the noise history sit among the non-trainable variables."""
+        history = getattr(self, "_dp_noise_history", None)
+        if history is None or not self._dp_config.correlated:
+            return None
+        slot = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
+        return slot[id(self._dp_noise_strategy)], [slot[id(v)] for v in history]
+
+    def _dp_erase_noise_state(self) -> None:
+        """Once the plan is complete the secret noise state is no longer needed: erased,
+        so that the final weights can be released."""
+        for variable in getattr(self, "_dp_noise_history", None) or []:
+            variable.assign(np.zeros(variable.shape, "float32"))
+        self._dp_ledger.partition_seed = None
+
+    def load_own_variables(self, store):
+        self._dp_make_noise_state()  # a checkpoint of a BandMF run holds its noise state
+        super().load_own_variables(store)
 
     def _dp_clip_slot(self) -> int | None:
         """Where the adaptive clip norm sits among the non-trainable variables."""
@@ -278,6 +321,7 @@ class DPModel:
         first = source.gather(np.arange(min(2, source.size)))
         checks.check_examples(first, labels_needed=_keras.has_compiled_loss(self))
         _keras.symbolic_build(self, first)
+        self._dp_make_noise_state()
         checks.check_model(self)
         checks.check_class_labels(self, source, first)
         callbacks = list(callbacks or [])
@@ -289,6 +333,18 @@ class DPModel:
             seed = config.seed if config.seed is not None else secrets.randbits(63)
             self._dp_seed = distribute.shared_seed(seed)
         self._dp_ledger.start_run()
+        if config.correlated and self._dp_ledger.partition_seed is None:
+            if self._dp_ledger.steps:
+                raise ValueError(
+                    f"These weights took {self._dp_ledger.steps} updates of a BandMF plan, "
+                    "but the run's secret state (its partition of the examples and its "
+                    "noise history) did not come with them: continuing would not be the "
+                    "analysed mechanism. Resume from a checkpoint that keras_dp wrote "
+                    "during this run (model.save, save_weights, BackupAndRestore), or "
+                    "start from new weights. Nothing was trained."
+                )
+            partition = config.seed if config.seed is not None else secrets.randbits(63)
+            self._dp_ledger.partition_seed = distribute.shared_seed(partition)
         if config.seed is not None:
             self._dp_ledger.public_seed = True
             logger.warning(
@@ -299,7 +355,11 @@ class DPModel:
             )
         distribute.check_processes_agree(
             source.size,
-            lambda: source.gather(data.draw_indices(config, self._dp_seed, self._dp_ledger.steps)),
+            lambda: source.gather(
+                data.draw_indices(
+                    config, self._dp_seed, self._dp_ledger.steps, self._dp_ledger.partition_seed
+                )
+            ),
         )
         shards, _ = distribute.batch_shards()
         chunk = _chunk_size(config, shards, self)
@@ -452,9 +512,25 @@ class DPModel:
         key = noise.step_key(noise.root_key(packed["dp_seed"][0]), packed["dp_step"][0])
         if clip_slot is not None:  # adaptive clipping: the count's noise, its own stream
             key, count_key = jax.random.split(key)
-        grads = noise.privatize(
-            grad_sum, key, config.gradient_noise_multiplier, clip_norm, config.batch_size
-        )
+        noise_slots = self._dp_noise_slots()
+        if noise_slots is None:
+            grads = noise.privatize(
+                grad_sum, key, config.gradient_noise_multiplier, clip_norm, config.batch_size
+            )
+        else:  # correlated noise (BandMF): the noise history is part of the state
+            strategy_slot, history_slots = noise_slots
+            grads, history = noise.privatize_correlated(
+                grad_sum,
+                key,
+                config.noise_multiplier,
+                clip_norm,
+                config.batch_size,
+                non_trainable[strategy_slot],
+                [non_trainable[i] for i in history_slots],
+            )
+            non_trainable = list(non_trainable)
+            for i, h in zip(history_slots, history):
+                non_trainable[i] = h
         # The optimizer divides by its loss scale (LossScaleOptimizer under mixed_float16,
         # loss_scale_factor); the DP loss was never scaled, so scale the gradient to match.
         scale = _loss_scale(self.optimizer, optimizer_vars)

@@ -56,8 +56,52 @@ def privatize(
     data-dependent quantity.
     """
     noise = gaussian_like(key, clipped_sum, noise_multiplier * l2_clip_norm)
+    return _noised_mean(clipped_sum, noise, expected_batch_size)
+
+
+def _noised_mean(clipped_sum, noise, expected_batch_size: int):
     return jax.tree.map(
         lambda g, n: ((g.astype(jnp.float32) + n) / expected_batch_size).astype(g.dtype),
         clipped_sum,
         noise,
     )
+
+
+def correlated_noise(key: jax.Array, tree, strategy: jax.Array, history):
+    """Unit-variance BandMF noise ``w_t = (C⁻¹z)_t`` and the history after it.
+
+    ``strategy`` holds C's b Toeplitz coefficients; ``history`` is a pytree like
+    ``tree`` whose leaves stack ``w_{t−1}, …, w_{t−b+1}`` (most recent first, zeros
+    before the first update). ``C w = z`` row t reads
+    ``w_t = (z_t − Σ_{j≥1} c_j w_{t−j}) / c_0``. float32, the reduction at full
+    precision (no reduced-precision matmul on accelerators).
+    """
+    z = gaussian_like(key, tree, 1.0)
+    strategy = jnp.asarray(strategy, jnp.float32)
+
+    def step(z_leaf, past):
+        carried = jnp.tensordot(strategy[1:], past, axes=1, precision=jax.lax.Precision.HIGHEST)
+        w = (z_leaf - carried) / strategy[0]
+        return w, jnp.concatenate([w[None], past[:-1]], axis=0)
+
+    pairs = jax.tree.map(step, z, history)
+    w = jax.tree.map(lambda _, p: p[0], tree, pairs)
+    history = jax.tree.map(lambda _, p: p[1], tree, pairs)
+    return w, history
+
+
+def privatize_correlated(
+    clipped_sum,
+    key: jax.Array,
+    noise_multiplier: float,
+    l2_clip_norm: float,
+    expected_batch_size: int,
+    strategy: jax.Array,
+    history,
+):
+    """(Σ clip(g_i) + σ·C·(C⁻¹z)_t) / B and the noise history after update t: the
+    BandMF gradient estimate (see :mod:`keras_dp.bandmf`)."""
+    w, history = correlated_noise(key, clipped_sum, strategy, history)
+    scale = noise_multiplier * l2_clip_norm
+    noise = jax.tree.map(lambda leaf: scale * leaf, w)
+    return _noised_mean(clipped_sum, noise, expected_batch_size), history

@@ -8,6 +8,7 @@ a fixed physical size: real rows first, then padding rows that the mask marks.
 from __future__ import annotations
 
 import collections.abc
+import functools
 import inspect
 import math
 
@@ -39,6 +40,30 @@ def poisson_indices(
     if truncate_to is not None:
         indices = indices[:truncate_to]
     return np.sort(indices)
+
+
+@functools.lru_cache(maxsize=4)
+def cyclic_groups(partition_seed: int, dataset_size: int, bands: int) -> tuple[np.ndarray, ...]:
+    """The examples of each of ``bands`` groups: every example joins one group,
+    independently and uniformly at random (jax-privacy's ``PartitionType.INDEPENDENT``,
+    the partition that the add-or-remove-one analysis of Amplified BandMF assumes).
+
+    A function of the partition seed alone, so a resumed run keeps its groups; the
+    seed is secret (the groups are part of the sampling randomness).
+    """
+    rng = np.random.default_rng([partition_seed, dataset_size, bands, 0xBA4D])
+    group = rng.integers(0, bands, size=dataset_size)
+    return tuple(np.flatnonzero(group == g) for g in range(bands))
+
+
+def cyclic_poisson_indices(
+    rng: np.random.Generator, groups: tuple[np.ndarray, ...], step: int, probability: float
+) -> np.ndarray:
+    """Cyclic Poisson: each example of group ``step mod len(groups)`` independently with
+    ``probability`` (never truncated); no other example."""
+    members = groups[step % len(groups)]
+    count = rng.binomial(len(members), min(probability, 1.0))
+    return np.sort(rng.choice(members, size=count, replace=False))
 
 
 def fixed_indices(rng: np.random.Generator, dataset_size: int, batch_size: int) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
+from keras_dp import bandmf
 from keras_dp.config import DPConfig
 
 _NOT_COVERED = (
@@ -72,7 +73,19 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
         config = config.calibrate()
     steps = config.steps if steps is None else steps
     n, delta = config.dataset_size, config.delta
-    if config.sampling == "poisson":
+    if config.correlated:
+        sampler = (
+            f"Cyclic Poisson sampling: the examples were split once, each independently and "
+            f"uniformly at random (secret seed), into b = {config.bands} groups; update t "
+            f"includes each example of group t mod b independently with probability "
+            f"{config.group_probability:.6g} (expected batch {config.batch_size} of N = {n}), "
+            "never truncated. An example is in at most one update of every b."
+        )
+        relation = (
+            "add-or-remove-one example (N is treated as public: q and δ's default are "
+            "computed from it)"
+        )
+    elif config.sampling == "poisson":
         b_max = config.max_batch_size
         sampler = (
             f"Poisson sampling: each example joins each update independently with "
@@ -112,6 +125,20 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
             f"one Gaussian mechanism of multiplier σ = {config.noise_multiplier:.6g}; divided "
             "by the expected batch size."
         )
+    if config.correlated:
+        coefs = bandmf.strategy(config.steps, config.bands)
+        mechanism = (
+            f"Mechanism: Amplified BandMF (correlated noise; Choquette-Choo et al. 2023): each "
+            f"example's gradient clipped to L2 norm C = {config.l2_clip_norm:g}; the noise "
+            f"of update t is σ·C·(C⁻¹z)_t for a {config.bands}-banded Toeplitz strategy "
+            f"C (RMSE-optimal for {config.steps} steps, unit column norm; coefficients "
+            f"{', '.join(f'{c:.4g}' for c in coefs[:4])}{', …' if len(coefs) > 4 else ''}), "
+            f"z ~ N(0, I), σ = {config.noise_multiplier:.6g}; divided by the expected batch "
+            f"size. Accounted as ceil(steps/b) rounds of the Poisson-subsampled Gaussian at "
+            f"probability {config.group_probability:.6g}. The partition and the last b − 1 "
+            "noise vectors are secret state saved with checkpoints until the plan is "
+            "complete: such a checkpoint is as sensitive as the data."
+        )
     accounted = f"Updates accounted: {steps} of {config.steps} planned."
     if lineage is not None and lineage < steps:
         accounted += (
@@ -121,7 +148,8 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
         )
     lines = [
         *([_PUBLIC_SEED] if public_seed else []),
-        "Differential privacy statement (keras_dp, example-level DP-SGD)",
+        "Differential privacy statement (keras_dp, example-level "
+        + ("BandMF)" if config.correlated else "DP-SGD)"),
         f"Sampler: {sampler}",
         f"Neighbouring relation: {relation}.",
         mechanism,
