@@ -344,3 +344,20 @@ def test_bandmf_event_is_rounds_of_the_group_poisson_gaussian():
     assert event.event == dp_accounting.PoissonSampledDpEvent(
         0.2, dp_accounting.GaussianDpEvent(1.1)
     )
+
+
+def test_the_utility_example_runs_in_a_small_setting(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "bandmf_digits.py"
+    spec = importlib.util.spec_from_file_location("bandmf_digits", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = str(tmp_path / "table")
+    args = ["--epsilons", "8", "--seeds", "1", "--bands", "2", "--epochs", "2", "--out", out]
+    (row,) = example.main(args)
+    assert row["bands"] == 2 and row["steps"] == 90
+    assert min(row["dpsgd"] + row["bandmf"]) > 0.3  # chance is 0.1
+    assert 0 < row["weight_noise_ratio"] < 2
+    assert "| 8 | 90 | 2 |" in open(out + ".md").read()

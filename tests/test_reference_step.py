@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import DPConfig, data, noise
+from keras_dp import DPConfig, bandmf, data, noise
 from keras_dp import model as dp_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
@@ -88,8 +88,10 @@ def reference_updates(model, config, seed, x, y, sample_weight, weights0, nt0, s
 
     grad_fn = jax.jit(jax.grad(example_loss))
     weights = [np.asarray(w, np.float64) for w in weights0]
+    unit_draws = []  # z_s of every step so far (BandMF's noise combines them)
     for step in range(steps):
-        indices = data.draw_indices(config, seed, step)
+        # With a fixed DPConfig.seed the BandMF partition is drawn from it too.
+        indices = data.draw_indices(config, seed, step, config.seed)
         total = [np.zeros(w.shape) for w in weights]
         current = [jnp.asarray(w, v.dtype) for w, v in zip(weights, model.trainable_variables)]
         for rank, i in enumerate(indices):
@@ -108,6 +110,19 @@ def reference_updates(model, config, seed, x, y, sample_weight, weights0, nt0, s
             total = [t + scale * a for t, a in zip(total, g)]
         key = noise.step_key(noise.root_key(seed), step)
         draws = noise.gaussian_like(key, total, config.noise_multiplier * config.l2_clip_norm)
+        if config.correlated:  # w = C⁻¹z by a dense solve over all steps so far (float64)
+            unit_draws.append(
+                [np.asarray(z, np.float64) for z in noise.gaussian_like(key, total, 1.0)]
+            )
+            coefs = bandmf.strategy(config.steps, config.bands)
+            strategy = sum(
+                np.diag(np.full(step + 1 - j, c), -j) for j, c in enumerate(coefs) if j <= step
+            )
+            row = np.linalg.inv(strategy)[step]
+            scale = config.noise_multiplier * config.l2_clip_norm
+            draws = [
+                scale * sum(r * z[k] for r, z in zip(row, unit_draws)) for k in range(len(total))
+            ]
         grads = [(t + np.asarray(n, np.float64)) / config.batch_size for t, n in zip(total, draws)]
         weights = [w - lr * g for w, g in zip(weights, grads)]
     return weights
@@ -128,6 +143,7 @@ plans = st.fixed_dictionaries(
         "sigma": st.sampled_from([0.0, 0.7]),
         "clip": st.sampled_from([0.05, 0.5, 100.0]),
         "steps": st.integers(1, 2),
+        "bands": st.sampled_from([1, 1, 1, 2, 3]),  # > 1: BandMF (Poisson only), 3 steps
     }
 )
 
@@ -151,10 +167,17 @@ plans = st.fixed_dictionaries(
               microbatch=100, devices=2, dtype="float32", weighted=True, dropout=True,
               sigma=0.7, clip=0.5, steps=2)
 )  # fmt: skip
+@example(
+    plan=dict(kind="mlp", loss="sparse_ce", sampling="poisson", batch=37, extra=11,
+              microbatch=20, devices=4, dtype="float32", weighted=True, dropout=True,
+              sigma=0.7, clip=0.5, steps=2, bands=3)
+)  # fmt: skip
 def test_train_step_equals_the_reference(plan):
     devices = plan["devices"]
     assert len(jax.devices()) >= devices, "conftest.py sets XLA_FLAGS for 4 CPU devices"
-    n = plan["batch"] + plan["extra"]
+    bands = plan.get("bands", 1) if plan["sampling"] == "poisson" else 1
+    n = plan["batch"] * bands + plan["extra"]
+    steps = plan["steps"] + (bands > 1)  # correlation shows from the second update on
     sigma, lr = plan["sigma"], 0.5
     distribution = None
     if devices > 1:
@@ -173,8 +196,10 @@ def test_train_step_equals_the_reference(plan):
             target_epsilon=math.inf if sigma == 0 else 1e6,
             noise_multiplier=sigma,
             batch_size=plan["batch"],
-            steps=plan["steps"],
+            steps=steps,
             sampling=plan["sampling"],
+            noise="bandmf" if bands > 1 else "independent",
+            bands=bands,
             accountant="rdp" if plan["sampling"] == "fixed" else "pld",
             microbatch_size=plan["microbatch"],
             l2_clip_norm=plan["clip"],
@@ -183,13 +208,14 @@ def test_train_step_equals_the_reference(plan):
         model = keras_dp.make_private(model, config)
         model.compile(optimizer=keras.optimizers.SGD(lr), loss=LOSSES[plan["loss"]])
         model.build(x.shape)
+        model._dp_make_noise_state()  # BandMF's state (fit makes it too), so nt0 is complete
         weights0 = [np.array(v.value) for v in model.trainable_variables]
         nt0 = [np.array(v.value) for v in model.non_trainable_variables]
         model.fit(x, y, sample_weight=sample_weight, verbose=0)
-        assert model.dp_steps == plan["steps"]
+        assert model.dp_steps == steps
         expected = reference_updates(
             model, model.dp_config, model._dp_seed, x, y, sample_weight, weights0, nt0,
-            plan["steps"], lr,
+            steps, lr,
         )  # fmt: skip
     finally:
         keras.distribution.set_distribution(None)
