@@ -84,3 +84,29 @@ def test_roc_curve_and_refusals():
         )
     with pytest.raises(ValueError, match="confidence"):
         audit.run(build, (np.zeros((4, 64)), np.zeros(4)), None, confidence=0.3)
+
+
+def test_bandmf_audits_below_its_accounted_epsilon_and_a_noiseless_bandmf_is_caught(
+    digits, monkeypatch
+):
+    config = DPConfig(
+        target_epsilon=CLAIMED, batch_size=64, epochs=80, seed=0, noise="bandmf", bands=4
+    )
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return audit.run(build, digits, config, num_canaries=200)
+
+    report = run()
+    assert report.accounted_epsilon <= CLAIMED
+    assert report.consistent and report.epsilon_lower_bound <= report.accounted_epsilon, report
+    correlated = keras_dp.noise.privatize_correlated
+    monkeypatch.setattr(  # the planted bug: the correlated noise is dropped
+        keras_dp.noise,
+        "privatize_correlated",
+        lambda grads, key, sigma, *rest: correlated(grads, key, 0.0, *rest),
+    )
+    broken = run()
+    assert broken.accounted_epsilon <= CLAIMED
+    assert not broken.consistent, broken
