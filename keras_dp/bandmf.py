@@ -63,3 +63,16 @@ def prefix_rmse(coefs: np.ndarray, steps: int) -> float:
     the noise the weights of SGD carry (√((n + 1)/2) for DP-SGD)."""
     cumulative = np.cumsum(noise_coefficients(coefs, steps))
     return float(np.sqrt(np.mean(np.cumsum(cumulative**2))))
+
+
+def check_strategy(coefs: np.ndarray, bands: int) -> None:
+    """Refuses a strategy the accounting does not cover: more than ``bands`` bands, or a
+    column norm above 1 (a model holding the noise state of another plan)."""
+    coefs = np.asarray(coefs, np.float64)
+    if len(coefs) > bands or np.linalg.norm(coefs) > 1 + 1e-6 or coefs[0] <= 0:
+        raise ValueError(
+            f"This model holds the noise state of a {len(coefs)}-band strategy (norm "
+            f"{np.linalg.norm(coefs):.6g}), which a plan of bands={bands} does not account "
+            "for. Train a new model for the new plan (or keep the plan the state was made "
+            "for). Nothing was trained."
+        )

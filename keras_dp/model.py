@@ -322,6 +322,8 @@ class DPModel:
         checks.check_examples(first, labels_needed=_keras.has_compiled_loss(self))
         _keras.symbolic_build(self, first)
         self._dp_make_noise_state()
+        if config.correlated:
+            bandmf.check_strategy(np.asarray(self._dp_noise_strategy.value), config.bands)
         checks.check_model(self)
         checks.check_class_labels(self, source, first)
         callbacks = list(callbacks or [])

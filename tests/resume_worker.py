@@ -20,6 +20,12 @@ import keras_dp  # noqa: E402
 CONFIG = dict(target_epsilon=4.0, batch_size=4, epochs=3, seed=3)
 
 
+def config() -> dict:
+    """CONFIG, with correlated noise when KERAS_DP_TEST_BANDS is set (> 1)."""
+    bands = int(os.environ.get("KERAS_DP_TEST_BANDS", "1"))
+    return {**CONFIG, "noise": "bandmf", "bands": bands} if bands > 1 else dict(CONFIG)
+
+
 class KillAt(keras.callbacks.Callback):
     def __init__(self, update):
         super().__init__()
@@ -36,7 +42,7 @@ def train(backup_dir, kill_at=None):
     inputs = keras.Input((5,))
     hidden = keras.layers.Dropout(0.2)(keras.layers.Dense(8, "tanh")(inputs))
     model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
-    model = keras_dp.make_private(model, keras_dp.DPConfig(**CONFIG))
+    model = keras_dp.make_private(model, keras_dp.DPConfig(**config()))
     model.compile(
         optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )

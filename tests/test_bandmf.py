@@ -361,3 +361,13 @@ def test_the_utility_example_runs_in_a_small_setting(tmp_path):
     assert min(row["dpsgd"] + row["bandmf"]) > 0.3  # chance is 0.1
     assert 0 < row["weight_noise_ratio"] < 2
     assert "| 8 | 90 | 2 |" in open(out + ".md").read()
+
+
+def test_noise_state_of_another_plan_is_refused():
+    x, y = _data()
+    model = _model(_config(noise="bandmf", bands=4))
+    model.build((None, 8))
+    model._dp_make_noise_state()  # as a load of a 4-band checkpoint would
+    model.set_dp_config(_config(noise="bandmf", bands=2))  # no update taken yet: allowed
+    with pytest.raises(ValueError, match="4-band strategy"):
+        model.fit(x, y, verbose=0)

@@ -252,10 +252,15 @@ def test_resuming_from_a_keras_file_ends_at_the_uninterrupted_epsilon(tmp_path):
     assert resumed.privacy_spent().epsilon == DPConfig(**RESUME).calibrate(40).epsilon(20)
 
 
-def test_a_killed_process_resumes_from_its_backup_exactly(tmp_path):
-    """SIGKILL mid-epoch, then a new process with BackupAndRestore: the uninterrupted run."""
+@pytest.mark.parametrize("bands", [1, 2], ids=["dp-sgd", "bandmf"])
+def test_a_killed_process_resumes_from_its_backup_exactly(tmp_path, monkeypatch, bands):
+    """SIGKILL mid-epoch, then a new process with BackupAndRestore: the uninterrupted run.
+
+    With BandMF the noise history and the partition travel in the backup: the resumed
+    process continues the same correlated noise and the same groups."""
     from . import resume_worker
 
+    monkeypatch.setenv("KERAS_DP_TEST_BANDS", str(bands))
     worker, backup = resume_worker.__file__, str(tmp_path / "backup")
     out = str(tmp_path / "resumed.npz")
     killed = subprocess.run(
