@@ -245,7 +245,7 @@ class LedgerCallback(keras.callbacks.Callback):
         model = self.model
         config = model.dp_config
         if config.correlated and model._dp_ledger.steps >= config.steps:
-            model._dp_erase_noise_state()  # the plan is complete: nothing secret is kept
+            model.erase_dp_secrets()  # the plan is complete: nothing secret is kept
             logger.info("BandMF plan complete: the secret noise state was erased.")
 
     def on_train_batch_begin(self, batch, logs=None):

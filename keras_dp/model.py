@@ -4,6 +4,8 @@ Formal guarantee: one call of ``train_step`` is one optimizer update and one
 accounted step. Each real example's gradient over the *trainable* variables is
 clipped to L2 norm C; the clipped gradients are summed, N(0, (σ·C)²) noise is
 added once to the sum, and the result is divided by the expected batch size B.
+With ``noise="bandmf"`` the noise of update t is σC·(C⁻¹z)_t instead, correlated over
+the last b updates (:mod:`keras_dp.bandmf`; its state is a non-trainable variable).
 With the sampler in ``fit`` running as the config says, the whole run is
 (ε, δ)-DP for the config's neighbouring relation (see :mod:`keras_dp.accounting`).
 """
@@ -160,9 +162,15 @@ class DPModel:
         slot = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
         return slot[id(self._dp_noise_strategy)], [slot[id(v)] for v in history]
 
-    def _dp_erase_noise_state(self) -> None:
-        """Once the plan is complete the secret noise state is no longer needed: erased,
-        so that the final weights can be released."""
+    def erase_dp_secrets(self) -> None:
+        """Erases the secret state of a correlated-noise run (``noise="bandmf"``): the
+        last b − 1 noise vectors and the partition's seed, kept with the weights so
+        that a checkpoint resumes the analysed mechanism.
+
+        Done by itself when the plan completes. Call it before releasing weights of a
+        run you stop early (EarlyStopping, a PrivacyBudget); the run cannot be
+        continued afterwards. Nothing to do for DP-SGD (its seed is never saved).
+        """
         for variable in getattr(self, "_dp_noise_history", None) or []:
             variable.assign(np.zeros(variable.shape, "float32"))
         self._dp_ledger.partition_seed = None

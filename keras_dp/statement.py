@@ -137,7 +137,8 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
             f"size. Accounted as ceil(steps/b) rounds of the Poisson-subsampled Gaussian at "
             f"probability {config.group_probability:.6g}. The partition and the last b − 1 "
             "noise vectors are secret state saved with checkpoints until the plan is "
-            "complete: such a checkpoint is as sensitive as the data."
+            "complete (or model.erase_dp_secrets()): such a checkpoint is as sensitive as "
+            "the data."
         )
     accounted = f"Updates accounted: {steps} of {config.steps} planned."
     if lineage is not None and lineage < steps:

@@ -371,3 +371,16 @@ def test_noise_state_of_another_plan_is_refused():
     model.set_dp_config(_config(noise="bandmf", bands=2))  # no update taken yet: allowed
     with pytest.raises(ValueError, match="4-band strategy"):
         model.fit(x, y, verbose=0)
+
+
+def test_erase_dp_secrets_before_releasing_an_early_stopped_run():
+    x, y = _data()
+    model = _model(_config(noise="bandmf", bands=4, steps=20))
+    model.fit(x, y, epochs=1, verbose=0)  # 10 of 20 updates
+    assert model._dp_ledger.partition_seed is not None
+    assert any(np.any(np.asarray(v.value)) for v in model._dp_noise_history)
+    model.erase_dp_secrets()
+    assert model._dp_ledger.partition_seed is None
+    assert not any(np.any(np.asarray(v.value)) for v in model._dp_noise_history)
+    with pytest.raises(ValueError, match="secret state"):
+        model.fit(x, y, verbose=0)  # it cannot be continued as the analysed mechanism
