@@ -147,6 +147,23 @@ def bandmf_event(
     return poisson_event(0, group_probability, noise_multiplier, rounds)
 
 
+def els_event(
+    sampling_probability: float, noise_multiplier: float, steps: int, examples_per_user: int
+) -> dp_accounting.DpEvent:
+    """``steps`` updates of user-level DP-SGD with example-level sampling (Chua et al.
+    2024, "Mind the Privacy Unit!"): each of a user's at most k examples joins an update
+    independently with probability q and is clipped to C, so adding or removing the user
+    moves the clipped sum by C·X with X ~ Binomial(k, q): a mixture of Gaussians of
+    sensitivities 0..k with the binomial weights (PLD only). jax-privacy's
+    ``DpsgdTrainingUserLevelAccountant`` composes the same event.
+    """
+    k = examples_per_user
+    weights = [float(stats.binom.pmf(x, k, sampling_probability)) for x in range(k + 1)]
+    mixture = dp_accounting.dp_event.MixtureOfGaussiansDpEvent
+    step = mixture(noise_multiplier, tuple(range(k + 1)), tuple(weights))  # hashable
+    return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
 def fixed_batch_event(
     dataset_size: int, batch_size: int, noise_multiplier: float, steps: int
 ) -> dp_accounting.DpEvent:

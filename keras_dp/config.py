@@ -101,6 +101,22 @@ class DPConfig:
         at probability b·B/N, under add-or-remove-one. Poisson sampling only; not
         with adaptive clipping. Its draws are not truncated (B_max is exceeded with
         chance ≤ 1e-6·δ over the run, and then one larger step is compiled).
+      privacy_unit: "example" (default: neighbouring datasets differ in one example) or
+        "user" (they differ in one user's whole data: ``fit(..., user_ids=ids)``).
+      user_sampling: With ``privacy_unit="user"``: "uls" (default; user-level
+        sampling: each update Poisson-samples *users* with q = B/N, N the number of
+        users and ``batch_size`` the expected number of users; each sampled user
+        contributes up to ``examples_per_user`` of their examples, drawn at random at
+        each update; the user's gradient is that of the *mean* loss over those
+        examples, clipped as a whole to C; accounted exactly as example level, over
+        users) or "els" (example-level sampling: before training each user keeps at
+        most ``examples_per_user`` examples, chosen at random with the secret seed;
+        examples are Poisson-sampled with q = B/N, N the kept examples, and clipped
+        one by one; a user's contribution to one update is C times a
+        Binomial(k, q) count, accounted with dp_accounting's
+        ``MixtureOfGaussiansDpEvent`` (Chua et al. 2024); never truncated; PLD only).
+      examples_per_user: k, the bound on each user's examples (per update for "uls",
+        overall for "els"). Required with ``privacy_unit="user"``.
       bands: b, the number of bands of the "bandmf" strategy (1: exactly DP-SGD, the
         same sampler, events, ε and weights). Needs b·batch_size <= dataset_size.
         Costs (b − 1) float32 copies of the trainable variables as noise state.
@@ -123,6 +139,9 @@ class DPConfig:
     clip_count_noise: float | None = None
     noise: str = "independent"
     bands: int = 1
+    privacy_unit: str = "example"
+    user_sampling: str = "uls"
+    examples_per_user: int | None = None
     # Bookkeeping so that dataclasses.replace keeps working: the steps derived from
     # epochs, and the plan a noise multiplier was calibrated for.
     _derived_steps: int | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -163,6 +182,7 @@ class DPConfig:
                 "adaptive clipping's count noise is not analysed together with correlated "
                 "noise; pass clip_quantile=None with noise='bandmf'.",
             )
+        self._check_unit()
         if self.sampling == "fixed" and self.accountant != "rdp":
             raise _bad(
                 "accountant",
@@ -170,6 +190,60 @@ class DPConfig:
                 "sampling='fixed' (subsets without replacement) can only be accounted "
                 "with accountant='rdp'; pass accountant='rdp', or sampling='poisson'.",
             )
+
+    def _check_unit(self) -> None:
+        if self.privacy_unit not in ("example", "user"):
+            raise _bad("privacy_unit", self.privacy_unit, "pass 'example' (default) or 'user'.")
+        if self.user_sampling not in ("uls", "els"):
+            raise _bad(
+                "user_sampling",
+                self.user_sampling,
+                "pass 'uls' (sample users, default) or 'els' (sample examples).",
+            )
+        k = self.examples_per_user
+        if self.privacy_unit == "example":
+            if k is not None:
+                raise _bad(
+                    "examples_per_user",
+                    k,
+                    "it bounds a user's examples; pass privacy_unit='user' (and "
+                    "fit(..., user_ids=...)), or examples_per_user=None.",
+                )
+            return
+        if not _is_int(k) or k < 1:
+            raise _bad(
+                "examples_per_user",
+                k,
+                "user-level DP needs the bound k on each user's examples: pass a positive "
+                "integer such as 8.",
+            )
+        if self.sampling != "poisson":
+            raise _bad(
+                "sampling", self.sampling, "user-level DP is analysed here for 'poisson' only."
+            )
+        if self.noise != "independent":
+            raise _bad(
+                "noise",
+                self.noise,
+                "correlated noise is not analysed at user level here; pass "
+                "noise='independent' with privacy_unit='user'.",
+            )
+        if self.user_sampling == "els":
+            if self.accountant != "pld":
+                raise _bad(
+                    "accountant",
+                    self.accountant,
+                    "user_sampling='els' is accounted with a mixture of Gaussians, "
+                    "which only the PLD accountant computes; pass accountant='pld'.",
+                )
+            if self.clip_quantile is not None:
+                raise _bad(
+                    "clip_quantile",
+                    self.clip_quantile,
+                    "adaptive clipping's count is per example, and a user may have k of "
+                    "them in one update under 'els'; pass clip_quantile=None, or "
+                    "user_sampling='uls' (one count per user).",
+                )
 
     def _check_numbers(self) -> None:
         eps = self.target_epsilon
@@ -321,6 +395,9 @@ class DPConfig:
             self.accountant,
             self.noise,
             self.bands,
+            self.privacy_unit,
+            self.user_sampling,
+            self.examples_per_user,
         )
 
     def _forget_stale_calibration(self) -> None:
@@ -347,6 +424,18 @@ class DPConfig:
     def sampling_probability(self) -> float | None:
         """q = batch_size / dataset_size (None until dataset_size is known)."""
         return None if self.dataset_size is None else self.batch_size / self.dataset_size
+
+    @property
+    def user_block(self) -> int | None:
+        """k when a row is one user's block of up to k examples (user-level "uls")."""
+        if self.privacy_unit == "user" and self.user_sampling == "uls":
+            return self.examples_per_user
+        return None
+
+    @property
+    def example_sampled_users(self) -> bool:
+        """True for user-level DP with example-level sampling ("els")."""
+        return self.privacy_unit == "user" and self.user_sampling == "els"
 
     @property
     def correlated(self) -> bool:
@@ -434,6 +523,10 @@ class DPConfig:
             return accounting.fixed_batch_event(self.dataset_size, self.batch_size, sigma, steps)
         if self.correlated:
             return accounting.bandmf_event(self.group_probability, sigma, steps, self.bands)
+        if self.example_sampled_users:
+            return accounting.els_event(
+                self.sampling_probability, sigma, steps, self.examples_per_user
+            )
         return accounting.poisson_event(
             self.dataset_size, self.sampling_probability, sigma, steps, self.max_batch_size
         )

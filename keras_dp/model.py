@@ -35,6 +35,7 @@ from keras_dp import (
     noise,
     sampling,
     saving,
+    units,
 )
 from keras_dp.callbacks import DPProgbarLogger, PrivacyBudget
 from keras_dp.config import DPConfig
@@ -295,8 +296,12 @@ class DPModel:
         validation_steps=None,
         validation_batch_size=None,
         validation_freq=1,
+        user_ids=None,
     ):
         """Trains with DP-SGD; the config is the plan (see :class:`DPConfig`).
+
+        ``user_ids`` (one hashable id per example, for ``DPConfig(privacy_unit="user")``
+        only) says which user owns each example.
 
         ``fit()`` without ``epochs`` trains what is left of the plan; ``fit(epochs=k)``
         trains k more epochs (Keras semantics with ``initial_epoch``). An epoch is
@@ -323,7 +328,8 @@ class DPModel:
                 validation_data = data.preprocess_all(preprocessor, validation_data)
         if source.size == 0:
             raise ValueError("fit got no training examples (x is empty).")
-        config = self._dp_calibrate(config, source.size)
+        users = _users(config, user_ids, source.size)
+        config = self._dp_calibrate(config, _unit_count(config, users, source.size))
         checks.check_plan_within_target(config)
         self._dp_ledger.check_plan()
         first = source.gather(np.arange(min(2, source.size)))
@@ -363,6 +369,7 @@ class DPModel:
                 "seed=None for a secret seed.",
                 config.seed,
             )
+        source = _unit_source(config, source, users, self._dp_seed)
         distribute.check_processes_agree(
             source.size,
             lambda: source.gather(
@@ -482,8 +489,8 @@ class DPModel:
         fold_metrics = has_metrics and compiled.built
         keep_predictions = has_metrics and not compiled.built
 
-        def example_fn(params, row, index):
-            xi, yi, swi = jax.tree.map(lambda a: a[None], row)
+        def per_example(params, xi, yi, swi, index):
+            xi, yi, swi = jax.tree.map(lambda a: a[None], (xi, yi, swi))
             nt = list(non_trainable)
             for i in seed_slots:  # each example its own dropout randomness
                 offset = jnp.asarray([(index + 1) * _GOLDEN, 0]).astype(nt[i].dtype)
@@ -494,18 +501,22 @@ class DPModel:
             return loss, ((kept, y_pred) if fold_metrics else kept)
 
         def fold(values, chunk_rows, chunk_pred, chunk_mask):
-            _, chunk_y, chunk_sw = chunk_rows
-            return metrics.update_compiled(self, values, chunk_y, chunk_pred, chunk_mask, chunk_sw)
+            chunk_y, chunk_sw, chunk_pred, real = units.for_metrics(
+                chunk_rows, chunk_pred, chunk_mask
+            )
+            return metrics.update_compiled(self, values, chunk_y, chunk_pred, real, chunk_sw)
 
+        # A row is one privacy unit: an example, or a user's block (packed "dp_inner").
+        rows = (x, y, sample_weight) + ((packed["dp_inner"],) if "dp_inner" in packed else ())
         clip_slot = self._dp_clip_slot()
         clip_norm = config.l2_clip_norm if clip_slot is None else non_trainable[clip_slot]
         shards, shard_axis = distribute.batch_shards()
         per_shard = mask.shape[0] // shards
         chunk = step_chunk(per_shard, _chunk_size(config, shards, self))
         grad_sum, losses, aux, nonfinite, clipped = clipping.clipped_sum(
-            example_fn,
+            units.unit_fn(per_example, config.user_block),
             trainable,
-            (x, y, sample_weight),
+            rows,
             mask,
             clip_norm,
             chunk,
@@ -548,7 +559,7 @@ class DPModel:
         trainable, optimizer_vars = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
 
         non_trainable = self._dp_next_state(
-            state[0], non_trainable, seed_slots, metrics_vars, (x, y, sample_weight)
+            state[0], non_trainable, seed_slots, metrics_vars, units.first_example(rows)
         )
         num_real = jnp.sum(mask)
         if clip_slot is not None:  # adaptive clipping: C for the next update, privatised
@@ -563,8 +574,9 @@ class DPModel:
                 clip_norm, fraction, config.clip_quantile, config.clip_learning_rate
             )
         loss = jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.maximum(num_real, 1)
+        y, sample_weight, y_pred, real = units.for_metrics(rows, y_pred, mask)
         logs, metrics_vars = metrics.update(
-            self, metrics_vars, loss, num_real, y, y_pred, mask, sample_weight, nonfinite, clipped
+            self, metrics_vars, loss, num_real, y, y_pred, real, sample_weight, nonfinite, clipped
         )
         return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
 
@@ -583,8 +595,7 @@ class DPModel:
         of it. Other non-trainable state that a layer assigns in ``call`` would need
         one value per example; it is not kept, and a warning names it.
         """
-        row = jax.tree.map(lambda a: a[:1], rows)
-        _, (_, after) = self._dp_loss(params, list(non_trainable), metrics_vars, *row)
+        _, (_, after) = self._dp_loss(params, list(non_trainable), metrics_vars, *rows)
         variables = self.non_trainable_variables
         changed = [
             variables[i].path
@@ -620,6 +631,47 @@ class DPModel:
                 training=True,
             )
         return loss, (y_pred, non_trainable)
+
+
+def _users(config: DPConfig, user_ids, size: int) -> list[np.ndarray] | None:
+    """Each user's example indices for a user-level plan (checked before any noise)."""
+    if config.privacy_unit != "user":
+        if user_ids is not None:
+            raise ValueError(
+                "fit got user_ids, but the plan protects examples "
+                "(DPConfig(privacy_unit='example')). For user-level DP pass "
+                "DPConfig(privacy_unit='user', examples_per_user=k); else drop user_ids."
+            )
+        return None
+    return data.group_by_user(user_ids, size)
+
+
+def _unit_count(config: DPConfig, users, size: int) -> int:
+    """N of the plan: users (ULS), kept examples Σ min(n_u, k) (ELS), or examples."""
+    if users is None:
+        return size
+    if config.user_block is not None:
+        return len(users)
+    return sum(min(len(own), config.examples_per_user) for own in users)
+
+
+def _unit_source(config: DPConfig, source, users, seed: int):
+    """What the sampler draws from: examples, users (ULS), or bounded examples (ELS)."""
+    if users is None:
+        return source
+    if config.user_block is not None:
+        return data.UserSource(source, users, config.user_block)
+    kept, dropped = data.bound_examples(users, config.examples_per_user, seed)
+    if dropped:
+        logger.warning(
+            "user_sampling='els': %d examples of users with more than "
+            "examples_per_user=%d were dropped at random (secret seed); %d of %d kept.",
+            dropped,
+            config.examples_per_user,
+            len(kept),
+            source.size,
+        )
+    return data.Subset(source, kept)
 
 
 def _loss_scale(optimizer, optimizer_vars) -> jax.Array:

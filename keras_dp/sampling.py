@@ -71,6 +71,15 @@ def fixed_indices(rng: np.random.Generator, dataset_size: int, batch_size: int) 
     return np.sort(rng.choice(dataset_size, size=batch_size, replace=False))
 
 
+def shard_positions(count: int, physical: int, num_shards: int = 1) -> np.ndarray:
+    """Where :func:`shard_layout` puts the k-th of ``count`` real rows."""
+    per_shard = physical // num_shards
+    if physical % num_shards or count > per_shard * num_shards:
+        raise ValueError(f"{count} rows do not fit {num_shards} shards of {per_shard}.")
+    rank = np.arange(count)
+    return (rank % num_shards) * per_shard + rank // num_shards
+
+
 def shard_layout(
     indices: np.ndarray, physical: int, num_shards: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -80,11 +89,7 @@ def shard_layout(
     device), each shard real rows first; padding repeats row 0 and is masked out.
     The k-th sampled index lands in shard ``k % num_shards`` at ``k // num_shards``.
     """
-    per_shard = physical // num_shards
-    rank = np.arange(len(indices))
-    if physical % num_shards or len(indices) > per_shard * num_shards:
-        raise ValueError(f"{len(indices)} rows do not fit {num_shards} shards of {per_shard}.")
-    positions = (rank % num_shards) * per_shard + rank // num_shards
+    positions = shard_positions(len(indices), physical, num_shards)
     padded = np.zeros(physical, dtype=np.int64)
     padded[positions] = indices
     mask = np.zeros(physical, dtype=bool)

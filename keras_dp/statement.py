@@ -107,6 +107,8 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
             f"{config.batch_size} of N = {n} examples, without replacement."
         )
         relation = "replace-one example (N is public; the clipped sum's sensitivity is 2C)"
+    if config.privacy_unit == "user":
+        sampler, relation, mechanism_unit = _user_level(config)
     deltas = [delta, delta / 10, delta * 10 if delta * 10 < 1 / n else delta / 100]
     eps_lines = [f"  ε = {config.epsilon(steps, d):.4g} at δ = {d:.3g}" for d in deltas]
     version = importlib.metadata.version("dp-accounting")
@@ -140,6 +142,8 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
             "complete (or model.erase_dp_secrets()): such a checkpoint is as sensitive as "
             "the data."
         )
+    if config.privacy_unit == "user":
+        mechanism = mechanism.replace("each example's gradient", mechanism_unit, 1)
     accounted = f"Updates accounted: {steps} of {config.steps} planned."
     if lineage is not None and lineage < steps:
         accounted += (
@@ -149,7 +153,7 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
         )
     lines = [
         *([_PUBLIC_SEED] if public_seed else []),
-        "Differential privacy statement (keras_dp, example-level "
+        f"Differential privacy statement (keras_dp, {config.privacy_unit}-level "
         + ("BandMF)" if config.correlated else "DP-SGD)"),
         f"Sampler: {sampler}",
         f"Neighbouring relation: {relation}.",
@@ -162,3 +166,37 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
         _NOT_COVERED,
     ]
     return "\n".join(lines)
+
+
+def _user_level(config: DPConfig) -> tuple[str, str, str]:
+    """(sampler, relation, what is clipped) of a user-level plan."""
+    k, n, q = config.examples_per_user, config.dataset_size, config.sampling_probability
+    relation = (
+        f"add-or-remove-one user with all their examples (privacy unit: user; each user "
+        f"contributes at most k = {k} examples "
+        + ("per update" if config.user_block else "overall")
+        + f"; users with more examples were subsampled to k; N = {n} is treated as public)"
+    )
+    if config.user_block:
+        b_max = config.max_batch_size
+        sampler = (
+            f"User-level Poisson sampling: each user joins each update independently with "
+            f"probability q = {q:.6g} (expected {config.batch_size} users of N = {n})"
+            + (f", truncated to at most {b_max} users" if b_max is not None else "")
+            + f"; a sampled user contributes up to {k} of their examples, drawn at random "
+            "at each update."
+        )
+        unit = (
+            "each sampled user's gradient (of the mean loss over their examples in the "
+            "update), as a whole,"
+        )
+        return sampler, relation, unit
+    sampler = (
+        f"Example-level sampling of user-bounded data: before training each user kept at "
+        f"most {k} examples, chosen at random (secret seed); each kept example joins each "
+        f"update independently with probability q = {q:.6g} (expected batch "
+        f"{config.batch_size} of N = {n} kept examples), never truncated. A user's "
+        f"contribution to one update is C·Binomial({k}, q), accounted as a mixture of "
+        "Gaussians (Chua et al. 2024)."
+    )
+    return sampler, relation, "each example's gradient"
