@@ -165,6 +165,8 @@ def run(
     private: bool = True,
     seed: int = 0,
     score_fn: Callable = loss_scores,
+    user_ids=None,
+    canary_examples: int = 1,
     **fit_kwargs,
 ) -> AuditReport:
     """Trains once with canaries and measures an ε lower bound beside the accounted ε.
@@ -182,6 +184,12 @@ def run(
       private: False trains without DP (a control that should audit high).
       seed: Seeds the canaries and the in/out coin (not the DP noise).
       score_fn: ``(model, x, y) -> scores``, higher meaning "more likely in".
+      user_ids: For a user-level plan (``DPConfig(privacy_unit="user")``): the owner
+        of each example of ``data``. The canaries are then *users*: each of the
+        ``num_canaries`` canary users owns ``canary_examples`` canary examples, is
+        included or held out as a whole, and is scored by the mean of its examples'
+        scores; the bounds are on user-level ε.
+      canary_examples: Canary examples per canary user (user level only).
       **fit_kwargs: Passed to ``fit`` (e.g. ``callbacks``).
 
     Returns:
@@ -203,17 +211,28 @@ def run(
             "audit.run needs DPConfig(dataset_size=None): the included canaries change "
             "the training set size, and the plan is calibrated for it."
         )
+    user_level = config is not None and config.privacy_unit == "user"
+    if user_level and user_ids is None:
+        raise ValueError(
+            "audit.run of a user-level plan needs user_ids= (the owner of each example of "
+            "data): the canaries are users, added or removed with all their examples."
+        )
+    per_user = canary_examples if user_level else 1
     x, y = (np.asarray(a) for a in data)
     model = build_model()
     if canaries is None:
         classes = int(keras.tree.flatten(model.outputs)[0].shape[-1]) if model.outputs else None
         if classes is None:
             raise ValueError("Pass canaries=(x, y): the model's number of classes is unknown.")
-        canaries = random_label_canaries(x, classes, num_canaries, seed)
+        canaries = random_label_canaries(x, classes, num_canaries * per_user, seed)
     cx, cy = (np.asarray(a) for a in canaries)
-    included = np.random.default_rng([seed, 0xC01]).random(len(cy)) < 0.5
-    x_train = np.concatenate([x, cx[included]])
-    y_train = np.concatenate([y, cy[included]])
+    owner = np.arange(len(cy)) // per_user  # canary example -> canary unit
+    included = np.random.default_rng([seed, 0xC01]).random(owner[-1] + 1) < 0.5
+    x_train = np.concatenate([x, cx[included[owner]]])
+    y_train = np.concatenate([y, cy[included[owner]]])
+    if user_level:
+        canary_ids = [("canary", int(u)) for u in owner[included[owner]]]
+        fit_kwargs["user_ids"] = [*np.asarray(user_ids).tolist(), *canary_ids]
     if private:
         import keras_dp
 
@@ -222,6 +241,7 @@ def run(
         accounted, delta = model.privacy_spent().epsilon, model.dp_config.delta
     else:
         epochs = config.epochs if config.epochs is not None else 1
+        fit_kwargs.pop("user_ids", None)
         model.fit(
             x_train,
             y_train,
@@ -233,6 +253,7 @@ def run(
         accounted = float("inf")
         delta = config.target_delta or min(1e-5, 0.1 / len(y_train))
     scores = np.asarray(score_fn(model, cx, cy), np.float64)
+    scores = np.bincount(owner, weights=scores) / per_user  # one score per canary unit
     auditor = auditing.CanaryScoreAuditor(scores[included], scores[~included])
     significance = (1 - confidence) / 2  # two bounds, jointly at `confidence`
     report = AuditReport(

@@ -110,3 +110,45 @@ def test_bandmf_audits_below_its_accounted_epsilon_and_a_noiseless_bandmf_is_cau
     broken = run()
     assert broken.accounted_epsilon <= CLAIMED
     assert not broken.consistent, broken
+
+
+def test_user_level_audit_with_canary_users_and_a_user_not_clipped_as_a_whole(digits, monkeypatch):
+    """Canary users of k = 16 examples each. The planted bug: a user's gradient is not
+    clipped as a whole (the gradient of the user's summed loss, left unclipped), while
+    the ledger still accounts user-level ε = 0.5. (A bug that clips to k·C instead was
+    measured at the edge of what 400 canary users can show: lower bound 0.499.)"""
+    x, y = digits
+    user_ids = np.arange(len(y)) % 200  # 200 users of 5 examples
+    claimed = 0.5
+    config = DPConfig(
+        target_epsilon=claimed, batch_size=32, epochs=40, privacy_unit="user",
+        examples_per_user=16,
+    )  # fmt: skip
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return audit.run(
+                build, digits, config, num_canaries=400, user_ids=user_ids, canary_examples=16
+            )
+
+    report = run()
+    assert len(report.in_scores) + len(report.out_scores) == 400  # one score per user
+    assert report.accounted_epsilon <= claimed
+    assert report.consistent and report.epsilon_lower_bound <= report.accounted_epsilon, report
+    clip, unit_fn = keras_dp.clipping.clip_to_norm, keras_dp.units.unit_fn
+
+    def summed(per_example, block):
+        mean = unit_fn(per_example, block)
+
+        def fn(params, row, index):
+            loss, aux = mean(params, row, index)
+            return loss * row[3].sum(), aux
+
+        return fn
+
+    monkeypatch.setattr(keras_dp.units, "unit_fn", summed)
+    monkeypatch.setattr(keras_dp.clipping, "clip_to_norm", lambda tree, c: clip(tree, 1e4 * c))
+    broken = run()
+    assert broken.accounted_epsilon <= claimed
+    assert not broken.consistent, broken
