@@ -155,6 +155,47 @@ class Subset:
         return None if labels is None else keras.tree.map_structure(lambda a: a[self.kept], labels)
 
 
+def users_of(config: DPConfig, user_ids, size: int) -> list[np.ndarray] | None:
+    """Each user's example indices for a user-level plan (checked before any noise)."""
+    if config.privacy_unit != "user":
+        if user_ids is not None:
+            raise ValueError(
+                "fit got user_ids, but the plan protects examples "
+                "(DPConfig(privacy_unit='example')). For user-level DP pass "
+                "DPConfig(privacy_unit='user', examples_per_user=k); else drop user_ids."
+            )
+        return None
+    return group_by_user(user_ids, size)
+
+
+def unit_count(config: DPConfig, users, size: int) -> int:
+    """N of the plan: users (ULS), kept examples Σ min(n_u, k) (ELS), or examples."""
+    if users is None:
+        return size
+    if config.user_block is not None:
+        return len(users)
+    return sum(min(len(own), config.examples_per_user) for own in users)
+
+
+def unit_source(config: DPConfig, source, users, seed: int):
+    """What the sampler draws from: examples, users (ULS), or bounded examples (ELS)."""
+    if users is None:
+        return source
+    if config.user_block is not None:
+        return UserSource(source, users, config.user_block)
+    kept, dropped = bound_examples(users, config.examples_per_user, seed)
+    if dropped:
+        logger.warning(
+            "user_sampling='els': %d examples of users with more than "
+            "examples_per_user=%d were dropped at random (secret seed); %d of %d kept.",
+            dropped,
+            config.examples_per_user,
+            len(kept),
+            source.size,
+        )
+    return Subset(source, kept)
+
+
 class DPBatches(keras.utils.PyDataset):
     """Batches drawn by the config's sampler: (({"dp_x", "dp_mask", "dp_step"}, y, w)).
 

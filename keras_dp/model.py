@@ -33,6 +33,7 @@ from keras_dp import (
     ledger,
     metrics,
     noise,
+    noise_state,
     sampling,
     saving,
     units,
@@ -133,35 +134,7 @@ class DPModel:
                 _keras.track_after_build(self, "_dp_clip_norm", variable)
 
     def _dp_make_noise_state(self) -> None:
-        """Correlated noise (``bands > 1``): once the model is built, non-trainable
-        variables for the strategy and the last b − 1 noise vectors (float32, one stack
-        per trainable variable). They are saved with the weights and are SECRET until
-        the plan is complete (then erased): see :mod:`keras_dp.ledger`."""
-        config = self._dp_config
-        if config is None or not config.correlated or not self.built:
-            return
-        if getattr(self, "_dp_noise_history", None) is not None:
-            return
-        coefs = bandmf.strategy(config.steps, config.bands)
-        history = [
-            keras.Variable(
-                keras.initializers.Zeros()((len(coefs) - 1, *v.shape), "float32"),
-                trainable=False,
-                name=f"dp_noise_history_{i}",
-            )
-            for i, v in enumerate(self.trainable_variables)
-        ]
-        strategy = keras.Variable(coefs.astype("float32"), trainable=False, name="dp_strategy")
-        _keras.track_after_build(self, "_dp_noise_strategy", strategy)
-        _keras.track_after_build(self, "_dp_noise_history", history)
-
-    def _dp_noise_slots(self) -> tuple[int, list[int]] | None:
-        """Where the strategy and the noise history sit among the non-trainable variables."""
-        history = getattr(self, "_dp_noise_history", None)
-        if history is None or not self._dp_config.correlated:
-            return None
-        slot = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
-        return slot[id(self._dp_noise_strategy)], [slot[id(v)] for v in history]
+        noise_state.make(self)
 
     def erase_dp_secrets(self) -> None:
         """Erases the secret state of a correlated-noise run (``noise="bandmf"``): the
@@ -172,12 +145,10 @@ class DPModel:
         run you stop early (EarlyStopping, a PrivacyBudget); the run cannot be
         continued afterwards. Nothing to do for DP-SGD (its seed is never saved).
         """
-        for variable in getattr(self, "_dp_noise_history", None) or []:
-            variable.assign(np.zeros(variable.shape, "float32"))
-        self._dp_ledger.partition_seed = None
+        noise_state.erase(self)
 
     def load_own_variables(self, store):
-        self._dp_make_noise_state()  # a checkpoint of a BandMF run holds its noise state
+        noise_state.make(self)  # a checkpoint of a BandMF run holds its noise state
         super().load_own_variables(store)
 
     def _dp_clip_slot(self) -> int | None:
@@ -328,8 +299,8 @@ class DPModel:
                 validation_data = data.preprocess_all(preprocessor, validation_data)
         if source.size == 0:
             raise ValueError("fit got no training examples (x is empty).")
-        users = _users(config, user_ids, source.size)
-        config = self._dp_calibrate(config, _unit_count(config, users, source.size))
+        users = data.users_of(config, user_ids, source.size)
+        config = self._dp_calibrate(config, data.unit_count(config, users, source.size))
         checks.check_plan_within_target(config)
         self._dp_ledger.check_plan()
         first = source.gather(np.arange(min(2, source.size)))
@@ -369,7 +340,7 @@ class DPModel:
                 "seed=None for a secret seed.",
                 config.seed,
             )
-        source = _unit_source(config, source, users, self._dp_seed)
+        source = data.unit_source(config, source, users, self._dp_seed)
         distribute.check_processes_agree(
             source.size,
             lambda: source.gather(
@@ -533,7 +504,7 @@ class DPModel:
         key = noise.step_key(noise.root_key(packed["dp_seed"][0]), packed["dp_step"][0])
         if clip_slot is not None:  # adaptive clipping: the count's noise, its own stream
             key, count_key = jax.random.split(key)
-        noise_slots = self._dp_noise_slots()
+        noise_slots = noise_state.slots(self)
         if noise_slots is None:
             grads = noise.privatize(
                 grad_sum, key, config.gradient_noise_multiplier, clip_norm, config.batch_size
@@ -631,47 +602,6 @@ class DPModel:
                 training=True,
             )
         return loss, (y_pred, non_trainable)
-
-
-def _users(config: DPConfig, user_ids, size: int) -> list[np.ndarray] | None:
-    """Each user's example indices for a user-level plan (checked before any noise)."""
-    if config.privacy_unit != "user":
-        if user_ids is not None:
-            raise ValueError(
-                "fit got user_ids, but the plan protects examples "
-                "(DPConfig(privacy_unit='example')). For user-level DP pass "
-                "DPConfig(privacy_unit='user', examples_per_user=k); else drop user_ids."
-            )
-        return None
-    return data.group_by_user(user_ids, size)
-
-
-def _unit_count(config: DPConfig, users, size: int) -> int:
-    """N of the plan: users (ULS), kept examples Σ min(n_u, k) (ELS), or examples."""
-    if users is None:
-        return size
-    if config.user_block is not None:
-        return len(users)
-    return sum(min(len(own), config.examples_per_user) for own in users)
-
-
-def _unit_source(config: DPConfig, source, users, seed: int):
-    """What the sampler draws from: examples, users (ULS), or bounded examples (ELS)."""
-    if users is None:
-        return source
-    if config.user_block is not None:
-        return data.UserSource(source, users, config.user_block)
-    kept, dropped = data.bound_examples(users, config.examples_per_user, seed)
-    if dropped:
-        logger.warning(
-            "user_sampling='els': %d examples of users with more than "
-            "examples_per_user=%d were dropped at random (secret seed); %d of %d kept.",
-            dropped,
-            config.examples_per_user,
-            len(kept),
-            source.size,
-        )
-    return data.Subset(source, kept)
 
 
 def _loss_scale(optimizer, optimizer_vars) -> jax.Array:

@@ -327,3 +327,19 @@ def test_bad_user_inputs_are_refused_before_any_noise(config_kw, fit_kw, match):
 def test_bad_user_level_plans_are_refused_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"DPConfig.{field}="):
         _config(target_epsilon=3.0, noise_multiplier=None, **kwargs)
+
+
+def test_the_uls_vs_els_example_runs_in_a_small_setting(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "user_level_digits.py"
+    spec = importlib.util.spec_from_file_location("user_level_digits", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = str(tmp_path / "table")
+    args = ["--epsilons", "8", "--seeds", "1", "--ks", "4", "--steps", "80", "--out", out]
+    (row,) = example.main(args)
+    assert row["uls"]["k"] == row["els"]["k"] == 4
+    assert min(row["uls"]["accuracy"] + row["els"]["accuracy"]) > 0.2  # chance is 0.1
+    assert "| 8 | 80 | 4 |" in open(out + ".md").read()
