@@ -16,6 +16,8 @@ import jax
 import keras
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 import keras_dp
@@ -66,11 +68,32 @@ def _config(**kw):
 
 
 @pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
-@pytest.mark.parametrize("clip, sigma", [(0.05, 0.0), (100.0, 0.0), (0.5, 0.8)])
-def test_uls_step_equals_a_loop_over_users(monkeypatch, clip, sigma):
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(
+    clip=st.sampled_from([0.05, 0.5, 100.0]),
+    sigma=st.sampled_from([0.0, 0.8]),
+    batch=st.integers(1, 30),
+    k=st.integers(1, 9),
+    microbatch=st.one_of(st.none(), st.integers(1, 20)),
+    devices=st.sampled_from([1, 2, 4]),
+)
+def test_uls_step_equals_a_loop_over_users(clip, sigma, batch, k, microbatch, devices):
     x, y, ids = _data()
     target = math.inf if sigma == 0 else 1e6
-    config = _config(l2_clip_norm=clip, noise_multiplier=sigma, target_epsilon=target)
+    config = _config(
+        l2_clip_norm=clip, noise_multiplier=sigma, target_epsilon=target, batch_size=batch,
+        examples_per_user=k, microbatch_size=microbatch,
+    )  # fmt: skip
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=jax.devices()[:devices]) if devices > 1 else None
+    )
+    try:
+        _check_uls_against_loop(config, x, y, ids, k, clip, sigma)
+    finally:
+        keras.distribution.set_distribution(None)
+
+
+def _check_uls_against_loop(config, x, y, ids, k, clip, sigma):
     model = _model(config)
     model.build((None, 6))
     before = _weights(model)
@@ -82,8 +105,11 @@ def test_uls_step_equals_a_loop_over_users(monkeypatch, clip, sigma):
         blocks.append((np.asarray(units), indices, inner))
         return indices, inner
 
-    monkeypatch.setattr(data.UserSource, "blocks", record)
-    model.fit(x, y, user_ids=ids, verbose=0)
+    data.UserSource.blocks = record
+    try:
+        model.fit(x, y, user_ids=ids, verbose=0)
+    finally:
+        data.UserSource.blocks = original
     assert model.dp_steps == 2 and len(blocks) == 2
 
     owners = data.group_by_user(ids, len(y))
@@ -100,7 +126,8 @@ def test_uls_step_equals_a_loop_over_users(monkeypatch, clip, sigma):
         for user in drawn:  # every drawn user exactly once, padding never
             row = int(np.flatnonzero(padded_users == user)[0])
             chosen = indices[row][inner[row]]
-            assert set(chosen) <= set(owners[user]) and len(chosen) == min(4, len(owners[user]))
+            assert set(chosen) <= set(owners[user])
+            assert len(chosen) == min(k, len(owners[user]))
             assert len(set(chosen)) == len(chosen)
             w32 = [np.asarray(w, np.float32) for w in weights]
             g = [np.asarray(a, np.float64) for a in grad(w32, x[chosen], y[chosen])]
