@@ -101,3 +101,29 @@ def test_the_preset_path_runs_offline_in_bfloat16(tmp_path):
     assert moved and all("lora_kernel" in p for p in moved)
     assert 0 < lm.privacy_spent().epsilon <= 8.0
     assert isinstance(lm.generate("Hi", max_length=8), str)
+
+
+def test_user_level_uls_on_raw_dialogues_with_a_preprocessor():
+    """Each dialogue's first speaker is its user; user blocks go through the keras-hub
+    preprocessor's output (token dicts) and the causal LM's loss."""
+    lm = offline.tiny_gemma3(sequence_length=48, num_layers=1, hidden_dim=32, pretrain_epochs=0)
+    pairs = offline.synthetic_dialogues(60)
+    raw = offline.as_prompts_and_responses(pairs)
+    users = [p["dialogue"].split(":", 1)[0] for p in pairs]
+    lm.backbone.enable_lora(rank=2)
+    config = keras_dp.DPConfig(
+        target_epsilon=8.0, batch_size=4, epochs=1, privacy_unit="user", examples_per_user=3
+    )
+    lm = keras_dp.make_private(lm, config)
+    lm.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()],
+    )
+    before = {v.path: np.array(v.value) for v in lm.weights}
+    history = lm.fit(raw, user_ids=users, verbose=0)
+    changed = {v.path for v in lm.weights if not np.array_equal(before[v.path], np.array(v.value))}
+    assert changed and all("lora_kernel" in path for path in changed)
+    assert lm.dp_config.dataset_size == len(set(users))  # N counts users
+    assert lm.privacy_spent().epsilon <= 8.0
+    assert 0 <= history.history["sparse_categorical_accuracy"][-1] <= 1
