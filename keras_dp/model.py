@@ -173,7 +173,8 @@ class DPModel:
         if self._dp_seed is not None and (config is None or config.seed is None):
             self._dp_seed = distribute.shared_seed(secrets.randbits(63))
 
-    # Saving: the plan and the ledger travel in the config; the noise key never does.
+    # Saving: the plan and the ledger travel in the config; the noise key never does
+    # (BandMF's noise history and partition seed do, until the plan completes).
 
     def get_config(self):
         config = super().get_config()

@@ -1,5 +1,9 @@
 """What a saved DP model carries: its plan and its ledger, never its noise key.
 
+(Correlated noise is the exception that the statement names: a BandMF checkpoint holds
+the last b − 1 noise vectors and the partition's seed until the plan completes; see
+:mod:`keras_dp.noise_state`.)
+
 A ``.keras`` file of a DP model holds, next to the base model's own config, a
 ``dp_state`` entry: the calibrated :class:`DPConfig` (without ``seed``: a known
 seed would make the noise predictable) and the number of accounted updates taken.
