@@ -16,7 +16,6 @@ matplotlib is installed) next to ``--out``.
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -24,6 +23,7 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import _report  # noqa: E402  (examples/_report.py)
 import keras  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
@@ -131,44 +131,24 @@ def main(argv=None) -> list[dict]:
 
 
 def write(rows: list[dict], args) -> None:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
     lines = [
-        "| ε | updates | bands (validation sweep) | noise on the weights, BandMF / DP-SGD "
-        "| DP-SGD test acc. | BandMF test acc. |",
-        "|---|---|---|---|---|---|",
+        f"| {r['epsilon']:g} | {r['steps']} | {r['bands']} | {r['weight_noise_ratio']:.2f} | "
+        f"{_report.spread(r['dpsgd'])} | {_report.spread(r['bandmf'])} |"
+        for r in rows
     ]
-    for r in rows:
-        fmt = lambda v: f"{statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]"  # noqa: E731
-        lines.append(
-            f"| {r['epsilon']:g} | {r['steps']} | {r['bands']} | "
-            f"{r['weight_noise_ratio']:.2f} | {fmt(r['dpsgd'])} | "
-            f"{fmt(r['bandmf'])} |"
-        )
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    eps = [r["epsilon"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label in (("dpsgd", "DP-SGD"), ("bandmf", "BandMF (best b)")):
-        med = [statistics.median(r[key]) for r in rows]
-        lo = [med[i] - min(r[key]) for i, r in enumerate(rows)]
-        hi = [max(r[key]) - med[i] for i, r in enumerate(rows)]
-        ax.errorbar(eps, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("ε (δ = 1e-5)")
-    ax.set_ylabel("test accuracy (median, min–max)")
-    ax.set_title(f"digits, {rows[0]['steps']} updates")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=120)
+    header = (
+        "| ε | updates | bands (validation sweep) | noise on the weights, BandMF / DP-SGD "
+        "| DP-SGD test acc. | BandMF test acc. |"
+    )
+    _report.save(args.out, rows, header, lines)
+    series = {
+        label: [r[key] for r in rows]
+        for key, label in (("dpsgd", "DP-SGD"), ("bandmf", "BandMF (best b)"))
+    }
+    title = f"digits, {rows[0]['steps']} updates"
+    _report.plot(
+        args.out, [r["epsilon"] for r in rows], series, "test accuracy (median, min–max)", title
+    )
 
 
 if __name__ == "__main__":

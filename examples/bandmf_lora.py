@@ -12,7 +12,6 @@ with several seeds and scored on held-out pairs 0-199 (loss; lower is better).
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -20,6 +19,7 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import _report  # noqa: E402  (examples/_report.py)
 import keras  # noqa: E402
 
 import keras_dp  # noqa: E402
@@ -114,22 +114,16 @@ def main(argv=None) -> list[dict]:
             flush=True,
         )
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
         lines = [
-            "| ε | updates | bands (validation sweep) | DP-SGD held-out loss "
-            "| BandMF held-out loss |",
-            "|---|---|---|---|---|",
+            f"| {r['epsilon']:g} | {r['steps']} | {r['bands']} | {_report.spread(r['dpsgd'], 4)} | "
+            f"{_report.spread(r['bandmf'], 4)} |"
+            for r in rows
         ]
-        for r in rows:
-            fmt = lambda v: f"{statistics.median(v):.4f} [{min(v):.4f}, {max(v):.4f}]"  # noqa: E731
-            lines.append(
-                f"| {r['epsilon']:g} | {r['steps']} | {r['bands']} | {fmt(r['dpsgd'])} | "
-                f"{fmt(r['bandmf'])} |"
-            )
-        with open(args.out + ".md", "w") as f:
-            f.write("\n".join(lines) + "\n")
+        header = (
+            "| ε | updates | bands (validation sweep) | DP-SGD held-out loss "
+            "| BandMF held-out loss |"
+        )
+        _report.save(args.out, rows, header, lines)
     return rows
 
 

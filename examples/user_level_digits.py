@@ -14,7 +14,6 @@ each is trained with several seeds and scored on the test split.
 """
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -23,6 +22,7 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import _report  # noqa: E402  (examples/_report.py)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
@@ -124,42 +124,20 @@ def main(argv=None) -> list[dict]:
 
 
 def write(rows: list[dict], args) -> None:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    fmt = lambda v: f"{statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]"  # noqa: E731
     lines = [
-        "| user-level ε | updates | ULS: k | ULS test acc. | ELS: k | ELS test acc. |",
-        "|---|---|---|---|---|---|",
+        f"| {r['epsilon']:g} | {r['steps']} | {r['uls']['k']} | "
+        f"{_report.spread(r['uls']['accuracy'])} | {r['els']['k']} | "
+        f"{_report.spread(r['els']['accuracy'])} |"
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['epsilon']:g} | {r['steps']} | {r['uls']['k']} | "
-            f"{fmt(r['uls']['accuracy'])} | {r['els']['k']} | {fmt(r['els']['accuracy'])} |"
-        )
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    eps = [r["epsilon"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method, label in (("uls", "ULS (sample users)"), ("els", "ELS (sample examples)")):
-        values = [r[method]["accuracy"] for r in rows]
-        med = [statistics.median(v) for v in values]
-        err = [[m - min(v) for m, v in zip(med, values)], [max(v) - m for m, v in zip(med, values)]]
-        ax.errorbar(eps, med, yerr=err, marker="o", capsize=3, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("user-level ε (δ = 1e-5)")
-    ax.set_ylabel("test accuracy (median, min–max)")
-    ax.set_title(f"digits in {USERS} skewed users, {rows[0]['steps']} updates")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=120)
+    header = "| user-level ε | updates | ULS: k | ULS test acc. | ELS: k | ELS test acc. |"
+    _report.save(args.out, rows, header, lines)
+    labels = (("uls", "ULS (sample users)"), ("els", "ELS (sample examples)"))
+    series = {label: [r[m]["accuracy"] for r in rows] for m, label in labels}
+    title = f"digits in {USERS} skewed users, {rows[0]['steps']} updates"
+    _report.plot(
+        args.out, [r["epsilon"] for r in rows], series, "test accuracy (median, min–max)", title
+    )
 
 
 if __name__ == "__main__":

@@ -133,9 +133,6 @@ class DPModel:
                 )
                 _keras.track_after_build(self, "_dp_clip_norm", variable)
 
-    def _dp_make_noise_state(self) -> None:
-        noise_state.make(self)
-
     def erase_dp_secrets(self) -> None:
         """Erases the secret state of a correlated-noise run (``noise="bandmf"``): the
         last b − 1 noise vectors and the partition's seed, kept with the weights so
@@ -307,7 +304,7 @@ class DPModel:
         first = source.gather(np.arange(min(2, source.size)))
         checks.check_examples(first, labels_needed=_keras.has_compiled_loss(self))
         _keras.symbolic_build(self, first)
-        self._dp_make_noise_state()
+        noise_state.make(self)
         if config.correlated:
             bandmf.check_strategy(np.asarray(self._dp_noise_strategy.value), config.bands)
         checks.check_model(self)

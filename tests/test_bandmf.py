@@ -14,7 +14,6 @@
 import dataclasses
 
 import dp_accounting
-import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
@@ -24,7 +23,9 @@ from hypothesis import strategies as st
 from scipy import stats
 
 import keras_dp
-from keras_dp import accounting, bandmf, data, ledger, noise, sampling
+from keras_dp import accounting, bandmf, data, ledger, noise, noise_state, sampling
+
+from .helpers import load_example, on_devices
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -238,17 +239,10 @@ def test_bandmf_trains_and_four_devices_equal_one():
     config = _config(noise="bandmf", bands=3)
     results = []
     for devices in (1, 4):
-        keras.distribution.set_distribution(
-            keras.distribution.DataParallel(devices=jax.devices()[:devices])
-            if devices > 1
-            else None
-        )
-        try:
+        with on_devices(devices):
             model = _model(config, dropout=True)
             model.fit(x, y, verbose=0)
             results.append((_weights(model), model.privacy_spent().epsilon))
-        finally:
-            keras.distribution.set_distribution(None)
     (one, eps_one), (four, eps_four) = results
     for a, b in zip(one, four):
         np.testing.assert_allclose(a, b, atol=2e-5)
@@ -347,13 +341,7 @@ def test_bandmf_event_is_rounds_of_the_group_poisson_gaussian():
 
 
 def test_the_utility_example_runs_in_a_small_setting(tmp_path):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parents[1] / "examples" / "bandmf_digits.py"
-    spec = importlib.util.spec_from_file_location("bandmf_digits", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("bandmf_digits")
     out = str(tmp_path / "table")
     args = ["--epsilons", "8", "--seeds", "1", "--bands", "2", "--epochs", "2", "--out", out]
     (row,) = example.main(args)
@@ -367,7 +355,7 @@ def test_noise_state_of_another_plan_is_refused():
     x, y = _data()
     model = _model(_config(noise="bandmf", bands=4))
     model.build((None, 8))
-    model._dp_make_noise_state()  # as a load of a 4-band checkpoint would
+    noise_state.make(model)  # as a load of a 4-band checkpoint would
     model.set_dp_config(_config(noise="bandmf", bands=2))  # no update taken yet: allowed
     with pytest.raises(ValueError, match="4-band strategy"):
         model.fit(x, y, verbose=0)

@@ -22,8 +22,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import DPConfig, bandmf, data, noise
+from keras_dp import DPConfig, bandmf, data, noise, noise_state
 from keras_dp import model as dp_model
+
+from .helpers import on_devices
 
 pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
 
@@ -179,11 +181,7 @@ def test_train_step_equals_the_reference(plan):
     n = plan["batch"] * bands + plan["extra"]
     steps = plan["steps"] + (bands > 1)  # correlation shows from the second update on
     sigma, lr = plan["sigma"], 0.5
-    distribution = None
-    if devices > 1:
-        distribution = keras.distribution.DataParallel(devices=jax.devices()[:devices])
-    keras.distribution.set_distribution(distribution)
-    try:
+    with on_devices(devices):
         model = build(
             plan["kind"], plan["dropout"], None if plan["dtype"] == "float32" else plan["dtype"]
         )
@@ -208,7 +206,7 @@ def test_train_step_equals_the_reference(plan):
         model = keras_dp.make_private(model, config)
         model.compile(optimizer=keras.optimizers.SGD(lr), loss=LOSSES[plan["loss"]])
         model.build(x.shape)
-        model._dp_make_noise_state()  # BandMF's state (fit makes it too), so nt0 is complete
+        noise_state.make(model)  # BandMF's state (fit makes it too), so nt0 is complete
         weights0 = [np.array(v.value) for v in model.trainable_variables]
         nt0 = [np.array(v.value) for v in model.non_trainable_variables]
         model.fit(x, y, sample_weight=sample_weight, verbose=0)
@@ -217,8 +215,6 @@ def test_train_step_equals_the_reference(plan):
             model, model.dp_config, model._dp_seed, x, y, sample_weight, weights0, nt0,
             steps, lr,
         )  # fmt: skip
-    finally:
-        keras.distribution.set_distribution(None)
     bf16 = plan["dtype"] == "bfloat16"
     for before, after, want, v in zip(
         weights0, model.trainable_variables, expected, model.trainable_variables
@@ -251,10 +247,7 @@ def test_each_drawn_example_moves_its_own_row_exactly_once(
     twice, dropped, or padding counted shows as a wrong integer."""
     assert len(jax.devices()) >= devices, "conftest.py sets XLA_FLAGS for 4 CPU devices"
     n = batch + extra
-    keras.distribution.set_distribution(
-        keras.distribution.DataParallel(devices=jax.devices()[:devices]) if devices > 1 else None
-    )
-    try:
+    with on_devices(devices):
         keras.utils.set_random_seed(0)
         inputs = keras.Input((1,), dtype="int32")
         table = keras.layers.Embedding(n, 4, embeddings_initializer="zeros")
@@ -268,8 +261,6 @@ def test_each_drawn_example_moves_its_own_row_exactly_once(
         model.compile(optimizer=keras.optimizers.SGD(1.0), loss=lambda t, p: keras.ops.sum(p, -1))
         model.fit(np.arange(n)[:, None].astype("int32"), np.zeros(n), verbose=0)
         drawn = data.draw_indices(model.dp_config, model._dp_seed, 0)
-    finally:
-        keras.distribution.set_distribution(None)
     counts = np.bincount(drawn, minlength=n).astype(np.float64)
     update = np.asarray(table.embeddings.value, np.float64)
     np.testing.assert_allclose(update * batch, -counts[:, None] * np.ones((1, 4)), atol=1e-4)

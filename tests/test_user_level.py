@@ -23,6 +23,8 @@ from scipy import stats
 import keras_dp
 from keras_dp import data, noise, sampling
 
+from .helpers import load_example, on_devices
+
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
@@ -84,13 +86,8 @@ def test_uls_step_equals_a_loop_over_users(clip, sigma, batch, k, microbatch, de
         l2_clip_norm=clip, noise_multiplier=sigma, target_epsilon=target, batch_size=batch,
         examples_per_user=k, microbatch_size=microbatch,
     )  # fmt: skip
-    keras.distribution.set_distribution(
-        keras.distribution.DataParallel(devices=jax.devices()[:devices]) if devices > 1 else None
-    )
-    try:
+    with on_devices(devices):
         _check_uls_against_loop(config, x, y, ids, k, clip, sigma)
-    finally:
-        keras.distribution.set_distribution(None)
 
 
 def _check_uls_against_loop(config, x, y, ids, k, clip, sigma):
@@ -285,17 +282,10 @@ def test_user_level_four_devices_equal_one():
     config = _config(noise_multiplier=1.0, target_epsilon=1e6, steps=4, microbatch_size=3)
     results = []
     for devices in (1, 4):
-        keras.distribution.set_distribution(
-            keras.distribution.DataParallel(devices=jax.devices()[:devices])
-            if devices > 1
-            else None
-        )
-        try:
+        with on_devices(devices):
             model = _model(config, dropout=True)
             model.fit(x, y, user_ids=ids, verbose=0)
             results.append(_weights(model))
-        finally:
-            keras.distribution.set_distribution(None)
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, atol=2e-6)
 
@@ -357,13 +347,7 @@ def test_bad_user_level_plans_are_refused_naming_the_field(kwargs, field):
 
 
 def test_the_uls_vs_els_example_runs_in_a_small_setting(tmp_path):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parents[1] / "examples" / "user_level_digits.py"
-    spec = importlib.util.spec_from_file_location("user_level_digits", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("user_level_digits")
     out = str(tmp_path / "table")
     args = ["--epsilons", "8", "--seeds", "1", "--ks", "4", "--steps", "80", "--out", out]
     (row,) = example.main(args)

@@ -1,0 +1,35 @@
+"""Small helpers shared by the test modules."""
+
+import contextlib
+import importlib.util
+import pathlib
+import sys
+
+import jax
+import keras
+
+EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (its sibling ``_report`` importable)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def on_devices(devices: int):
+    """``keras.distribution.DataParallel`` over the first ``devices`` devices (none for 1),
+    reset afterwards."""
+    distribution = None
+    if devices > 1:
+        distribution = keras.distribution.DataParallel(devices=jax.devices()[:devices])
+    keras.distribution.set_distribution(distribution)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(None)
