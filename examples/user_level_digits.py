@@ -85,7 +85,6 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--users", type=int, default=32, help="ULS users per update")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    logging.getLogger("keras_dp.model").setLevel(logging.ERROR)  # ELS drops: printed here
     test_data, val_data = split()
     counts = np.bincount(test_data[2], minlength=USERS)
     for k in args.ks:
@@ -141,4 +140,5 @@ def write(rows: list[dict], args) -> None:
 
 
 if __name__ == "__main__":
+    logging.getLogger("keras_dp.model").setLevel(logging.ERROR)  # ELS drops: printed above
     main()
