@@ -19,6 +19,11 @@ the range.
 - ``Layer._losses_override``: feeds ``add_loss`` losses of one example's stateless call
   to ``stateless_compute_loss``, as Keras' own JAX trainer does.
 - ``Layer._tracker``: adds DP state to a model that ``make_private`` received built.
+- ``Dense._kernel``, ``EinsumDense._kernel``, ``Embedding._embeddings``: the stored
+  (frozen) kernel under LoRA, and the table behind ``embeddings``, for ghost clipping.
+- An instance attribute ``call`` (set and removed around one trace of the DP step):
+  ghost clipping's view of Dense, EinsumDense and Embedding layers (``keras_dp.ghost``).
+  ``Layer.__call__`` looks ``self.call`` up on the instance; classes are never patched.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ __all__ = [
     "KerasSaveable",
     "PyDatasetAdapter",
     "call_has_training_arg",
+    "installed_calls",
+    "stored_kernel",
+    "stored_embeddings",
     "compiled_metrics",
     "has_compiled_loss",
     "loss_tracker",
@@ -120,3 +128,32 @@ def track_after_build(layer, name: str, value) -> None:
     finally:
         if locked:
             tracker.lock()
+
+
+def stored_kernel(layer):
+    """The kernel variable a Dense/EinsumDense stores (frozen under LoRA)."""
+    return layer._kernel
+
+
+def stored_embeddings(layer):
+    """The table variable an Embedding stores."""
+    return layer._embeddings
+
+
+@contextlib.contextmanager
+def installed_calls(calls: dict):
+    """Each layer's ``call`` replaced by ``calls[layer]`` on the instance, for the block.
+
+    Only while one function is traced: on exit every instance is as it was.
+    """
+    done = []
+    try:
+        for layer, fn in calls.items():
+            if "call" in vars(layer):
+                continue  # the instance already has its own call: left alone
+            object.__setattr__(layer, "call", fn)
+            done.append(layer)
+        yield
+    finally:
+        for layer in done:
+            object.__delattr__(layer, "call")

@@ -77,6 +77,7 @@ def clipped_sum(
     fold=None,
     fold_init=None,
     mesh=None,
+    ghost=None,
 ):
     """Σ over real rows of clip(∇ example_fn), chunk by chunk.
 
@@ -102,6 +103,10 @@ def clipped_sum(
         folded results are combined as ``fold_init + Σ (acc_shard - fold_init)``,
         so ``acc`` must be additive (as metric totals and counts are).
       fold_init: The initial ``acc``.
+      ghost: None (per-example gradients), or ``(is_ghost, taps)``: ghost clipping
+        (see :func:`_ghost`). Then ``params`` is a list, ``is_ghost[i]`` says whether
+        ``params[i]``'s norm and sum come from the taps, and ``example_fn`` is
+        ``(params, row, index, zs) -> (loss, aux, residuals)``.
 
     Returns:
       A :class:`ClippedSum`: the clipped sum (float32), each row's loss and aux
@@ -119,6 +124,7 @@ def clipped_sum(
         chunk_size=chunk_size,
         fold=fold,
         fold_init=fold_init,
+        ghost=ghost,
     )
     if num_shards == 1:
         grad_sum, losses, aux, counts = local(rows, mask, jnp.arange(mask.shape[0]))
@@ -172,31 +178,42 @@ def _per_device(local, rows, mask, num_shards, mesh, shard_axis, fold):
 
 
 def _shard_sum(
-    example_fn, params, rows, mask, ids, l2_clip_norm, chunk_size, fold=None, fold_init=None
+    example_fn,
+    params,
+    rows,
+    mask,
+    ids,
+    l2_clip_norm,
+    chunk_size,
+    fold=None,
+    fold_init=None,
+    ghost=None,
 ):
     """:func:`clipped_sum` over one shard; ``ids`` are the rows' indices.
 
     The real rows (first in the shard) are covered by whole chunks of
-    ``chunk_size``, then the remainder by the smaller chunks of :func:`tail_sizes`,
-    so that padding rows are computed only past its smallest size.
+    ``chunk_size``, then the remainder: by the smaller chunks of :func:`tail_sizes`
+    (per-example gradients, so that padding rows are computed only past its smallest
+    size), or by one more whole chunk (ghost: one compiled shape, padding is cheap).
     """
     physical = mask.shape[0]
     num_chunks = physical // chunk_size
-    grad_fn = jax.value_and_grad(example_fn, has_aux=True)
-
-    def per_row(row, index):
-        (loss, aux), grads = grad_fn(params, row, index)
-        clipped, finite, norm = clip_to_norm(grads, l2_clip_norm)
-        return clipped, (finite, norm > l2_clip_norm), loss, aux
-
-    vmapped = jax.vmap(per_row)
+    if ghost is None:
+        compute = _per_example(example_fn, params, l2_clip_norm)
+    else:
+        compute = _ghost(example_fn, params, l2_clip_norm, *ghost)
 
     def rows_at(tree, start, size):
         return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), tree)
 
     # Shapes of one chunk's outputs, to allocate the per-row buffers.
-    shapes = jax.eval_shape(vmapped, rows_at(rows, 0, chunk_size), rows_at(ids, 0, chunk_size))
-    _, _, loss_shape, aux_shape = shapes
+    shapes = jax.eval_shape(
+        compute,
+        rows_at(rows, 0, chunk_size),
+        rows_at(ids, 0, chunk_size),
+        rows_at(mask, 0, chunk_size),
+    )
+    _, loss_shape, aux_shape, _, _ = shapes
     if fold is not None:
         aux_shape = aux_shape[0]  # the kept part; the folded part is never stored
     zeros = lambda s: jnp.zeros((physical, *s.shape[1:]), s.dtype)  # noqa: E731
@@ -221,16 +238,13 @@ def _shard_sum(
         fresh = at + jnp.arange(size) >= start
         chunk_mask = rows_at(mask, at, size) & fresh
         chunk_rows = rows_at(rows, at, size)
-        clipped, (finite, over), loss, chunk_aux = vmapped(chunk_rows, rows_at(ids, at, size))
+        part, loss, chunk_aux, finite, over = compute(
+            chunk_rows, rows_at(ids, at, size), chunk_mask
+        )
         if fold is not None:
             chunk_aux, values = chunk_aux
             acc = fold(acc, chunk_rows, values, chunk_mask)
-        weight = chunk_mask & finite
-        grad_sum = jax.tree.map(
-            lambda s, g: s + jnp.tensordot(weight.astype(jnp.float32), g.astype(jnp.float32), 1),
-            grad_sum,
-            clipped,
-        )
+        grad_sum = jax.tree.map(lambda s, g: s + g, grad_sum, part)
 
         def put(buf, x):  # rows re-read from an earlier chunk keep their stored value
             keep = fresh.reshape(fresh.shape + (1,) * (x.ndim - 1))
@@ -240,14 +254,16 @@ def _shard_sum(
 
         losses = put(losses, loss)
         aux = jax.tree.map(put, aux, chunk_aux)
-        counts = counts + jnp.stack([jnp.sum(chunk_mask & ~finite), jnp.sum(weight & over)]).astype(
-            jnp.int32
-        )
-        return grad_sum, losses, aux, counts, acc
+        counted = jnp.stack([jnp.sum(chunk_mask & ~finite), jnp.sum(chunk_mask & finite & over)])
+        return grad_sum, losses, aux, counts + counted.astype(jnp.int32), acc
 
     if num_chunks == 1:  # one vectorised pass: no loop, so no loop condition to read back
         return _outputs(chunk(0, chunk_size, init), fold)
     num_real = jnp.sum(mask.astype(jnp.int32))
+    if ghost is not None:  # whole chunks only, the last one padded
+        count = (num_real + chunk_size - 1) // chunk_size
+        step = lambda i, c: chunk(i * chunk_size, chunk_size, c)  # noqa: E731
+        return _outputs(jax.lax.fori_loop(0, count, step, init), fold)
     whole = num_real // chunk_size
     carry = jax.lax.fori_loop(0, whole, lambda i, c: chunk(i * chunk_size, chunk_size, c), init)
     if chunk_size == 1:
@@ -265,6 +281,82 @@ def _shard_sum(
     count = (num_real - done + smallest - 1) // smallest  # at most 2; 1 when smallest == 1
     carry = jax.lax.fori_loop(0, count, lambda i, c: chunk(done + i * smallest, smallest, c), carry)
     return _outputs(carry, fold)
+
+
+def _per_example(example_fn, params, l2_clip_norm):
+    """A chunk's clipped sum from per-example gradients (``jax.vmap`` of the gradient)."""
+    grad_fn = jax.value_and_grad(example_fn, has_aux=True)
+
+    def per_row(row, index):
+        (loss, aux), grads = grad_fn(params, row, index)
+        clipped, finite, norm = clip_to_norm(grads, l2_clip_norm)
+        return clipped, finite, norm > l2_clip_norm, loss, aux
+
+    def compute(chunk_rows, ids, chunk_mask):
+        clipped, finite, over, loss, aux = jax.vmap(per_row)(chunk_rows, ids)
+        weight = (chunk_mask & finite).astype(jnp.float32)
+        part = jax.tree.map(lambda g: jnp.tensordot(weight, g.astype(jnp.float32), 1), clipped)
+        return part, loss, aux, finite, over
+
+    return compute
+
+
+def _ghost(example_fn, params, l2_clip_norm, is_ghost, taps):
+    """A chunk's clipped sum with ghost norms (one forward and one backward pass).
+
+    ``example_fn(params, row, index, zs) -> (loss, aux, residuals)`` adds ``zs[k]`` (zeros)
+    at the output of tap k and returns tap k's input as ``residuals[k]``, so the
+    backward pass gives each row's gradient g at every tap. Variables with
+    ``is_ghost`` False are given to the rows as per-example copies, so the same pass
+    gives their per-example gradients. Each row's squared norm is the sum of its taps'
+    (``tap.sq_norms(x, g)``) and of its per-example gradients'; the clipped sum is
+    ``tap.sums(x, g, factor)`` and Σ factor_b·grad_b, in float32, with the rows that
+    are padding or not finite zeroed first (not multiplied: 0·NaN is NaN).
+    """
+    params = list(params)
+
+    def compute(chunk_rows, ids, chunk_mask):
+        size = chunk_mask.shape[0]
+        own = [jnp.broadcast_to(p, (size, *p.shape)) for p, g in zip(params, is_ghost) if not g]
+        zs = [jnp.zeros((size, *t.out.shape), t.out.dtype) for t in taps]
+
+        def losses(own, zs):
+            def one(own_row, row, index, z):
+                mine = iter(own_row)
+                merged = [p if g else next(mine) for p, g in zip(params, is_ghost)]
+                loss, aux, residuals = example_fn(merged, row, index, z)
+                return loss, (aux, residuals)
+
+            loss, (aux, residuals) = jax.vmap(one)(own, chunk_rows, ids, zs)
+            return loss, (loss, aux, residuals)
+
+        _, backward, (loss, aux, residuals) = jax.vjp(losses, own, zs, has_aux=True)
+        own_grads, gs = backward(jnp.ones_like(loss))
+        sq = jnp.zeros(size, jnp.float32)
+        for t, x, g in zip(taps, residuals, gs):
+            sq = sq + t.sq_norms(x, g)
+        for g in own_grads:
+            sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(size, -1), axis=1)
+        norm = jnp.sqrt(sq)
+        finite = jnp.isfinite(norm)
+        keep = chunk_mask & finite
+        factor = jnp.where(keep, jnp.minimum(1.0, l2_clip_norm / jnp.maximum(norm, 1e-12)), 0.0)
+        factor = factor.astype(jnp.float32)
+
+        def zeroed(a):
+            return jnp.where(keep.reshape((size,) + (1,) * (a.ndim - 1)), a, jnp.zeros((), a.dtype))
+
+        part = [None] * len(params)
+        for t, x, g in zip(taps, residuals, gs):
+            for i, total in t.sums(zeroed(x), zeroed(g), factor).items():
+                part[i] = total
+        mine = iter(own_grads)
+        for i, g in enumerate(is_ghost):
+            if not g:
+                part[i] = jnp.tensordot(factor, zeroed(next(mine)).astype(jnp.float32), 1)
+        return part, loss, aux, finite, norm > l2_clip_norm
+
+    return compute
 
 
 def tail_sizes(chunk_size: int, max_sizes: int = 4) -> list[int]:

@@ -120,6 +120,18 @@ class DPConfig:
       bands: b, the number of bands of the "bandmf" strategy (1: exactly DP-SGD, the
         same sampler, events, ε and weights). Needs b·batch_size <= dataset_size.
         Costs (b − 1) float32 copies of the trainable variables as noise state.
+      clipping: How each unit's gradient norm is found; the update, its sensitivity
+        C and ε are the same whichever is used. "per_example": every per-example
+        gradient is formed (``jax.vmap``), in chunks of ``microbatch_size``.
+        "ghost": the kernels and biases of Dense, EinsumDense (LoRA included) and
+        Embedding layers get their norms from each layer's input and output
+        gradient, and their clipped sum from one contraction over the examples
+        (Goodfellow 2015, Li et al. 2022): no per-example gradient of them is formed;
+        every other trainable variable (convolutions, normalisation scales, a layer
+        this cannot see into) gets per-example gradients in the same backward pass,
+        and one log line names them. "auto" (default): "ghost" for the variables
+        where its norm costs no more than their per-example gradient, and
+        "per_example" with user-level "uls" (a unit is a block of examples).
     """
 
     target_epsilon: float
@@ -142,6 +154,7 @@ class DPConfig:
     privacy_unit: str = "example"
     user_sampling: str = "uls"
     examples_per_user: int | None = None
+    clipping: str = "auto"
     # Bookkeeping so that dataclasses.replace keeps working: the steps derived from
     # epochs, and the plan a noise multiplier was calibrated for.
     _derived_steps: int | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -158,6 +171,19 @@ class DPConfig:
         object.__setattr__(self, name, value)
 
     def _check_choices(self) -> None:
+        if self.clipping not in ("auto", "ghost", "per_example"):
+            raise _bad(
+                "clipping",
+                self.clipping,
+                "pass 'auto' (default), 'ghost' or 'per_example'.",
+            )
+        if self.clipping == "ghost" and self.privacy_unit == "user" and self.user_sampling == "uls":
+            raise _bad(
+                "clipping",
+                self.clipping,
+                "user-level 'uls' clips a block of examples as one unit, which ghost "
+                "norms do not cover; pass clipping='auto' or 'per_example'.",
+            )
         if self.sampling not in accounting.SAMPLINGS:
             raise _bad("sampling", self.sampling, "pass 'poisson' (default) or 'fixed'.")
         if self.accountant not in accounting.ACCOUNTANTS:

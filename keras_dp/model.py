@@ -30,6 +30,7 @@ from keras_dp import (
     clipping,
     data,
     distribute,
+    ghost,
     ledger,
     metrics,
     noise,
@@ -482,8 +483,11 @@ class DPModel:
         shards, shard_axis = distribute.batch_shards()
         per_shard = mask.shape[0] // shards
         chunk = step_chunk(per_shard, _chunk_size(config, shards, self))
+        example_fn, ghost_spec = self._dp_clipping(
+            config, units.unit_fn(per_example, config.user_block), trainable, rows
+        )
         grad_sum, losses, aux, nonfinite, clipped = clipping.clipped_sum(
-            units.unit_fn(per_example, config.user_block),
+            example_fn,
             trainable,
             rows,
             mask,
@@ -494,6 +498,7 @@ class DPModel:
             fold=fold if fold_metrics else None,
             fold_init=list(metrics_vars) if fold_metrics else None,
             mesh=distribute.batch_mesh() if shards > 1 else None,
+            ghost=ghost_spec,
         )
         y_pred, metrics_vars = aux if fold_metrics else (aux, metrics_vars)
         # The secret seed is an input (never a constant of the compiled program); the
@@ -548,6 +553,28 @@ class DPModel:
             self, metrics_vars, loss, num_real, y, y_pred, real, sample_weight, nonfinite, clipped
         )
         return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+
+    def _dp_clipping(self, config: DPConfig, unit, trainable, rows):
+        """``(example_fn, ghost)`` for :func:`keras_dp.clipping.clipped_sum`: per-example
+        gradients, or ghost norms for the variables :func:`keras_dp.ghost.plan` allows."""
+        if config.clipping == "per_example" or config.user_block is not None:
+            return unit, None
+        row = jax.tree.map(lambda a: a[0], rows)
+        plan = ghost.plan(self, lambda p: unit(p, row, 0)[0], trainable, config.clipping)
+        if plan.fallback != getattr(self, "_dp_ghost_logged", None):
+            self._dp_ghost_logged = plan.fallback
+            if plan.fallback:
+                logger.info(
+                    "Ghost clipping: per-example gradients for %d of %d trainable "
+                    "variables (%s); ghost norms for the rest.",
+                    len(plan.fallback),
+                    len(trainable),
+                    ", ".join(plan.fallback),
+                )
+        if not plan.ghost:
+            return unit, None
+        is_ghost = tuple(i in plan.ghost for i in range(len(trainable)))
+        return ghost.example_fn(self, unit, plan), (is_ghost, plan.active)
 
     def test_step(self, state, data):
         """Keras' own evaluation; the DP training counters are not part of its logs."""

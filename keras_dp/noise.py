@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,11 +36,21 @@ def step_key(root: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def gaussian_like(key: jax.Array, tree, stddev: float):
-    """A pytree shaped like ``tree`` of independent N(0, stddev²) draws (float32)."""
+    """A pytree shaped like ``tree`` of independent N(0, stddev²) draws (float32).
+
+    One draw of the total size, cut into the leaves: a single random-number
+    generator in the compiled step (one per leaf took 0.8 s of XLA compilation on a
+    3-layer MLP, against 0.24 s, and ran no faster). Its cost is the floor of a DP
+    step's overhead on a CPU: 84k normals took 0.6 ms here, about a plain Keras step
+    of that MLP.
+    """
     leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
+    sizes = [math.prod(jnp.shape(leaf)) for leaf in leaves]
+    flat = stddev * jax.random.normal(key, (sum(sizes),), jnp.float32)
+    starts = [0, *itertools.accumulate(sizes)]
     noise = [
-        stddev * jax.random.normal(k, jnp.shape(leaf), jnp.float32) for k, leaf in zip(keys, leaves)
+        flat[start : start + size].reshape(jnp.shape(leaf))
+        for start, size, leaf in zip(starts, sizes, leaves)
     ]
     return jax.tree.unflatten(treedef, noise)
 

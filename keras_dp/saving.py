@@ -47,7 +47,7 @@ def config_from_dict(values: dict | None) -> DPConfig | None:
 
 def same_plan(a: DPConfig, b: DPConfig) -> bool:
     """True when two calibrated plans spend privacy identically (seed and chunking aside)."""
-    ignore = {"seed", "microbatch_size", "_derived_steps", "_calibrated_for"}
+    ignore = {"seed", "microbatch_size", "clipping", "_derived_steps", "_calibrated_for"}
     return all(
         getattr(a, f.name) == getattr(b, f.name)
         for f in dataclasses.fields(DPConfig)

@@ -1,0 +1,381 @@
+"""Ghost clipping for Keras models: which variables get their norms from activations.
+
+``DPConfig(clipping="ghost")`` (and ``"auto"``) computes the per-example gradient
+norm of the kernels (and biases) of ``Dense``, ``EinsumDense`` (also with LoRA
+enabled) and ``Embedding`` layers from each layer's input and the gradient at its
+output (:mod:`keras_dp.ghost_norms`), and their clipped sum as one contraction over
+the examples: no per-example gradient of those variables is ever formed. Every other
+trainable variable (convolutions, normalisation scales, anything a layer reads in a
+way this module does not know) gets per-example gradients in the same backward pass,
+and its squared norm is added: the clip bound C holds for the whole gradient.
+
+How a layer is seen, without patching any class: while the DP step is traced, each
+supported layer *instance* gets a ``call`` attribute (removed right after) that does
+exactly what its class's ``call`` does, and in addition adds a zero "tap" at the
+output of the linear map (whose gradient is g) and keeps the map's input. A layer is
+supported only when its class's ``call`` is Keras' own (a subclass that overrides
+``call`` keeps its own) and it is not quantized.
+
+A variable's norm is ghost only when it is safe, checked on a trace of one example:
+it is tapped exactly once (a layer called twice shares its kernel between two uses)
+and the loss reads it nowhere else (a tied embedding, a regulariser, a custom layer
+reading another's kernel): its per-example gradient is then exactly the tap's.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import keras
+from jax.extend.core import Literal
+from keras import ops
+
+from keras_dp import _keras
+from keras_dp import ghost_norms as gn
+
+logger = logging.getLogger(__name__)
+
+CLIPPINGS = ("auto", "ghost", "per_example")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """One linear map seen in the trace.
+
+    Attributes:
+      kind: "einsum" (x → einsum(spec, x, kernel)), "embedding" (ids → table[ids]) or
+        "bias" (a bias alone).
+      spec: The einsum's index structure (kind "einsum").
+      kernel: The kernel's (or table's) index among the trainable variables, or None.
+      bias: The bias' index, or None.
+      kernel_shape, bias_shape: Their shapes.
+      out: The tapped output of one example (shape and dtype).
+      layer: The layer's path, for messages.
+      use_kernel, use_bias: Whether the kernel's / bias' norm and sum come from this tap.
+    """
+
+    kind: str
+    spec: gn.Einsum | None
+    kernel: int | None
+    bias: int | None
+    kernel_shape: tuple
+    bias_shape: tuple
+    out: jax.ShapeDtypeStruct
+    layer: str
+    use_kernel: bool = False
+    use_bias: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.use_kernel or self.use_bias
+
+    def sq_norms(self, x, g) -> jax.Array:
+        """Squared norms of example b's gradients of this tap's variables (float32 [B])."""
+        total = jnp.zeros(g.shape[0], jnp.float32)
+        if self.use_kernel:
+            if self.kind == "embedding":
+                total = total + gn.embedding_sq_norms(x, g)
+            else:
+                total = total + gn.kernel_sq_norms(self.spec, x, g)
+        if self.use_bias:
+            total = total + gn.bias_sq_norms(g, self.bias_shape)
+        return total
+
+    def sums(self, x, g, factor) -> dict:
+        """``{variable index: Σ_b factor_b · gradient_b}`` in float32."""
+        out = {}
+        if self.use_kernel:
+            if self.kind == "embedding":
+                out[self.kernel] = gn.embedding_sum(x, g, factor, self.kernel_shape)
+            else:
+                out[self.kernel] = gn.kernel_sum(self.spec, x, g, factor, self.kernel_shape)
+        if self.use_bias:
+            out[self.bias] = gn.bias_sum(g, factor, self.bias_shape)
+        return out
+
+    def costs(self) -> tuple[int, int]:
+        """(ghost norm, per-example gradient) multiply-adds per example, from shapes."""
+        size = math.prod(self.kernel_shape)
+        if self.kind == "einsum" and self.spec is not None:
+            x_shape = _x_shape(self.spec, self.out.shape)
+            outer, gram = gn.costs(self.spec, x_shape, self.out.shape)
+            return min(outer, gram), outer
+        if self.kind == "embedding":
+            t = math.prod(self.out.shape[:-1])
+            return t * t * self.out.shape[-1], t * self.out.shape[-1] + size
+        return 0, 0
+
+
+def _x_shape(spec: gn.Einsum, out_shape) -> tuple:
+    sizes = dict(zip(spec.out, out_shape))
+    return tuple(sizes.get(c, 1) for c in spec.x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Which trainable variables are ghost, and every tap of the trace in order.
+
+    Attributes:
+      taps: Every tap of one example's forward pass, in trace order.
+      ghost: Indices of the trainable variables whose norm and sum come from taps.
+      fallback: Paths of the trainable variables that get per-example gradients.
+    """
+
+    taps: tuple
+    ghost: frozenset
+    fallback: tuple
+
+    @property
+    def active(self) -> tuple:
+        return tuple(t for t in self.taps if t.active)
+
+
+class Tape:
+    """The taps of one trace: recording (planning) or applying (training)."""
+
+    def __init__(self, model, values, plan: Plan | None = None, zs=None):
+        self.model = model
+        self.values = values
+        self.plan = plan
+        self.zs = list(zs) if zs is not None else None
+        self.index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+        self.taps = []
+        self.residuals = []
+        self.count = 0
+
+    def _ghost(self, variable) -> bool:
+        i = self.index.get(id(variable))
+        return i is not None and (self.plan is None or i in self.plan.ghost)
+
+    def read(self, variable):
+        """The variable as the layer's ``call`` sees it: the tape's value when its norm
+        may come from a tap, otherwise Keras' own read."""
+        if not self._ghost(variable):
+            return variable
+        value = self.values[self.index[id(variable)]]
+        dtype = variable.value.dtype  # what Keras' read would give (autocast included)
+        return value if value.dtype == dtype else value.astype(dtype)
+
+    def tap(self, layer, out, x, kind, spec=None, kernel=None, bias=None):
+        """``out`` (+ the tap's zero perturbation while training); keeps ``x``."""
+        k = self.count
+        self.count += 1
+        if self.plan is None:
+            index = lambda v: None if v is None else self.index.get(id(v))  # noqa: E731
+            self.taps.append(
+                Tap(
+                    kind,
+                    spec,
+                    index(kernel),
+                    index(bias),
+                    tuple(kernel.shape) if kernel is not None else (),
+                    tuple(bias.shape) if bias is not None else (),
+                    jax.ShapeDtypeStruct(out.shape, out.dtype),
+                    layer.path,
+                )
+            )
+            return out
+        tap = self.plan.taps[k]
+        if not tap.active:
+            return out
+        self.residuals.append(x if tap.use_kernel else jnp.zeros((), out.dtype))
+        return out + self.zs[len(self.residuals) - 1].astype(out.dtype)
+
+    @property
+    def installed(self):
+        calls = {}
+        for layer in _keras.sublayers(self.model):
+            rule = _rule(layer)
+            if rule is not None:
+                calls[layer] = rule(layer, self, type(layer).call.__get__(layer))
+        return _keras.installed_calls(calls)
+
+
+def plan(model, loss_fn, params, clipping: str) -> Plan:
+    """Traces one example's loss (not compiled) and decides which variables are ghost.
+
+    Args:
+      model: The Keras model.
+      loss_fn: ``params -> loss`` of one example (the row closed over).
+      params: The trainable variables' values.
+      clipping: "ghost" (every safe variable) or "auto" (those where it is cheaper).
+    """
+    tape = Tape(model, None)
+
+    def traced(tap_values, keras_values):
+        tape.values = tap_values
+        with tape.installed:
+            return loss_fn(keras_values)
+
+    closed = jax.make_jaxpr(traced)(list(params), list(params))
+    n = len(params)
+    live = _live_inputs(closed.jaxpr)
+    elsewhere = {i for i in range(n) if n + i in live}
+    uses = collections.Counter(i for t in tape.taps for i in (t.kernel, t.bias) if i is not None)
+    safe = {i for i, c in uses.items() if c == 1 and i not in elsewhere}
+    if clipping == "auto":
+        safe = {i for i in safe if _cheaper(tape.taps, i)}
+    taps = tuple(
+        dataclasses.replace(t, use_kernel=t.kernel in safe, use_bias=t.bias in safe)
+        for t in tape.taps
+    )
+    variables = model.trainable_variables
+    fallback = tuple(v.path for i, v in enumerate(variables) if i not in safe)
+    return Plan(taps, frozenset(safe), fallback)
+
+
+def _cheaper(taps, index: int) -> bool:
+    """auto: a tapped kernel is ghost unless its norm costs more than its gradient."""
+    for t in taps:
+        if t.kernel == index:
+            norm, per_example = t.costs()
+            return norm <= per_example
+    return True  # a bias: its norm is its gradient
+
+
+def _live_inputs(jaxpr) -> set:
+    """Positions of ``jaxpr``'s inputs that its outputs depend on (dead code ignored)."""
+    live = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(o in live for o in eqn.outvars):
+            live.update(v for v in eqn.invars if not isinstance(v, Literal))
+    return {i for i, v in enumerate(jaxpr.invars) if v in live}
+
+
+def example_fn(model, unit, plan_: Plan):
+    """``(params, row, index, zs) -> (loss, aux, residuals)``: ``unit`` with the plan's taps."""
+
+    def fn(params, row, index, zs):
+        tape = Tape(model, params, plan_, zs)
+        with tape.installed:
+            loss, aux = unit(params, row, index)
+        if tape.count != len(plan_.taps):
+            raise RuntimeError(
+                f"Internal: ghost clipping traced {tape.count} taps, planned "
+                f"{len(plan_.taps)}. Please report this; clipping='per_example' avoids it."
+            )
+        return loss, aux, tuple(tape.residuals)
+
+    return fn
+
+
+# Layer rules: each does what its class's call does, with taps. ------------------------
+
+
+def _rule(layer):
+    if getattr(layer, "quantization_mode", None) is not None:
+        return None
+    for cls, rule in _RULES:
+        if type(layer).call is cls.call:
+            return rule
+    return None
+
+
+def _activate(layer, x):
+    return layer.activation(x) if layer.activation is not None else x
+
+
+def _linear(layer, tape, equation, inputs):
+    """einsum(equation, inputs, kernel) + bias, tapped; LoRA as x·W₀ + s·(x·A)·B."""
+    bias = layer.bias
+    if not layer.lora_enabled:
+        kernel = layer.kernel
+        spec = gn.parse(equation, len(inputs.shape))
+        y = ops.einsum(equation, inputs, tape.read(kernel))
+        if bias is not None:
+            y = ops.add(y, tape.read(bias))
+        kind = "einsum" if spec is not None else "bias"
+        return tape.tap(layer, y, inputs, kind, spec, kernel if spec else None, bias)
+    a, b = layer.lora_kernel_a, layer.lora_kernel_b
+    lhs, out = equation.split("->")
+    xs, ks = lhs.split(",")
+    last = ks[-1]
+    y = ops.einsum(equation, inputs, _keras.stored_kernel(layer))
+    u_out = out.replace(last, "0")
+    u_eq, v_eq = f"{xs},{ks[:-1]}0->{u_out}", f"{u_out},0{last}->{out}"
+    u = ops.einsum(u_eq, inputs, tape.read(a))
+    u = tape.tap(layer, u, inputs, "einsum", gn.parse(u_eq, len(inputs.shape)), a)
+    su = ops.multiply(u, layer.lora_alpha / layer.lora_rank)
+    v = ops.einsum(v_eq, su, tape.read(b))
+    y = ops.add(y, tape.tap(layer, v, su, "einsum", gn.parse(v_eq, len(su.shape)), b))
+    if bias is not None:
+        y = ops.add(y, tape.read(bias))
+        y = tape.tap(layer, y, None, "bias", None, None, bias)
+    return y
+
+
+def _lora_ok(layer, equation) -> bool:
+    """LoRA as two einsums needs the kernel's last axis on the output only."""
+    if not layer.lora_enabled:
+        return True
+    lhs, out = equation.split("->")
+    xs, ks = lhs.split(",")
+    kernel = _keras.stored_kernel(layer)
+    return (
+        "..." not in ks
+        and "0" not in equation
+        and ks[-1] in out
+        and ks[-1] not in xs
+        and not kernel.trainable
+        and tuple(layer.lora_kernel_a.shape) == tuple(kernel.shape[:-1]) + (layer.lora_rank,)
+    )
+
+
+def _dense(layer, tape, original):
+    equation = "...a,ab->...b"
+
+    def call(inputs, training=None):
+        if not _lora_ok(layer, equation):
+            return original(inputs, training=training)
+        return _activate(layer, _linear(layer, tape, equation, inputs))
+
+    return call
+
+
+def _einsum_dense(layer, tape, original):
+    def call(inputs, training=None):
+        if not _lora_ok(layer, layer.equation):
+            return original(inputs, training=training)
+        return _activate(layer, _linear(layer, tape, layer.equation, inputs))
+
+    return call
+
+
+def _embedding_lookup(layer, tape, inputs):
+    if inputs.dtype != "int32" and inputs.dtype != "int64":
+        inputs = ops.cast(inputs, "int32")
+    table = _keras.stored_embeddings(layer)
+    out = ops.cast(ops.take(tape.read(table), inputs, axis=0), layer.compute_dtype)
+    return tape.tap(layer, out, inputs, "embedding", None, table)
+
+
+def _embedding(layer, tape, original):
+    def call(inputs):
+        if layer.lora_enabled:
+            return original(inputs)
+        return _embedding_lookup(layer, tape, inputs)
+
+    return call
+
+
+def _reversible_embedding(layer, tape, original):
+    def call(inputs, reverse=False):
+        if reverse or layer.lora_enabled or layer.mask_zero:
+            return original(inputs, reverse=reverse)
+        return _embedding_lookup(layer, tape, inputs)
+
+    return call
+
+
+_RULES = [
+    (keras.layers.Dense, _dense),
+    (keras.layers.EinsumDense, _einsum_dense),
+    (keras.layers.Embedding, _embedding),
+]
+if hasattr(keras.layers, "ReversibleEmbedding"):
+    _RULES.append((keras.layers.ReversibleEmbedding, _reversible_embedding))

@@ -1,0 +1,148 @@
+"""Per-example gradient norms and clipped sums of linear maps, from activations (pure JAX).
+
+A layer ``out = einsum(eq, x, K)`` gives example b the kernel gradient
+``G_b = einsum(x_b, g_b)`` (``g_b = ∂loss_b/∂out_b``), so ‖G_b‖² and the clipped sum
+``Σ_b f_b·G_b`` both follow from (x, g) without any G_b being kept: "ghost" norms
+(Goodfellow 2015; Li et al. 2022, Bu et al. 2023 for sequences). For a sequence
+the norm is taken as the cheaper of two exact forms, chosen from the shapes:
+
+- outer: G_b itself, one example at a time (|S|·|Kx|·|Ko| multiply-adds);
+- Gram: Σ_{s,t} ⟨x_s, x_t⟩⟨g_s, g_t⟩ (|S|²·(|Kx| + |Ko|)),
+
+with S the positions summed in G (in x and out, not in K), Kx and Ko the kernel's
+axes from x and from out. Everything is computed in float32 whatever x and g are.
+
+Arrays here carry the examples on axis 0: ``x[b]`` has the shape the layer saw.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+
+class Einsum(NamedTuple):
+    """The index structure of ``out = einsum(x_spec,k_spec->out_spec)``, no ellipsis.
+
+    Attributes:
+      x: x's letters; k: the kernel's; out: out's.
+      shared: Letters in x, k and out (kept apart in the norm).
+      kx: Kernel letters from x only; ko: kernel letters from out only.
+      summed: Letters in x and out but not k (positions summed into G).
+    """
+
+    x: str
+    k: str
+    out: str
+    shared: str
+    kx: str
+    ko: str
+    summed: str
+
+
+def parse(equation: str, x_ndim: int) -> Einsum | None:
+    """The structure of ``equation`` for an x of rank ``x_ndim``; None when the norm
+    forms do not apply (a kernel letter in neither x nor out, an ellipsis in the kernel)."""
+    lhs, out = equation.replace(" ", "").split("->")
+    xs, ks = lhs.split(",")
+    if "..." in ks:
+        return None
+    if "..." in xs:
+        free = [c for c in string.ascii_letters if c not in equation]
+        fill = "".join(free[: x_ndim - (len(xs) - 3)])
+        xs, out = xs.replace("...", fill), out.replace("...", fill)
+    if len(xs) != x_ndim or any(c not in xs + out for c in ks):
+        return None
+    shared = "".join(c for c in ks if c in xs and c in out)
+    kx = "".join(c for c in ks if c in xs and c not in out)
+    ko = "".join(c for c in ks if c in out and c not in xs)
+    summed = "".join(c for c in out if c in xs and c not in ks)
+    return Einsum(xs, ks, out, shared, kx, ko, summed)
+
+
+def _free(spec: Einsum, count: int) -> str:
+    used = spec.x + spec.k + spec.out
+    return "".join(c for c in string.ascii_letters if c not in used)[:count]
+
+
+def _grouped(spec: Einsum, x, g):
+    """x as [B, S, P, Kx] and g as [B, S, P, Ko] (float32); letters only in x summed."""
+    (z,) = _free(spec, 1)
+    sizes = dict(zip(spec.x, x.shape[1:])) | dict(zip(spec.out, g.shape[1:]))
+    size = lambda letters: math.prod(sizes[c] for c in letters)  # noqa: E731
+    s, p = size(spec.summed), size(spec.shared)
+    xr = jnp.einsum(f"{z}{spec.x}->{z}{spec.summed}{spec.shared}{spec.kx}", x)
+    gr = jnp.einsum(f"{z}{spec.out}->{z}{spec.summed}{spec.shared}{spec.ko}", g)
+    return (
+        xr.reshape(x.shape[0], s, p, size(spec.kx)).astype(jnp.float32),
+        gr.reshape(g.shape[0], s, p, size(spec.ko)).astype(jnp.float32),
+    )
+
+
+def costs(spec: Einsum, x_shape, out_shape) -> tuple[int, int]:
+    """Multiply-adds per example of the (outer, Gram) forms of the squared norm."""
+    sizes = dict(zip(spec.x, x_shape)) | dict(zip(spec.out, out_shape))
+    size = lambda letters: math.prod(sizes[c] for c in letters)  # noqa: E731
+    s, p, a, c = size(spec.summed), size(spec.shared), size(spec.kx), size(spec.ko)
+    return s * p * a * c, s * s * p * (a + c)
+
+
+def kernel_sq_norms(spec: Einsum, x, g) -> jnp.ndarray:
+    """‖G_b‖² for every example b (float32 [B]), by the cheaper exact form."""
+    outer, gram = costs(spec, x.shape[1:], g.shape[1:])
+    xr, gr = _grouped(spec, x, g)
+    if outer <= gram:
+        per = jnp.einsum("bspa,bspc->bpac", xr, gr)
+        return jnp.sum(jnp.square(per), axis=(1, 2, 3))
+    xx = jnp.einsum("bspa,btpa->bpst", xr, xr)
+    gg = jnp.einsum("bspc,btpc->bpst", gr, gr)
+    return jnp.sum(xx * gg, axis=(1, 2, 3))
+
+
+def kernel_sum(spec: Einsum, x, g, factor, kernel_shape) -> jnp.ndarray:
+    """Σ_b factor_b·G_b in float32, one contraction over the examples."""
+    (z,) = _free(spec, 1)
+    xs = x.astype(jnp.float32) * factor.reshape((-1,) + (1,) * (x.ndim - 1))
+    out = jnp.einsum(f"{z}{spec.x},{z}{spec.out}->{spec.k}", xs, g.astype(jnp.float32))
+    return out.reshape(kernel_shape)
+
+
+def bias_sq_norms(g, bias_shape) -> jnp.ndarray:
+    """‖Σ g_b reduced to the bias' shape‖² per example (the bias is broadcast over out)."""
+    per = _reduce_to(g.astype(jnp.float32), tuple(bias_shape))
+    return jnp.sum(jnp.square(per), axis=tuple(range(1, per.ndim)))
+
+
+def bias_sum(g, factor, bias_shape) -> jnp.ndarray:
+    per = _reduce_to(g.astype(jnp.float32), tuple(bias_shape))
+    return jnp.tensordot(factor, per, 1).reshape(bias_shape)
+
+
+def _reduce_to(g, shape) -> jnp.ndarray:
+    """g [B, *out] summed over the axes a bias of ``shape`` (trailing-aligned) broadcasts along."""
+    lead = g.ndim - 1 - len(shape)
+    g = jnp.sum(g, axis=tuple(range(1, 1 + lead))) if lead > 0 else g
+    axes = tuple(i + 1 for i, n in enumerate(shape) if n == 1 and g.shape[i + 1] != 1)
+    return jnp.sum(g, axis=axes, keepdims=True) if axes else g
+
+
+def embedding_sq_norms(ids, g) -> jnp.ndarray:
+    """‖Σ_t onehot(id_t) ⊗ g_t‖² per example: Σ_{s,t: id_s = id_t} ⟨g_s, g_t⟩."""
+    ids = ids.reshape(ids.shape[0], -1)
+    g = g.reshape(ids.shape[0], ids.shape[1], -1).astype(jnp.float32)
+    if ids.shape[1] == 1:
+        return jnp.sum(jnp.square(g), axis=(1, 2))
+    same = ids[:, :, None] == ids[:, None, :]
+    gg = jnp.einsum("bsd,btd->bst", g, g)
+    return jnp.sum(jnp.where(same, gg, 0.0), axis=(1, 2))
+
+
+def embedding_sum(ids, g, factor, table_shape) -> jnp.ndarray:
+    """Σ_b factor_b·(the table's gradient of example b), as one scatter-add."""
+    rows = g.reshape(-1, table_shape[-1]).astype(jnp.float32)
+    weights = jnp.repeat(factor, rows.shape[0] // factor.shape[0])
+    flat = ids.reshape(-1).astype(jnp.int32)
+    return jnp.zeros(table_shape, jnp.float32).at[flat].add(rows * weights[:, None])
