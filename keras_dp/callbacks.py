@@ -74,8 +74,8 @@ class PrivacyBudget(keras.callbacks.Callback):
 
 
 class DPProgbarLogger(keras.callbacks.ProgbarLogger):
-    """Keras' progress bar, without ``nonfinite_examples`` while it is 0, and with the
-    updates that ran in an epoch the plan ends early.
+    """Keras' progress bar, without ``nonfinite_examples`` while it is 0 (and on the
+    per-step bar), and with the updates that ran in an epoch the plan ends early.
 
     DP ``fit`` puts it in place of the default one; ``History`` still records
     ``nonfinite_examples`` (the count of real examples of the epoch's last update whose
@@ -83,7 +83,10 @@ class DPProgbarLogger(keras.callbacks.ProgbarLogger):
     """
 
     def on_train_batch_end(self, batch, logs=None):
-        super().on_train_batch_end(batch, _without_zero_nonfinite(logs))
+        # Reading the count would make Keras wait for every step: the per-step bar
+        # leaves it out; the epoch's line and History show it when it is not 0.
+        logs = {k: v for k, v in (logs or {}).items() if k != "nonfinite_examples"}
+        super().on_train_batch_end(batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
         # The plan's last epoch may stop early (its remaining updates): show what ran,

@@ -305,33 +305,32 @@ def _ghost(example_fn, params, l2_clip_norm, is_ghost, taps):
     """A chunk's clipped sum with ghost norms (one forward and one backward pass).
 
     ``example_fn(params, row, index, zs) -> (loss, aux, residuals)`` adds ``zs[k]`` (zeros)
-    at the output of tap k and returns tap k's input as ``residuals[k]``, so the
-    backward pass gives each row's gradient g at every tap. Variables with
-    ``is_ghost`` False are given to the rows as per-example copies, so the same pass
-    gives their per-example gradients. Each row's squared norm is the sum of its taps'
-    (``tap.sq_norms(x, g)``) and of its per-example gradients'; the clipped sum is
-    ``tap.sums(x, g, factor)`` and Σ factor_b·grad_b, in float32, with the rows that
+    at the output of tap k and returns tap k's input as ``residuals[k]``. Each row's
+    gradient with respect to its zs is g, the gradient at every tap's output; the
+    variables with ``is_ghost`` False are differentiated per row in the same pass
+    (their per-example gradients, as the per-example path forms them); the ghost
+    variables are not differentiated at all. Each row's squared norm is the sum of its
+    taps' (``tap.sq_norms(x, g)``) and of its per-example gradients'; the clipped sum
+    is ``tap.sums(x, g, factor)`` and Σ factor_b·grad_b, in float32, with the rows that
     are padding or not finite zeroed first (not multiplied: 0·NaN is NaN).
     """
     params = list(params)
+    own = [p for p, g in zip(params, is_ghost) if not g]
+
+    def per_row(row, index, z):
+        def loss_fn(own, z):
+            mine = iter(own)
+            merged = [p if g else next(mine) for p, g in zip(params, is_ghost)]
+            loss, aux, residuals = example_fn(merged, row, index, z)
+            return loss, (loss, aux, residuals)
+
+        (own_grads, g), (loss, aux, residuals) = jax.grad(loss_fn, (0, 1), has_aux=True)(own, z)
+        return own_grads, g, loss, aux, residuals
 
     def compute(chunk_rows, ids, chunk_mask):
         size = chunk_mask.shape[0]
-        own = [jnp.broadcast_to(p, (size, *p.shape)) for p, g in zip(params, is_ghost) if not g]
         zs = [jnp.zeros((size, *t.out.shape), t.out.dtype) for t in taps]
-
-        def losses(own, zs):
-            def one(own_row, row, index, z):
-                mine = iter(own_row)
-                merged = [p if g else next(mine) for p, g in zip(params, is_ghost)]
-                loss, aux, residuals = example_fn(merged, row, index, z)
-                return loss, (aux, residuals)
-
-            loss, (aux, residuals) = jax.vmap(one)(own, chunk_rows, ids, zs)
-            return loss, (loss, aux, residuals)
-
-        _, backward, (loss, aux, residuals) = jax.vjp(losses, own, zs, has_aux=True)
-        own_grads, gs = backward(jnp.ones_like(loss))
+        own_grads, gs, loss, aux, residuals = jax.vmap(per_row)(chunk_rows, ids, zs)
         sq = jnp.zeros(size, jnp.float32)
         for t, x, g in zip(taps, residuals, gs):
             sq = sq + t.sq_norms(x, g)

@@ -564,12 +564,13 @@ class DPModel:
         if plan.fallback != getattr(self, "_dp_ghost_logged", None):
             self._dp_ghost_logged = plan.fallback
             if plan.fallback:
+                layers = dict.fromkeys(p.rsplit("/", 1)[0] for p in plan.fallback)
                 logger.info(
-                    "Ghost clipping: per-example gradients for %d of %d trainable "
-                    "variables (%s); ghost norms for the rest.",
+                    "Ghost clipping: per-example gradients (their norms added to the "
+                    "ghost norms) for %d of %d trainable variables, in %s.",
                     len(plan.fallback),
                     len(trainable),
-                    ", ".join(plan.fallback),
+                    ", ".join(layers),
                 )
         if not plan.ghost:
             return unit, None

@@ -8,7 +8,8 @@ same optimizer. The examples of each update are the sampler's own draw
 (``data.draw_indices``): the sampler itself is tested against its distribution in
 ``test_data.py``. Hypothesis draws the plans (batch sizes 1-300, Poisson and fixed
 sampling, microbatch sizes up to 128 including non-powers of two, 1/2/4 devices,
-float32 and bfloat16, sample weights, dropout, several layers and losses).
+float32 and bfloat16, sample weights, dropout, several layers and losses, and the
+three ``clipping`` modes: ghost norms, per-example gradients and their mix).
 """
 
 import math
@@ -146,6 +147,7 @@ plans = st.fixed_dictionaries(
         "clip": st.sampled_from([0.05, 0.5, 100.0]),
         "steps": st.integers(1, 2),
         "bands": st.sampled_from([1, 1, 1, 2, 3]),  # > 1: BandMF (Poisson only), 3 steps
+        "clipping": st.sampled_from(["auto", "ghost", "per_example"]),
     }
 )
 
@@ -200,6 +202,7 @@ def test_train_step_equals_the_reference(plan):
             bands=bands,
             accountant="rdp" if plan["sampling"] == "fixed" else "pld",
             microbatch_size=plan["microbatch"],
+            clipping=plan.get("clipping", "auto"),
             l2_clip_norm=plan["clip"],
             seed=12345,
         )

@@ -1,0 +1,327 @@
+"""Ghost vs per-example clipping: step time, first epoch and memory, as ratios in one run.
+
+    python benchmarks/clipping.py [--models mlp cnn text bert-lora gemma-lora gemma-full]
+                                  [--repeats 3] [--out benchmarks/results]
+
+Writes ``clipping.md`` and ``clipping.json`` to --out. Not a test: nothing here asserts
+a time. Fits alternate (plain Keras, then keras_dp with ``clipping="per_example"``,
+``"ghost"`` and ``"auto"``, then again); a step's time is (epoch wall time / updates)
+for every epoch after the first, median over the epochs and the repeats, so sampling,
+dispatch and callbacks count. The first epoch (which compiles) is reported apart:
+its wall time from ``on_epoch_begin`` to ``on_epoch_end`` of a fresh model. σ is
+calibrated once per plan and process (an in-process cache), so it is reported apart
+too. Memory is XLA's peak temporary memory of one compiled DP step at logical batch
+32 and 1024, in one chunk (no microbatching).
+
+The models: an MLP 64-256-256-10 on digits (batch 64), a CNN (two 3x3 convolutions
+and a Dense head, digits as 8x8 images, batch 64), an Embedding text classifier
+(vocabulary 5,000, 64 tokens, average pooling, two Dense layers, batch 64), a tiny
+keras-hub BERT classifier with LoRA rank 4 (2 layers, hidden 64, 64 tokens, batch 32),
+and the Gemma3 of ``run.py`` (4 layers, hidden 256, 128 tokens, batch 16) with LoRA
+and fully fine-tuned. Every model is a plain functional ``keras.Model`` so that every
+side runs Keras' own ``fit`` on the same arrays.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from run import LOSS, log, train_state  # noqa: E402
+from step_time import MODELS as STEP_MODELS  # noqa: E402
+from step_time import digits_data, functional, mlp  # noqa: E402
+
+import keras_dp  # noqa: E402
+from keras_dp import data as dp_data  # noqa: E402
+from keras_dp import sampling  # noqa: E402
+
+logging.getLogger("absl").setLevel(logging.ERROR)
+logging.getLogger("keras_dp").setLevel(logging.ERROR)
+EPSILON, DELTA = 8.0, 1e-5
+KINDS = ("plain", "per_example", "ghost", "auto")
+
+
+def cnn():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def image_data():
+    x, y = digits_data()
+    return x.reshape(-1, 8, 8, 1), y
+
+
+def text():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((64,), dtype="int32"),
+            keras.layers.Embedding(5000, 64),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(2),
+        ]
+    )
+
+
+def text_data(n=2048):
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 5000, (n, 64)).astype("int32")
+    return x, (x[:, 0] % 2).astype("int32")
+
+
+def bert_lora():
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=1000,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=64,
+        intermediate_dim=128,
+        max_sequence_length=64,
+    )
+    task = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+    backbone.enable_lora(4)
+    return functional(task)
+
+
+def bert_data(n=512):
+    rng = np.random.default_rng(0)
+    x = {
+        "token_ids": rng.integers(1, 1000, (n, 64)).astype("int32"),
+        "segment_ids": np.zeros((n, 64), "int32"),
+        "padding_mask": np.ones((n, 64), bool),
+    }
+    return x, (x["token_ids"][:, 0] % 2).astype("int32")
+
+
+MODELS = {  # name: (model_fn, data_fn, batch, epochs)
+    "mlp": (mlp, digits_data, 64, 6),
+    "cnn": (cnn, image_data, 64, 6),
+    "text": (text, text_data, 64, 4),
+    "bert-lora": (bert_lora, bert_data, 32, 4),
+    "gemma-lora": STEP_MODELS["gemma-lora"],
+    "gemma-full": STEP_MODELS["gemma-full"],
+}
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds, self.steps = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._steps = time.perf_counter(), 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+        self.steps.append(self._steps)
+
+
+def build(kind: str, name: str, n: int) -> keras.Model:
+    model_fn, _, batch, epochs = MODELS[name]
+    model = model_fn()
+    if kind != "plain":
+        config = keras_dp.DPConfig(
+            target_epsilon=EPSILON,
+            target_delta=DELTA,
+            batch_size=batch,
+            epochs=epochs,
+            clipping=kind,
+        )
+        model = keras_dp.make_private(model, config)
+    model.compile(optimizer="adam", loss=LOSS)
+    return model
+
+
+def one_fit(kind: str, name: str, x, y) -> dict:
+    _, _, batch, epochs = MODELS[name]
+    model = build(kind, name, len(y))
+    timer = EpochTimer()
+    kwargs = {} if kind != "plain" else {"batch_size": batch, "epochs": epochs}
+    start = time.perf_counter()
+    model.fit(x, y, verbose=0, callbacks=[timer], **kwargs)
+    per_step = [s / k for s, k in zip(timer.seconds[1:], timer.steps[1:])]
+    return {
+        "fit_seconds": time.perf_counter() - start,
+        "first_epoch": timer.seconds[0],
+        "per_step": per_step,
+    }
+
+
+def speed(names, repeats) -> dict:
+    results = {}
+    for name in names:
+        _, data_fn, batch, _ = MODELS[name]
+        x, y = data_fn()
+        n = len(y) - len(y) % batch
+        x, y = keras.tree.map_structure(lambda a, n=n: a[:n], x), y[:n]
+        runs = {kind: [] for kind in KINDS}
+        for _ in range(repeats):
+            for kind in KINDS:
+                runs[kind].append(one_fit(kind, name, x, y))
+                r = runs[kind][-1]
+                log(
+                    f"{name} {kind}: {statistics.median(r['per_step']) * 1e3:.2f} ms/step, "
+                    f"first epoch {r['first_epoch']:.2f} s"
+                )
+        summary = {}
+        for kind, rs in runs.items():
+            summary[kind] = {
+                "ms_per_step": 1e3 * statistics.median([t for r in rs for t in r["per_step"]]),
+                "first_epoch_s": statistics.median(r["first_epoch"] for r in rs),
+                "runs": rs,
+            }
+        results[name] = summary
+    return results
+
+
+def step_memory(name: str, kind: str, logical_batch: int) -> int:
+    """Peak temporary bytes of one compiled DP step, the whole batch in one chunk."""
+    model_fn, data_fn, _, _ = MODELS[name]
+    x, y = data_fn()
+    size = max(4 * logical_batch, len(y))
+    config = keras_dp.DPConfig(
+        target_epsilon=EPSILON,
+        batch_size=logical_batch,
+        steps=1,
+        microbatch_size=1 << 16,  # one chunk: no microbatching
+        dataset_size=size,
+        seed=0,
+        clipping=kind,
+    ).calibrate()
+    model = keras_dp.make_private(model_fn(), config)
+    model.compile(optimizer="adam", loss=LOSS)
+    reps = -(-size // len(y))
+    tile = lambda a: np.concatenate([a] * reps)[:size]  # noqa: E731
+    source = sampling.ExampleSource(keras.tree.map_structure(tile, x), tile(y))
+    model._symbolic_build(data_batch=source.gather(np.arange(2)))
+    model._dp_seed = 0
+    batches = dp_data.DPBatches(model, source, config, 1 << 16, 1)
+    batch = jax.tree.map(jax.numpy.asarray, batches[0])
+    compiled = jax.jit(model.train_step).lower(train_state(model), batch).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def memory(names) -> dict:
+    out = {}
+    for name in names:
+        out[name] = {
+            kind: {b: step_memory(name, kind, b) for b in (32, 1024)}
+            for kind in ("per_example", "ghost")
+        }
+        log(f"memory {name}: {out[name]}")
+    return out
+
+
+def calibration_seconds() -> dict:
+    out = {}
+    for name in ("mlp", "gemma-lora"):
+        _, data_fn, batch, epochs = MODELS[name]
+        n = len(data_fn()[1])
+        n -= n % batch
+        config = keras_dp.DPConfig(
+            target_epsilon=EPSILON, target_delta=DELTA, batch_size=batch, epochs=epochs
+        )
+        start = time.perf_counter()
+        config.calibrate(n)
+        out[name] = time.perf_counter() - start
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}", "", "    " + results["command"], ""]
+    lines += [
+        "| model | plain ms/step | per_example | ghost | auto | per_example / plain "
+        "| ghost / plain | auto / plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in results["speed"].items():
+        p = s["plain"]["ms_per_step"]
+        ms = [s[k]["ms_per_step"] for k in KINDS[1:]]
+        lines.append(
+            f"| {name} | {p:.2f} | "
+            + " | ".join(f"{m:.2f}" for m in ms)
+            + " | "
+            + " | ".join(f"**{m / p:.2f}×**" for m in ms)
+            + " |"
+        )
+    lines += [
+        "",
+        "First (compiling) epoch, seconds (σ's calibration, before it, is below):",
+        "",
+        "| model | plain | per_example | ghost | auto | auto / plain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in results["speed"].items():
+        f = [s[k]["first_epoch_s"] for k in KINDS]
+        lines.append(
+            f"| {name} | " + " | ".join(f"{v:.2f}" for v in f) + f" | **{f[3] / f[0]:.2f}×** |"
+        )
+    if "calibration" in results:
+        lines += ["", "Calibration of σ (once per plan and process), seconds: "]
+        lines[-1] += ", ".join(f"{k} {v:.2f}" for k, v in results["calibration"].items())
+    if "memory" in results:
+        lines += [
+            "",
+            "Peak temporary memory of one compiled DP step, whole batch in one chunk (MiB):",
+            "",
+            "| model | clipping | batch 32 | batch 1024 | 1024 / 32 |",
+            "|---|---|---|---|---|",
+        ]
+        for name, kinds in results["memory"].items():
+            for kind, m in kinds.items():
+                a, b = m[32] / 2**20, m[1024] / 2**20
+                lines.append(f"| {name} | {kind} | {a:.1f} | {b:.1f} | {b / max(a, 1e-9):.1f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-models", nargs="*", default=["mlp", "cnn", "text"])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.default_backend()}; "
+        f"jax {jax.__version__}, keras {keras.__version__}",
+        "command": "python benchmarks/clipping.py " + " ".join(os.sys.argv[1:]),
+    }
+    results["calibration"] = calibration_seconds()
+    results["speed"] = speed(args.models, args.repeats)
+    if args.memory_models:
+        results["memory"] = memory(args.memory_models)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "clipping.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    with open(os.path.join(args.out, "clipping.md"), "w") as f:
+        f.write(markdown(results))
+    log(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

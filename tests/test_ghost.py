@@ -1,0 +1,360 @@
+"""Ghost clipping against per-example clipping and against brute force.
+
+The clipped sum of one update is read off the weights: with σ = 0, every example in
+the batch (fixed sampling of B = N) and SGD at learning rate B, the update is exactly
+minus the clipped sum. Each model is trained once per clipping mode from the same
+weights; the sums must agree to relative 1e-5 (float32). The norm formulas
+themselves are checked against ``jax.grad`` of each example alone.
+"""
+
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import keras_dp
+from keras_dp import ghost
+from keras_dp import ghost_norms as gn
+
+pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
+
+SCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def clipped_sum(model_fn, x, y, clipping, clip=0.05, sample_weight=None, loss=SCE):
+    """Σ_i clip(g_i) of one update over all N examples, as ``clipping`` computes it."""
+    keras.utils.set_random_seed(0)
+    model = model_fn()
+    n = len(y)
+    config = keras_dp.DPConfig(
+        target_epsilon=math.inf,
+        noise_multiplier=0.0,
+        batch_size=n,
+        steps=1,
+        sampling="fixed",
+        accountant="rdp",
+        l2_clip_norm=clip,
+        seed=0,
+        clipping=clipping,
+    )
+    model = keras_dp.make_private(model, config)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=float(n)), loss=loss)
+    model.fit(x, y, sample_weight=sample_weight, verbose=0)  # builds, then one update
+    after = [np.asarray(v, np.float64) for v in model.trainable_variables]
+    keras.utils.set_random_seed(0)
+    before = [np.asarray(v, np.float64) for v in model_fn().trainable_variables]
+    return [b - a for b, a in zip(before, after)]
+
+
+def assert_same_sums(a, b, rtol=1e-5):
+    assert len(a) == len(b)
+    scale = max(float(np.max(np.abs(t))) for t in a)
+    for s, t in zip(a, b):
+        np.testing.assert_allclose(s, t, rtol=0, atol=rtol * scale)
+
+
+def fallback_of(model_fn, x, clipping="ghost"):
+    """Paths of the trainable variables that ghost.plan leaves to per-example gradients."""
+    keras.utils.set_random_seed(0)
+    model = model_fn()
+    row = jax.tree.map(lambda a: jnp.asarray(a[:1]), x)
+    params = [v.value for v in model.trainable_variables]
+    nt = [v.value for v in model.non_trainable_variables]
+
+    def loss_fn(p):  # an output and the add_loss/regularisation losses, as in fit
+        out, _, losses = model.stateless_call(p, nt, row, return_losses=True)
+        return jnp.sum(jax.tree.leaves(out)[0]) + sum(losses)
+
+    return set(ghost.plan(model, loss_fn, params, clipping).fallback)
+
+
+# The formulas against brute force ------------------------------------------------------
+
+EQUATIONS = [
+    # (equation, x shape per example, kernel shape)
+    ("ab,bc->ac", (1, 5), (5, 3)),  # a Dense on one vector: Gram, ‖x‖²‖g‖²
+    ("ab,bc->ac", (9, 2), (2, 2)),  # a Dense on a short sequence of narrow features: outer
+    ("ab,bc->ac", (3, 40), (40, 30)),  # wide features, short sequence: Gram form
+    ("abc,cde->abde", (1, 6, 8), (8, 2, 4)),  # attention projection (Gram)
+    ("abcd,cde->abe", (1, 4, 2, 3), (2, 3, 5)),  # attention output
+    ("abc,bcd->abd", (1, 3, 4), (3, 4, 2)),  # a letter in x, kernel and out (kept apart)
+    ("...b,bc->...c", (2, 3, 4), (4, 5)),  # ellipsis
+]
+
+
+@pytest.mark.parametrize("equation,x_shape,k_shape", EQUATIONS)
+def test_einsum_norms_and_sums_equal_brute_force(equation, x_shape, k_shape):
+    rng = np.random.default_rng(0)
+    batch = 5
+    x = jnp.asarray(rng.normal(size=(batch, *x_shape)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
+    out_shape = jnp.einsum(equation, x[0], kernel).shape
+    g = jnp.asarray(rng.normal(size=(batch, *out_shape)), jnp.float32)
+    factor = jnp.asarray(rng.uniform(0, 1, batch), jnp.float32)
+    spec = gn.parse(equation, len(x_shape))
+    assert spec is not None
+
+    def per_example(b):  # ∂/∂K of <einsum(x_b, K), g_b>: the kernel gradient of example b
+        return jax.grad(lambda k: jnp.sum(jnp.einsum(equation, x[b], k) * g[b]))(kernel)
+
+    grads = [np.asarray(per_example(b), np.float64) for b in range(batch)]
+    want_sq = [float(np.sum(G * G)) for G in grads]
+    np.testing.assert_allclose(gn.kernel_sq_norms(spec, x, g), want_sq, rtol=1e-5)
+    want_sum = sum(float(f) * G for f, G in zip(factor, grads))
+    got_sum = gn.kernel_sum(spec, x, g, factor, k_shape)
+    np.testing.assert_allclose(got_sum, want_sum, rtol=1e-5, atol=1e-5)
+
+
+def test_both_norm_forms_are_used():
+    """The shapes above exercise both forms: (outer, Gram) costs per example."""
+    spec = gn.parse("ab,bc->ac", 2)
+    outer, gram = gn.costs(spec, (9, 2), (9, 2))
+    assert outer < gram  # long sequence, narrow features
+    outer, gram = gn.costs(spec, (3, 40), (3, 30))
+    assert gram < outer  # short sequence, wide features
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(
+    length=st.integers(1, 12),
+    vocab=st.integers(2, 6),
+    dim=st.integers(1, 4),
+)
+def test_embedding_norms_and_sums_equal_brute_force(length, vocab, dim):
+    rng = np.random.default_rng(length * 100 + vocab * 10 + dim)
+    batch = 4
+    ids = jnp.asarray(rng.integers(0, vocab, (batch, 1, length)), jnp.int32)  # repeats
+    g = jnp.asarray(rng.normal(size=(batch, 1, length, dim)), jnp.float32)
+    table = jnp.zeros((vocab, dim))
+    factor = jnp.asarray(rng.uniform(0, 1, batch), jnp.float32)
+
+    def per_example(b):
+        return jax.grad(lambda t: jnp.sum(jnp.take(t, ids[b], axis=0) * g[b]))(table)
+
+    grads = [np.asarray(per_example(b), np.float64) for b in range(batch)]
+    np.testing.assert_allclose(
+        gn.embedding_sq_norms(ids, g), [np.sum(G * G) for G in grads], rtol=1e-5, atol=1e-6
+    )
+    want = sum(float(f) * G for f, G in zip(factor, grads))
+    np.testing.assert_allclose(
+        gn.embedding_sum(ids, g, factor, (vocab, dim)), want, rtol=1e-5, atol=1e-6
+    )
+
+
+# Whole models: ghost == per-example ---------------------------------------------------
+
+
+def mlp():
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(7, activation="tanh"),
+            keras.layers.LayerNormalization(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def sequence_model():
+    inputs = keras.Input((5, 4))
+    h = keras.layers.Dense(6, activation="relu")(inputs)  # a Dense over a sequence
+    h = keras.layers.EinsumDense("abc,cd->abd", output_shape=(5, 5), bias_axes="d")(h)
+    h = keras.layers.EinsumDense("abc,bcd->ad", output_shape=(3,), bias_axes="d")(h)
+    return keras.Model(inputs, h)
+
+
+def text_model():
+    inputs = keras.Input((8,), dtype="int32")
+    h = keras.layers.Embedding(5, 4, mask_zero=True)(inputs)  # 0 is padding
+    h = keras.layers.GlobalAveragePooling1D()(h)  # averages real tokens only
+    h = keras.layers.Dense(3)(h)
+    return keras.Model(inputs, h)
+
+
+def lora_model():
+    inputs = keras.Input((5, 4))
+    dense = keras.layers.Dense(6, activation="relu")
+    h = dense(inputs)
+    einsum = keras.layers.EinsumDense("abc,cd->abd", output_shape=(None, 5), bias_axes="d")
+    h = einsum(h)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    model = keras.Model(inputs, keras.layers.Dense(3)(h))
+    dense.enable_lora(2)
+    einsum.enable_lora(3)
+    rng = np.random.default_rng(5)  # B starts at zero, which would hide A's gradient
+    for layer in (dense, einsum):
+        b = layer.lora_kernel_b
+        b.assign(rng.normal(size=b.shape).astype("float32"))
+    return model
+
+
+def conv_model():  # a convolution: not supported, per-example gradients
+    inputs = keras.Input((6, 2))
+    h = keras.layers.Conv1D(3, 2, activation="relu")(inputs)
+    h = keras.layers.Flatten()(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+def shared_model():  # one Dense called twice: its kernel has two uses
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(4, activation="tanh")
+    return keras.Model(inputs, keras.layers.Dense(3)(dense(dense(inputs))))
+
+
+class TiedHead(keras.layers.Layer):
+    """Reads another layer's kernel: a use that no tap sees."""
+
+    def __init__(self, dense, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = dense
+
+    def call(self, h):
+        return keras.ops.matmul(h, keras.ops.transpose(self.dense.kernel))
+
+
+def tied_model():
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(3, activation="tanh")
+    h = dense(inputs)
+    return keras.Model(inputs, TiedHead(dense)(keras.layers.Dense(3)(h)))
+
+
+def regularized_model():
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(5, activation="tanh", kernel_regularizer="l2"),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+class ScaledDense(keras.layers.Dense):
+    """A Dense subclass with its own call: ghost clipping must not replace it."""
+
+    def call(self, inputs, training=None):
+        return super().call(inputs * 2.0) + 1.0
+
+
+def subclass_model():
+    return keras.Sequential(
+        [keras.Input((6,)), ScaledDense(5, activation="tanh"), keras.layers.Dense(3)]
+    )
+
+
+def data(kind, n=9, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    if kind == "text":
+        x = rng.integers(0, 5, (n, 8)).astype("int32")
+        x[:, 5:] = 0  # padding tokens
+        return x, y
+    shape = {"sequence": (5, 4), "lora": (5, 4), "conv": (6, 2), "shared": (4,), "tied": (4,)}
+    return (rng.normal(size=(n, *shape.get(kind, (6,)))) * 2).astype("float32"), y
+
+
+MODELS = {
+    "mlp": mlp,
+    "sequence": sequence_model,
+    "text": text_model,
+    "lora": lora_model,
+    "conv": conv_model,
+    "shared": shared_model,
+    "tied": tied_model,
+    "regularized": regularized_model,
+    "subclass": subclass_model,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("clip", [0.05, 100.0])  # every example clipped; none clipped
+def test_ghost_equals_per_example(kind, clip):
+    x, y = data(kind)
+    want = clipped_sum(MODELS[kind], x, y, "per_example", clip)
+    got = clipped_sum(MODELS[kind], x, y, "ghost", clip)
+    assert_same_sums(want, got)
+
+
+def test_sample_weights():
+    x, y = data("sequence")
+    weights = np.random.default_rng(3).uniform(0.0, 3.0, len(y)).astype("float32")
+    want = clipped_sum(sequence_model, x, y, "per_example", 0.5, weights)
+    got = clipped_sum(sequence_model, x, y, "ghost", 0.5, weights)
+    assert_same_sums(want, got)
+
+
+def test_what_falls_back():
+    """Only what ghost norms cannot cover exactly gets per-example gradients."""
+    x = {k: data(k)[0] for k in MODELS}
+    norm = fallback_of(mlp, x["mlp"])  # LayerNormalization's gamma and beta
+    assert len(norm) == 2 and all("layer_normalization" in p for p in norm)
+    assert fallback_of(sequence_model, x["sequence"]) == set()
+    assert fallback_of(text_model, x["text"]) == set()
+    assert fallback_of(lora_model, x["lora"]) == set()
+    conv = fallback_of(conv_model, x["conv"])
+    assert conv and all("conv1d" in p for p in conv)
+    shared = fallback_of(shared_model, x["shared"])  # the shared Dense, not the head
+    assert len(shared) == 2 and all("dense" in p for p in shared)
+    tied = fallback_of(tied_model, x["tied"])
+    assert any(p.endswith("kernel") for p in tied)
+    assert any("kernel" in p for p in fallback_of(regularized_model, x["regularized"]))
+    assert len(fallback_of(subclass_model, x["subclass"])) == 2  # the subclass' kernel, bias
+
+
+def test_fallback_is_logged_once(caplog):
+    x, y = data("conv")
+    with caplog.at_level(logging.INFO, logger="keras_dp.model"):
+        clipped_sum(conv_model, x, y, "ghost")
+    lines = [r.message for r in caplog.records if "Ghost clipping" in r.message]
+    assert len(lines) == 1 and "conv1d" in lines[0]
+
+
+def test_nonfinite_example_contributes_nothing():
+    x, y = data("mlp")
+    bad = x.copy()
+    bad[4] = np.nan
+    keep = np.arange(len(y)) != 4
+    for clipping in ("ghost", "per_example"):
+        got = clipped_sum(mlp, bad, y, clipping)
+        assert all(np.all(np.isfinite(g)) for g in got)
+        # The same sum as over the other examples alone.
+        assert_same_sums(clipped_sum(mlp, x[keep], y[keep], clipping), got)
+
+
+def test_mixed_bfloat16_never_exceeds_the_clip_norm():
+    """Under mixed_bfloat16 the norms and the clipped sum are float32: one example's
+    contribution (a batch of one) is at most C, and ghost agrees with per-example."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        x, y = data("sequence", n=4)
+        clip = 0.01
+        for i in range(4):
+            one = clipped_sum(sequence_model, x[i : i + 1], y[i : i + 1], "ghost", clip)
+            norm = math.sqrt(sum(float(np.sum(g * g)) for g in one))
+            assert norm <= clip * (1 + 1e-5), norm
+            assert norm > 0.5 * clip
+        want = clipped_sum(sequence_model, x, y, "per_example", clip)
+        got = clipped_sum(sequence_model, x, y, "ghost", clip)
+        assert_same_sums(want, got, rtol=3e-2)  # per-example's gradients are bfloat16
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_refused_with_user_level_blocks():
+    with pytest.raises(ValueError, match="clipping"):
+        keras_dp.DPConfig(
+            target_epsilon=1.0,
+            batch_size=4,
+            steps=1,
+            privacy_unit="user",
+            examples_per_user=2,
+            clipping="ghost",
+        )
+    with pytest.raises(ValueError, match="DPConfig.clipping"):
+        keras_dp.DPConfig(target_epsilon=1.0, batch_size=4, steps=1, clipping="fast")
