@@ -72,8 +72,8 @@ class DPConfig:
       microbatch_size: Examples per chunk inside one update (memory only: the
         update, and ε, do not depend on it), per device. None: chosen for the
         platform: B/4 on CPU (chunks of padding are skipped); on GPU/TPU the
-        device's whole physical batch in one pass, if its per-example gradients
-        fit in 1 GiB.
+        device's whole physical batch in one pass (with per-example clipping: if
+        its per-example gradients fit in 1 GiB).
       seed: Seed of the sampler and the noise. None: drawn from a secure source
         when training starts. A fixed seed makes the noise known: for tests only
         (the run is then reported as not private).

@@ -665,9 +665,11 @@ def _chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
     rows of a Poisson draw; on a 4-layer Gemma3 (batch 16, CPU) B/4 and B/8
     measured alike, B/2 and B slower.
 
-    GPU/TPU: as many rows as keep one chunk's per-example gradients (float32)
-    within ``_CHUNK_GRADIENT_BYTES``; usually the device's whole physical batch,
-    computed in one vectorised pass, padding included. A loop over chunks reads
+    GPU/TPU, ghost clipping: the device's whole physical batch in one pass (memory
+    follows the activations, as in plain Keras). Per-example clipping: as many rows
+    as keep one chunk's per-example gradients (float32) within
+    ``_CHUNK_GRADIENT_BYTES``; usually the device's whole physical batch, computed in
+    one vectorised pass, padding included. A loop over chunks reads
     its condition back to the host at every iteration, which on an H200 cost more
     than computing the padding rows (Gemma3 batch 16: 6.3 ms a step with B/4
     chunks, against 2.0 ms for plain Keras).
@@ -677,6 +679,8 @@ def _chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
     per_device = math.ceil(config.batch_size / num_shards)
     if jax.default_backend() == "cpu":
         return max(1, min(128, math.ceil(per_device / 4)))
+    if config.clipping != "per_example" and config.user_block is None:
+        return 1 << 20  # ghost: no per-example gradient of most variables; one pass
     params = sum(math.prod(v.shape) for v in model.trainable_variables)
     return max(1, _CHUNK_GRADIENT_BYTES // (4 * max(params, 1)))
 

@@ -275,3 +275,28 @@ def test_sequence_of_examples_is_sampled():
     model.fit(examples, verbose=0)
     assert model.dp_config.dataset_size == 40
     assert model.privacy_spent().steps == 4
+
+
+def test_per_step_hooks_read_no_device_value(monkeypatch):
+    """keras_dp's per-step progress-bar hook reads no logged value (reading a device
+    value would make Keras wait for every step); Keras' bar gets the logs without the
+    count."""
+    from keras_dp import callbacks as dp_callbacks
+
+    class Unread:  # stands for a value still being computed on the device
+        def _read(self, *args):
+            raise AssertionError("a per-step hook read a logged value")
+
+        __float__ = __array__ = __bool__ = __int__ = __format__ = _read
+
+    handed = []
+    monkeypatch.setattr(
+        keras.callbacks.ProgbarLogger,
+        "on_train_batch_end",
+        lambda self, batch, logs=None: handed.append(logs),
+    )
+    loss = Unread()
+    dp_callbacks.DPProgbarLogger().on_train_batch_end(
+        0, {"loss": loss, "nonfinite_examples": Unread()}
+    )
+    assert handed == [{"loss": loss}]
