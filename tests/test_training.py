@@ -73,7 +73,8 @@ def test_update_is_minus_mean_of_clipped_gradients(microbatch):
 
 
 def test_default_microbatch_follows_the_platform(monkeypatch):
-    """CPU: a quarter of the batch. GPU/TPU: per-example gradients within a byte budget."""
+    """CPU: a quarter of the batch. GPU/TPU: ghost clipping in one pass; per-example
+    gradients within a byte budget."""
     import jax
 
     from keras_dp import model as dp_model
@@ -83,6 +84,8 @@ def test_default_microbatch_follows_the_platform(monkeypatch):
     assert dp_model._chunk_size(config, 1, model) == 16
     assert dp_model._chunk_size(config, 4, model) == 4  # per device
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert dp_model.step_chunk(72, dp_model._chunk_size(config, 1, model)) == 72  # one pass
+    config = DPConfig(target_epsilon=1.0, batch_size=64, steps=1, clipping="per_example")
     assert dp_model._chunk_size(config, 1, model) == 2**30 // (4 * 39)
     monkeypatch.setattr(dp_model, "_CHUNK_GRADIENT_BYTES", 4 * 39 * 5)
     assert dp_model._chunk_size(config, 1, model) == 5
