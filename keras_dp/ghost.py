@@ -99,16 +99,46 @@ class Tap:
         return out
 
     def costs(self) -> tuple[int, int]:
-        """(ghost norm, per-example gradient) multiply-adds per example, from shapes."""
+        """(ghost norm, per-example gradient) costs per example, in multiply-adds.
+
+        The ghost norm costs the cheaper exact form, on top of the contraction that
+        both ways share. A per-example gradient costs its memory traffic: written, read
+        for the norm, read for the sum, counted as ``PER_EXAMPLE_COST`` multiply-adds
+        per parameter (see :func:`plan`).
+        """
         size = math.prod(self.kernel_shape)
         if self.kind == "einsum" and self.spec is not None:
             x_shape = _x_shape(self.spec, self.out.shape)
             outer, gram = gn.costs(self.spec, x_shape, self.out.shape)
-            return min(outer, gram), outer
+            return min(outer, gram), _per_example_cost() * size
         if self.kind == "embedding":
             t = math.prod(self.out.shape[:-1])
-            return t * t * self.out.shape[-1], t * self.out.shape[-1] + size
+            return t * t * self.out.shape[-1], _per_example_cost() * size
         return 0, 0
+
+
+# What forming one parameter's per-example gradient costs, in multiply-adds: three
+# passes over 4 bytes at about 5 multiply-adds per byte on a CPU (2 cores: ~50 GFLOP/s
+# against ~10 GB/s), about 200 on a GPU (an H200: ~1 PFLOP/s against 4.8 TB/s).
+# Measured on the CPU (benchmarks/clipping.py): ghost norms win by far on Dense layers
+# over single vectors and on embeddings; on Gemma3's layers over 128 tokens (the norm
+# costs about the gradient itself) per-example gradients were as fast or faster.
+PER_EXAMPLE_COST = 64
+
+
+def _per_example_cost() -> int:
+    return PER_EXAMPLE_COST if jax.default_backend() == "cpu" else 2400
+
+
+def likely_per_example_size(model) -> int:
+    """Trainable parameters that will get per-example gradients under ghost clipping,
+    as far as the layer types tell before any trace (to size chunks on accelerators):
+    those of layers without a ghost rule, and of tied (reversible) embeddings."""
+    ghostable = set()
+    for layer in _keras.sublayers(model):
+        if _rule(layer) is not None and not getattr(layer, "tie_weights", False):
+            ghostable.update(id(v) for v in layer.trainable_variables)
+    return sum(math.prod(v.shape) for v in model.trainable_variables if id(v) not in ghostable)
 
 
 def _x_shape(spec: gn.Einsum, out_shape) -> tuple:
@@ -203,7 +233,10 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
       model: The Keras model.
       loss_fn: ``params -> loss`` of one example (the row closed over).
       params: The trainable variables' values.
-      clipping: "ghost" (every safe variable) or "auto" (those where it is cheaper).
+      clipping: "ghost" (every safe variable) or "auto" (those where the ghost norm
+        costs less than forming the per-example gradient; the others get per-example
+        gradients in the same pass, without the per-example path's extra compiled
+        chunk sizes).
     """
     tape = Tape(model, None)
 
@@ -230,7 +263,8 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
 
 
 def _cheaper(taps, index: int) -> bool:
-    """auto: a tapped kernel is ghost unless its norm costs more than its gradient."""
+    """auto: a tapped kernel is ghost unless its norm costs more than forming its
+    per-example gradient (:meth:`Tap.costs`)."""
     for t in taps:
         if t.kernel == index:
             norm, per_example = t.costs()

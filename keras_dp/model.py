@@ -566,14 +566,13 @@ class DPModel:
             if plan.fallback:
                 layers = dict.fromkeys(p.rsplit("/", 1)[0] for p in plan.fallback)
                 logger.info(
-                    "Ghost clipping: per-example gradients (their norms added to the "
-                    "ghost norms) for %d of %d trainable variables, in %s.",
+                    "Ghost clipping: per-example gradients (not supported, shared, or "
+                    "cheaper so; their norms are added to the ghost norms) for %d of %d "
+                    "trainable variables, in %s.",
                     len(plan.fallback),
                     len(trainable),
                     ", ".join(layers),
                 )
-        if not plan.ghost:
-            return unit, None
         is_ghost = tuple(i in plan.ghost for i in range(len(trainable)))
         return ghost.example_fn(self, unit, plan), (is_ghost, plan.active)
 
@@ -665,14 +664,13 @@ def _chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
     rows of a Poisson draw; on a 4-layer Gemma3 (batch 16, CPU) B/4 and B/8
     measured alike, B/2 and B slower.
 
-    GPU/TPU, ghost clipping: the device's whole physical batch in one pass (memory
-    follows the activations, as in plain Keras). Per-example clipping: as many rows
-    as keep one chunk's per-example gradients (float32) within
-    ``_CHUNK_GRADIENT_BYTES``; usually the device's whole physical batch, computed in
-    one vectorised pass, padding included. A loop over chunks reads
-    its condition back to the host at every iteration, which on an H200 cost more
-    than computing the padding rows (Gemma3 batch 16: 6.3 ms a step with B/4
-    chunks, against 2.0 ms for plain Keras).
+    GPU/TPU: as many rows as keep one chunk's per-example gradients (float32) within
+    ``_CHUNK_GRADIENT_BYTES`` (with ghost clipping, only the variables that layer
+    types say will need them: often none, and then the whole batch); usually the
+    device's whole physical batch, computed in one vectorised pass, padding included.
+    A loop over chunks reads its condition back to the host at every iteration,
+    which on an H200 cost more than computing the padding rows (Gemma3 batch 16:
+    6.3 ms a step with B/4 chunks, against 2.0 ms for plain Keras).
     """
     if config.microbatch_size is not None:
         return config.microbatch_size
@@ -680,8 +678,9 @@ def _chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
     if jax.default_backend() == "cpu":
         return max(1, min(128, math.ceil(per_device / 4)))
     if config.clipping != "per_example" and config.user_block is None:
-        return 1 << 20  # ghost: no per-example gradient of most variables; one pass
-    params = sum(math.prod(v.shape) for v in model.trainable_variables)
+        params = ghost.likely_per_example_size(model)  # ghost: most need none
+    else:
+        params = sum(math.prod(v.shape) for v in model.trainable_variables)
     return max(1, _CHUNK_GRADIENT_BYTES // (4 * max(params, 1)))
 
 
