@@ -99,35 +99,20 @@ class Tap:
         return out
 
     def costs(self) -> tuple[int, int]:
-        """(ghost norm, per-example gradient) costs per example, in multiply-adds.
+        """(ghost norm, forming the per-example gradient), multiply-adds per example.
 
-        The ghost norm costs the cheaper exact form, on top of the contraction that
-        both ways share. A per-example gradient costs its memory traffic: written, read
-        for the norm, read for the sum, counted as ``PER_EXAMPLE_COST`` multiply-adds
-        per parameter (see :func:`plan`).
+        The einsum's per-example gradient is its outer form, so the cheaper exact form
+        never costs more; an embedding's gradient is a scatter of its T rows into a
+        table of V rows, against the T² products of the Gram form.
         """
-        size = math.prod(self.kernel_shape)
         if self.kind == "einsum" and self.spec is not None:
             x_shape = _x_shape(self.spec, self.out.shape)
             outer, gram = gn.costs(self.spec, x_shape, self.out.shape)
-            return min(outer, gram), _per_example_cost() * size
+            return min(outer, gram), outer
         if self.kind == "embedding":
-            t = math.prod(self.out.shape[:-1])
-            return t * t * self.out.shape[-1], _per_example_cost() * size
+            t, d = math.prod(self.out.shape[:-1]), self.out.shape[-1]
+            return t * t * d, t * d + math.prod(self.kernel_shape)
         return 0, 0
-
-
-# What forming one parameter's per-example gradient costs, in multiply-adds: three
-# passes over 4 bytes at about 5 multiply-adds per byte on a CPU (2 cores: ~50 GFLOP/s
-# against ~10 GB/s), about 200 on a GPU (an H200: ~1 PFLOP/s against 4.8 TB/s).
-# Measured on the CPU (benchmarks/clipping.py): ghost norms win by far on Dense layers
-# over single vectors and on embeddings; on Gemma3's layers over 128 tokens (the norm
-# costs about the gradient itself) per-example gradients were as fast or faster.
-PER_EXAMPLE_COST = 64
-
-
-def _per_example_cost() -> int:
-    return PER_EXAMPLE_COST if jax.default_backend() == "cpu" else 2400
 
 
 def likely_per_example_size(model) -> int:
@@ -233,10 +218,9 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
       model: The Keras model.
       loss_fn: ``params -> loss`` of one example (the row closed over).
       params: The trainable variables' values.
-      clipping: "ghost" (every safe variable) or "auto" (those where the ghost norm
-        costs less than forming the per-example gradient; the others get per-example
-        gradients in the same pass, without the per-example path's extra compiled
-        chunk sizes).
+      clipping: "ghost" (every safe variable) or "auto" (those whose ghost norm costs
+        no more than forming their per-example gradient; the others get per-example
+        gradients in the same pass).
     """
     tape = Tape(model, None)
 
@@ -264,7 +248,10 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
 
 def _cheaper(taps, index: int) -> bool:
     """auto: a tapped kernel is ghost unless its norm costs more than forming its
-    per-example gradient (:meth:`Tap.costs`)."""
+    per-example gradient (:meth:`Tap.costs`): an embedding over sequences long against
+    its vocabulary. (A cost model that also charged each per-example gradient's memory
+    traffic sent Gemma3's LoRA adapters to per-example gradients, and measured 10%
+    slower than ghost norms there: benchmarks/clipping.py.)"""
     for t in taps:
         if t.kernel == index:
             norm, per_example = t.costs()

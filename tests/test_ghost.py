@@ -48,7 +48,10 @@ def clipped_sum(model_fn, x, y, clipping, clip=0.05, sample_weight=None, loss=SC
     model.fit(x, y, sample_weight=sample_weight, verbose=0)  # builds, then one update
     after = [np.asarray(v, np.float64) for v in model.trainable_variables]
     keras.utils.set_random_seed(0)
-    before = [np.asarray(v, np.float64) for v in model_fn().trainable_variables]
+    fresh = model_fn()
+    if not fresh.built:  # a subclassed model: built on first call, as fit builds it
+        fresh(x[:1])
+    before = [np.asarray(v, np.float64) for v in fresh.trainable_variables]
     return [b - a for b, a in zip(before, after)]
 
 
@@ -64,6 +67,8 @@ def fallback_of(model_fn, x, clipping="ghost"):
     keras.utils.set_random_seed(0)
     model = model_fn()
     row = jax.tree.map(lambda a: jnp.asarray(a[:1]), x)
+    if not model.built:
+        model(row)
     params = [v.value for v in model.trainable_variables]
     nt = [v.value for v in model.non_trainable_variables]
 
@@ -248,10 +253,24 @@ def subclass_model():
     )
 
 
+class Subclassed(keras.Model):
+    """A subclassed model: its layers are found and tapped like any other's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = keras.layers.Embedding(5, 4)
+        self.project = keras.layers.EinsumDense("abc,cd->abd", output_shape=(8, 3))
+        self.head = keras.layers.Dense(3)
+
+    def call(self, ids):
+        h = self.project(self.embed(ids))
+        return self.head(keras.ops.mean(h, axis=1))
+
+
 def data(kind, n=9, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n)
-    if kind == "text":
+    if kind in ("text", "subclassed"):
         x = rng.integers(0, 5, (n, 8)).astype("int32")
         x[:, 5:] = 0  # padding tokens
         return x, y
@@ -269,6 +288,7 @@ MODELS = {
     "tied": tied_model,
     "regularized": regularized_model,
     "subclass": subclass_model,
+    "subclassed": Subclassed,
 }
 
 
@@ -305,6 +325,7 @@ def test_what_falls_back():
     assert any(p.endswith("kernel") for p in tied)
     assert any("kernel" in p for p in fallback_of(regularized_model, x["regularized"]))
     assert len(fallback_of(subclass_model, x["subclass"])) == 2  # the subclass' kernel, bias
+    assert fallback_of(Subclassed, x["subclassed"]) == set()
 
 
 def test_fallback_is_logged_once(caplog):
