@@ -41,7 +41,7 @@ def gaussian_like(key: jax.Array, tree, stddev: float):
     One draw of the total size, cut into the leaves: a single random-number
     generator in the compiled step (one per leaf took 0.8 s of XLA compilation on a
     3-layer MLP, against 0.24 s, and ran no faster). Its cost is the floor of a DP
-    step's overhead on a CPU: 84k normals took 0.6 ms here, about a plain Keras step
+    step's overhead on a CPU: 84k normals took 0.7 ms here, about a plain Keras step
     of that MLP.
     """
     leaves, treedef = jax.tree.flatten(tree)
