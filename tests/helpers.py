@@ -33,3 +33,23 @@ def on_devices(devices: int):
         yield
     finally:
         keras.distribution.set_distribution(None)
+
+
+def whole_batch_update(n: int, clip: float, clipping: str):
+    """A plan whose one update is exactly Σ_i clip(g_i) over all ``n`` examples when
+    trained with SGD at learning rate ``n``: σ = 0, fixed sampling of B = N, one step."""
+    import math
+
+    import keras_dp
+
+    return keras_dp.DPConfig(
+        target_epsilon=math.inf,
+        noise_multiplier=0.0,
+        batch_size=n,
+        steps=1,
+        sampling="fixed",
+        accountant="rdp",
+        l2_clip_norm=clip,
+        seed=0,
+        clipping=clipping,
+    )

@@ -22,6 +22,8 @@ import keras_dp
 from keras_dp import ghost
 from keras_dp import ghost_norms as gn
 
+from .helpers import whole_batch_update
+
 pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
 
 SCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -32,17 +34,7 @@ def clipped_sum(model_fn, x, y, clipping, clip=0.05, sample_weight=None, loss=SC
     keras.utils.set_random_seed(0)
     model = model_fn()
     n = len(y)
-    config = keras_dp.DPConfig(
-        target_epsilon=math.inf,
-        noise_multiplier=0.0,
-        batch_size=n,
-        steps=1,
-        sampling="fixed",
-        accountant="rdp",
-        l2_clip_norm=clip,
-        seed=0,
-        clipping=clipping,
-    )
+    config = whole_batch_update(n, clip, clipping)
     model = keras_dp.make_private(model, config)
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=float(n)), loss=loss)
     model.fit(x, y, sample_weight=sample_weight, verbose=0)  # builds, then one update

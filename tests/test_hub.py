@@ -7,6 +7,8 @@ import numpy as np
 import keras_dp
 from keras_dp import offline
 
+from .helpers import whole_batch_update
+
 
 def tiny_gemma():
     keras.utils.set_random_seed(0)
@@ -131,8 +133,6 @@ def test_user_level_uls_on_raw_dialogues_with_a_preprocessor():
 
 def _gemma_clipped_sum(clipping: str, lora: bool):
     """One update's clipped sum on the tiny Gemma3 (σ = 0, every example, SGD at lr B)."""
-    import math
-
     lm = tiny_gemma()
     if lora:
         lm.backbone.enable_lora(rank=2)
@@ -149,17 +149,7 @@ def _gemma_clipped_sum(clipping: str, lora: bool):
         "padding_mask": np.arange(length)[None, :] < lengths,  # padded sequences
     }
     y = rng.integers(1, 64, (n, length)).astype("int32")
-    config = keras_dp.DPConfig(
-        target_epsilon=math.inf,
-        noise_multiplier=0.0,
-        batch_size=n,
-        steps=1,
-        sampling="fixed",
-        accountant="rdp",
-        l2_clip_norm=0.05,
-        seed=0,
-        clipping=clipping,
-    )
+    config = whole_batch_update(n, 0.05, clipping)
     lm = keras_dp.make_private(lm, config)
     lm.compile(
         optimizer=keras.optimizers.SGD(learning_rate=float(n)),
