@@ -48,9 +48,10 @@ class Tap:
     """One linear map seen in the trace.
 
     Attributes:
-      kind: "einsum" (x → einsum(spec, x, kernel)), "embedding" (ids → table[ids]) or
-        "bias" (a bias alone).
-      spec: The einsum's index structure (kind "einsum").
+      kind: "einsum" (x → einsum(spec, x, kernel)), "conv" (x → conv(x, kernel)),
+        "embedding" (ids → table[ids]) or "bias" (a bias alone).
+      spec: The einsum's index structure (kind "einsum"), or the convolution's
+        (:class:`keras_dp.ghost_norms.Conv`).
       kernel: The kernel's (or table's) index among the trainable variables, or None.
       bias: The bias' index, or None.
       kernel_shape, bias_shape: Their shapes.
@@ -80,6 +81,8 @@ class Tap:
         if self.use_kernel:
             if self.kind == "embedding":
                 total = total + gn.embedding_sq_norms(x, g)
+            elif self.kind == "conv":
+                total = total + gn.conv_sq_norms(self.spec, x, g)
             else:
                 total = total + gn.kernel_sq_norms(self.spec, x, g)
         if self.use_bias:
@@ -92,6 +95,8 @@ class Tap:
         if self.use_kernel:
             if self.kind == "embedding":
                 out[self.kernel] = gn.embedding_sum(x, g, factor, self.kernel_shape)
+            elif self.kind == "conv":
+                out[self.kernel] = gn.conv_sum(self.spec, x, g, factor, self.kernel_shape)
             else:
                 out[self.kernel] = gn.kernel_sum(self.spec, x, g, factor, self.kernel_shape)
         if self.use_bias:
@@ -108,6 +113,10 @@ class Tap:
         if self.kind == "einsum" and self.spec is not None:
             x_shape = _x_shape(self.spec, self.out.shape)
             outer, gram = gn.costs(self.spec, x_shape, self.out.shape)
+            return min(outer, gram), outer
+        if self.kind == "conv":
+            x_shape = (*self.out.shape[:-1], self.kernel_shape[-2])
+            outer, gram = gn.conv_costs(self.spec, x_shape, self.out.shape)
             return min(outer, gram), outer
         if self.kind == "embedding":
             t, d = math.prod(self.out.shape[:-1]), self.out.shape[-1]
@@ -393,10 +402,47 @@ def _reversible_embedding(layer, tape, original):
     return call
 
 
+def _conv(layer, tape, original):
+    """Conv1D/2D/3D (channels last, one group, "valid"/"same" padding, no LoRA)."""
+
+    def call(inputs):
+        if (
+            layer.data_format != "channels_last"
+            or layer.groups != 1
+            or layer.padding not in ("valid", "same")
+            or getattr(layer, "lora_enabled", False)
+        ):
+            return original(inputs)
+        kernel = layer.kernel
+        out = ops.conv(
+            inputs,
+            tape.read(kernel),
+            strides=list(layer.strides),
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+        bias = layer.bias if layer.use_bias else None
+        if bias is not None:
+            shape = (1,) * (layer.rank + 1) + (layer.filters,)
+            out = ops.add(out, ops.reshape(tape.read(bias), shape))
+        spec = gn.Conv(
+            tuple(layer.kernel_size),
+            tuple(layer.strides),
+            layer.padding.upper(),
+            tuple(layer.dilation_rate),
+        )
+        return _activate(layer, tape.tap(layer, out, inputs, "conv", spec, kernel, bias))
+
+    return call
+
+
 _RULES = [
     (keras.layers.Dense, _dense),
     (keras.layers.EinsumDense, _einsum_dense),
     (keras.layers.Embedding, _embedding),
+    (keras.layers.Conv1D, _conv),
+    (keras.layers.Conv2D, _conv),  # Conv2D and Conv3D share the base class' call
 ]
 if hasattr(keras.layers, "ReversibleEmbedding"):
     _RULES.append((keras.layers.ReversibleEmbedding, _reversible_embedding))

@@ -21,6 +21,7 @@ import math
 import string
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 
@@ -146,3 +147,66 @@ def embedding_sum(ids, g, factor, table_shape) -> jnp.ndarray:
     weights = jnp.repeat(factor, rows.shape[0] // factor.shape[0])
     flat = ids.reshape(-1).astype(jnp.int32)
     return jnp.zeros(table_shape, jnp.float32).at[flat].add(rows * weights[:, None])
+
+
+class Conv(NamedTuple):
+    """A convolution ``out = conv(x, K)`` (channels last, one group) seen as an einsum
+    over its unfolded patches: S = output positions, Kx = C·prod(window), Ko = filters.
+
+    Attributes:
+      window: The kernel's spatial shape.
+      strides, dilation: Per spatial axis.
+      padding: "VALID" or "SAME".
+    """
+
+    window: tuple
+    strides: tuple
+    padding: str
+    dilation: tuple
+
+
+DENSE = Einsum("ab", "bc", "ac", "", "b", "c", "a")  # rows × features → rows × units
+
+
+def conv_patches(conv: Conv, x) -> jnp.ndarray:
+    """x [B, 1, *spatial, C] as patches [B, positions, C·prod(window)] (C major)."""
+    x = x.reshape(x.shape[0], *x.shape[2:])
+    spatial = "DHW"[3 - len(conv.window) :]
+    numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+    patches = jax.lax.conv_general_dilated_patches(
+        x,
+        conv.window,
+        conv.strides,
+        conv.padding,
+        rhs_dilation=conv.dilation,
+        dimension_numbers=numbers,
+    )
+    return patches.reshape(patches.shape[0], -1, patches.shape[-1])
+
+
+def conv_sq_norms(conv: Conv, x, g) -> jnp.ndarray:
+    patches = conv_patches(conv, x)
+    return kernel_sq_norms(DENSE, patches, g.reshape(g.shape[0], -1, g.shape[-1]))
+
+
+def conv_sum(conv: Conv, x, g, factor, kernel_shape) -> jnp.ndarray:
+    """Σ_b factor_b·G_b in the kernel's layout (*window, C, filters)."""
+    patches = conv_patches(conv, x)
+    channels, filters = kernel_shape[-2], kernel_shape[-1]
+    flat = kernel_sum(
+        DENSE,
+        patches,
+        g.reshape(g.shape[0], -1, g.shape[-1]),
+        factor,
+        (patches.shape[-1], filters),
+    )
+    rank = len(conv.window)
+    per_channel = flat.reshape(channels, *conv.window, filters)  # C major
+    return jnp.transpose(per_channel, (*range(1, rank + 1), 0, rank + 1))
+
+
+def conv_costs(conv: Conv, x_shape, out_shape) -> tuple[int, int]:
+    """(outer, Gram) multiply-adds per example, as :func:`costs`."""
+    s = math.prod(out_shape[:-1])
+    a, c = x_shape[-1] * math.prod(conv.window), out_shape[-1]
+    return s * a * c, s * s * (a + c)

@@ -108,6 +108,41 @@ def test_einsum_norms_and_sums_equal_brute_force(equation, x_shape, k_shape):
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "window,strides,padding,dilation,spatial",
+    [
+        ((2,), (1,), "VALID", (1,), (6,)),
+        ((3,), (2,), "SAME", (1,), (7,)),
+        ((3, 3), (2, 1), "SAME", (1, 1), (7, 6)),
+        ((2, 2), (1, 1), "VALID", (2, 2), (6, 5)),
+    ],
+)
+def test_conv_norms_and_sums_equal_brute_force(window, strides, padding, dilation, spatial):
+    rng = np.random.default_rng(len(spatial) * 10 + window[0])
+    batch, channels, filters = 4, 3, 2
+    x = jnp.asarray(rng.normal(size=(batch, 1, *spatial, channels)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(*window, channels, filters)), jnp.float32)
+    conv = gn.Conv(window, strides, padding, dilation)
+
+    def forward(xb, k):
+        return keras.ops.conv(
+            xb, k, strides=list(strides), padding=padding.lower(), dilation_rate=dilation
+        )
+
+    g = jnp.asarray(rng.normal(size=(batch, *forward(x[0], kernel).shape)), jnp.float32)
+    factor = jnp.asarray(rng.uniform(0, 1, batch), jnp.float32)
+    grads = [
+        np.asarray(jax.grad(lambda k, b=b: jnp.sum(forward(x[b], k) * g[b]))(kernel), np.float64)
+        for b in range(batch)
+    ]
+    np.testing.assert_allclose(
+        gn.conv_sq_norms(conv, x, g), [np.sum(G * G) for G in grads], rtol=1e-5
+    )
+    want = sum(float(f) * G for f, G in zip(factor, grads))
+    got = gn.conv_sum(conv, x, g, factor, kernel.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_both_norm_forms_are_used():
     """The shapes above exercise both forms: (outer, Gram) costs per example."""
     spec = gn.parse("ab,bc->ac", 2)
@@ -191,9 +226,18 @@ def lora_model():
     return model
 
 
-def conv_model():  # a convolution: not supported, per-example gradients
+def conv_model():  # a 1-D convolution, and a causal one (not covered: per-example)
     inputs = keras.Input((6, 2))
     h = keras.layers.Conv1D(3, 2, activation="relu")(inputs)
+    h = keras.layers.Conv1D(2, 2, padding="causal", name="causal")(h)
+    h = keras.layers.Flatten()(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+def conv2d_model():  # strides, "same" padding, dilation
+    inputs = keras.Input((7, 6, 2))
+    h = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu")(inputs)
+    h = keras.layers.Conv2D(2, 2, dilation_rate=2)(h)
     h = keras.layers.Flatten()(h)
     return keras.Model(inputs, keras.layers.Dense(3)(h))
 
@@ -266,7 +310,14 @@ def data(kind, n=9, seed=0):
         x = rng.integers(0, 5, (n, 8)).astype("int32")
         x[:, 5:] = 0  # padding tokens
         return x, y
-    shape = {"sequence": (5, 4), "lora": (5, 4), "conv": (6, 2), "shared": (4,), "tied": (4,)}
+    shape = {
+        "sequence": (5, 4),
+        "lora": (5, 4),
+        "conv": (6, 2),
+        "conv2d": (7, 6, 2),
+        "shared": (4,),
+        "tied": (4,),
+    }
     return (rng.normal(size=(n, *shape.get(kind, (6,)))) * 2).astype("float32"), y
 
 
@@ -276,6 +327,7 @@ MODELS = {
     "text": text_model,
     "lora": lora_model,
     "conv": conv_model,
+    "conv2d": conv2d_model,
     "shared": shared_model,
     "tied": tied_model,
     "regularized": regularized_model,
@@ -309,8 +361,8 @@ def test_what_falls_back():
     assert fallback_of(sequence_model, x["sequence"]) == set()
     assert fallback_of(text_model, x["text"]) == set()
     assert fallback_of(lora_model, x["lora"]) == set()
-    conv = fallback_of(conv_model, x["conv"])
-    assert conv and all("conv1d" in p for p in conv)
+    assert fallback_of(conv_model, x["conv"]) == {"causal/kernel", "causal/bias"}
+    assert fallback_of(conv2d_model, x["conv2d"]) == set()
     shared = fallback_of(shared_model, x["shared"])  # the shared Dense, not the head
     assert len(shared) == 2 and all("dense" in p for p in shared)
     tied = fallback_of(tied_model, x["tied"])
@@ -325,7 +377,7 @@ def test_fallback_is_logged_once(caplog):
     with caplog.at_level(logging.INFO, logger="keras_dp.model"):
         clipped_sum(conv_model, x, y, "ghost")
     lines = [r.message for r in caplog.records if "Ghost clipping" in r.message]
-    assert len(lines) == 1 and "conv1d" in lines[0]
+    assert len(lines) == 1 and "causal" in lines[0]
 
 
 def test_nonfinite_example_contributes_nothing():
