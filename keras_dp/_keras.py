@@ -22,7 +22,8 @@ the range.
 - ``Dense._kernel``, ``EinsumDense._kernel``, ``Embedding._embeddings``: the stored
   (frozen) kernel under LoRA, and the table behind ``embeddings``, for ghost clipping.
 - An instance attribute ``call`` (set and removed around one trace of the DP step):
-  ghost clipping's view of Dense, EinsumDense and Embedding layers (``keras_dp.ghost``).
+  ghost clipping's view of Dense, EinsumDense, Embedding and Conv layers
+  (``keras_dp.ghost``).
   ``Layer.__call__`` looks ``self.call`` up on the instance; classes are never patched.
 """
 

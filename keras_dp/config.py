@@ -123,12 +123,12 @@ class DPConfig:
       clipping: How each unit's gradient norm is found; the update, its sensitivity
         C and ε are the same whichever is used. "per_example": every per-example
         gradient is formed (``jax.vmap``), in chunks of ``microbatch_size``.
-        "ghost": the kernels and biases of Dense, EinsumDense (LoRA included) and
-        Embedding layers get their norms from each layer's input and output
+        "ghost": the kernels and biases of Dense, EinsumDense (LoRA included),
+        Embedding and Conv1D/2D/3D layers get their norms from each layer's input and output
         gradient, and their clipped sum from one contraction over the examples
         (Goodfellow 2015, Li et al. 2022): no per-example gradient of them is formed;
-        every other trainable variable (convolutions, normalisation scales, a layer
-        this cannot see into) gets per-example gradients in the same backward pass,
+        every other trainable variable (normalisation scales, a layer this cannot
+        see into) gets per-example gradients in the same backward pass,
         and one log line names them. "auto" (default): "ghost" for the variables
         where its norm costs no more than their per-example gradient, and
         "per_example" with user-level "uls" (a unit is a block of examples).

@@ -2,12 +2,13 @@
 
 ``DPConfig(clipping="ghost")`` (and ``"auto"``) computes the per-example gradient
 norm of the kernels (and biases) of ``Dense``, ``EinsumDense`` (also with LoRA
-enabled) and ``Embedding`` layers from each layer's input and the gradient at its
-output (:mod:`keras_dp.ghost_norms`), and their clipped sum as one contraction over
+enabled), ``Embedding`` and ``Conv1D/2D/3D`` layers from each layer's input and the
+gradient at its output (:mod:`keras_dp.ghost_norms`), and their clipped sum as one contraction over
 the examples: no per-example gradient of those variables is ever formed. Every other
-trainable variable (convolutions, normalisation scales, anything a layer reads in a
-way this module does not know) gets per-example gradients in the same backward pass,
-and its squared norm is added: the clip bound C holds for the whole gradient.
+trainable variable (normalisation scales, a causal or grouped convolution, anything a
+layer reads in a way this module does not know) gets per-example gradients in the
+same backward pass, and its squared norm is added: the clip bound C holds for the
+whole gradient.
 
 How a layer is seen, without patching any class: while the DP step is traced, each
 supported layer *instance* gets a ``call`` attribute (removed right after) that does
