@@ -17,6 +17,7 @@ Arrays here carry the examples on axis 0: ``x[b]`` has the shape the layer saw.
 
 from __future__ import annotations
 
+import itertools
 import math
 import string
 from typing import NamedTuple
@@ -169,19 +170,33 @@ DENSE = Einsum("ab", "bc", "ac", "", "b", "c", "a")  # rows × features → rows
 
 
 def conv_patches(conv: Conv, x) -> jnp.ndarray:
-    """x [B, 1, *spatial, C] as patches [B, positions, C·prod(window)] (C major)."""
+    """x [B, 1, *spatial, C] as patches [B, positions, prod(window)·C], in the kernel's
+    (*window, C) order: one strided slice per window offset (an im2col without the
+    grouped convolution ``lax.conv_general_dilated_patches`` uses, slow on CPUs)."""
     x = x.reshape(x.shape[0], *x.shape[2:])
-    spatial = "DHW"[3 - len(conv.window) :]
-    numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
-    patches = jax.lax.conv_general_dilated_patches(
-        x,
-        conv.window,
-        conv.strides,
-        conv.padding,
-        rhs_dilation=conv.dilation,
-        dimension_numbers=numbers,
-    )
-    return patches.reshape(patches.shape[0], -1, patches.shape[-1])
+    spatial = x.shape[1:-1]
+    reach = [(k - 1) * d + 1 for k, d in zip(conv.window, conv.dilation)]
+    if conv.padding == "SAME":  # as XLA pads: the odd row at the end
+        pads = []
+        for n, r, s in zip(spatial, reach, conv.strides):
+            total = max((-(-n // s) - 1) * s + r - n, 0)
+            pads.append((total // 2, total - total // 2))
+        x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    out = [(n - r) // s + 1 for n, r, s in zip(x.shape[1:-1], reach, conv.strides)]
+    pieces = []
+    for offset in itertools.product(*(range(k) for k in conv.window)):
+        start = [o * d for o, d in zip(offset, conv.dilation)]
+        limit = [b + (m - 1) * s + 1 for b, m, s in zip(start, out, conv.strides)]
+        pieces.append(
+            jax.lax.slice(
+                x,
+                (0, *start, 0),
+                (x.shape[0], *limit, x.shape[-1]),
+                (1, *conv.strides, 1),
+            )
+        )
+    patches = jnp.stack(pieces, axis=-2)  # [B, *out, prod(window), C]
+    return patches.reshape(x.shape[0], math.prod(out), -1)
 
 
 def conv_sq_norms(conv: Conv, x, g) -> jnp.ndarray:
@@ -192,17 +207,14 @@ def conv_sq_norms(conv: Conv, x, g) -> jnp.ndarray:
 def conv_sum(conv: Conv, x, g, factor, kernel_shape) -> jnp.ndarray:
     """Σ_b factor_b·G_b in the kernel's layout (*window, C, filters)."""
     patches = conv_patches(conv, x)
-    channels, filters = kernel_shape[-2], kernel_shape[-1]
     flat = kernel_sum(
         DENSE,
         patches,
         g.reshape(g.shape[0], -1, g.shape[-1]),
         factor,
-        (patches.shape[-1], filters),
+        (patches.shape[-1], kernel_shape[-1]),
     )
-    rank = len(conv.window)
-    per_channel = flat.reshape(channels, *conv.window, filters)  # C major
-    return jnp.transpose(per_channel, (*range(1, rank + 1), 0, rank + 1))
+    return flat.reshape(kernel_shape)
 
 
 def conv_costs(conv: Conv, x_shape, out_shape) -> tuple[int, int]:
