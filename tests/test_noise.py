@@ -1,0 +1,73 @@
+"""The noise generator against JAX's own: the same draws, bit for bit, and Gaussian."""
+
+import jax
+import jax.extend.random
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from keras_dp import noise
+
+shapes = st.lists(
+    st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple), min_size=1, max_size=6
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    k0=st.integers(0, 2**32 - 1),
+    k1=st.integers(0, 2**32 - 1),
+    start=st.integers(0, 2**32 - 65),
+)
+def test_unrolled_threefry_is_jax_threefry(k0, k1, start):
+    keys = jnp.asarray([k0, k1], jnp.uint32)
+    counts = jnp.arange(start, start + 64, dtype=jnp.uint32)
+    hi = jnp.asarray(np.random.default_rng(k0).integers(0, 2**32, 64, dtype=np.uint32))
+    expected = jax.extend.random.threefry_2x32(keys, jnp.concatenate([hi, counts]))
+    got = noise.threefry2x32(keys[0], keys[1], hi, counts)
+    np.testing.assert_array_equal(np.concatenate(got), expected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), step=st.integers(0, 10**6), shapes=shapes)
+def test_leaves_hold_jax_random_normal_of_the_total_size(seed, step, shapes):
+    key = noise.step_key(noise.root_key(seed), jnp.int32(step))
+    tree = {f"leaf{i}": jnp.zeros(s) for i, s in enumerate(shapes)}
+    draws, scaled = jax.jit(lambda k: [noise.gaussian_like(k, tree, s) for s in (1.0, 2.5)])(key)
+    flat = jnp.concatenate([d.reshape(-1) for d in jax.tree.leaves(draws)])  # tree order
+    expected = jax.random.normal(key, (flat.size,), jnp.float32)
+    np.testing.assert_array_equal(flat, expected)
+    assert all(draws[name].shape == scaled[name].shape == tree[name].shape for name in tree)
+    # ×2.5 may be folded into the transform's ×√2 by XLA: equal to an ulp.
+    scaled = jnp.concatenate([d.reshape(-1) for d in jax.tree.leaves(scaled)])
+    np.testing.assert_allclose(scaled, 2.5 * expected, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_other_generators_are_drawn_by_jax(impl):
+    key = jax.random.key(7, impl=impl)
+    draws = noise.gaussian_like(key, [jnp.zeros((3, 5)), jnp.zeros(4)], 1.0)
+    flat = jnp.concatenate([d.reshape(-1) for d in draws])
+    np.testing.assert_array_equal(flat, jax.random.normal(key, (19,)))
+
+
+def test_a_non_partitionable_threefry_is_drawn_by_jax():
+    key = noise.root_key(3)
+    with jax.threefry_partitionable(False):
+        draws = noise.gaussian_like(key, [jnp.zeros(100)], 1.0)[0]
+        np.testing.assert_array_equal(draws, jax.random.normal(key, (100,)))
+
+
+def test_draws_are_standard_normal_and_independent_across_leaves_and_steps():
+    root = noise.root_key(2024)
+    tree = [jnp.zeros((300, 100)), jnp.zeros(20_000)]
+    a = noise.gaussian_like(noise.step_key(root, jnp.int32(0)), tree, 1.0)
+    b = noise.gaussian_like(noise.step_key(root, jnp.int32(1)), tree, 1.0)
+    for z in (*a, *b):
+        assert stats.kstest(np.asarray(z).reshape(-1), "norm").pvalue > 0.001
+    x, y = np.asarray(a[0]).reshape(-1)[:20_000], np.asarray(a[1])
+    assert abs(np.corrcoef(x, y)[0, 1]) < 0.03
+    assert abs(np.corrcoef(x, np.asarray(b[0]).reshape(-1)[:20_000])[0, 1]) < 0.03
