@@ -459,6 +459,12 @@ class DPConfig:
         return None
 
     @property
+    def ghost_clipping(self) -> bool:
+        """True when norms may come from activations (``clipping`` "auto" or "ghost"
+        with an example as the unit a row holds)."""
+        return self.clipping != "per_example" and self.user_block is None
+
+    @property
     def example_sampled_users(self) -> bool:
         """True for user-level DP with example-level sampling ("els")."""
         return self.privacy_unit == "user" and self.user_sampling == "els"

@@ -482,10 +482,12 @@ class DPModel:
         clip_norm = config.l2_clip_norm if clip_slot is None else non_trainable[clip_slot]
         shards, shard_axis = distribute.batch_shards()
         per_shard = mask.shape[0] // shards
-        chunk = step_chunk(per_shard, _chunk_size(config, shards, self))
-        example_fn, ghost_spec = self._dp_clipping(
-            config, units.unit_fn(per_example, config.user_block), trainable, rows
-        )
+        unit = units.unit_fn(per_example, config.user_block)
+        example_fn, ghost_spec, plan = ghost.clipping(self, config, unit, trainable, rows)
+        chunk_size = _chunk_size(config, shards, self)
+        if ghost.one_pass(plan, config, per_shard):
+            chunk_size = per_shard
+        chunk = step_chunk(per_shard, chunk_size)
         grad_sum, losses, aux, nonfinite, clipped = clipping.clipped_sum(
             example_fn,
             trainable,
@@ -553,28 +555,6 @@ class DPModel:
             self, metrics_vars, loss, num_real, y, y_pred, real, sample_weight, nonfinite, clipped
         )
         return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
-
-    def _dp_clipping(self, config: DPConfig, unit, trainable, rows):
-        """``(example_fn, ghost)`` for :func:`keras_dp.clipping.clipped_sum`: per-example
-        gradients, or ghost norms for the variables :func:`keras_dp.ghost.plan` allows."""
-        if config.clipping == "per_example" or config.user_block is not None:
-            return unit, None
-        row = jax.tree.map(lambda a: a[0], rows)
-        plan = ghost.plan(self, lambda p: unit(p, row, 0)[0], trainable, config.clipping)
-        if plan.fallback != getattr(self, "_dp_ghost_logged", None):
-            self._dp_ghost_logged = plan.fallback
-            if plan.fallback:
-                layers = dict.fromkeys(p.rsplit("/", 1)[0] for p in plan.fallback)
-                logger.info(
-                    "Ghost clipping: per-example gradients (not supported, shared, or "
-                    "cheaper so; their norms are added to the ghost norms) for %d of %d "
-                    "trainable variables, in %s.",
-                    len(plan.fallback),
-                    len(trainable),
-                    ", ".join(layers),
-                )
-        is_ghost = tuple(i in plan.ghost for i in range(len(trainable)))
-        return ghost.example_fn(self, unit, plan), (is_ghost, plan.active)
 
     def test_step(self, state, data):
         """Keras' own evaluation; the DP training counters are not part of its logs."""
@@ -677,7 +657,7 @@ def _chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
     per_device = math.ceil(config.batch_size / num_shards)
     if jax.default_backend() == "cpu":
         return max(1, min(128, math.ceil(per_device / 4)))
-    if config.clipping != "per_example" and config.user_block is None:
+    if config.ghost_clipping:
         params = ghost.likely_per_example_size(model)  # ghost: most need none
     else:
         params = sum(math.prod(v.shape) for v in model.trainable_variables)

@@ -7,6 +7,7 @@ weights; the sums must agree to relative 1e-5 (float32). The norm formulas
 themselves are checked against ``jax.grad`` of each example alone.
 """
 
+import dataclasses
 import logging
 import math
 
@@ -374,7 +375,7 @@ def test_what_falls_back():
 
 def test_fallback_is_logged_once(caplog):
     x, y = data("conv")
-    with caplog.at_level(logging.INFO, logger="keras_dp.model"):
+    with caplog.at_level(logging.INFO, logger="keras_dp"):
         clipped_sum(conv_model, x, y, "ghost")
     lines = [r.message for r in caplog.records if "Ghost clipping" in r.message]
     assert len(lines) == 1 and "causal" in lines[0]
@@ -423,3 +424,35 @@ def test_refused_with_user_level_blocks():
         )
     with pytest.raises(ValueError, match="DPConfig.clipping"):
         keras_dp.DPConfig(target_epsilon=1.0, batch_size=4, steps=1, clipping="fast")
+
+
+def test_forward_flops_are_xlas_count_of_the_products():
+    def f(x, w, k):
+        conv = jax.lax.conv_general_dilated(
+            x, k, (2, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return (
+            conv,
+            jnp.einsum("bij,jk->bik", x.reshape(6, 16, 5), w[:5, :7]),
+            x.reshape(12, 40) @ w,
+        )
+
+    args = (jnp.ones((3, 8, 10, 2)), jnp.ones((40, 40)), jnp.ones((3, 3, 2, 5)))
+    cost = jax.jit(f).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = ghost._flops(jax.make_jaxpr(f)(*args).jaxpr)
+    assert flops == cost["flops"]
+    # Inside pjit and a scan of 3 trips (which XLA's count takes once):
+    g = jax.jit(lambda *a: jax.lax.scan(lambda c, _: (c, f(*a)), 0.0, None, length=3)[1])
+    assert ghost._flops(jax.make_jaxpr(g)(*args).jaxpr) == 3 * flops
+
+
+def test_small_models_run_one_pass_on_a_cpu_and_others_keep_their_chunks():
+    config = keras_dp.DPConfig(target_epsilon=2.0, batch_size=64, steps=1, dataset_size=1000)
+    small = ghost.Plan((), frozenset(), (), flops=10**5, fallback_size=100)
+    assert ghost.one_pass(small, config, 128)
+    assert not ghost.one_pass(None, config, 128)  # per-example clipping
+    assert not ghost.one_pass(dataclasses.replace(small, flops=2 * 10**6), config, 128)
+    assert not ghost.one_pass(dataclasses.replace(small, fallback_size=10**6), config, 128)
+    chosen = dataclasses.replace(config, microbatch_size=16)
+    assert not ghost.one_pass(small, chosen, 128)  # the user's microbatch_size is kept
