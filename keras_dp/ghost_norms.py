@@ -199,14 +199,14 @@ def conv_patches(conv: Conv, x) -> jnp.ndarray:
     return patches.reshape(x.shape[0], math.prod(out), -1)
 
 
-def conv_sq_norms(conv: Conv, x, g) -> jnp.ndarray:
-    patches = conv_patches(conv, x)
+def conv_sq_norms(patches, g) -> jnp.ndarray:
+    """Per-example squared norms of a convolution's kernel gradient, from its input's
+    :func:`conv_patches` and the gradient g at its output [B, 1, *out, filters]."""
     return kernel_sq_norms(DENSE, patches, g.reshape(g.shape[0], -1, g.shape[-1]))
 
 
-def conv_sum(conv: Conv, x, g, factor, kernel_shape) -> jnp.ndarray:
-    """Σ_b factor_b·G_b in the kernel's layout (*window, C, filters)."""
-    patches = conv_patches(conv, x)
+def conv_sum(patches, g, factor, kernel_shape) -> jnp.ndarray:
+    """Σ_b factor_b·G_b in the kernel's layout (*window, C, filters), from patches."""
     flat = kernel_sum(
         DENSE,
         patches,

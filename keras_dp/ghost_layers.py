@@ -1,0 +1,170 @@
+"""Ghost rules of Keras layers: each does what its class's ``call`` does, with taps.
+
+A rule returns the ``call`` that :class:`keras_dp.ghost.Tape` installs on a layer
+instance while a DP step is traced: the class's computation, written out, with the
+kernel and bias read through ``tape.read`` and each linear map's output passed
+through ``tape.tap`` (which keeps the map's input). Anything a rule does not cover
+(a LoRA layout it cannot split, grouped or causal convolutions, reversed embeddings)
+calls the class's own ``call``, whose variables then get per-example gradients.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from keras_dp import _keras
+from keras_dp import ghost_norms as gn
+
+
+def rule(layer):
+    """The ghost rule of ``layer``'s class (None when it has none, or is quantized):
+    ``rule(layer, tape, original_call) -> call``."""
+    if getattr(layer, "quantization_mode", None) is not None:
+        return None
+    for cls, rule in _RULES:
+        if type(layer).call is cls.call:
+            return rule
+    return None
+
+
+def _activate(layer, x):
+    return layer.activation(x) if layer.activation is not None else x
+
+
+def _linear(layer, tape, equation, inputs):
+    """einsum(equation, inputs, kernel) + bias, tapped; LoRA as x·W₀ + s·(x·A)·B."""
+    bias = layer.bias
+    if not layer.lora_enabled:
+        kernel = layer.kernel
+        spec = gn.parse(equation, len(inputs.shape))
+        y = ops.einsum(equation, inputs, tape.read(kernel))
+        if bias is not None:
+            y = ops.add(y, tape.read(bias))
+        kind = "einsum" if spec is not None else "bias"
+        return tape.tap(layer, y, inputs, kind, spec, kernel if spec else None, bias)
+    a, b = layer.lora_kernel_a, layer.lora_kernel_b
+    lhs, out = equation.split("->")
+    xs, ks = lhs.split(",")
+    last = ks[-1]
+    y = ops.einsum(equation, inputs, _keras.stored_kernel(layer))
+    u_out = out.replace(last, "0")
+    u_eq, v_eq = f"{xs},{ks[:-1]}0->{u_out}", f"{u_out},0{last}->{out}"
+    u = ops.einsum(u_eq, inputs, tape.read(a))
+    u = tape.tap(layer, u, inputs, "einsum", gn.parse(u_eq, len(inputs.shape)), a)
+    su = ops.multiply(u, layer.lora_alpha / layer.lora_rank)
+    v = ops.einsum(v_eq, su, tape.read(b))
+    y = ops.add(y, tape.tap(layer, v, su, "einsum", gn.parse(v_eq, len(su.shape)), b))
+    if bias is not None:
+        y = ops.add(y, tape.read(bias))
+        y = tape.tap(layer, y, None, "bias", None, None, bias)
+    return y
+
+
+def _lora_ok(layer, equation) -> bool:
+    """LoRA as two einsums needs the kernel's last axis on the output only."""
+    if not layer.lora_enabled:
+        return True
+    lhs, out = equation.split("->")
+    xs, ks = lhs.split(",")
+    kernel = _keras.stored_kernel(layer)
+    return (
+        "..." not in ks
+        and "0" not in equation
+        and ks[-1] in out
+        and ks[-1] not in xs
+        and not kernel.trainable
+        and tuple(layer.lora_kernel_a.shape) == tuple(kernel.shape[:-1]) + (layer.lora_rank,)
+    )
+
+
+def _dense(layer, tape, original):
+    equation = "...a,ab->...b"
+
+    def call(inputs, training=None):
+        if not _lora_ok(layer, equation):
+            return original(inputs, training=training)
+        return _activate(layer, _linear(layer, tape, equation, inputs))
+
+    return call
+
+
+def _einsum_dense(layer, tape, original):
+    def call(inputs, training=None):
+        if not _lora_ok(layer, layer.equation):
+            return original(inputs, training=training)
+        return _activate(layer, _linear(layer, tape, layer.equation, inputs))
+
+    return call
+
+
+def _embedding_lookup(layer, tape, inputs):
+    if inputs.dtype != "int32" and inputs.dtype != "int64":
+        inputs = ops.cast(inputs, "int32")
+    table = _keras.stored_embeddings(layer)
+    out = ops.cast(ops.take(tape.read(table), inputs, axis=0), layer.compute_dtype)
+    return tape.tap(layer, out, inputs, "embedding", None, table)
+
+
+def _embedding(layer, tape, original):
+    def call(inputs):
+        if layer.lora_enabled:
+            return original(inputs)
+        return _embedding_lookup(layer, tape, inputs)
+
+    return call
+
+
+def _reversible_embedding(layer, tape, original):
+    def call(inputs, reverse=False):
+        if reverse or layer.lora_enabled or layer.mask_zero:
+            return original(inputs, reverse=reverse)
+        return _embedding_lookup(layer, tape, inputs)
+
+    return call
+
+
+def _conv(layer, tape, original):
+    """Conv1D/2D/3D (channels last, one group, "valid"/"same" padding, no LoRA)."""
+
+    def call(inputs):
+        if (
+            layer.data_format != "channels_last"
+            or layer.groups != 1
+            or layer.padding not in ("valid", "same")
+            or getattr(layer, "lora_enabled", False)
+        ):
+            return original(inputs)
+        kernel = layer.kernel
+        out = ops.conv(
+            inputs,
+            tape.read(kernel),
+            strides=list(layer.strides),
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+        bias = layer.bias if layer.use_bias else None
+        if bias is not None:
+            shape = (1,) * (layer.rank + 1) + (layer.filters,)
+            out = ops.add(out, ops.reshape(tape.read(bias), shape))
+        spec = gn.Conv(
+            tuple(layer.kernel_size),
+            tuple(layer.strides),
+            layer.padding.upper(),
+            tuple(layer.dilation_rate),
+        )
+        return _activate(layer, tape.tap(layer, out, inputs, "conv", spec, kernel, bias))
+
+    return call
+
+
+_RULES = [
+    (keras.layers.Dense, _dense),
+    (keras.layers.EinsumDense, _einsum_dense),
+    (keras.layers.Embedding, _embedding),
+    (keras.layers.Conv1D, _conv),
+    (keras.layers.Conv2D, _conv),  # Conv2D and Conv3D share the base class' call
+]
+if hasattr(keras.layers, "ReversibleEmbedding"):
+    _RULES.append((keras.layers.ReversibleEmbedding, _reversible_embedding))
