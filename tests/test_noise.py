@@ -46,6 +46,15 @@ def test_leaves_hold_jax_random_normal_of_the_total_size(seed, step, shapes):
     np.testing.assert_allclose(scaled, 2.5 * expected, rtol=2e-7, atol=0)
 
 
+@pytest.mark.parametrize("leaves", [16, 17, 40])
+def test_many_leaves_hold_the_same_draw(leaves):
+    key = noise.step_key(noise.root_key(11), jnp.int32(2))
+    tree = [jnp.zeros((i % 5, 3)) for i in range(leaves)]
+    draws = jax.jit(lambda k: noise.gaussian_like(k, tree, 1.0))(key)
+    flat = jnp.concatenate([d.reshape(-1) for d in draws])
+    np.testing.assert_array_equal(flat, jax.random.normal(key, (flat.size,)))
+
+
 @pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
 def test_other_generators_are_drawn_by_jax(impl):
     key = jax.random.key(7, impl=impl)
