@@ -71,7 +71,8 @@ class DPConfig:
         in by ``calibrate``. 0 only with ``target_epsilon=math.inf``.
       microbatch_size: Examples per chunk inside one update (memory only: the
         update, and ε, do not depend on it), per device. None: chosen for the
-        platform: B/4 on CPU (chunks of padding are skipped); on GPU/TPU the
+        platform: B/4 on CPU (chunks of padding are skipped; with ghost norms, a
+        model of ≤ 1 MFLOP an example runs the whole batch in one pass); on GPU/TPU the
         device's whole physical batch in one pass (with per-example clipping: if
         its per-example gradients fit in 1 GiB).
       seed: Seed of the sampler and the noise. None: drawn from a secure source

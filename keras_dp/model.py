@@ -642,7 +642,8 @@ def _chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
     CPU: a quarter of each device's expected batch (≤ 128). Chunks holding only
     padding are skipped, so small chunks keep the rows computed close to the real
     rows of a Poisson draw; on a 4-layer Gemma3 (batch 16, CPU) B/4 and B/8
-    measured alike, B/2 and B slower.
+    measured alike, B/2 and B slower. The train step runs a small model with ghost
+    norms in one pass instead (:func:`keras_dp.ghost.one_pass`).
 
     GPU/TPU: as many rows as keep one chunk's per-example gradients (float32) within
     ``_CHUNK_GRADIENT_BYTES`` (with ghost clipping, only the variables that layer
