@@ -55,15 +55,15 @@ def threefry2x32(k0, k1, x0, x1):
     return x0, x1
 
 
-def _normals(words: jax.Array, start: int, size: int) -> jax.Array:
-    """Draws ``start … start+size−1`` of ``jax.random.normal`` with key data ``words``
-    (a Threefry key's, partitionable).
+def _normals(words: jax.Array, size: int) -> jax.Array:
+    """``jax.random.normal(key, (size,))`` for the key whose data are ``words`` (a
+    Threefry key's, partitionable).
 
     JAX's float32 normal of a partitionable Threefry key: draw i hashes the counter
     (0, i), its two words xor-ed are the bits, whose top 23 make a uniform u on
     (−1, 1) and ``√2·erf⁻¹(u)`` the draw.
     """
-    count = jax.lax.iota(jnp.uint32, size) + np.uint32(start)
+    count = jax.lax.iota(jnp.uint32, size)
     x0, x1 = threefry2x32(words[0], words[1], jnp.zeros_like(count), count)
     mantissa = ((x0 ^ x1) >> np.uint32(9)) | np.uint32(0x3F800000)
     floats = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1)
@@ -102,7 +102,7 @@ def gaussian_like(key: jax.Array, tree, stddev: float):
     sizes = [math.prod(jnp.shape(leaf)) for leaf in leaves]
     starts = [0, *itertools.accumulate(sizes)]
     if _unrolled(key, starts[-1], len(leaves)):
-        flat = _normals(jax.random.key_data(key), 0, starts[-1])
+        flat = _normals(jax.random.key_data(key), starts[-1])
     else:
         flat = jax.random.normal(key, (starts[-1],), jnp.float32)
     noise = [
