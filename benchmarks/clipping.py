@@ -2,13 +2,15 @@
 
     python benchmarks/clipping.py [--models mlp cnn text bert-lora gemma-lora gemma-full]
                                   [--repeats 3] [--out benchmarks/results]
+                                  [--microbatch-size K]
 
 Writes ``clipping.md`` and ``clipping.json`` to --out. Not a test: nothing here asserts
 a time. Fits alternate (plain Keras, then keras_dp with ``clipping="per_example"``,
 ``"ghost"`` and ``"auto"``, then again); a step's time is (epoch wall time / updates)
 for every epoch after the first, median over the epochs and the repeats, so sampling,
 dispatch and callbacks count. The first epoch (which compiles) is reported apart:
-its wall time from ``on_epoch_begin`` to ``on_epoch_end`` of a fresh model. σ is
+its wall time from ``on_epoch_begin`` to ``on_epoch_end`` of a fresh model.
+``--microbatch-size`` fixes keras_dp's chunk (default: the platform's choice). σ is
 calibrated once per plan and process (an in-process cache), so it is reported apart
 too. Memory is XLA's peak temporary memory of one compiled DP step at logical batch
 32 and 1024, in one chunk (no microbatching).
@@ -141,6 +143,9 @@ class EpochTimer(keras.callbacks.Callback):
         self.steps.append(self._steps)
 
 
+MICROBATCH_SIZE = None  # --microbatch-size
+
+
 def build(kind: str, name: str, n: int) -> keras.Model:
     model_fn, _, batch, epochs = MODELS[name]
     model = model_fn()
@@ -151,6 +156,7 @@ def build(kind: str, name: str, n: int) -> keras.Model:
             batch_size=batch,
             epochs=epochs,
             clipping=kind,
+            microbatch_size=MICROBATCH_SIZE,
         )
         model = keras_dp.make_private(model, config)
     model.compile(optimizer="adam", loss=LOSS)
@@ -305,7 +311,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-models", nargs="*", default=["mlp", "cnn", "text"])
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--microbatch-size", type=int, default=None)
     args = parser.parse_args()
+    global MICROBATCH_SIZE
+    MICROBATCH_SIZE = args.microbatch_size
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.default_backend()}; "
         f"jax {jax.__version__}, keras {keras.__version__}",
