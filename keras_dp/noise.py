@@ -72,39 +72,49 @@ def _normals(words: jax.Array, size: int) -> jax.Array:
     return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
 
 
-# Leaves up to which the draw is unrolled: XLA fuses the unrolled generator into
-# each leaf's slice, compiling it once per leaf (Gemma3 fully fine-tuned, ~50 leaves:
-# 1.5 s more compilation, for noise that is 1% of its step). JAX's own lowering is a
-# loop whose result is stored, then cut.
-_UNROLLED_MAX_LEAVES = 16
-
-
-def _unrolled(key: jax.Array, total: int, leaves: int) -> bool:
+def _unrolled(key: jax.Array, total: int) -> bool:
     impl = jax.random.key_impl(key)
     threefry = getattr(impl, "name", impl) == "threefry2x32"
-    small = total < 2**32 and leaves <= _UNROLLED_MAX_LEAVES
-    return threefry and jax.config.jax_threefry_partitionable and small
+    return threefry and jax.config.jax_threefry_partitionable and total < 2**32
+
+
+def _drawn_once(draw, key: jax.Array) -> jax.Array:
+    """``draw()``, computed once into memory on a CPU.
+
+    XLA's CPU compiler copies a chain of cheap elementwise operations (the Threefry
+    rounds) into every fused loop that reads its result, and each leaf of the noisy
+    gradient is read by two (Adam's two moments): the generator ran three times a
+    step and was compiled once per reader (the MLP's compiled DP step: 1.61 ms, and
+    0.84 s to compile; drawn once: 1.28 ms and 0.65 s). A conditional's result is
+    stored, so its branches run once; both branches are the same draw, so the
+    predicate (the key's first word being even) changes nothing. Elsewhere (GPUs: a
+    conditional would read its predicate on the host) the draw is left to the
+    compiler.
+    """
+    if jax.default_backend() != "cpu":
+        return draw()
+    words = jax.random.key_data(key).reshape(-1)
+    return jax.lax.cond(words[0] % 2 == 0, draw, draw)
 
 
 def gaussian_like(key: jax.Array, tree, stddev: float):
     """A pytree shaped like ``tree`` of independent N(0, stddev²) draws (float32).
 
     The leaves, flattened and laid end to end, hold ``stddev ·
-    jax.random.normal(key, (total,))`` bit for bit: one draw cut into the leaves (one
-    generator per leaf compiled slower, and ran no faster). For a Threefry key (JAX's
-    default, partitionable) and up to 16 leaves, the draw is computed by
-    :func:`_normals`, with :func:`threefry2x32` written out: JAX's CPU lowering is a
-    loop of small XLA passes. Its cost is the floor of a DP step's overhead on a CPU:
-    84k normals take 0.3 ms here (0.7 ms through ``jax.random.normal``), half a plain
-    Keras step of that MLP.
+    jax.random.normal(key, (total,))`` bit for bit: one draw cut into the leaves.
+    For a Threefry key (JAX's default, partitionable) the draw is computed by
+    :func:`_normals`, with :func:`threefry2x32` written out (JAX's CPU lowering is a
+    loop of small XLA passes), once per step (:func:`_drawn_once`). Its cost is the floor of a DP
+    step's overhead on a CPU: 84k normals take 0.3 ms here (0.7 ms through
+    ``jax.random.normal``), half a plain Keras step of that MLP.
     """
     leaves, treedef = jax.tree.flatten(tree)
     sizes = [math.prod(jnp.shape(leaf)) for leaf in leaves]
     starts = [0, *itertools.accumulate(sizes)]
-    if _unrolled(key, starts[-1], len(leaves)):
-        flat = _normals(jax.random.key_data(key), starts[-1])
+    if _unrolled(key, starts[-1]):
+        flat = _drawn_once(lambda: _normals(jax.random.key_data(key), starts[-1]), key)
     else:
-        flat = jax.random.normal(key, (starts[-1],), jnp.float32)
+        flat = _drawn_once(lambda: jax.random.normal(key, (starts[-1],), jnp.float32), key)
     noise = [
         stddev * flat[start : start + size].reshape(jnp.shape(leaf))
         for start, size, leaf in zip(starts, sizes, leaves)

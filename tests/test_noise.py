@@ -80,3 +80,24 @@ def test_draws_are_standard_normal_and_independent_across_leaves_and_steps():
     x, y = np.asarray(a[0]).reshape(-1)[:20_000], np.asarray(a[1])
     assert abs(np.corrcoef(x, y)[0, 1]) < 0.03
     assert abs(np.corrcoef(x, np.asarray(b[0]).reshape(-1)[:20_000])[0, 1]) < 0.03
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU compiler decision")
+def test_the_generator_runs_once_however_many_leaves_and_readers():
+    """XLA's CPU compiler copies cheap elementwise chains into each fused reader: the
+    draw must be stored once, not recomputed per leaf and per reader (as Adam's two
+    moments read each leaf of the noisy gradient)."""
+
+    def rounds(leaves: int, readers: int) -> int:
+        tree = [jnp.zeros((64, 32 + i)) for i in range(leaves)]
+
+        def step(key):
+            draws = noise.gaussian_like(key, tree, 0.5)
+            return [[z * (r + 2.0) + r for z in draws] for r in range(readers)]
+
+        hlo = jax.jit(step).lower(noise.root_key(5)).compile().as_text()
+        return hlo.count(" xor(")
+
+    one = rounds(1, 1)
+    assert one > 0
+    assert rounds(12, 2) == rounds(3, 3) == one
