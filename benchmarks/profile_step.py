@@ -33,11 +33,8 @@ import numpy as np  # noqa: E402
 from run import MODELS, build, log, train_state  # noqa: E402
 
 from keras_dp import data as dp_data  # noqa: E402
-from keras_dp import model as dp_model  # noqa: E402
-from keras_dp import (
-    noise,  # noqa: E402
-    sampling,  # noqa: E402
-)
+from keras_dp import noise, sampling  # noqa: E402
+from keras_dp import step as dp_step  # noqa: E402
 
 KINDS = ("plain", "keras_dp", "jax_privacy")
 
@@ -55,7 +52,7 @@ def trained(kind: str, name: str, x, y):
 def dp_batch(model, x, y, real: int):
     """keras_dp's physical batch with the first ``real`` examples as its real rows."""
     config = model.dp_config
-    chunk = dp_model._chunk_size(config, 1, model)
+    chunk = dp_step.chunk_size(config, 1, model)
     source = sampling.ExampleSource(x, y)
     physical = dp_data.DPBatches(model, source, config, chunk, 1).physical
     padded, mask = sampling.shard_layout(np.arange(real), physical, 1)

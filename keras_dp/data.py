@@ -214,7 +214,7 @@ class DPBatches(keras.utils.PyDataset):
 
     def _physical(self, rows: int) -> int:
         """Rows fed for a draw of up to ``rows``: shards of whole chunks of the size
-        the train step will use (``model.step_chunk``), so no row is left out."""
+        the train step will use (:func:`keras_dp.step.step_chunk`), so no row is left out."""
         per_shard = -(-rows // self._shards)
         return sampling.physical_batch_size(rows, min(self._chunk, per_shard), self._shards)
 

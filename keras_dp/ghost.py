@@ -259,7 +259,7 @@ def clipping(model, config, unit, trainable, rows) -> tuple:
 
 # On a CPU, the whole shard in one pass when one example's forward pass is at most
 # this many FLOPs and its per-example gradients (fallback variables, float32) fit in
-# _ONE_PASS_BYTES; otherwise the chunks of ``_chunk_size``.
+# _ONE_PASS_BYTES; otherwise the chunks of :func:`keras_dp.step.chunk_size`.
 _ONE_PASS_FLOPS = 10**6
 _ONE_PASS_BYTES = 2**28
 

@@ -8,43 +8,34 @@ With ``noise="bandmf"`` the noise of update t is σC·(C⁻¹z)_t instead, corre
 the last b updates (:mod:`keras_dp.bandmf`; its state is a non-trainable variable).
 With the sampler in ``fit`` running as the config says, the whole run is
 (ε, δ)-DP for the config's neighbouring relation (see :mod:`keras_dp.accounting`).
+
+The update itself is :mod:`keras_dp.step`; what ``fit`` checks and feeds it is
+:mod:`keras_dp.fitting`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import secrets
 
-import jax
-import jax.numpy as jnp
 import keras
-import numpy as np
 
 from keras_dp import (
     _keras,
-    adaptive,
-    bandmf,
     checks,
-    clipping,
-    data,
     distribute,
-    ghost,
+    fitting,
     ledger,
     metrics,
-    noise,
     noise_state,
-    sampling,
     saving,
-    units,
+    step,
 )
-from keras_dp.callbacks import DPProgbarLogger, PrivacyBudget
 from keras_dp.config import DPConfig
 
 logger = logging.getLogger(__name__)
 
-_GOLDEN = np.uint32(0x9E3779B1)
 ADAPTIVE_CLIP_NORM = "dp_adaptive_clip_norm"
 
 
@@ -286,387 +277,38 @@ class DPModel:
                 "model.set_dp_config(keras_dp.DPConfig(...)) before fit."
             )
         checks.check_own_train_step(self, DPModel)
-        checks.check_fit_args(self, config, batch_size, shuffle, validation_split, steps_per_epoch)
-        sampling.refuse_streams(x)
-        if class_weight is not None:  # a per-example weight: the guarantee holds as it is
-            sample_weight = data.class_weights_as_sample_weight(class_weight, y, sample_weight)
-        source = sampling.ExampleSource(x, y, sample_weight)
-        preprocessor = getattr(self, "preprocessor", None)
-        if preprocessor is not None:  # a keras-hub task: raw inputs, preprocessed once
-            source = data.preprocess(preprocessor, source)
-            if validation_data is not None:
-                validation_data = data.preprocess_all(preprocessor, validation_data)
-        if source.size == 0:
-            raise ValueError("fit got no training examples (x is empty).")
-        users = data.users_of(config, user_ids, source.size)
-        config = self._dp_calibrate(config, data.unit_count(config, users, source.size))
-        checks.check_plan_within_target(config)
-        self._dp_ledger.check_plan()
-        first = source.gather(np.arange(min(2, source.size)))
-        checks.check_examples(first, labels_needed=_keras.has_compiled_loss(self))
-        _keras.symbolic_build(self, first)
-        noise_state.make(self)
-        if config.correlated:
-            bandmf.check_strategy(np.asarray(self._dp_noise_strategy.value), config.bands)
-        checks.check_model(self)
-        checks.check_class_labels(self, source, first)
-        callbacks = list(callbacks or [])
-        # With BackupAndRestore, Keras resumes the epochs of the whole plan after it has
-        # restored a checkpoint (and its ledger): epochs count from the plan's start.
-        restartable = any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks)
-        per_epoch, epochs_to_run = self._dp_epochs(config, epochs, initial_epoch, restartable)
-        if self._dp_seed is None:
-            seed = config.seed if config.seed is not None else secrets.randbits(63)
-            self._dp_seed = distribute.shared_seed(seed)
-        self._dp_ledger.start_run()
-        if config.correlated and self._dp_ledger.partition_seed is None:
-            if self._dp_ledger.steps:
-                raise ValueError(
-                    f"These weights took {self._dp_ledger.steps} updates of a BandMF plan, "
-                    "but the run's secret state (its partition of the examples and its "
-                    "noise history) did not come with them: continuing would not be the "
-                    "analysed mechanism. Resume from a checkpoint that keras_dp wrote "
-                    "during this run (model.save, save_weights, BackupAndRestore), or "
-                    "start from new weights. Nothing was trained."
-                )
-            partition = config.seed if config.seed is not None else secrets.randbits(63)
-            self._dp_ledger.partition_seed = distribute.shared_seed(partition)
-        if config.seed is not None:
-            self._dp_ledger.public_seed = True
-            logger.warning(
-                "DPConfig(seed=%d) is fixed: anyone who knows it can regenerate the noise, "
-                "so this run is NOT differentially private (for tests only). Pass "
-                "seed=None for a secret seed.",
-                config.seed,
-            )
-        source = data.unit_source(config, source, users, self._dp_seed)
-        distribute.check_processes_agree(
-            source.size,
-            lambda: source.gather(
-                data.draw_indices(
-                    config, self._dp_seed, self._dp_ledger.steps, self._dp_ledger.partition_seed
-                )
-            ),
-        )
-        shards, _ = distribute.batch_shards()
-        chunk = _chunk_size(config, shards, self)
-        batches = data.DPBatches(self, source, config, chunk, per_epoch)
-        stop_at = self._dp_steps + batches.steps_this_fit(epochs_to_run)
-        if restartable:
-            stop_at = config.steps
-        for callback in callbacks:
-            if isinstance(callback, PrivacyBudget):
-                if callback.delta is not None:
-                    checks.check_delta("PrivacyBudget(delta=...)", callback.delta, config)
-                callback._max_steps = callback.max_steps(self)
-                stop_at = min(stop_at, callback._max_steps)
-        if stop_at <= self._dp_steps:
-            raise ValueError(
-                f"PrivacyBudget allows no further update: {self._dp_steps} taken, ε would "
-                "exceed its stop_at_epsilon. Nothing was trained; raise stop_at_epsilon or "
-                "stop here."
-            )
-        metrics.add_counters(self)
-        budget = next((c for c in callbacks if isinstance(c, PrivacyBudget)), None)
-        counting = (
-            ledger.PerStepLedgerCallback if budget and budget.per_step else ledger.LedgerCallback
-        )
-        callbacks = [counting(stop_at, per_epoch, batches, budget), *callbacks]
-        if verbose != 0 and not any(
-            isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks
-        ):
-            callbacks.append(DPProgbarLogger())
-        return keras.Model.fit(
+        return fitting.fit(
             self,
-            data.adapter(batches),
-            epochs=initial_epoch + epochs_to_run,
-            initial_epoch=initial_epoch,
+            config,
+            x=x,
+            y=y,
+            batch_size=batch_size,
+            epochs=epochs,
             verbose=verbose,
             callbacks=callbacks,
+            validation_split=validation_split,
             validation_data=validation_data,
+            shuffle=shuffle,
+            class_weight=class_weight,
+            sample_weight=sample_weight,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
             validation_steps=validation_steps,
             validation_batch_size=validation_batch_size,
             validation_freq=validation_freq,
+            user_ids=user_ids,
         )
-
-    def _dp_calibrate(self, config: DPConfig, size: int) -> DPConfig:
-        if config.dataset_size is not None and config.dataset_size != size:
-            if config._calibrated_for is not None and self._dp_steps:
-                raise ValueError(
-                    f"fit got {size} examples, but this model's plan was calibrated for the "
-                    f"{config.dataset_size} examples of its earlier fit, and its guarantee is "
-                    "for that dataset. Pass the same training set to every fit (the sampler "
-                    "draws the batches), or train a new model with a new DPConfig."
-                )
-            raise ValueError(
-                f"fit got {size} examples but DPConfig.dataset_size={config.dataset_size}; "
-                "pass the data the plan was made for, or dataset_size=None."
-            )
-        calibrated = config.calibrate(size)  # a given σ is checked against the target
-        if calibrated is not config:
-            if config.noise_multiplier is None:
-                logger.info(
-                    "Calibrated noise_multiplier=%.4f for %s",
-                    calibrated.noise_multiplier,
-                    calibrated,
-                )
-            self._dp_set_plan(calibrated)
-        return calibrated
-
-    def _dp_epochs(
-        self, config: DPConfig, epochs, initial_epoch: int, restartable: bool = False
-    ) -> tuple[int, int]:
-        planned_epochs = config.epochs or config.steps * config.batch_size / config.dataset_size
-        per_epoch = math.ceil(config.steps / max(1, math.ceil(planned_epochs)))
-        remaining = config.steps - self._dp_steps
-        if restartable:  # the ledger is known once the backup is restored
-            remaining = config.steps - min(self._dp_steps, initial_epoch * per_epoch)
-        if remaining <= 0:
-            raise ValueError(
-                f"The privacy budget of this plan is spent: {self._dp_steps} of "
-                f"{config.steps} updates taken (ε={self.privacy_spent().epsilon:.4g}). "
-                "Training more would exceed target_epsilon; make a new plan on a new model."
-            )
-        epochs_left = math.ceil(remaining / per_epoch)
-        to_run = epochs_left if epochs is None else epochs - initial_epoch
-        if to_run < 1:
-            raise ValueError(f"fit(epochs={epochs}, initial_epoch={initial_epoch}) runs no epoch.")
-        if to_run > epochs_left:
-            raise ValueError(
-                f"fit would run {to_run} epochs but only {epochs_left} are left of the plan "
-                f"({remaining} of {config.steps} updates); pass "
-                f"epochs<={initial_epoch + epochs_left} or plan more epochs in a new DPConfig "
-                "(and a new model)."
-            )
-        return per_epoch, to_run
 
     # The train step ---------------------------------------------------------------
 
     def train_step(self, state, data):
-        config = self._dp_config
-        trainable, non_trainable, optimizer_vars, metrics_vars = state
-        packed, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        x, mask = packed["dp_x"], packed["dp_mask"]
-        seed_slots = [
-            i for i, v in enumerate(self.non_trainable_variables) if ledger.SEED_STATE in v.path
-        ]
-
-        compiled = _keras.compiled_metrics(self)
-        has_metrics = _keras.user_metrics_compiled(self)
-        # Built metrics are updated chunk by chunk inside the loop, so no row's prediction
-        # is kept for the whole batch and memory follows the chunk. (Unbuilt ones, which
-        # fit's symbolic build normally prevents, see the whole batch once.)
-        fold_metrics = has_metrics and compiled.built
-        keep_predictions = has_metrics and not compiled.built
-
-        def per_example(params, xi, yi, swi, index):
-            xi, yi, swi = jax.tree.map(lambda a: a[None], (xi, yi, swi))
-            nt = list(non_trainable)
-            for i in seed_slots:  # each example its own dropout randomness
-                offset = jnp.asarray([(index + 1) * _GOLDEN, 0]).astype(nt[i].dtype)
-                nt[i] = nt[i] + offset
-            loss, (y_pred, _) = self._dp_loss(params, nt, metrics_vars, xi, yi, swi)
-            y_pred = jax.tree.map(lambda a: a[0], y_pred)
-            kept = y_pred if keep_predictions else None
-            return loss, ((kept, y_pred) if fold_metrics else kept)
-
-        def fold(values, chunk_rows, chunk_pred, chunk_mask):
-            chunk_y, chunk_sw, chunk_pred, real = units.for_metrics(
-                chunk_rows, chunk_pred, chunk_mask
-            )
-            return metrics.update_compiled(self, values, chunk_y, chunk_pred, real, chunk_sw)
-
-        # A row is one privacy unit: an example, or a user's block (packed "dp_inner").
-        rows = (x, y, sample_weight) + ((packed["dp_inner"],) if "dp_inner" in packed else ())
-        clip_slot = self._dp_clip_slot()
-        clip_norm = config.l2_clip_norm if clip_slot is None else non_trainable[clip_slot]
-        shards, shard_axis = distribute.batch_shards()
-        per_shard = mask.shape[0] // shards
-        unit = units.unit_fn(per_example, config.user_block)
-        example_fn, ghost_spec, plan = ghost.clipping(self, config, unit, trainable, rows)
-        chunk_size = _chunk_size(config, shards, self)
-        if ghost.one_pass(plan, config, per_shard):
-            chunk_size = per_shard
-        chunk = step_chunk(per_shard, chunk_size)
-        grad_sum, losses, aux, nonfinite, clipped = clipping.clipped_sum(
-            example_fn,
-            trainable,
-            rows,
-            mask,
-            clip_norm,
-            chunk,
-            shards,
-            shard_axis,
-            fold=fold if fold_metrics else None,
-            fold_init=list(metrics_vars) if fold_metrics else None,
-            mesh=distribute.batch_mesh() if shards > 1 else None,
-            ghost=ghost_spec,
-        )
-        y_pred, metrics_vars = aux if fold_metrics else (aux, metrics_vars)
-        # The secret seed is an input (never a constant of the compiled program); the
-        # ledger's count of this update keys its noise: unique along the weights'
-        # history, and a new seed is drawn whenever loaded weights go back.
-        key = noise.step_key(noise.root_key(packed["dp_seed"][0]), packed["dp_step"][0])
-        if clip_slot is not None:  # adaptive clipping: the count's noise, its own stream
-            key, count_key = jax.random.split(key)
-        noise_slots = noise_state.slots(self)
-        if noise_slots is None:
-            grads = noise.privatize(
-                grad_sum, key, config.gradient_noise_multiplier, clip_norm, config.batch_size
-            )
-        else:  # correlated noise (BandMF): the noise history is part of the state
-            strategy_slot, history_slots = noise_slots
-            grads, history = noise.privatize_correlated(
-                grad_sum,
-                key,
-                config.noise_multiplier,
-                clip_norm,
-                config.batch_size,
-                non_trainable[strategy_slot],
-                [non_trainable[i] for i in history_slots],
-            )
-            non_trainable = list(non_trainable)
-            for i, h in zip(history_slots, history):
-                non_trainable[i] = h
-        # The optimizer divides by its loss scale (LossScaleOptimizer under mixed_float16,
-        # loss_scale_factor); the DP loss was never scaled, so scale the gradient to match.
-        scale = _loss_scale(self.optimizer, optimizer_vars)
-        grads = [(g * scale).astype(v.dtype) for g, v in zip(grads, trainable)]
-        trainable, optimizer_vars = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
-
-        non_trainable = self._dp_next_state(
-            state[0], non_trainable, seed_slots, metrics_vars, units.first_example(rows)
-        )
-        num_real = jnp.sum(mask)
-        if clip_slot is not None:  # adaptive clipping: C for the next update, privatised
-            fraction = adaptive.unclipped_fraction(
-                num_real - nonfinite - clipped,
-                num_real,
-                count_key,
-                config.count_noise,
-                config.batch_size,
-            )
-            non_trainable[clip_slot] = adaptive.next_clip_norm(
-                clip_norm, fraction, config.clip_quantile, config.clip_learning_rate
-            )
-        loss = jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.maximum(num_real, 1)
-        y, sample_weight, y_pred, real = units.for_metrics(rows, y_pred, mask)
-        logs, metrics_vars = metrics.update(
-            self, metrics_vars, loss, num_real, y, y_pred, real, sample_weight, nonfinite, clipped
-        )
-        return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
+        """One DP-SGD update (see :mod:`keras_dp.step`)."""
+        return step.train_step(self, state, data)
 
     def test_step(self, state, data):
         """Keras' own evaluation; the DP training counters are not part of its logs."""
         logs, state = super().test_step(state, data)
         return {k: v for k, v in logs.items() if k not in metrics.DP_COUNTERS}, state
-
-    def _dp_next_state(self, params, non_trainable, seed_slots, metrics_vars, rows):
-        """The non-trainable state after the step: every seed state advanced as one
-        forward pass advances it, whatever the batch holds (an empty Poisson draw
-        included), so the saved state reveals nothing of the draws.
-
-        The advance comes from one more forward pass on row 0 whose only used outputs
-        are the seed states; they do not depend on the data, so XLA keeps nothing else
-        of it. Other non-trainable state that a layer assigns in ``call`` would need
-        one value per example; it is not kept, and a warning names it.
-        """
-        _, (_, after) = self._dp_loss(params, list(non_trainable), metrics_vars, *rows)
-        variables = self.non_trainable_variables
-        changed = [
-            variables[i].path
-            for i, (a, b) in enumerate(zip(non_trainable, after))
-            if i not in seed_slots and a is not b
-        ]
-        if changed:
-            logger.warning(
-                "Non-trainable state assigned in call() is not kept by DP training (it "
-                "would mix examples): %s. Compute it outside the DP step, or make it "
-                "trainable=False weights that call() does not assign.",
-                ", ".join(changed),
-            )
-        state = list(non_trainable)
-        for i in seed_slots:
-            state[i] = after[i]
-        return state
-
-    def _dp_loss(self, params, non_trainable, metrics_vars, x, y, sample_weight):
-        kwargs = {"training": True} if _keras.call_has_training_arg(self) else {}
-        y_pred, non_trainable, losses = self.stateless_call(
-            params, non_trainable, x, return_losses=True, **kwargs
-        )
-        with _keras.losses_override(self, losses):
-            loss, _ = self.stateless_compute_loss(
-                params,
-                non_trainable,
-                metrics_vars,
-                x=x,
-                y=y,
-                y_pred=y_pred,
-                sample_weight=sample_weight,
-                training=True,
-            )
-        return loss, (y_pred, non_trainable)
-
-
-def _loss_scale(optimizer, optimizer_vars) -> jax.Array:
-    """What ``optimizer.stateless_apply`` divides the gradients by (1.0 for most)."""
-    inner = getattr(optimizer, "inner_optimizer", None)
-    mapping = list(zip(optimizer.variables, optimizer_vars))
-    with keras.StatelessScope(state_mapping=mapping):
-        scale = optimizer.scale_loss(jnp.float32(1.0))
-        if inner is not None:
-            scale = scale * inner.scale_loss(jnp.float32(1.0))
-    return jnp.asarray(scale, jnp.float32)
-
-
-def step_chunk(per_shard: int, chunk_size: int) -> int:
-    """The chunk a step of ``per_shard`` rows per shard runs: ``chunk_size``, or one
-    chunk of the whole shard when it is smaller. :class:`keras_dp.data.DPBatches`
-    sizes every batch so that this divides ``per_shard``."""
-    chunk = min(per_shard, chunk_size)
-    if per_shard % chunk:
-        raise ValueError(
-            f"Internal: a shard of {per_shard} rows is not a whole number of chunks of "
-            f"{chunk}; rows would be dropped. Please report this."
-        )
-    return chunk
-
-
-def _chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
-    """``microbatch_size``, or one chosen for the platform (per device).
-
-    On several devices ``microbatch_size`` is per device: each device computes
-    that many per-example gradients at a time.
-
-    CPU: a quarter of each device's expected batch (≤ 128). Chunks holding only
-    padding are skipped, so small chunks keep the rows computed close to the real
-    rows of a Poisson draw; on a 4-layer Gemma3 (batch 16, CPU) B/4 and B/8
-    measured alike, B/2 and B slower. The train step runs a small model with ghost
-    norms in one pass instead (:func:`keras_dp.ghost.one_pass`).
-
-    GPU/TPU: as many rows as keep one chunk's per-example gradients (float32) within
-    ``_CHUNK_GRADIENT_BYTES`` (with ghost clipping, only the variables that layer
-    types say will need them: often none, and then the whole batch); usually the
-    device's whole physical batch, computed in one vectorised pass, padding included.
-    A loop over chunks reads its condition back to the host at every iteration,
-    which on an H200 cost more than computing the padding rows (Gemma3 batch 16:
-    6.3 ms a step with B/4 chunks, against 2.0 ms for plain Keras).
-    """
-    if config.microbatch_size is not None:
-        return config.microbatch_size
-    per_device = math.ceil(config.batch_size / num_shards)
-    if jax.default_backend() == "cpu":
-        return max(1, min(128, math.ceil(per_device / 4)))
-    if config.ghost_clipping:
-        params = ghost.likely_per_example_size(model)  # ghost: most need none
-    else:
-        params = sum(math.prod(v.shape) for v in model.trainable_variables)
-    return max(1, _CHUNK_GRADIENT_BYTES // (4 * max(params, 1)))
-
-
-# Per-example gradient memory of one chunk, on accelerators, by default.
-_CHUNK_GRADIENT_BYTES = 2**30
 
 
 _DP_CLASSES: dict[type, type] = {}

@@ -43,10 +43,10 @@ def flat(model):
 def physical_rows(model, x, y):
     config = model.dp_config
     source = keras_dp.sampling.ExampleSource(x, y)
-    from keras_dp.model import _chunk_size
+    from keras_dp.step import chunk_size
 
     shards, _ = keras_dp.distribute.batch_shards()
-    return data.DPBatches(model, source, config, _chunk_size(config, shards, model), 1).physical
+    return data.DPBatches(model, source, config, chunk_size(config, shards, model), 1).physical
 
 
 def mlp_with_dropout():

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import keras_dp
 from keras_dp import DPConfig, bandmf, data, noise, noise_state
-from keras_dp import model as dp_model
+from keras_dp import step as dp_step
 
 from .helpers import on_devices
 
@@ -101,7 +101,7 @@ def reference_updates(model, config, seed, x, y, sample_weight, weights0, nt0, s
             nt = list(nt0)
             for s in seed_slots:  # the documented per-example dropout key: rank and step
                 with np.errstate(over="ignore"):  # uint32 arithmetic wraps, as in the step
-                    offset = np.asarray([(rank + 1) * dp_model._GOLDEN, step], nt0[s].dtype)
+                    offset = np.asarray([(rank + 1) * dp_step._GOLDEN, step], nt0[s].dtype)
                 nt[s] = nt0[s] + offset
             sw = None if sample_weight is None else jnp.asarray(sample_weight[i])
             g = grad_fn(current, nt, jnp.asarray(x[i]), jnp.asarray(y[i]), sw)

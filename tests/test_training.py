@@ -77,20 +77,20 @@ def test_default_microbatch_follows_the_platform(monkeypatch):
     gradients within a byte budget."""
     import jax
 
-    from keras_dp import model as dp_model
+    from keras_dp import step as dp_step
 
     model = mlp()  # 5*4 + 4 + 4*3 + 3 = 39 trainable parameters
     config = DPConfig(target_epsilon=1.0, batch_size=64, steps=1)
-    assert dp_model._chunk_size(config, 1, model) == 16
-    assert dp_model._chunk_size(config, 4, model) == 4  # per device
+    assert dp_step.chunk_size(config, 1, model) == 16
+    assert dp_step.chunk_size(config, 4, model) == 4  # per device
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert dp_model.step_chunk(72, dp_model._chunk_size(config, 1, model)) == 72  # one pass
+    assert dp_step.step_chunk(72, dp_step.chunk_size(config, 1, model)) == 72  # one pass
     config = DPConfig(target_epsilon=1.0, batch_size=64, steps=1, clipping="per_example")
-    assert dp_model._chunk_size(config, 1, model) == 2**30 // (4 * 39)
-    monkeypatch.setattr(dp_model, "_CHUNK_GRADIENT_BYTES", 4 * 39 * 5)
-    assert dp_model._chunk_size(config, 1, model) == 5
+    assert dp_step.chunk_size(config, 1, model) == 2**30 // (4 * 39)
+    monkeypatch.setattr(dp_step, "_CHUNK_GRADIENT_BYTES", 4 * 39 * 5)
+    assert dp_step.chunk_size(config, 1, model) == 5
     assert (
-        dp_model._chunk_size(
+        dp_step.chunk_size(
             DPConfig(target_epsilon=1.0, batch_size=64, steps=1, microbatch_size=3), 1, model
         )
         == 3

@@ -1,0 +1,211 @@
+"""What ``DPModel.fit`` does before Keras' own ``fit`` runs: check, calibrate, sample.
+
+Everything that can be refused is refused here, before any noise is spent. Keras'
+``fit`` then runs on :class:`keras_dp.data.DPBatches` (batches drawn by the config's
+sampler, so the accountant's assumption holds) with the ledger's callback first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+
+import keras
+import numpy as np
+
+from keras_dp import (
+    _keras,
+    bandmf,
+    checks,
+    data,
+    distribute,
+    ledger,
+    metrics,
+    noise_state,
+    sampling,
+    step,
+)
+from keras_dp.callbacks import DPProgbarLogger, PrivacyBudget
+from keras_dp.config import DPConfig
+
+logger = logging.getLogger(__name__)
+
+
+def fit(
+    model,
+    config: DPConfig,
+    *,
+    x,
+    y,
+    batch_size,
+    epochs,
+    verbose,
+    callbacks,
+    validation_split,
+    validation_data,
+    shuffle,
+    class_weight,
+    sample_weight,
+    initial_epoch,
+    steps_per_epoch,
+    validation_steps,
+    validation_batch_size,
+    validation_freq,
+    user_ids,
+):
+    """``DPModel.fit``: checks everything, then runs Keras' own ``fit`` on batches drawn
+    by the config's sampler, with the ledger's callback first."""
+    checks.check_fit_args(model, config, batch_size, shuffle, validation_split, steps_per_epoch)
+    sampling.refuse_streams(x)
+    if class_weight is not None:  # a per-example weight: the guarantee holds as it is
+        sample_weight = data.class_weights_as_sample_weight(class_weight, y, sample_weight)
+    source = sampling.ExampleSource(x, y, sample_weight)
+    preprocessor = getattr(model, "preprocessor", None)
+    if preprocessor is not None:  # a keras-hub task: raw inputs, preprocessed once
+        source = data.preprocess(preprocessor, source)
+        if validation_data is not None:
+            validation_data = data.preprocess_all(preprocessor, validation_data)
+    if source.size == 0:
+        raise ValueError("fit got no training examples (x is empty).")
+    users = data.users_of(config, user_ids, source.size)
+    config = calibrate(model, config, data.unit_count(config, users, source.size))
+    checks.check_plan_within_target(config)
+    model._dp_ledger.check_plan()
+    first = source.gather(np.arange(min(2, source.size)))
+    checks.check_examples(first, labels_needed=_keras.has_compiled_loss(model))
+    _keras.symbolic_build(model, first)
+    noise_state.make(model)
+    if config.correlated:
+        bandmf.check_strategy(np.asarray(model._dp_noise_strategy.value), config.bands)
+    checks.check_model(model)
+    checks.check_class_labels(model, source, first)
+    callbacks = list(callbacks or [])
+    # With BackupAndRestore, Keras resumes the epochs of the whole plan after it has
+    # restored a checkpoint (and its ledger): epochs count from the plan's start.
+    restartable = any(isinstance(c, keras.callbacks.BackupAndRestore) for c in callbacks)
+    per_epoch, epochs_to_run = plan_epochs(model, config, epochs, initial_epoch, restartable)
+    if model._dp_seed is None:
+        seed = config.seed if config.seed is not None else secrets.randbits(63)
+        model._dp_seed = distribute.shared_seed(seed)
+    model._dp_ledger.start_run()
+    if config.correlated and model._dp_ledger.partition_seed is None:
+        if model._dp_ledger.steps:
+            raise ValueError(
+                f"These weights took {model._dp_ledger.steps} updates of a BandMF plan, "
+                "but the run's secret state (its partition of the examples and its "
+                "noise history) did not come with them: continuing would not be the "
+                "analysed mechanism. Resume from a checkpoint that keras_dp wrote "
+                "during this run (model.save, save_weights, BackupAndRestore), or "
+                "start from new weights. Nothing was trained."
+            )
+        partition = config.seed if config.seed is not None else secrets.randbits(63)
+        model._dp_ledger.partition_seed = distribute.shared_seed(partition)
+    if config.seed is not None:
+        model._dp_ledger.public_seed = True
+        logger.warning(
+            "DPConfig(seed=%d) is fixed: anyone who knows it can regenerate the noise, "
+            "so this run is NOT differentially private (for tests only). Pass "
+            "seed=None for a secret seed.",
+            config.seed,
+        )
+    source = data.unit_source(config, source, users, model._dp_seed)
+    distribute.check_processes_agree(
+        source.size,
+        lambda: source.gather(
+            data.draw_indices(
+                config, model._dp_seed, model._dp_ledger.steps, model._dp_ledger.partition_seed
+            )
+        ),
+    )
+    shards, _ = distribute.batch_shards()
+    chunk = step.chunk_size(config, shards, model)
+    batches = data.DPBatches(model, source, config, chunk, per_epoch)
+    stop_at = model._dp_steps + batches.steps_this_fit(epochs_to_run)
+    if restartable:
+        stop_at = config.steps
+    for callback in callbacks:
+        if isinstance(callback, PrivacyBudget):
+            if callback.delta is not None:
+                checks.check_delta("PrivacyBudget(delta=...)", callback.delta, config)
+            callback._max_steps = callback.max_steps(model)
+            stop_at = min(stop_at, callback._max_steps)
+    if stop_at <= model._dp_steps:
+        raise ValueError(
+            f"PrivacyBudget allows no further update: {model._dp_steps} taken, ε would "
+            "exceed its stop_at_epsilon. Nothing was trained; raise stop_at_epsilon or "
+            "stop here."
+        )
+    metrics.add_counters(model)
+    budget = next((c for c in callbacks if isinstance(c, PrivacyBudget)), None)
+    counting = ledger.PerStepLedgerCallback if budget and budget.per_step else ledger.LedgerCallback
+    callbacks = [counting(stop_at, per_epoch, batches, budget), *callbacks]
+    if verbose != 0 and not any(isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks):
+        callbacks.append(DPProgbarLogger())
+    return keras.Model.fit(
+        model,
+        data.adapter(batches),
+        epochs=initial_epoch + epochs_to_run,
+        initial_epoch=initial_epoch,
+        verbose=verbose,
+        callbacks=callbacks,
+        validation_data=validation_data,
+        validation_steps=validation_steps,
+        validation_batch_size=validation_batch_size,
+        validation_freq=validation_freq,
+    )
+
+
+def calibrate(model, config: DPConfig, size: int) -> DPConfig:
+    """The plan calibrated for ``size`` units (σ from the target ε); the model keeps it."""
+    if config.dataset_size is not None and config.dataset_size != size:
+        if config._calibrated_for is not None and model._dp_steps:
+            raise ValueError(
+                f"fit got {size} examples, but this model's plan was calibrated for the "
+                f"{config.dataset_size} examples of its earlier fit, and its guarantee is "
+                "for that dataset. Pass the same training set to every fit (the sampler "
+                "draws the batches), or train a new model with a new DPConfig."
+            )
+        raise ValueError(
+            f"fit got {size} examples but DPConfig.dataset_size={config.dataset_size}; "
+            "pass the data the plan was made for, or dataset_size=None."
+        )
+    calibrated = config.calibrate(size)  # a given σ is checked against the target
+    if calibrated is not config:
+        if config.noise_multiplier is None:
+            logger.info(
+                "Calibrated noise_multiplier=%.4f for %s",
+                calibrated.noise_multiplier,
+                calibrated,
+            )
+        model._dp_set_plan(calibrated)
+    return calibrated
+
+
+def plan_epochs(
+    model, config: DPConfig, epochs, initial_epoch: int, restartable: bool = False
+) -> tuple[int, int]:
+    """(updates per epoch, epochs this fit runs), checked against what is left of the plan."""
+    planned_epochs = config.epochs or config.steps * config.batch_size / config.dataset_size
+    per_epoch = math.ceil(config.steps / max(1, math.ceil(planned_epochs)))
+    remaining = config.steps - model._dp_steps
+    if restartable:  # the ledger is known once the backup is restored
+        remaining = config.steps - min(model._dp_steps, initial_epoch * per_epoch)
+    if remaining <= 0:
+        raise ValueError(
+            f"The privacy budget of this plan is spent: {model._dp_steps} of "
+            f"{config.steps} updates taken (ε={model.privacy_spent().epsilon:.4g}). "
+            "Training more would exceed target_epsilon; make a new plan on a new model."
+        )
+    epochs_left = math.ceil(remaining / per_epoch)
+    to_run = epochs_left if epochs is None else epochs - initial_epoch
+    if to_run < 1:
+        raise ValueError(f"fit(epochs={epochs}, initial_epoch={initial_epoch}) runs no epoch.")
+    if to_run > epochs_left:
+        raise ValueError(
+            f"fit would run {to_run} epochs but only {epochs_left} are left of the plan "
+            f"({remaining} of {config.steps} updates); pass "
+            f"epochs<={initial_epoch + epochs_left} or plan more epochs in a new DPConfig "
+            "(and a new model)."
+        )
+    return per_epoch, to_run
