@@ -206,6 +206,16 @@ def _shard_sum(
     def rows_at(tree, start, size):
         return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), tree)
 
+    if num_chunks == 1:  # one vectorised pass: no loop condition to read back, one trace
+        part, losses, aux, finite, over = compute(rows, ids, mask)
+        acc = fold_init
+        if fold is not None:
+            aux, values = aux
+            acc = fold(acc, rows, values, mask)
+        counts = jnp.stack([jnp.sum(mask & ~finite), jnp.sum(mask & finite & over)])
+        grad_sum = jax.tree.map(lambda g: g.astype(jnp.float32), part)
+        return _outputs((grad_sum, losses, aux, counts.astype(jnp.int32), acc), fold)
+
     # Shapes of one chunk's outputs, to allocate the per-row buffers.
     shapes = jax.eval_shape(
         compute,
@@ -257,8 +267,6 @@ def _shard_sum(
         counted = jnp.stack([jnp.sum(chunk_mask & ~finite), jnp.sum(chunk_mask & finite & over)])
         return grad_sum, losses, aux, counts + counted.astype(jnp.int32), acc
 
-    if num_chunks == 1:  # one vectorised pass: no loop, so no loop condition to read back
-        return _outputs(chunk(0, chunk_size, init), fold)
     num_real = jnp.sum(mask.astype(jnp.int32))
     if ghost is not None:  # whole chunks only, the last one padded
         count = (num_real + chunk_size - 1) // chunk_size

@@ -165,6 +165,8 @@ def next_state(model, params, non_trainable, seed_slots, metrics_vars, rows):
     of it. Other non-trainable state that a layer assigns in ``call`` would need
     one value per example; it is not kept, and a warning names it.
     """
+    if not non_trainable:
+        return []
     _, (_, after) = model_loss(model, params, list(non_trainable), metrics_vars, *rows)
     variables = model.non_trainable_variables
     changed = [
