@@ -12,8 +12,9 @@ dispatch and callbacks count. The first epoch (which compiles) is reported apart
 its wall time from ``on_epoch_begin`` to ``on_epoch_end`` of a fresh model.
 ``--microbatch-size`` fixes keras_dp's chunk (default: the platform's choice). σ is
 calibrated once per plan and process (an in-process cache), so it is reported apart
-too. Memory is XLA's peak temporary memory of one compiled DP step at logical batch
-32 and 1024, in one chunk (no microbatching).
+too. Memory is XLA's peak temporary memory of one compiled step at logical batch
+32 and 1024: keras_dp's in one chunk (no microbatching), and plain Keras' beside it.
+``--models`` with no name measures memory only.
 
 The models: an MLP 64-256-256-10 on digits (batch 64), a CNN (two 3x3 convolutions
 and a Dense head, digits as 8x8 images, batch 64), an Embedding text classifier
@@ -205,10 +206,21 @@ def speed(names, repeats) -> dict:
     return results
 
 
-def step_memory(name: str, kind: str, logical_batch: int) -> int:
-    """Peak temporary bytes of one compiled DP step, the whole batch in one chunk."""
+def step_memory(name: str, kind: str, logical_batch: int) -> tuple[int, int]:
+    """(peak temporary bytes, rows) of one compiled step: keras_dp's with its whole
+    physical batch in one chunk, or (``kind="plain"``) Keras' own on ``logical_batch``
+    rows."""
     model_fn, data_fn, _, _ = MODELS[name]
     x, y = data_fn()
+    if kind == "plain":
+        model = model_fn()
+        model.compile(optimizer="adam", loss=LOSS)
+        rows = np.arange(logical_batch) % len(y)
+        batch = (keras.tree.map_structure(lambda a: a[rows], x), y[rows])
+        model._symbolic_build(data_batch=batch)
+        batch = jax.tree.map(jax.numpy.asarray, batch)
+        compiled = jax.jit(model.train_step).lower(train_state(model), batch).compile()
+        return int(compiled.memory_analysis().temp_size_in_bytes), logical_batch
     size = max(4 * logical_batch, len(y))
     config = keras_dp.DPConfig(
         target_epsilon=EPSILON,
@@ -229,7 +241,7 @@ def step_memory(name: str, kind: str, logical_batch: int) -> int:
     batches = dp_data.DPBatches(model, source, config, 1 << 16, 1)
     batch = jax.tree.map(jax.numpy.asarray, batches[0])
     compiled = jax.jit(model.train_step).lower(train_state(model), batch).compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes)
+    return int(compiled.memory_analysis().temp_size_in_bytes), batches.physical
 
 
 def memory(names) -> dict:
@@ -237,7 +249,7 @@ def memory(names) -> dict:
     for name in names:
         out[name] = {
             kind: {b: step_memory(name, kind, b) for b in (32, 1024)}
-            for kind in ("per_example", "ghost")
+            for kind in ("plain", "per_example", "ghost")
         }
         log(f"memory {name}: {out[name]}")
     return out
@@ -260,54 +272,64 @@ def calibration_seconds() -> dict:
 
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}", "", "    " + results["command"], ""]
-    lines += [
-        "| model | plain ms/step | per_example | ghost | auto | per_example / plain "
-        "| ghost / plain | auto / plain |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, s in results["speed"].items():
-        p = s["plain"]["ms_per_step"]
-        ms = [s[k]["ms_per_step"] for k in KINDS[1:]]
-        lines.append(
-            f"| {name} | {p:.2f} | "
-            + " | ".join(f"{m:.2f}" for m in ms)
-            + " | "
-            + " | ".join(f"**{m / p:.2f}×**" for m in ms)
-            + " |"
-        )
-    lines += [
-        "",
-        "First (compiling) epoch, seconds (σ's calibration, before it, is below):",
-        "",
-        "| model | plain | per_example | ghost | auto | auto / plain |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, s in results["speed"].items():
-        f = [s[k]["first_epoch_s"] for k in KINDS]
-        lines.append(
-            f"| {name} | " + " | ".join(f"{v:.2f}" for v in f) + f" | **{f[3] / f[0]:.2f}×** |"
-        )
+    if results["speed"]:
+        lines += [
+            "| model | plain ms/step | per_example | ghost | auto | per_example / plain "
+            "| ghost / plain | auto / plain |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, s in results["speed"].items():
+            p = s["plain"]["ms_per_step"]
+            ms = [s[k]["ms_per_step"] for k in KINDS[1:]]
+            lines.append(
+                f"| {name} | {p:.2f} | "
+                + " | ".join(f"{m:.2f}" for m in ms)
+                + " | "
+                + " | ".join(f"**{m / p:.2f}×**" for m in ms)
+                + " |"
+            )
+        lines += [
+            "",
+            "First (compiling) epoch, seconds (σ's calibration, before it, is below):",
+            "",
+            "| model | plain | per_example | ghost | auto | auto / plain |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, s in results["speed"].items():
+            f = [s[k]["first_epoch_s"] for k in KINDS]
+            lines.append(
+                f"| {name} | " + " | ".join(f"{v:.2f}" for v in f) + f" | **{f[3] / f[0]:.2f}×** |"
+            )
     if "calibration" in results:
         lines += ["", "Calibration of σ (once per plan and process), seconds: "]
         lines[-1] += ", ".join(f"{k} {v:.2f}" for k, v in results["calibration"].items())
     if "memory" in results:
         lines += [
             "",
-            "Peak temporary memory of one compiled DP step, whole batch in one chunk (MiB):",
+            "Peak temporary memory of one compiled step (MiB; rows computed in brackets): "
+            "keras_dp's with its whole physical batch (padded to the Poisson bound) in one "
+            "chunk, no microbatching; plain Keras' on the logical batch:",
             "",
-            "| model | clipping | batch 32 | batch 1024 | 1024 / 32 |",
-            "|---|---|---|---|---|",
+            "| model | step | logical batch 32 | logical batch 1024 | 1024 / 32 "
+            "| / plain at 1024 |",
+            "|---|---|---|---|---|---|",
         ]
         for name, kinds in results["memory"].items():
+            plain = kinds.get("plain", {}).get(1024)
             for kind, m in kinds.items():
-                a, b = m[32] / 2**20, m[1024] / 2**20
-                lines.append(f"| {name} | {kind} | {a:.1f} | {b:.1f} | {b / max(a, 1e-9):.1f}× |")
+                (a, ra), (b, rb) = m[32], m[1024]
+                vs = f"{b / plain[0]:.1f}×" if plain else "–"
+                growth = f"{b / a:.1f}×" if a >= 2**16 else "–"  # XLA kept ~nothing at 32
+                lines.append(
+                    f"| {name} | {kind} | {a / 2**20:.1f} ({ra}) | {b / 2**20:.1f} ({rb}) "
+                    f"| {growth} | {vs} |"
+                )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-models", nargs="*", default=["mlp", "cnn", "text"])
     parser.add_argument("--out", default="benchmarks/results")
@@ -320,7 +342,8 @@ def main() -> None:
         f"jax {jax.__version__}, keras {keras.__version__}",
         "command": "python benchmarks/clipping.py " + " ".join(os.sys.argv[1:]),
     }
-    results["calibration"] = calibration_seconds()
+    if args.models:
+        results["calibration"] = calibration_seconds()
     results["speed"] = speed(args.models, args.repeats)
     if args.memory_models:
         results["memory"] = memory(args.memory_models)

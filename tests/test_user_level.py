@@ -234,7 +234,7 @@ def test_els_drops_examples_above_the_bound_at_random_and_reports_it(caplog):
     x, y, ids = _data()
     config = _config(user_sampling="els", batch_size=10, steps=2, target_epsilon=math.inf)
     model = _model(config)
-    with caplog.at_level("WARNING", logger="keras_dp.model"):
+    with caplog.at_level("WARNING", logger="keras_dp"):
         model.fit(x, y, user_ids=ids, verbose=0)
     assert "were dropped at random" in caplog.text
     owners = data.group_by_user(ids, len(y))
