@@ -115,7 +115,8 @@ class Tap:
 
         The einsum's per-example gradient is its outer form, so the cheaper exact form
         never costs more; an embedding's gradient is a scatter of its T rows into a
-        table of V rows, against the T² products of the Gram form.
+        table of V rows, against the T² products of the Gram form (or, for long
+        sequences, sorting the T ids: :func:`keras_dp.ghost_norms.embedding_costs`).
         """
         if self.kind == "einsum" and self.spec is not None:
             x_shape = _x_shape(self.spec, self.out.shape)
@@ -127,7 +128,7 @@ class Tap:
             return min(outer, gram), outer
         if self.kind == "embedding":
             t, d = math.prod(self.out.shape[:-1]), self.out.shape[-1]
-            return t * t * d, t * d + math.prod(self.kernel_shape)
+            return min(gn.embedding_costs(t, d)), t * d + math.prod(self.kernel_shape)
         return 0, 0
 
 

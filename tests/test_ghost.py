@@ -180,6 +180,45 @@ def test_embedding_norms_and_sums_equal_brute_force(length, vocab, dim):
     )
 
 
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(length=st.integers(1, 40), vocab=st.integers(1, 6), dim=st.integers(1, 4))
+def test_sorted_embedding_norms_equal_brute_force(length, vocab, dim):
+    rng = np.random.default_rng(length * 100 + vocab * 10 + dim)
+    ids = jnp.asarray(rng.integers(0, vocab, (3, length)), jnp.int32)  # runs of repeats
+    g = jnp.asarray(rng.normal(size=(3, length, dim)), jnp.float32)
+    want = [
+        sum(
+            float(
+                np.sum(np.asarray(g[b])[np.asarray(ids[b]) == v], axis=0)
+                @ np.sum(np.asarray(g[b])[np.asarray(ids[b]) == v], axis=0)
+            )
+            for v in range(vocab)
+        )
+        for b in range(3)
+    ]
+    np.testing.assert_allclose(gn.sorted_sq_norms(ids, g), want, rtol=1e-5, atol=1e-6)
+
+
+def test_long_sequences_take_the_sorted_embedding_form():
+    gram, by_sort = gn.embedding_costs(64, 64)
+    assert gram < by_sort  # short: the T×T products
+    gram, by_sort = gn.embedding_costs(1024, 64)
+    assert by_sort < gram  # long: sorting the ids
+    length, vocab, dim = 600, 40, 64
+    gram, by_sort = gn.embedding_costs(length, dim)
+    assert by_sort < gram  # so embedding_sq_norms below sorts
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(0, vocab, (2, length)), jnp.int32)
+    g = jnp.asarray(rng.normal(size=(2, length, dim)), jnp.float32)
+    table = jnp.zeros((vocab, dim))
+    grads = [
+        jax.grad(lambda t, b=b: jnp.sum(jnp.take(t, ids[b], axis=0) * g[b]))(table)
+        for b in range(2)
+    ]
+    want = [float(np.sum(np.asarray(G, np.float64) ** 2)) for G in grads]
+    np.testing.assert_allclose(gn.embedding_sq_norms(ids, g), want, rtol=1e-5)
+
+
 # Whole models: ghost == per-example ---------------------------------------------------
 
 
@@ -208,6 +247,13 @@ def text_model():
     h = keras.layers.GlobalAveragePooling1D()(h)  # averages real tokens only
     h = keras.layers.Dense(3)(h)
     return keras.Model(inputs, h)
+
+
+def long_text_model():  # 256 tokens: the embedding's norm sorts the ids
+    inputs = keras.Input((256,), dtype="int32")
+    h = keras.layers.Embedding(7, 64)(inputs)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
 
 
 def lora_model():
@@ -311,6 +357,8 @@ def data(kind, n=9, seed=0):
         x = rng.integers(0, 5, (n, 8)).astype("int32")
         x[:, 5:] = 0  # padding tokens
         return x, y
+    if kind == "long_text":
+        return rng.integers(0, 7, (n, 256)).astype("int32"), y
     shape = {
         "sequence": (5, 4),
         "lora": (5, 4),
@@ -326,6 +374,7 @@ MODELS = {
     "mlp": mlp,
     "sequence": sequence_model,
     "text": text_model,
+    "long_text": long_text_model,
     "lora": lora_model,
     "conv": conv_model,
     "conv2d": conv2d_model,
