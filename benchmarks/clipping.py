@@ -218,9 +218,7 @@ def step_memory(name: str, kind: str, logical_batch: int) -> tuple[int, int]:
         rows = np.arange(logical_batch) % len(y)
         batch = (keras.tree.map_structure(lambda a: a[rows], x), y[rows])
         model._symbolic_build(data_batch=batch)
-        batch = jax.tree.map(jax.numpy.asarray, batch)
-        compiled = jax.jit(model.train_step).lower(train_state(model), batch).compile()
-        return int(compiled.memory_analysis().temp_size_in_bytes), logical_batch
+        return temp_bytes(model, batch), logical_batch
     size = max(4 * logical_batch, len(y))
     config = keras_dp.DPConfig(
         target_epsilon=EPSILON,
@@ -239,9 +237,14 @@ def step_memory(name: str, kind: str, logical_batch: int) -> tuple[int, int]:
     model._symbolic_build(data_batch=source.gather(np.arange(2)))
     model._dp_seed = 0
     batches = dp_data.DPBatches(model, source, config, 1 << 16, 1)
-    batch = jax.tree.map(jax.numpy.asarray, batches[0])
+    return temp_bytes(model, batches[0]), batches.physical
+
+
+def temp_bytes(model, batch) -> int:
+    """XLA's peak temporary bytes of ``model.train_step`` compiled for ``batch``."""
+    batch = jax.tree.map(jax.numpy.asarray, batch)
     compiled = jax.jit(model.train_step).lower(train_state(model), batch).compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes), batches.physical
+    return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
 def memory(names) -> dict:

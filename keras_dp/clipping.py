@@ -206,15 +206,20 @@ def _shard_sum(
     def rows_at(tree, start, size):
         return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), tree)
 
-    if num_chunks == 1:  # one vectorised pass: no loop condition to read back, one trace
-        part, losses, aux, finite, over = compute(rows, ids, mask)
-        acc = fold_init
+    def computed(chunk_rows, chunk_ids, chunk_mask, acc):
+        """A chunk's clipped sum, losses, kept aux, counts of its real rows (not finite,
+        clipped), and ``acc`` with its folded values."""
+        part, loss, chunk_aux, finite, over = compute(chunk_rows, chunk_ids, chunk_mask)
         if fold is not None:
-            aux, values = aux
-            acc = fold(acc, rows, values, mask)
-        counts = jnp.stack([jnp.sum(mask & ~finite), jnp.sum(mask & finite & over)])
+            chunk_aux, values = chunk_aux
+            acc = fold(acc, chunk_rows, values, chunk_mask)
+        counted = jnp.stack([jnp.sum(chunk_mask & ~finite), jnp.sum(chunk_mask & finite & over)])
+        return part, loss, chunk_aux, counted.astype(jnp.int32), acc
+
+    if num_chunks == 1:  # one vectorised pass: no loop condition to read back, one trace
+        part, losses, aux, counts, acc = computed(rows, ids, mask, fold_init)
         grad_sum = jax.tree.map(lambda g: g.astype(jnp.float32), part)
-        return _outputs((grad_sum, losses, aux, counts.astype(jnp.int32), acc), fold)
+        return _outputs((grad_sum, losses, aux, counts, acc), fold)
 
     # Shapes of one chunk's outputs, to allocate the per-row buffers.
     shapes = jax.eval_shape(
@@ -247,13 +252,9 @@ def _shard_sum(
         at = jnp.minimum(start, physical - size)
         fresh = at + jnp.arange(size) >= start
         chunk_mask = rows_at(mask, at, size) & fresh
-        chunk_rows = rows_at(rows, at, size)
-        part, loss, chunk_aux, finite, over = compute(
-            chunk_rows, rows_at(ids, at, size), chunk_mask
+        part, loss, chunk_aux, counted, acc = computed(
+            rows_at(rows, at, size), rows_at(ids, at, size), chunk_mask, acc
         )
-        if fold is not None:
-            chunk_aux, values = chunk_aux
-            acc = fold(acc, chunk_rows, values, chunk_mask)
         grad_sum = jax.tree.map(lambda s, g: s + g, grad_sum, part)
 
         def put(buf, x):  # rows re-read from an earlier chunk keep their stored value
@@ -264,8 +265,7 @@ def _shard_sum(
 
         losses = put(losses, loss)
         aux = jax.tree.map(put, aux, chunk_aux)
-        counted = jnp.stack([jnp.sum(chunk_mask & ~finite), jnp.sum(chunk_mask & finite & over)])
-        return grad_sum, losses, aux, counts + counted.astype(jnp.int32), acc
+        return grad_sum, losses, aux, counts + counted, acc
 
     num_real = jnp.sum(mask.astype(jnp.int32))
     if ghost is not None:  # whole chunks only, the last one padded

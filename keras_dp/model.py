@@ -16,7 +16,6 @@ The update itself is :mod:`keras_dp.step`; what ``fit`` checks and feeds it is
 from __future__ import annotations
 
 import dataclasses
-import logging
 import secrets
 
 import keras
@@ -33,8 +32,6 @@ from keras_dp import (
     step,
 )
 from keras_dp.config import DPConfig
-
-logger = logging.getLogger(__name__)
 
 ADAPTIVE_CLIP_NORM = "dp_adaptive_clip_norm"
 

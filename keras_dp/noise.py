@@ -104,17 +104,18 @@ def gaussian_like(key: jax.Array, tree, stddev: float):
     jax.random.normal(key, (total,))`` bit for bit: one draw cut into the leaves.
     For a Threefry key (JAX's default, partitionable) the draw is computed by
     :func:`_normals`, with :func:`threefry2x32` written out (JAX's CPU lowering is a
-    loop of small XLA passes), once per step (:func:`_drawn_once`). Its cost is the floor of a DP
-    step's overhead on a CPU: 84k normals take 0.3 ms here (0.7 ms through
-    ``jax.random.normal``), half a plain Keras step of that MLP.
+    loop of small XLA passes), once per step (:func:`_drawn_once`). Its cost is the
+    floor of a DP step's overhead on a CPU: 84k normals take 0.3 ms here (0.7 ms
+    through ``jax.random.normal``), half a plain Keras step of that MLP.
     """
     leaves, treedef = jax.tree.flatten(tree)
     sizes = [math.prod(jnp.shape(leaf)) for leaf in leaves]
     starts = [0, *itertools.accumulate(sizes)]
     if _unrolled(key, starts[-1]):
-        flat = _drawn_once(lambda: _normals(jax.random.key_data(key), starts[-1]), key)
+        draw = lambda: _normals(jax.random.key_data(key), starts[-1])  # noqa: E731
     else:
-        flat = _drawn_once(lambda: jax.random.normal(key, (starts[-1],), jnp.float32), key)
+        draw = lambda: jax.random.normal(key, (starts[-1],), jnp.float32)  # noqa: E731
+    flat = _drawn_once(draw, key)
     noise = [
         stddev * flat[start : start + size].reshape(jnp.shape(leaf))
         for start, size, leaf in zip(starts, sizes, leaves)
