@@ -201,15 +201,35 @@ class DPBatches(keras.utils.PyDataset):
 
     ``dp_step`` (the update's number in the ledger, one copy per row so that it
     shards like the rows) keys the update's noise.
+
+    Every batch has ``physical`` rows (the truncation bound's, padded), or, with
+    ``usual`` (:func:`keras_dp.step.usual_rows`), ``usual_physical`` rows whenever
+    the draw holds at most ``usual`` examples.
     """
 
-    def __init__(self, model, source, config: DPConfig, chunk: int, per_epoch: int):
+    def __init__(
+        self,
+        model,
+        source,
+        config: DPConfig,
+        chunk: int,
+        per_epoch: int,
+        usual: int | None = None,
+    ):
         super().__init__()
         self._model, self._source, self._config, self._per_epoch = model, source, config, per_epoch
         b_max = config.max_batch_size or _untruncated_bound(config)
         self._shards, _ = distribute.batch_shards()
         self._chunk = chunk
         self.physical = self._physical(b_max)
+        self.usual = None
+        if (
+            usual is not None
+            and sampling.physical_batch_size(usual, 1, self._shards) < self.physical
+        ):
+            self.usual = usual
+            self.usual_physical = sampling.physical_batch_size(usual, 1, self._shards)
+        self._usual_exceeded = False
         self._next_step = model._dp_ledger.steps
 
     def _physical(self, rows: int) -> int:
@@ -238,6 +258,19 @@ class DPBatches(keras.utils.PyDataset):
         ledger = self._model._dp_ledger
         indices = draw_indices(self._config, self._model._dp_seed, step, ledger.partition_seed)
         physical = self.physical
+        if self.usual is not None:
+            if len(indices) <= self.usual:
+                physical = self.usual_physical
+            elif not self._usual_exceeded:
+                self._usual_exceeded = True
+                logger.info(
+                    "Update %d draws %d examples, more than the usual %d: the step is "
+                    "compiled (once) for %d rows.",
+                    step,
+                    len(indices),
+                    self.usual,
+                    physical,
+                )
         if len(indices) > physical:  # untruncated Poisson (RDP) drew beyond the bound
             logger.warning(
                 "Poisson draw of %d rows exceeds %d; compiling a larger step.",

@@ -120,7 +120,11 @@ def fit(
     )
     shards, _ = distribute.batch_shards()
     chunk = step.chunk_size(config, shards, model)
-    batches = data.DPBatches(model, source, config, chunk, per_epoch)
+    usual = None
+    if not isinstance(source, data.UserSource) and source.size:
+        example = source.gather(np.arange(1))[0]
+        usual = step.usual_rows(model, config, example)
+    batches = data.DPBatches(model, source, config, chunk, per_epoch, usual)
     stop_at = model._dp_steps + batches.steps_this_fit(epochs_to_run)
     if restartable:
         stop_at = config.steps

@@ -265,6 +265,13 @@ _ONE_PASS_FLOPS = 10**6
 _ONE_PASS_BYTES = 2**28
 
 
+def forward_flops(model, row) -> int:
+    """FLOPs of the model's forward pass on ``row`` (one example with a batch axis of
+    1), counted on a trace as :class:`Plan` counts them; nothing is compiled."""
+    kwargs = {"training": False} if _keras.call_has_training_arg(model) else {}
+    return _flops(jax.make_jaxpr(lambda r: model(r, **kwargs))(row).jaxpr)
+
+
 def one_pass(plan_: Plan | None, config, rows: int) -> bool:
     """Whether a CPU step computes its ``rows`` (one shard, padding included) in one
     pass rather than in chunks (``microbatch_size`` unset, ghost norms).

@@ -221,15 +221,10 @@ def loss_scale(optimizer, optimizer_vars) -> jax.Array:
 
 def step_chunk(per_shard: int, chunk_size: int) -> int:
     """The chunk a step of ``per_shard`` rows per shard runs: ``chunk_size``, or one
-    chunk of the whole shard when it is smaller. :class:`keras_dp.data.DPBatches`
-    sizes every batch so that this divides ``per_shard``."""
+    chunk of the whole shard when it is smaller or does not divide it (the usual-size
+    batches of :func:`usual_rows`, meant for one pass). Never drops a row."""
     chunk = min(per_shard, chunk_size)
-    if per_shard % chunk:
-        raise ValueError(
-            f"Internal: a shard of {per_shard} rows is not a whole number of chunks of "
-            f"{chunk}; rows would be dropped. Please report this."
-        )
-    return chunk
+    return chunk if per_shard % chunk == 0 else per_shard
 
 
 def chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
@@ -262,6 +257,36 @@ def chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
     else:
         params = sum(math.prod(v.shape) for v in model.trainable_variables)
     return max(1, _CHUNK_GRADIENT_BYTES // (4 * max(params, 1)))
+
+
+def usual_rows(model, config: DPConfig, example) -> int | None:
+    """Real rows that most updates' draws fit in, B + 3·√B, when a smaller batch saves
+    work: on a CPU, with ghost norms and ``microbatch_size`` unset, for a model whose
+    step is one vectorised pass (:func:`keras_dp.ghost.one_pass`, judged from the
+    forward FLOPs of ``example``), whose padding rows are all computed. None otherwise
+    (chunked steps skip padding chunks anyway).
+
+    :class:`keras_dp.data.DPBatches` then feeds this many rows when a draw fits (a
+    Poisson draw exceeds it about once in 700 updates) and the truncation bound's
+    otherwise; that larger shape is compiled only when a draw first needs it. The
+    sampler, the accounting and the sums are unchanged: padding rows count for nothing.
+    """
+    if (
+        jax.default_backend() != "cpu"
+        or config.microbatch_size is not None
+        or not config.ghost_clipping
+        or config.user_block is not None
+        or config.sampling != "poisson"
+    ):
+        return None
+    try:
+        flops = ghost.forward_flops(model, example)
+    except Exception as err:  # a heuristic: a model it cannot trace keeps one shape
+        logger.debug("No smaller batch shape: the forward pass did not trace (%s).", err)
+        return None
+    if flops > ghost._ONE_PASS_FLOPS:
+        return None
+    return 8 * math.ceil((config.batch_size + 3 * math.sqrt(config.batch_size)) / 8)
 
 
 # Per-example gradient memory of one chunk, on accelerators, by default.

@@ -5,6 +5,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import keras_dp
 from keras_dp import DPConfig, data, noise, sampling
@@ -140,3 +142,90 @@ def test_unknown_item_structures_are_x_only():
 def test_ragged_examples_are_refused(bad):
     with pytest.raises(ValueError, match="ragged"):
         sampling.ExampleSource(bad).gather(np.array([0, 1]))
+
+
+def packed_batches(config, usual, n):
+    x, y = arrays(n)
+    model = keras_dp.make_private(mlp(), config)
+    model._dp_seed = 5
+    return data.DPBatches(model, sampling.ExampleSource(x, y), config, 4, 1, usual)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(2, 40),
+    extra=st.integers(1, 300),
+    usual=st.integers(1, 60),
+    seed=st.integers(0, 2**20),
+)
+def test_usual_size_batches_hold_the_same_draws(batch, extra, usual, seed):
+    """A draw of at most ``usual`` examples comes in ``usual_physical`` rows, a larger
+    one in the bound's; either way the same real rows, in the same order."""
+    n = batch + extra
+    config = DPConfig(
+        target_epsilon=50.0, noise_multiplier=1.0, batch_size=batch, epochs=2, seed=seed
+    ).calibrate(n)
+    bound, ladder = packed_batches(config, None, n), packed_batches(config, usual, n)
+    assert bound.usual is None
+    smaller = ladder.usual is not None
+    assert smaller == (usual < bound.physical)  # rows are not rounded to chunks of 4
+    for i in range(6):
+        (a, ya), (b, yb) = bound[i], ladder[i]
+        real = int(a["dp_mask"].sum())
+        assert int(b["dp_mask"].sum()) == real
+        rows = usual if smaller and real <= usual else bound.physical
+        assert len(b["dp_mask"]) == len(yb) == rows
+        assert b["dp_mask"][:real].all()  # one shard: real rows first
+        np.testing.assert_array_equal(b["dp_x"][:real], a["dp_x"][:real])
+        np.testing.assert_array_equal(yb[:real], ya[:real])
+        assert (b["dp_step"] == a["dp_step"][0]).all()
+
+
+def test_a_fit_over_both_batch_shapes_trains_as_one_over_the_bound(monkeypatch):
+    """Half the draws fit the usual rows, half need the bound's: two compiled shapes,
+    and the same weights as a fit that always feeds the bound's rows."""
+    from keras_dp import step as dp_step
+
+    def run(usual):
+        traces = []
+
+        class Counting(keras_dp.DPModel, keras.Sequential):
+            def train_step(self, state, batch):
+                traces.append(len(batch[1]))  # runs only when jit traces
+                return super().train_step(state, batch)
+
+        monkeypatch.setattr(dp_step, "usual_rows", lambda *args: usual)
+        keras.utils.set_random_seed(0)
+        model = Counting(
+            [keras.Input((5,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)],
+            dp_config=DPConfig(target_epsilon=4.0, batch_size=16, epochs=2, seed=3),
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss=LOSS)
+        model.fit(*arrays(160), verbose=0)
+        return model, traces
+
+    bound, one_shape = run(None)
+    ladder, two_shapes = run(16)
+    assert len(one_shape) == 1 and sorted(two_shapes) == [16, one_shape[0]]
+    assert ladder.dp_steps == bound.dp_steps == 20
+    for a, b in zip(ladder.trainable_variables, bound.trainable_variables):
+        np.testing.assert_allclose(np.asarray(a.value), np.asarray(b.value), rtol=1e-5, atol=1e-6)
+
+
+def test_usual_rows_only_where_a_one_pass_step_computes_its_padding(monkeypatch):
+    from keras_dp import step as dp_step
+
+    small = mlp()
+    example = np.zeros((1, 5), "float32")
+    config = DPConfig(target_epsilon=1.0, batch_size=64, steps=1)
+    assert dp_step.usual_rows(small, config, example) == 88  # 64 + 3·8, to a multiple of 8
+    for other in (
+        DPConfig(target_epsilon=1.0, batch_size=64, steps=1, clipping="per_example"),
+        DPConfig(target_epsilon=1.0, batch_size=64, steps=1, microbatch_size=16),
+        DPConfig(target_epsilon=1.0, batch_size=64, steps=1, sampling="fixed", accountant="rdp"),
+    ):
+        assert dp_step.usual_rows(small, other, example) is None
+    wide = keras.Sequential([keras.Input((5,)), keras.layers.Dense(1024), keras.layers.Dense(600)])
+    assert dp_step.usual_rows(wide, config, example) is None  # 1.2 MFLOP: chunked
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert dp_step.usual_rows(small, config, example) is None
