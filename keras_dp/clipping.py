@@ -357,7 +357,7 @@ def _ghost(example_fn, params, l2_clip_norm, is_ghost, taps):
 
         part = [None] * len(params)
         for t, x, g in zip(taps, residuals, gs):
-            for i, total in t.sums(zeroed(x), zeroed(g), factor).items():
+            for i, total in t.sums(jax.tree.map(zeroed, x), zeroed(g), factor).items():
                 part[i] = total
         mine = iter(own_grads)
         for i, g in enumerate(is_ghost):

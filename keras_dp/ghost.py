@@ -76,9 +76,9 @@ class Tap:
 
     def prepare(self, x):
         """The tap's input as :meth:`sq_norms` and :meth:`sums` read it, formed once:
-        a convolution's unfolded patches; any other input as it is."""
+        for a convolution, the input and its unfolded patches; any other input as it is."""
         if self.kind == "conv" and self.use_kernel:
-            return gn.conv_patches(self.spec, x)
+            return x, gn.conv_patches(self.spec, x)
         return x
 
     def sq_norms(self, x, g) -> jax.Array:
@@ -89,7 +89,7 @@ class Tap:
             if self.kind == "embedding":
                 total = total + gn.embedding_sq_norms(x, g)
             elif self.kind == "conv":
-                total = total + gn.conv_sq_norms(x, g)
+                total = total + gn.conv_sq_norms(x[1], g)
             else:
                 total = total + gn.kernel_sq_norms(self.spec, x, g)
         if self.use_bias:
@@ -103,7 +103,7 @@ class Tap:
             if self.kind == "embedding":
                 out[self.kernel] = gn.embedding_sum(x, g, factor, self.kernel_shape)
             elif self.kind == "conv":
-                out[self.kernel] = gn.conv_sum(x, g, factor, self.kernel_shape)
+                out[self.kernel] = gn.conv_sum(self.spec, x[0], g, factor, self.kernel_shape)
             else:
                 out[self.kernel] = gn.kernel_sum(self.spec, x, g, factor, self.kernel_shape)
         if self.use_bias:

@@ -105,10 +105,20 @@ def kernel_sq_norms(spec: Einsum, x, g) -> jnp.ndarray:
 
 
 def kernel_sum(spec: Einsum, x, g, factor, kernel_shape) -> jnp.ndarray:
-    """Σ_b factor_b·G_b in float32, one contraction over the examples."""
+    """Σ_b factor_b·G_b in float32, one contraction over the examples.
+
+    The factors scale the smaller of x and g, which the contraction also takes first:
+    XLA's CPU dot copies its first operand into its own layout. 88 examples × 16
+    positions (a 3×3×16 → 32 convolution's patches): 0.31 ms against 0.51 with x
+    first; × 64 tokens, 256 → 64: 2.7 against 6.1 ms; 64 → 256 the other way round,
+    2.0 against 8.6 ms.
+    """
     (z,) = _free(spec, 1)
-    xs = x.astype(jnp.float32) * factor.reshape((-1,) + (1,) * (x.ndim - 1))
-    out = jnp.einsum(f"{z}{spec.x},{z}{spec.out}->{spec.k}", xs, g.astype(jnp.float32))
+    scale = lambda a: a.astype(jnp.float32) * factor.reshape((-1,) + (1,) * (a.ndim - 1))  # noqa: E731
+    if g.size < x.size:
+        out = jnp.einsum(f"{z}{spec.out},{z}{spec.x}->{spec.k}", scale(g), x.astype(jnp.float32))
+    else:
+        out = jnp.einsum(f"{z}{spec.x},{z}{spec.out}->{spec.k}", scale(x), g.astype(jnp.float32))
     return out.reshape(kernel_shape)
 
 
@@ -241,16 +251,31 @@ def conv_sq_norms(patches, g) -> jnp.ndarray:
     return kernel_sq_norms(DENSE, patches, g.reshape(g.shape[0], -1, g.shape[-1]))
 
 
-def conv_sum(patches, g, factor, kernel_shape) -> jnp.ndarray:
-    """Σ_b factor_b·G_b in the kernel's layout (*window, C, filters), from patches."""
-    flat = kernel_sum(
-        DENSE,
-        patches,
-        g.reshape(g.shape[0], -1, g.shape[-1]),
-        factor,
-        (patches.shape[-1], kernel_shape[-1]),
-    )
-    return flat.reshape(kernel_shape)
+def conv_sum(conv: Conv, x, g, factor, kernel_shape) -> jnp.ndarray:
+    """Σ_b factor_b·G_b in the kernel's layout (*window, C, filters), from the input x
+    [B, 1, *spatial, C] and g [B, 1, *out, filters]: the kernel gradient of the
+    convolution over the examples at the output gradient factor_b·g_b: XLA's own
+    backward-filter convolution, which reads x as it is (a contraction of the patches
+    copied them into its layout first; the small CNN's compiled step on 88 rows, 1.85
+    → 1.55 ms)."""
+    x = x.reshape(x.shape[0], *x.shape[2:]).astype(jnp.float32)
+    g = g.reshape(g.shape[0], *g.shape[2:]).astype(jnp.float32)
+    g = g * factor.reshape((-1,) + (1,) * (g.ndim - 1))
+    spatial = "DHW"[3 - len(conv.window) :]
+    numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+
+    def forward(kernel):
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=conv.strides,
+            padding=conv.padding,
+            rhs_dilation=conv.dilation,
+            dimension_numbers=numbers,
+        )
+
+    _, pullback = jax.vjp(forward, jnp.zeros(kernel_shape, jnp.float32))
+    return pullback(g)[0]
 
 
 def conv_costs(conv: Conv, x_shape, out_shape) -> tuple[int, int]:
