@@ -148,9 +148,12 @@ def test_both_norm_forms_are_used():
     """The shapes above exercise both forms: (outer, Gram) costs per example."""
     spec = gn.parse("ab,bc->ac", 2)
     outer, gram = gn.costs(spec, (9, 2), (9, 2))
-    assert outer < gram  # long sequence, narrow features
+    assert outer < gram and gn.outer_form(spec, (9, 2), (9, 2))  # long, narrow
     outer, gram = gn.costs(spec, (3, 40), (3, 30))
-    assert gram < outer  # short sequence, wide features
+    assert gram < outer and not gn.outer_form(spec, (3, 40), (3, 30))  # short, wide
+    # Equal multiply-adds: Gram (forming each example's gradient costs its writes too).
+    assert gn.costs(spec, (128, 256), (128, 256)) == (128 * 256 * 256,) * 2
+    assert not gn.outer_form(spec, (128, 256), (128, 256))
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
