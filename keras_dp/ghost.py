@@ -266,10 +266,17 @@ _ONE_PASS_BYTES = 2**28
 
 
 def forward_flops(model, row) -> int:
-    """FLOPs of the model's forward pass on ``row`` (one example with a batch axis of
-    1), counted on a trace as :class:`Plan` counts them; nothing is compiled."""
+    """FLOPs of the built model's forward pass on ``row`` (one example with a batch
+    axis of 1), counted on a trace as :class:`Plan` counts them. Stateless: nothing is
+    compiled and no variable changes (a layer may assign state in ``call``)."""
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
     kwargs = {"training": False} if _keras.call_has_training_arg(model) else {}
-    return _flops(jax.make_jaxpr(lambda r: model(r, **kwargs))(row).jaxpr)
+
+    def forward(r):
+        return model.stateless_call(trainable, non_trainable, r, **kwargs)[0]
+
+    return _flops(jax.make_jaxpr(forward)(row).jaxpr)
 
 
 def one_pass(plan_: Plan | None, config, rows: int) -> bool:

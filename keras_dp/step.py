@@ -264,11 +264,11 @@ def usual_rows(model, config: DPConfig, example) -> int | None:
     work: on a CPU, with ghost norms and ``microbatch_size`` unset, for a model whose
     step is one vectorised pass (:func:`keras_dp.ghost.one_pass`, judged from the
     forward FLOPs of ``example``), whose padding rows are all computed. None otherwise
-    (chunked steps skip padding chunks anyway).
+    (chunked steps skip padding chunks anyway), and for a model not yet built.
 
     :class:`keras_dp.data.DPBatches` then feeds this many rows when a draw fits (a
-    Poisson draw exceeds it about once in 700 updates) and the truncation bound's
-    otherwise; that larger shape is compiled only when a draw first needs it. The
+    Poisson draw exceeds it about once in 550–700 updates, rarer for small B) and
+    the truncation bound's otherwise; that larger shape is compiled only when a draw first needs it. The
     sampler, the accounting and the sums are unchanged: padding rows count for nothing.
     """
     if (
@@ -277,6 +277,7 @@ def usual_rows(model, config: DPConfig, example) -> int | None:
         or not config.ghost_clipping
         or config.user_block is not None
         or config.sampling != "poisson"
+        or not model.built
     ):
         return None
     try:

@@ -227,5 +227,7 @@ def test_usual_rows_only_where_a_one_pass_step_computes_its_padding(monkeypatch)
         assert dp_step.usual_rows(small, other, example) is None
     wide = keras.Sequential([keras.Input((5,)), keras.layers.Dense(1024), keras.layers.Dense(600)])
     assert dp_step.usual_rows(wide, config, example) is None  # 1.2 MFLOP: chunked
+    unbuilt = keras.Sequential([keras.layers.Dense(3)])
+    assert dp_step.usual_rows(unbuilt, config, example) is None and not unbuilt.built
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert dp_step.usual_rows(small, config, example) is None
