@@ -268,8 +268,9 @@ def usual_rows(model, config: DPConfig, example) -> int | None:
 
     :class:`keras_dp.data.DPBatches` then feeds this many rows when a draw fits (a
     Poisson draw exceeds it about once in 550–700 updates, rarer for small B) and
-    the truncation bound's otherwise; that larger shape is compiled only when a draw first needs it. The
-    sampler, the accounting and the sums are unchanged: padding rows count for nothing.
+    the truncation bound's otherwise; that larger shape is compiled only when a draw
+    first needs it. The sampler, the accounting and the sums are unchanged: padding
+    rows count for nothing.
     """
     if (
         jax.default_backend() != "cpu"
