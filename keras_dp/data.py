@@ -223,12 +223,10 @@ class DPBatches(keras.utils.PyDataset):
         self._chunk = chunk
         self.physical = self._physical(b_max)
         self.usual = None
-        if (
-            usual is not None
-            and sampling.physical_batch_size(usual, 1, self._shards) < self.physical
-        ):
-            self.usual = usual
-            self.usual_physical = sampling.physical_batch_size(usual, 1, self._shards)
+        if usual is not None:
+            rows = sampling.physical_batch_size(usual, 1, self._shards)
+            if rows < self.physical:
+                self.usual, self.usual_physical = usual, rows
         self._usual_exceeded = False
         self._next_step = model._dp_ledger.steps
 

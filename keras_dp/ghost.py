@@ -291,9 +291,27 @@ def one_pass(plan_: Plan | None, config, rows: int) -> bool:
     (0.2 MFLOP) 1.9 ms both; a 2-layer BERT (~10 MFLOP) or Gemma3 keeps its chunks,
     where the padding rows would cost more than the loop.
     """
-    if plan_ is None or config.microbatch_size is not None or jax.default_backend() != "cpu":
+    if plan_ is None or not _may_pass_once(config):
         return False
     return plan_.flops <= _ONE_PASS_FLOPS and 4 * rows * plan_.fallback_size <= _ONE_PASS_BYTES
+
+
+def likely_one_pass(model, config, row) -> bool:
+    """:func:`one_pass` as far as it can be told before any step is traced: ghost
+    norms, a built model, and the forward FLOPs of ``row`` (one example, batch axis 1)
+    within the bound. A model whose forward pass does not trace here is not."""
+    if not config.ghost_clipping or not _may_pass_once(config) or not model.built:
+        return False
+    try:
+        flops = forward_flops(model, row)
+    except Exception as err:  # a guess for sizing batches only: never fail fit over it
+        logger.debug("Forward FLOPs unknown (the forward pass did not trace: %s).", err)
+        return False
+    return flops <= _ONE_PASS_FLOPS
+
+
+def _may_pass_once(config) -> bool:
+    return config.microbatch_size is None and jax.default_backend() == "cpu"
 
 
 def plan(model, loss_fn, params, clipping: str) -> Plan:

@@ -272,21 +272,9 @@ def usual_rows(model, config: DPConfig, example) -> int | None:
     first needs it. The sampler, the accounting and the sums are unchanged: padding
     rows count for nothing.
     """
-    if (
-        jax.default_backend() != "cpu"
-        or config.microbatch_size is not None
-        or not config.ghost_clipping
-        or config.user_block is not None
-        or config.sampling != "poisson"
-        or not model.built
-    ):
+    if config.user_block is not None or config.sampling != "poisson":
         return None
-    try:
-        flops = ghost.forward_flops(model, example)
-    except Exception as err:  # a heuristic: a model it cannot trace keeps one shape
-        logger.debug("No smaller batch shape: the forward pass did not trace (%s).", err)
-        return None
-    if flops > ghost._ONE_PASS_FLOPS:
+    if not ghost.likely_one_pass(model, config, example):
         return None
     return 8 * math.ceil((config.batch_size + 3 * math.sqrt(config.batch_size)) / 8)
 
