@@ -115,8 +115,9 @@ class Tap:
 
         The einsum's per-example gradient is its outer form, so the cheaper exact form
         never costs more; an embedding's gradient is a scatter of its T rows into a
-        table of V rows, against the T² products of the Gram form (or, for long
-        sequences, sorting the T ids: :func:`keras_dp.ghost_norms.embedding_costs`).
+        table of V rows, against the cheapest of the T² products of the Gram form, the
+        T² comparisons of the first-position form and sorting the T ids
+        (:func:`keras_dp.ghost_norms.embedding_costs`).
         """
         if self.kind == "einsum" and self.spec is not None:
             x_shape = _x_shape(self.spec, self.out.shape)

@@ -183,34 +183,38 @@ def test_embedding_norms_and_sums_equal_brute_force(length, vocab, dim):
     )
 
 
+def _grouped_sums_squared(ids, g, vocab):
+    """Σ_v ‖Σ_{t: id_t = v} g_t‖² per example, by a loop over the vocabulary (float64)."""
+    ids, g = np.asarray(ids), np.asarray(g, np.float64)
+    return [
+        sum(float(np.sum(np.sum(g[b][ids[b] == v], axis=0) ** 2)) for v in range(vocab))
+        for b in range(len(ids))
+    ]
+
+
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(length=st.integers(1, 40), vocab=st.integers(1, 6), dim=st.integers(1, 4))
-def test_sorted_embedding_norms_equal_brute_force(length, vocab, dim):
+def test_sorted_and_first_position_embedding_norms_equal_brute_force(length, vocab, dim):
     rng = np.random.default_rng(length * 100 + vocab * 10 + dim)
     ids = jnp.asarray(rng.integers(0, vocab, (3, length)), jnp.int32)  # runs of repeats
     g = jnp.asarray(rng.normal(size=(3, length, dim)), jnp.float32)
-    want = [
-        sum(
-            float(
-                np.sum(np.asarray(g[b])[np.asarray(ids[b]) == v], axis=0)
-                @ np.sum(np.asarray(g[b])[np.asarray(ids[b]) == v], axis=0)
-            )
-            for v in range(vocab)
-        )
-        for b in range(3)
-    ]
+    want = _grouped_sums_squared(ids, g, vocab)
     np.testing.assert_allclose(gn.sorted_sq_norms(ids, g), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gn.first_position_sq_norms(ids, g), want, rtol=1e-5, atol=1e-6)
 
 
-def test_long_sequences_take_the_sorted_embedding_form():
-    gram, by_sort = gn.embedding_costs(64, 64)
-    assert gram < by_sort  # short: the T×T products
-    gram, by_sort = gn.embedding_costs(1024, 64)
-    assert by_sort < gram  # long: sorting the ids
-    length, vocab, dim = 600, 40, 64
-    gram, by_sort = gn.embedding_costs(length, dim)
-    assert by_sort < gram  # so embedding_sq_norms below sorts
-    rng = np.random.default_rng(3)
+def _cheapest(length, dim):
+    costs = gn.embedding_costs(length, dim)
+    return ("gram", "sorted", "first")[costs.index(min(costs))]
+
+
+@pytest.mark.parametrize(
+    "length, vocab, dim, form",
+    [(16, 5, 32, "gram"), (64, 40, 64, "first"), (256, 300, 32, "first"), (600, 40, 64, "sorted")],
+)
+def test_each_embedding_norm_form_is_taken_where_cheapest(length, vocab, dim, form):
+    assert _cheapest(length, dim) == form  # so embedding_sq_norms below computes it
+    rng = np.random.default_rng(length)
     ids = jnp.asarray(rng.integers(0, vocab, (2, length)), jnp.int32)
     g = jnp.asarray(rng.normal(size=(2, length, dim)), jnp.float32)
     table = jnp.zeros((vocab, dim))
