@@ -179,6 +179,15 @@ def embedding_costs(length: int, dim: int) -> tuple[int, int, int]:
     return gram, length * dim + _SORT_COST * length * levels, 15 * compares + 40 * length * dim
 
 
+def embedding_form(length: int, dim: int) -> str:
+    """The cheapest of :func:`embedding_costs`' forms: "gram", "sorted" or "first"
+    (position); the Gram form on a tie, then the sorted one."""
+    gram, by_sort, by_first = embedding_costs(length, dim)
+    if by_sort < min(gram, by_first):
+        return "sorted"
+    return "first" if by_first < gram else "gram"
+
+
 def embedding_sq_norms(ids, g) -> jnp.ndarray:
     """‖Σ_t onehot(id_t) ⊗ g_t‖² per example: Σ_{s,t: id_s = id_t} ⟨g_s, g_t⟩, by the
     cheapest exact form: the T×T Gram products, g summed over equal ids at each id's
@@ -188,10 +197,10 @@ def embedding_sq_norms(ids, g) -> jnp.ndarray:
     g = g.reshape(ids.shape[0], ids.shape[1], -1).astype(jnp.float32)
     if ids.shape[1] == 1:
         return jnp.sum(jnp.square(g), axis=(1, 2))
-    gram, by_sort, by_first = embedding_costs(ids.shape[1], g.shape[2])
-    if by_sort < min(gram, by_first):
+    form = embedding_form(ids.shape[1], g.shape[2])
+    if form == "sorted":
         return sorted_sq_norms(ids, g)
-    if by_first < gram:
+    if form == "first":
         return first_position_sq_norms(ids, g)
     same = ids[:, :, None] == ids[:, None, :]
     gg = jnp.einsum("bsd,btd->bst", g, g)

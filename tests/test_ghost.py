@@ -203,17 +203,13 @@ def test_sorted_and_first_position_embedding_norms_equal_brute_force(length, voc
     np.testing.assert_allclose(gn.first_position_sq_norms(ids, g), want, rtol=1e-5, atol=1e-6)
 
 
-def _cheapest(length, dim):
-    costs = gn.embedding_costs(length, dim)
-    return ("gram", "sorted", "first")[costs.index(min(costs))]
-
-
 @pytest.mark.parametrize(
     "length, vocab, dim, form",
     [(16, 5, 32, "gram"), (64, 40, 64, "first"), (256, 300, 32, "first"), (600, 40, 64, "sorted")],
 )
 def test_each_embedding_norm_form_is_taken_where_cheapest(length, vocab, dim, form):
-    assert _cheapest(length, dim) == form  # so embedding_sq_norms below computes it
+    costs = dict(zip(("gram", "sorted", "first"), gn.embedding_costs(length, dim)))
+    assert min(costs, key=costs.get) == form == gn.embedding_form(length, dim)
     rng = np.random.default_rng(length)
     ids = jnp.asarray(rng.integers(0, vocab, (2, length)), jnp.int32)
     g = jnp.asarray(rng.normal(size=(2, length, dim)), jnp.float32)
