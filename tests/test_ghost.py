@@ -252,11 +252,30 @@ def text_model():
     return keras.Model(inputs, h)
 
 
-def long_text_model():  # 256 tokens: the embedding's norm sorts the ids
-    inputs = keras.Input((256,), dtype="int32")
+# Token counts of the 64-feature text models: the embedding's norm takes a different
+# form in each (text_model's 8 tokens × 4 features: the Gram products).
+TEXT_LENGTHS = {"mid_text": 64, "long_text": 512}
+
+
+def test_the_text_models_cover_each_embedding_norm_form():
+    assert gn.embedding_form(8, 4) == "gram"
+    assert gn.embedding_form(TEXT_LENGTHS["mid_text"], 64) == "first"
+    assert gn.embedding_form(TEXT_LENGTHS["long_text"], 64) == "sorted"
+
+
+def _text_model(length):
+    inputs = keras.Input((length,), dtype="int32")
     h = keras.layers.Embedding(7, 64)(inputs)
     h = keras.layers.GlobalAveragePooling1D()(h)
     return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+def mid_text_model():  # each id's first position
+    return _text_model(TEXT_LENGTHS["mid_text"])
+
+
+def long_text_model():  # the ids sorted
+    return _text_model(TEXT_LENGTHS["long_text"])
 
 
 def lora_model():
@@ -360,8 +379,8 @@ def data(kind, n=9, seed=0):
         x = rng.integers(0, 5, (n, 8)).astype("int32")
         x[:, 5:] = 0  # padding tokens
         return x, y
-    if kind == "long_text":
-        return rng.integers(0, 7, (n, 256)).astype("int32"), y
+    if kind in TEXT_LENGTHS:
+        return rng.integers(0, 7, (n, TEXT_LENGTHS[kind])).astype("int32"), y
     shape = {
         "sequence": (5, 4),
         "lora": (5, 4),
@@ -377,6 +396,7 @@ MODELS = {
     "mlp": mlp,
     "sequence": sequence_model,
     "text": text_model,
+    "mid_text": mid_text_model,
     "long_text": long_text_model,
     "lora": lora_model,
     "conv": conv_model,
