@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import DPConfig, bandmf, data, noise, noise_state
+from keras_dp import DPConfig, bandmf, data, ghost_norms, noise, noise_state
 from keras_dp import step as dp_step
 
 from .helpers import on_devices
@@ -31,6 +31,9 @@ from .helpers import on_devices
 pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
 
 FEATURES, CLASSES, VOCAB, LENGTH = 6, 3, 12, 4
+# "long_embedding": 64 tokens of 64 features, where ghost clipping sums each id's
+# gradients at its first position (ghost_norms.embedding_form), VOCAB ids repeating.
+LONG_LENGTH, LONG_FEATURES = 64, 64
 
 
 def build(kind: str, dropout: bool, dtype: str | None):
@@ -40,9 +43,10 @@ def build(kind: str, dropout: bool, dtype: str | None):
         inputs = keras.Input((FEATURES,))
         h = keras.layers.Dense(5, activation="tanh", dtype=dtype)(inputs)
         h = keras.layers.LayerNormalization(dtype=dtype)(h)
-    elif kind == "embedding":
-        inputs = keras.Input((LENGTH,), dtype="int32")
-        h = keras.layers.Embedding(VOCAB, 4, dtype=dtype)(inputs)
+    elif kind in ("embedding", "long_embedding"):
+        length, features = (LENGTH, 4) if kind == "embedding" else (LONG_LENGTH, LONG_FEATURES)
+        inputs = keras.Input((length,), dtype="int32")
+        h = keras.layers.Embedding(VOCAB, features, dtype=dtype)(inputs)
         h = keras.layers.GlobalAveragePooling1D(dtype=dtype)(h)
     else:  # conv
         inputs = keras.Input((LENGTH, 2))
@@ -58,8 +62,9 @@ def make_data(kind: str, n: int, loss: str, seed: int):
     rng = np.random.default_rng(seed)
     if kind == "mlp":
         x = (rng.normal(size=(n, FEATURES)) * 2).astype("float32")
-    elif kind == "embedding":
-        x = rng.integers(0, VOCAB, (n, LENGTH)).astype("int32")
+    elif kind in ("embedding", "long_embedding"):
+        length = LENGTH if kind == "embedding" else LONG_LENGTH
+        x = rng.integers(0, VOCAB, (n, length)).astype("int32")
     else:
         x = rng.normal(size=(n, LENGTH, 2)).astype("float32")
     if loss == "sparse_ce":
@@ -131,9 +136,13 @@ def reference_updates(model, config, seed, x, y, sample_weight, weights0, nt0, s
     return weights
 
 
+def test_the_long_embedding_takes_the_first_position_norm():
+    assert ghost_norms.embedding_form(LONG_LENGTH, LONG_FEATURES) == "first"
+
+
 plans = st.fixed_dictionaries(
     {
-        "kind": st.sampled_from(["mlp", "embedding", "conv"]),
+        "kind": st.sampled_from(["mlp", "embedding", "long_embedding", "conv"]),
         "loss": st.sampled_from(["sparse_ce", "mse", "binary_ce"]),
         "sampling": st.sampled_from(["poisson", "fixed"]),
         "batch": st.integers(1, 300),
@@ -175,6 +184,11 @@ plans = st.fixed_dictionaries(
     plan=dict(kind="mlp", loss="sparse_ce", sampling="poisson", batch=37, extra=11,
               microbatch=20, devices=4, dtype="float32", weighted=True, dropout=True,
               sigma=0.7, clip=0.5, steps=2, bands=3)
+)  # fmt: skip
+@example(
+    plan=dict(kind="long_embedding", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=None, devices=2, dtype="float32", weighted=True, dropout=False,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost")
 )  # fmt: skip
 def test_train_step_equals_the_reference(plan):
     devices = plan["devices"]
