@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
-import warnings
 from typing import Any
 
 import dp_accounting
 
-from keras_dp import accounting
+from keras_dp import accounting, validation
 
 
 def default_delta(dataset_size: int) -> float:
@@ -19,18 +17,6 @@ def default_delta(dataset_size: int) -> float:
     Always strictly below 1/dataset_size (at most a tenth of it).
     """
     return min(1e-5, 0.1 / dataset_size)
-
-
-def _bad(field: str, value: Any, fix: str) -> ValueError:
-    return ValueError(f"DPConfig.{field}={value!r} is invalid: {fix}")
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -162,200 +148,14 @@ class DPConfig:
     _calibrated_for: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._check_choices()
-        self._check_numbers()
+        validation.check_choices(self)
+        validation.check_numbers(self)
         self._derive_steps()
-        self._check_noise()
+        validation.check_noise(self)
         self._forget_stale_calibration()
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
-
-    def _check_choices(self) -> None:
-        if self.clipping not in ("auto", "ghost", "per_example"):
-            raise _bad(
-                "clipping",
-                self.clipping,
-                "pass 'auto' (default), 'ghost' or 'per_example'.",
-            )
-        if self.clipping == "ghost" and self.privacy_unit == "user" and self.user_sampling == "uls":
-            raise _bad(
-                "clipping",
-                self.clipping,
-                "user-level 'uls' clips a block of examples as one unit, which ghost "
-                "norms do not cover; pass clipping='auto' or 'per_example'.",
-            )
-        if self.sampling not in accounting.SAMPLINGS:
-            raise _bad("sampling", self.sampling, "pass 'poisson' (default) or 'fixed'.")
-        if self.accountant not in accounting.ACCOUNTANTS:
-            raise _bad("accountant", self.accountant, "pass 'pld' (default) or 'rdp'.")
-        if self.noise not in accounting.NOISES:
-            raise _bad("noise", self.noise, "pass 'independent' (DP-SGD, default) or 'bandmf'.")
-        if not _is_int(self.bands) or self.bands < 1:
-            raise _bad("bands", self.bands, "pass a positive integer number of bands (1: DP-SGD).")
-        if self.bands > 1 and self.noise != "bandmf":
-            raise _bad("bands", self.bands, "bands apply to correlated noise; pass noise='bandmf'.")
-        if self.noise == "bandmf" and self.sampling != "poisson":
-            raise _bad(
-                "sampling",
-                self.sampling,
-                "noise='bandmf' is analysed for cyclic Poisson sampling only (Amplified "
-                "BandMF); pass sampling='poisson'.",
-            )
-        if self.noise == "bandmf" and self.clip_quantile is not None:
-            raise _bad(
-                "clip_quantile",
-                self.clip_quantile,
-                "adaptive clipping's count noise is not analysed together with correlated "
-                "noise; pass clip_quantile=None with noise='bandmf'.",
-            )
-        self._check_unit()
-        if self.sampling == "fixed" and self.accountant != "rdp":
-            raise _bad(
-                "accountant",
-                self.accountant,
-                "sampling='fixed' (subsets without replacement) can only be accounted "
-                "with accountant='rdp'; pass accountant='rdp', or sampling='poisson'.",
-            )
-
-    def _check_unit(self) -> None:
-        if self.privacy_unit not in ("example", "user"):
-            raise _bad("privacy_unit", self.privacy_unit, "pass 'example' (default) or 'user'.")
-        if self.user_sampling not in ("uls", "els"):
-            raise _bad(
-                "user_sampling",
-                self.user_sampling,
-                "pass 'uls' (sample users, default) or 'els' (sample examples).",
-            )
-        k = self.examples_per_user
-        if self.privacy_unit == "example":
-            if k is not None:
-                raise _bad(
-                    "examples_per_user",
-                    k,
-                    "it bounds a user's examples; pass privacy_unit='user' (and "
-                    "fit(..., user_ids=...)), or examples_per_user=None.",
-                )
-            return
-        if not _is_int(k) or k < 1:
-            raise _bad(
-                "examples_per_user",
-                k,
-                "user-level DP needs the bound k on each user's examples: pass a positive "
-                "integer such as 8.",
-            )
-        if self.sampling != "poisson":
-            raise _bad(
-                "sampling", self.sampling, "user-level DP is analysed here for 'poisson' only."
-            )
-        if self.noise != "independent":
-            raise _bad(
-                "noise",
-                self.noise,
-                "correlated noise is not analysed at user level here; pass "
-                "noise='independent' with privacy_unit='user'.",
-            )
-        if self.user_sampling == "els":
-            if self.accountant != "pld":
-                raise _bad(
-                    "accountant",
-                    self.accountant,
-                    "user_sampling='els' is accounted with a mixture of Gaussians, "
-                    "which only the PLD accountant computes; pass accountant='pld'.",
-                )
-            if self.clip_quantile is not None:
-                raise _bad(
-                    "clip_quantile",
-                    self.clip_quantile,
-                    "adaptive clipping's count is per example, and a user may have k of "
-                    "them in one update under 'els'; pass clip_quantile=None, or "
-                    "user_sampling='uls' (one count per user).",
-                )
-
-    def _check_numbers(self) -> None:
-        eps = self.target_epsilon
-        if not _is_real(eps) or math.isnan(eps) or eps <= 0:
-            raise _bad(
-                "target_epsilon",
-                eps,
-                "pass a positive number such as 3.0 (math.inf only for a non-private "
-                "debug run with noise_multiplier=0).",
-            )
-        if (
-            self.noise_multiplier is None
-            and math.isfinite(eps)
-            and eps > accounting.MAX_TARGET_EPSILON
-        ):
-            raise _bad(
-                "target_epsilon",
-                eps,
-                f"above {accounting.MAX_TARGET_EPSILON:g} ε bounds nothing meaningful (e^ε "
-                "exceeds any odds), and no σ is calibrated for it. Pass target_epsilon <= "
-                f"{accounting.MAX_TARGET_EPSILON:g}, or for a non-private run "
-                "target_epsilon=math.inf with noise_multiplier=0.",
-            )
-        clip = self.l2_clip_norm
-        if not _is_real(clip) or not math.isfinite(clip) or clip <= 0:
-            raise _bad("l2_clip_norm", clip, "pass a positive finite number such as 1.0.")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise _bad("batch_size", self.batch_size, "pass a positive integer such as 256.")
-        if self.epochs is not None and (
-            not _is_real(self.epochs) or not math.isfinite(self.epochs) or self.epochs <= 0
-        ):
-            raise _bad("epochs", self.epochs, "pass a positive number of passes, or steps=.")
-        if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
-            raise _bad("steps", self.steps, "pass a positive integer number of updates.")
-        if self.epochs is None and self.steps is None:
-            raise ValueError(
-                "DPConfig needs the length of training to account for it: pass epochs= "
-                "(passes over the data) or steps= (optimizer updates)."
-            )
-        n = self.dataset_size
-        if n is not None:
-            if not _is_int(n) or n < 1:
-                raise _bad("dataset_size", n, "pass the number of training examples (> 0).")
-            if self.batch_size > n:
-                raise _bad(
-                    "batch_size",
-                    self.batch_size,
-                    f"it exceeds dataset_size={n}; pass batch_size <= {n}.",
-                )
-            if self.bands * self.batch_size > n:
-                raise _bad(
-                    "bands",
-                    self.bands,
-                    f"each of the b groups of about N/b examples must hold the expected "
-                    f"batch of {self.batch_size}; pass bands <= {n // self.batch_size} "
-                    "(dataset_size // batch_size) or a smaller batch_size.",
-                )
-        delta = self.target_delta
-        if delta is not None:
-            if not _is_real(delta) or math.isnan(delta) or not 0 < delta < 1:
-                raise _bad("target_delta", delta, "pass a number in (0, 1), e.g. 1e-5, or None.")
-            if n is not None and delta >= 1 / n:
-                raise _bad(
-                    "target_delta",
-                    delta,
-                    f"δ must be below 1/dataset_size = {1 / n:.3g} (a larger δ allows "
-                    f"releasing whole examples); pass target_delta <= {0.1 / n:.2g} or None.",
-                )
-        if self.microbatch_size is not None and (
-            not _is_int(self.microbatch_size) or self.microbatch_size < 1
-        ):
-            raise _bad("microbatch_size", self.microbatch_size, "pass a positive integer or None.")
-        quantile = self.clip_quantile
-        if quantile is not None and (not _is_real(quantile) or not 0 < quantile < 1):
-            raise _bad("clip_quantile", quantile, "pass a quantile in (0, 1) such as 0.5, or None.")
-        rate = self.clip_learning_rate
-        if not _is_real(rate) or not math.isfinite(rate) or rate <= 0:
-            raise _bad("clip_learning_rate", rate, "pass a positive step such as 0.2.")
-        count_noise = self.clip_count_noise
-        if count_noise is not None and (
-            not _is_real(count_noise) or not math.isfinite(count_noise) or count_noise <= 0
-        ):
-            raise _bad("clip_count_noise", count_noise, "pass a positive std, or None (B/20).")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise _bad("seed", self.seed, "pass a non-negative integer, or None for a secure seed.")
 
     def _derive_steps(self) -> None:
         if self.epochs is None or self.dataset_size is None:
@@ -365,7 +165,7 @@ class DPConfig:
             return
         planned = round(self.epochs * self.dataset_size / self.batch_size)
         if planned < 1:
-            raise _bad(
+            raise validation.bad(
                 "epochs",
                 self.epochs,
                 f"it plans 0 updates over dataset_size={self.dataset_size} at "
@@ -373,7 +173,7 @@ class DPConfig:
             )
         user_steps = self.steps is not None and self.steps != self._derived_steps
         if user_steps and self.steps != planned:
-            raise _bad(
+            raise validation.bad(
                 "steps",
                 self.steps,
                 f"epochs={self.epochs} over dataset_size={self.dataset_size} at "
@@ -382,34 +182,6 @@ class DPConfig:
             )
         self._set("steps", planned)
         self._set("_derived_steps", planned)
-
-    def _check_noise(self) -> None:
-        sigma = self.noise_multiplier
-        if sigma is not None and (not _is_real(sigma) or not math.isfinite(sigma) or sigma < 0):
-            raise _bad(
-                "noise_multiplier", sigma, "pass a positive number, or None to calibrate it."
-            )
-        if math.isinf(self.target_epsilon):
-            if sigma is None:
-                raise _bad(
-                    "target_epsilon",
-                    self.target_epsilon,
-                    "an infinite budget would calibrate to no noise; for a non-private "
-                    "debug run pass noise_multiplier=0 explicitly, else a finite ε.",
-                )
-            if sigma == 0:
-                warnings.warn(
-                    "DPConfig(noise_multiplier=0, target_epsilon=inf): this run is NOT "
-                    "differentially private (clipping only, no noise).",
-                    stacklevel=4,
-                )
-        elif sigma == 0:
-            raise _bad(
-                "noise_multiplier",
-                sigma,
-                "no noise gives no privacy; pass None to calibrate σ for target_epsilon, "
-                "or target_epsilon=math.inf for an explicit non-private debug run.",
-            )
 
     def _plan_key(self) -> tuple:
         return (
@@ -499,7 +271,7 @@ class DPConfig:
             return sigma
         share = sigma**-2 - (2 * self.count_noise) ** -2
         if share <= 0:
-            raise _bad(
+            raise validation.bad(
                 "clip_count_noise",
                 self.count_noise,
                 f"adaptive clipping needs 2·clip_count_noise > σ = {sigma:.4g}; pass "
@@ -572,7 +344,7 @@ class DPConfig:
                 "DPConfig.dp_event needs noise_multiplier; call config.calibrate() first."
             )
         steps = self.steps if steps is None else steps
-        if not _is_int(steps) or steps < 0:
+        if not validation.is_int(steps) or steps < 0:
             raise ValueError(f"steps={steps!r} is invalid: pass a non-negative integer.")
         return self._event_for(self.noise_multiplier, steps)
 
@@ -596,7 +368,7 @@ class DPConfig:
         config = self
         if dataset_size is not None and dataset_size != self.dataset_size:
             if self.dataset_size is not None:
-                raise _bad(
+                raise validation.bad(
                     "dataset_size",
                     self.dataset_size,
                     f"the data has {dataset_size} examples; pass dataset_size="
@@ -631,7 +403,7 @@ class DPConfig:
             if steps_ok
             else " (even one step spends more)"
         )
-        raise _bad(
+        raise validation.bad(
             "noise_multiplier",
             self.noise_multiplier,
             f"over {self.steps} steps it spends ε={spent:.4g} > target_epsilon="
@@ -651,37 +423,11 @@ class DPConfig:
         return lo
 
 
-# Names other DP libraries use for DPConfig's fields (TF Privacy, Opacus, jax-privacy).
-_OTHER_NAMES = {
-    "l2_norm_clip": "l2_clip_norm",
-    "max_grad_norm": "l2_clip_norm",
-    "clipping_norm": "l2_clip_norm",
-    "clip_norm": "l2_clip_norm",
-    "delta": "target_delta",
-    "epsilon": "target_epsilon",
-    "target_eps": "target_epsilon",
-    "num_microbatches": "microbatch_size",
-    "sample_rate": "batch_size (expected examples per update; q = batch_size / dataset_size)",
-    "num_epochs": "epochs",
-    "train_steps": "steps",
-    "num_examples": "dataset_size",
-}
 _dataclass_init = DPConfig.__init__
 
 
 def _init_with_hints(self, *args, **kwargs):
-    known = {f.name for f in dataclasses.fields(DPConfig)}
-    unknown = [k for k in kwargs if k not in known]
-    if unknown:
-        hints = [
-            f"{k!r} (did you mean {_OTHER_NAMES[k]}?)" if k in _OTHER_NAMES else repr(k)
-            for k in unknown
-        ]
-        public = sorted(k for k in known if not k.startswith("_"))
-        raise TypeError(
-            f"DPConfig got unknown field(s) {', '.join(hints)}. Its fields are: "
-            f"{', '.join(public)}."
-        )
+    validation.check_field_names(kwargs, {f.name for f in dataclasses.fields(DPConfig)})
     _dataclass_init(self, *args, **kwargs)
 
 

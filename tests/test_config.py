@@ -66,8 +66,9 @@ def test_epochs_and_steps_that_agree_are_accepted():
 
 
 def test_non_private_debug_run_needs_explicit_zero_noise_and_warns():
-    with pytest.warns(UserWarning, match="NOT differentially private"):
+    with pytest.warns(UserWarning, match="NOT differentially private") as record:
         config = DPConfig(**{**BASE, "target_epsilon": math.inf}, noise_multiplier=0.0)
+    assert record[0].filename == __file__  # the warning points at the user's line
     assert config.calibrate().noise_multiplier == 0.0
     assert config.epsilon() == math.inf
 
