@@ -19,6 +19,13 @@ def default_delta(dataset_size: int) -> float:
     return min(1e-5, 0.1 / dataset_size)
 
 
+# σ calibrated in this process, by plan (``DPConfig._plan_key``: every field that the
+# plan's dp_accounting event reads). The search is deterministic, so a plan made again
+# (a new model, a notebook cell run twice) gets the same σ without searching again.
+_CALIBRATED: dict[tuple, float] = {}
+_CALIBRATED_MAX = 256
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPConfig:
     """A differentially private training plan.
@@ -184,6 +191,7 @@ class DPConfig:
         self._set("_derived_steps", planned)
 
     def _plan_key(self) -> tuple:
+        """Every field that the plan's dp_accounting event, and so σ, depends on."""
         return (
             self.target_epsilon,
             self.delta,
@@ -380,16 +388,19 @@ class DPConfig:
             if config._calibrated_for is None:
                 config._check_user_noise()
             return config
-        sigma = accounting.calibrate_noise_multiplier(
-            lambda s: config._event_for(s, config.steps),
-            config.target_epsilon,
-            config.delta,
-            config.accountant,
-            config.neighboring_relation,
-        )
-        return dataclasses.replace(
-            config, noise_multiplier=sigma, _calibrated_for=(config._plan_key(), sigma)
-        )
+        key = config._plan_key()
+        sigma = _CALIBRATED.get(key)
+        if sigma is None:
+            sigma = accounting.calibrate_noise_multiplier(
+                lambda s: config._event_for(s, config.steps),
+                config.target_epsilon,
+                config.delta,
+                config.accountant,
+                config.neighboring_relation,
+            )
+            if len(_CALIBRATED) < _CALIBRATED_MAX:
+                _CALIBRATED[key] = sigma
+        return dataclasses.replace(config, noise_multiplier=sigma, _calibrated_for=(key, sigma))
 
     def _check_user_noise(self) -> None:
         spent = self.epsilon()

@@ -103,6 +103,42 @@ def test_replace_on_calibrated_config_keeps_working():
     assert recalibrated.epsilon() <= 3.0
 
 
+def test_a_plan_made_again_reuses_its_sigma_and_any_other_plan_searches(monkeypatch):
+    from keras_dp import accounting
+
+    plan = dict(target_epsilon=2.5, batch_size=50, epochs=2)
+    first = DPConfig(**plan).calibrate(900)
+    searches = []
+    search = accounting.calibrate_noise_multiplier
+
+    def counted(*args, **kwargs):
+        searches.append(1)
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(accounting, "calibrate_noise_multiplier", counted)
+    # Fields that do not change the plan's event: no search, the same σ.
+    again = DPConfig(**plan, l2_clip_norm=0.3, microbatch_size=7, seed=1).calibrate(900)
+    assert searches == [] and again.noise_multiplier == first.noise_multiplier
+    changes = [
+        dict(target_epsilon=2.4),
+        dict(batch_size=51),
+        dict(epochs=3),
+        dict(target_delta=1e-6),
+        dict(accountant="rdp"),
+        dict(sampling="fixed", accountant="rdp"),
+        dict(noise="bandmf", bands=2),
+        dict(privacy_unit="user", examples_per_user=2),
+        dict(privacy_unit="user", examples_per_user=3),
+        dict(privacy_unit="user", examples_per_user=2, user_sampling="els"),
+    ]
+    for count, change in enumerate(changes, start=1):
+        other = DPConfig(**{**plan, **change}).calibrate(900)
+        assert len(searches) == count, change
+        assert other.epsilon() <= other.target_epsilon
+    DPConfig(**plan).calibrate(901)  # another dataset size
+    assert len(searches) == len(changes) + 1
+
+
 def test_calibrate_refuses_a_conflicting_dataset_size():
     with pytest.raises(ValueError, match="DPConfig.dataset_size=1000.*2000 examples"):
         DPConfig(**BASE).calibrate(dataset_size=2_000)
