@@ -25,7 +25,7 @@ from scipy import stats
 import keras_dp
 from keras_dp import accounting, bandmf, data, ledger, noise, noise_state, sampling
 
-from .helpers import load_example, on_devices
+from .helpers import correlated_noise, gaussian_like, load_example, on_devices
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -145,9 +145,9 @@ def _stream(coefs, steps, size, seed=0):
     root = noise.root_key(seed)
     for t in range(steps):
         key = noise.step_key(root, t)
-        w, history = noise.correlated_noise(key, [jnp.zeros(size)], jnp.asarray(coefs), history)
+        w, history = correlated_noise(key, [jnp.zeros(size)], jnp.asarray(coefs), history)
         ws.append(np.asarray(w[0]))
-        zs.append(np.asarray(noise.gaussian_like(key, [jnp.zeros(size)], 1.0)[0]))
+        zs.append(np.asarray(gaussian_like(key, [jnp.zeros(size)], 1.0)[0]))
     return np.stack(ws), np.stack(zs)
 
 

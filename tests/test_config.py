@@ -105,15 +105,17 @@ def test_replace_on_calibrated_config_keeps_working():
 
 def test_a_plan_made_again_reuses_its_sigma_and_any_other_plan_searches(monkeypatch):
     from keras_dp import accounting
+    from keras_dp import config as config_module
 
+    monkeypatch.setattr(config_module, "_CALIBRATED", {})  # this test's plans only
     plan = dict(target_epsilon=2.5, batch_size=50, epochs=2)
     first = DPConfig(**plan).calibrate(900)
+    assert first.epsilon() <= 2.5
     searches = []
-    search = accounting.calibrate_noise_multiplier
 
-    def counted(*args, **kwargs):
+    def counted(*args, **kwargs):  # a distinct σ per search, without searching
         searches.append(1)
-        return search(*args, **kwargs)
+        return 1.0 + len(searches)
 
     monkeypatch.setattr(accounting, "calibrate_noise_multiplier", counted)
     # Fields that do not change the plan's event: no search, the same σ.
@@ -133,8 +135,10 @@ def test_a_plan_made_again_reuses_its_sigma_and_any_other_plan_searches(monkeypa
     ]
     for count, change in enumerate(changes, start=1):
         other = DPConfig(**{**plan, **change}).calibrate(900)
-        assert len(searches) == count, change
-        assert other.epsilon() <= other.target_epsilon
+        assert len(searches) == count and other.noise_multiplier == 1.0 + count, change
+    for count, change in enumerate(changes, start=1):  # each kept under its own plan
+        assert DPConfig(**{**plan, **change}).calibrate(900).noise_multiplier == 1.0 + count
+    assert len(searches) == len(changes)
     DPConfig(**plan).calibrate(901)  # another dataset size
     assert len(searches) == len(changes) + 1
 

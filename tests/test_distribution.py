@@ -19,36 +19,33 @@ from keras_dp import clipping, sampling
 WORKER = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
 
 
-def run_worker(tmp_path, name, *args):
-    out = str(tmp_path / f"{name}.npz")
-    subprocess.run(
-        [sys.executable, WORKER, out, *map(str, args)], check=True, capture_output=True, timeout=600
+def start_worker(out: str, *args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, WORKER, out, *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
-    return out
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The worker's results on 1 device, on 4 devices, and on 2 processes × 2 devices."""
+    """The worker's results on 1 device, on 4 devices, and on 2 processes × 2 devices
+    (the four processes run at once)."""
     tmp = tmp_path_factory.mktemp("multidevice")
-    one = dict(np.load(run_worker(tmp, "one", 1).replace(".npz", ".0.npz")))
-    four = dict(np.load(run_worker(tmp, "four", 4).replace(".npz", ".0.npz")))
     with socket.socket() as s:  # a free port for the coordinator
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = str(tmp / "procs.npz")
+    outs = {name: str(tmp / f"{name}.npz") for name in ("one", "four", "procs")}
     procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, out, "2", str(i), "2", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(2)
+        start_worker(outs["one"], 1),
+        start_worker(outs["four"], 4),
+        *(start_worker(outs["procs"], 2, i, 2, port) for i in range(2)),
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err.decode()[-3000:]
-    processes = [dict(np.load(out.replace(".npz", f".{i}.npz"))) for i in range(2)]
+    one, four = (dict(np.load(outs[k].replace(".npz", ".0.npz"))) for k in ("one", "four"))
+    processes = [dict(np.load(outs["procs"].replace(".npz", f".{i}.npz"))) for i in range(2)]
     return one, four, processes
 
 

@@ -31,6 +31,31 @@ def test_unrolled_threefry_is_jax_threefry(k0, k1, start):
     np.testing.assert_array_equal(np.concatenate(got), expected)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), step=st.integers(-(2**31), 2**31 - 1))
+def test_step_keys_are_jax_fold_in_bit_for_bit(seed, step):
+    words = noise.seed_words(seed)
+    low = jax.random.key(jnp.uint32(words[1]))
+    step = jnp.int32(step)  # the step's count, as the train step holds it
+    expected = jax.random.fold_in(jax.random.fold_in(low, words[0]), step)
+
+    def ours(words, step):
+        return jax.random.key_data(noise.step_key(noise.root_key(words), step))
+
+    for got in (ours(words, step), jax.jit(ours)(words, step)):
+        np.testing.assert_array_equal(got, jax.random.key_data(expected))
+    assert jax.random.key_impl(noise.root_key(seed)) == jax.random.key_impl(low)
+
+
+def test_other_default_generators_keep_jax_fold_in():
+    with jax.default_prng_impl("rbg"):
+        root = noise.root_key(2**40 + 3)
+        expected = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 2**8), 7)
+        got = noise.step_key(root, 7)
+    assert str(jax.random.key_impl(got)) == str(jax.random.key_impl(expected))
+    np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(expected))
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**64 - 1), step=st.integers(0, 10**6), shapes=shapes)
 def test_leaves_hold_jax_random_normal_of_the_total_size(seed, step, shapes):

@@ -26,7 +26,7 @@ import keras_dp
 from keras_dp import DPConfig, bandmf, data, ghost_norms, noise, noise_state
 from keras_dp import step as dp_step
 
-from .helpers import on_devices
+from .helpers import gaussian_like, on_devices
 
 pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
 
@@ -34,17 +34,18 @@ FEATURES, CLASSES, VOCAB, LENGTH = 6, 3, 12, 4
 # "long_embedding": 64 tokens of 64 features, where ghost clipping sums each id's
 # gradients at its first position (ghost_norms.embedding_form), VOCAB ids repeating.
 LONG_LENGTH, LONG_FEATURES = 64, 64
+EMBEDDINGS = {"embedding": (LENGTH, 4), "long_embedding": (LONG_LENGTH, LONG_FEATURES)}
 
 
 def build(kind: str, dropout: bool, dtype: str | None):
-    """A small model of one layer family; returns (model, inputs of N examples maker)."""
+    """A small functional model of one layer family, then a Dense head."""
     keras.utils.set_random_seed(0)
     if kind == "mlp":
         inputs = keras.Input((FEATURES,))
         h = keras.layers.Dense(5, activation="tanh", dtype=dtype)(inputs)
         h = keras.layers.LayerNormalization(dtype=dtype)(h)
-    elif kind in ("embedding", "long_embedding"):
-        length, features = (LENGTH, 4) if kind == "embedding" else (LONG_LENGTH, LONG_FEATURES)
+    elif kind in EMBEDDINGS:
+        length, features = EMBEDDINGS[kind]
         inputs = keras.Input((length,), dtype="int32")
         h = keras.layers.Embedding(VOCAB, features, dtype=dtype)(inputs)
         h = keras.layers.GlobalAveragePooling1D(dtype=dtype)(h)
@@ -62,9 +63,8 @@ def make_data(kind: str, n: int, loss: str, seed: int):
     rng = np.random.default_rng(seed)
     if kind == "mlp":
         x = (rng.normal(size=(n, FEATURES)) * 2).astype("float32")
-    elif kind in ("embedding", "long_embedding"):
-        length = LENGTH if kind == "embedding" else LONG_LENGTH
-        x = rng.integers(0, VOCAB, (n, length)).astype("int32")
+    elif kind in EMBEDDINGS:
+        x = rng.integers(0, VOCAB, (n, EMBEDDINGS[kind][0])).astype("int32")
     else:
         x = rng.normal(size=(n, LENGTH, 2)).astype("float32")
     if loss == "sparse_ce":
@@ -117,11 +117,9 @@ def reference_updates(model, config, seed, x, y, sample_weight, weights0, nt0, s
             scale = min(1.0, config.l2_clip_norm / max(norm, 1e-12))
             total = [t + scale * a for t, a in zip(total, g)]
         key = noise.step_key(noise.root_key(seed), step)
-        draws = noise.gaussian_like(key, total, config.noise_multiplier * config.l2_clip_norm)
+        draws = gaussian_like(key, total, config.noise_multiplier * config.l2_clip_norm)
         if config.correlated:  # w = C⁻¹z by a dense solve over all steps so far (float64)
-            unit_draws.append(
-                [np.asarray(z, np.float64) for z in noise.gaussian_like(key, total, 1.0)]
-            )
+            unit_draws.append([np.asarray(z, np.float64) for z in gaussian_like(key, total, 1.0)])
             coefs = bandmf.strategy(config.steps, config.bands)
             strategy = sum(
                 np.diag(np.full(step + 1 - j, c), -j) for j, c in enumerate(coefs) if j <= step

@@ -23,7 +23,7 @@ from scipy import stats
 import keras_dp
 from keras_dp import data, noise, sampling
 
-from .helpers import load_example, on_devices
+from .helpers import gaussian_like, load_example, on_devices
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -132,7 +132,7 @@ def _check_uls_against_loop(config, x, y, ids, k, clip, sigma):
             scale = min(1.0, clip / max(norm, 1e-12))
             total = [t + scale * a for t, a in zip(total, g)]
         key = noise.step_key(noise.root_key(model._dp_seed), step)
-        draws = noise.gaussian_like(key, total, sigma * clip)
+        draws = gaussian_like(key, total, sigma * clip)
         weights = [
             w - 0.5 * (t + np.asarray(n, np.float64)) / config.batch_size
             for w, t, n in zip(weights, total, draws)
