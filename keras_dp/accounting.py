@@ -199,6 +199,9 @@ def _accountant(
     raise ValueError(f"accountant={accountant!r} is unknown; pass 'pld' or 'rdp'.")
 
 
+# Events are frozen and hashable and ε is deterministic: a σ search evaluates the same
+# (event, discretization) more than once (its bracket's ends, its root, the grid's check).
+@functools.lru_cache(maxsize=4096)
 def _epsilon_at(
     event: dp_accounting.DpEvent,
     delta: float,
@@ -209,6 +212,27 @@ def _epsilon_at(
     with _quiet_absl():
         acc = _accountant(accountant, relation, discretization)
         return float(acc.compose(event).get_epsilon(delta))
+
+
+class _Remembered:
+    """The accountant that ``calibrate_dp_mechanism`` composes each candidate σ into:
+    dp_accounting's ``accountant`` at ``discretization``, through :func:`_epsilon_at`'s
+    memory (Brent's method re-evaluates its bracket's ends, which the bracket search
+    has just evaluated, and its root)."""
+
+    ledger = dp_accounting.NoOpDpEvent()
+
+    def __init__(self, accountant: str, relation: NeighboringRelation, discretization: float):
+        self._args = (accountant, relation, discretization)
+        self._event = None
+
+    def compose(self, event: dp_accounting.DpEvent, count: int = 1) -> _Remembered:
+        self._event = event if count == 1 else dp_accounting.SelfComposedDpEvent(event, count)
+        return self
+
+    def get_epsilon(self, delta: float) -> float:
+        accountant, relation, discretization = self._args
+        return _epsilon_at(self._event, delta, accountant, relation, discretization)
 
 
 def pld_start(epsilon_guess: float) -> float:
@@ -278,10 +302,10 @@ def calibrate_noise_multiplier(
     mc = dp_accounting.mechanism_calibration
     proxy = lambda s: _untruncated(make_event(s))  # noqa: E731
 
-    def root(make_acc, lo, hi, tol):
+    def root(discretization, lo, hi, tol):
         with _quiet_absl():
             return mc.calibrate_dp_mechanism(
-                make_acc,
+                lambda: _Remembered(accountant, relation, discretization),
                 proxy,
                 target_epsilon,
                 delta,
@@ -294,13 +318,13 @@ def calibrate_noise_multiplier(
         lambda s: _epsilon_at(proxy(s), delta, accountant, relation, d0),
         target_epsilon,
     )
-    coarse = root(lambda: _accountant(accountant, relation, d0), lo, hi, 2e-3 * hi)
+    coarse = root(d0, lo, hi, 2e-3 * hi)
     sigma = coarse
     if accountant == "pld":
         d, _ = pld_discretization(proxy(coarse), delta, relation)
         fine = lambda s: _epsilon_at(proxy(s), delta, "pld", relation, d)  # noqa: E731
         lo, hi = _bracket(fine, target_epsilon, start=coarse, factor=1.05)
-        sigma = root(lambda: _accountant("pld", relation, d), lo, hi, 2e-4 * coarse)
+        sigma = root(d, lo, hi, 2e-4 * coarse)
     while epsilon(make_event(sigma), delta, accountant, relation) > target_epsilon:
         sigma *= 1.001
     return sigma

@@ -193,3 +193,33 @@ def test_epsilon_at_zero_steps_is_zero_and_grows():
     assert values == sorted(values)
     # A larger δ gives a smaller ε.
     assert config.epsilon(delta=1e-6) < config.epsilon(delta=1e-8)
+
+
+def test_a_sigma_search_asks_dp_accounting_once_per_event(monkeypatch):
+    """Brent's method re-evaluates its bracket's ends and its root; each (event,
+    discretization) must reach dp_accounting once (an ELS event costs ~1 s here)."""
+    from keras_dp import config as config_module
+
+    monkeypatch.setattr(config_module, "_CALIBRATED", {})
+    accounting._epsilon_at.cache_clear()
+    accounting.epsilon.cache_clear()
+    asked = []
+    real = accounting._accountant
+
+    class Spy:
+        def __init__(self, inner, discretization):
+            self.inner, self.discretization = inner, discretization
+            self.ledger = inner.ledger
+
+        def compose(self, event, count=1):
+            asked.append((event, count, self.discretization))
+            self.inner.compose(event, count)
+            return self
+
+        def get_epsilon(self, delta):
+            return self.inner.get_epsilon(delta)
+
+    monkeypatch.setattr(accounting, "_accountant", lambda a, r, d: Spy(real(a, r, d), d))
+    config = DPConfig(target_epsilon=4.0, batch_size=50, steps=40).calibrate(2_000)
+    assert len(asked) >= 6 and len(asked) == len(set(asked))
+    assert config.epsilon() <= 4.0
