@@ -43,7 +43,7 @@ def fold_in_words(words: jax.Array, data) -> jax.Array:
     """The data of ``jax.random.fold_in(key, data)`` for the Threefry key whose data
     are ``words``: the hash of the counter (0, data) under that key.
 
-    JAX lowers its hash on a CPU as a loop (two loops per step's key: 0.1 s more to
+    JAX lowers its hash on a CPU as a loop (two per step key: 0.05–0.1 s more to
     compile and a few more kernels); written out, it is one small fused computation.
     """
     data = jnp.asarray(data, dtype=jnp.uint32)  # as jax.random.fold_in converts it
