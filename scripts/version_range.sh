@@ -19,7 +19,7 @@ esac
 venv=$(mktemp -d -t keras-dp-range.XXXXXX)
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check "${pins[@]}" scipy numpy \
-  pytest hypothesis scikit-learn
+  pytest pytest-xdist hypothesis scikit-learn
 "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -e "$root"
 "$venv/bin/python" -c "import keras, jax, dp_accounting, importlib.metadata as m; \
 print('keras', keras.__version__, '| jax', jax.__version__, '| dp-accounting', m.version('dp-accounting'))"
