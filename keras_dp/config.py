@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import warnings
 from typing import Any
 
 import dp_accounting
@@ -382,7 +384,7 @@ class DPConfig:
                     f"the data has {dataset_size} examples; pass dataset_size="
                     f"{dataset_size} (or None) in the config.",
                 )
-            config = dataclasses.replace(self, dataset_size=dataset_size)
+            config = self._replace(dataset_size=dataset_size)
         config._require("calibrate")
         if config.noise_multiplier is not None:
             if config._calibrated_for is None:
@@ -400,13 +402,20 @@ class DPConfig:
             )
             if len(_CALIBRATED) < _CALIBRATED_MAX:
                 _CALIBRATED[key] = sigma
-        return dataclasses.replace(config, noise_multiplier=sigma, _calibrated_for=(key, sigma))
+        return config._replace(noise_multiplier=sigma, _calibrated_for=(key, sigma))
+
+    def _replace(self, **changes) -> DPConfig:
+        """``dataclasses.replace`` for keras_dp's own copies: validated again, but a
+        non-private debug plan is not warned about again (the user's line was)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", re.escape(validation.NON_PRIVATE))
+            return dataclasses.replace(self, **changes)
 
     def _check_user_noise(self) -> None:
         spent = self.epsilon()
         if spent <= self.target_epsilon:
             return
-        fits = dataclasses.replace(self, noise_multiplier=None).calibrate().noise_multiplier
+        fits = self._replace(noise_multiplier=None).calibrate().noise_multiplier
         steps_ok = self.max_steps_within(self.target_epsilon)
         per_epoch = self.dataset_size / self.batch_size
         fewer = (

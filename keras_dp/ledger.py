@@ -18,7 +18,6 @@ user-fixed (public) seed was used. Loading weights:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import secrets
@@ -149,7 +148,7 @@ class Ledger(KerasSaveable):
         if plan is not None and model._dp_same_plan(trained_under):
             # The same plan (now calibrated): the compiled step stays valid, which
             # matters when BackupAndRestore loads in the middle of fit.
-            model._dp_config = dataclasses.replace(trained_under, **keep)
+            model._dp_config = trained_under._replace(**keep)
             return
         if plan is not None:
             logger.warning(
@@ -161,7 +160,7 @@ class Ledger(KerasSaveable):
                 plan,
             )
             self.conflict = plan
-        model._dp_set_plan(dataclasses.replace(trained_under, **keep))
+        model._dp_set_plan(trained_under._replace(**keep))
 
     def _seed_states(self) -> dict:
         """The model's seed-generator states, by variable path (``/`` as ``|``)."""

@@ -223,6 +223,12 @@ def check_numbers(config) -> None:
         raise bad("seed", config.seed, "pass a non-negative integer, or None for a secure seed.")
 
 
+NON_PRIVATE = (
+    "DPConfig(noise_multiplier=0, target_epsilon=inf): this run is NOT differentially "
+    "private (clipping only, no noise)."
+)
+
+
 def check_noise(config) -> None:
     """σ: none only with an explicit non-private plan (ε = ∞), which warns."""
     sigma = config.noise_multiplier
@@ -237,11 +243,7 @@ def check_noise(config) -> None:
                 "debug run pass noise_multiplier=0 explicitly, else a finite ε.",
             )
         if sigma == 0:
-            warnings.warn(
-                "DPConfig(noise_multiplier=0, target_epsilon=inf): this run is NOT "
-                "differentially private (clipping only, no noise).",
-                stacklevel=5,  # the line that made the DPConfig
-            )
+            warnings.warn(NON_PRIVATE, stacklevel=5)  # at the line that made the DPConfig
     elif sigma == 0:
         raise bad(
             "noise_multiplier",

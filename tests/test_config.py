@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 
@@ -71,6 +72,19 @@ def test_non_private_debug_run_needs_explicit_zero_noise_and_warns():
     assert record[0].filename == __file__  # the warning points at the user's line
     assert config.calibrate().noise_multiplier == 0.0
     assert config.epsilon() == math.inf
+
+
+def test_a_debug_plan_warns_once_not_again_at_keras_dp_own_copies():
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        config = DPConfig(target_epsilon=math.inf, noise_multiplier=0.0, batch_size=64, epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fit's copy with the data's size: no second warning
+        sized = config.calibrate(dataset_size=1_000)
+    assert (sized.dataset_size, sized.noise_multiplier, sized.steps) == (1_000, 0.0, 31)
+    # A plan made again by hand is the user's line again: it warns.
+    with pytest.warns(UserWarning, match="NOT differentially private") as record:
+        dataclasses.replace(sized, seed=3)
+    assert len(record) == 1
 
 
 def test_default_delta_is_strictly_below_one_over_n():
