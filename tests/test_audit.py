@@ -120,9 +120,11 @@ def test_user_level_audit_with_canary_users_and_a_user_not_clipped_as_a_whole(di
     x, y = digits
     user_ids = np.arange(len(y)) % 200  # 200 users of 5 examples
     claimed = 0.5
+    # seed: the noise, and with it the measured bound, fixed. Unseeded, the broken run's
+    # bound ranged 0.49-1.43 over 8 runs here: one in 8 fell under 0.5 and passed it.
     config = DPConfig(
         target_epsilon=claimed, batch_size=32, epochs=40, privacy_unit="user",
-        examples_per_user=16,
+        examples_per_user=16, seed=0,
     )  # fmt: skip
 
     def run():
