@@ -192,9 +192,8 @@ def _shard_sum(
     """:func:`clipped_sum` over one shard; ``ids`` are the rows' indices.
 
     The real rows (first in the shard) are covered by whole chunks of
-    ``chunk_size``, then the remainder: by the smaller chunks of :func:`tail_sizes`
-    (per-example gradients, so that padding rows are computed only past its smallest
-    size), or by one more whole chunk (ghost: one compiled shape, padding is cheap).
+    ``chunk_size``, the last one padded: fewer than ``chunk_size`` padding rows are
+    computed, and chunks of padding only are skipped.
     """
     physical = mask.shape[0]
     num_chunks = physical // chunk_size
@@ -267,28 +266,14 @@ def _shard_sum(
         aux = jax.tree.map(put, aux, chunk_aux)
         return grad_sum, losses, aux, counts + counted, acc
 
+    # Whole chunks only, as many as the real rows need; the last one may hold padding
+    # rows, which are computed and weighted 0. One compiled shape of the per-example
+    # gradient: a tail of smaller chunks (8 + 4 + 2 + 1 for 15 leftover rows) computed
+    # no padding but compiled one shape per size, and measured no faster a step.
     num_real = jnp.sum(mask.astype(jnp.int32))
-    if ghost is not None:  # whole chunks only, the last one padded
-        count = (num_real + chunk_size - 1) // chunk_size
-        step = lambda i, c: chunk(i * chunk_size, chunk_size, c)  # noqa: E731
-        return _outputs(jax.lax.fori_loop(0, count, step, init), fold)
-    whole = num_real // chunk_size
-    carry = jax.lax.fori_loop(0, whole, lambda i, c: chunk(i * chunk_size, chunk_size, c), init)
-    if chunk_size == 1:
-        return _outputs(carry, fold)
-    done = whole * chunk_size
-    *larger, smallest = tail_sizes(chunk_size)
-    # Each size at most once: the binary digits of what is left. (Over several shards,
-    # vmap turns a cond whose predicate differs by shard into a select that computes
-    # both branches, so there every tail size is computed once per step.)
-    for size in larger:
-        take = num_real - done >= size
-        step = lambda c, start=done, size=size: chunk(start, size, c)  # noqa: E731
-        carry = jax.lax.cond(take, step, lambda c: c, carry)
-        done = done + jnp.where(take, size, 0)
-    count = (num_real - done + smallest - 1) // smallest  # at most 2; 1 when smallest == 1
-    carry = jax.lax.fori_loop(0, count, lambda i, c: chunk(done + i * smallest, smallest, c), carry)
-    return _outputs(carry, fold)
+    count = (num_real + chunk_size - 1) // chunk_size
+    step = lambda i, c: chunk(i * chunk_size, chunk_size, c)  # noqa: E731
+    return _outputs(jax.lax.fori_loop(0, count, step, init), fold)
 
 
 def _per_example(example_fn, params, l2_clip_norm):
@@ -366,22 +351,6 @@ def _ghost(example_fn, params, l2_clip_norm, is_ghost, taps):
         return part, loss, aux, finite, norm > l2_clip_norm
 
     return compute
-
-
-def tail_sizes(chunk_size: int, max_sizes: int = 4) -> list[int]:
-    """Chunk sizes, largest first, for the rows left after the whole chunks.
-
-    Powers of two below ``chunk_size``, each used at most once, so the rest is
-    computed with no padding when ``chunk_size <= 2 ** max_sizes`` (the CPU default),
-    and with fewer than ``chunk_size / 2 ** max_sizes`` padding rows otherwise. Each
-    size is one more compiled shape of the per-example gradient, hence the cap.
-    """
-    sizes = []
-    size = 1 << max(0, (chunk_size - 1).bit_length() - 1)
-    while size >= 1 and len(sizes) < max_sizes:
-        sizes.append(size)
-        size //= 2
-    return sizes
 
 
 def _outputs(carry, fold):

@@ -18,13 +18,6 @@ def naive_sum(w, rows, clip):
     return total
 
 
-def test_tail_sizes():
-    assert clipping.tail_sizes(2) == [1]
-    assert clipping.tail_sizes(3) == clipping.tail_sizes(4) == [2, 1]
-    assert clipping.tail_sizes(16) == [8, 4, 2, 1]
-    assert clipping.tail_sizes(64) == [32, 16, 8, 4]
-
-
 @pytest.mark.parametrize("chunk", [8, 3, 4, 1, 20])
 def test_every_real_row_once_and_little_padding(chunk):
     rng = np.random.default_rng(0)
@@ -35,27 +28,24 @@ def test_every_real_row_once_and_little_padding(chunk):
     def example_fn(params, row, index):
         return jnp.sum(params * row) ** 2, jnp.ones(())  # aux: 1 where the row was computed
 
-    smallest = clipping.tail_sizes(chunk)[-1]
     run = jax.jit(lambda m: clipping.clipped_sum(example_fn, w, rows, m, 1.0, chunk))
     for real in range(physical + 1):
         grad, losses, computed, nonfinite, _ = run(jnp.asarray(np.arange(physical) < real))
         np.testing.assert_allclose(grad, naive_sum(w, rows[:real], 1.0), rtol=1e-5, atol=1e-6)
         assert np.all(np.asarray(computed)[:real] == 1), (real, chunk)  # every real row
-        padding = int(np.sum(computed)) - real
-        if chunk <= 16:  # no padding at all
-            assert padding == 0, (real, chunk)
-        else:  # padding only past the smallest tail size (2 for a chunk of 20)
-            assert 0 <= padding < smallest, (real, chunk)
+        padding = int(np.sum(computed)) - real  # the rest of the last chunk, no more
+        assert padding == (-real) % chunk, (real, chunk)
         assert int(nonfinite) == 0
 
 
-def test_tails_over_several_shards_count_every_real_row_once():
-    """Over shards the tail chunks run under vmap (a cond becomes a select): still each
-    real row once, and padding never added."""
+def test_chunks_over_several_shards_count_every_real_row_once():
+    """Over shards the chunk loop runs under vmap (its count differs by shard, so a
+    shard runs past its own last chunk): still each real row once, and padding never
+    added."""
     rng = np.random.default_rng(1)
     w = rng.normal(size=(3,)).astype("float32")
     rows = rng.normal(size=(40, 3)).astype("float32") * 3
-    shards, physical = 2, 24  # 2 shards of 12 rows, chunks of 4 with tails of 2 and 1
+    shards, physical = 2, 24  # 2 shards of 12 rows, chunks of 4
 
     def example_fn(params, row, index):
         return jnp.sum(params * row) ** 2, index
@@ -99,8 +89,8 @@ def one_hot_run(physical, chunk, shards=1):
         (260, 130, [259, 255, 131]),
     ],
 )
-def test_last_tail_chunk_never_resums_rows(physical, chunk, reals):
-    """``dynamic_slice`` clamps a start past the end; the last tail chunk must not count
+def test_last_chunk_never_resums_rows(physical, chunk, reals):
+    """``dynamic_slice`` clamps a start past the end; the last (tail) chunk must not count
     the rows it re-reads (it did: B = 199 at chunk 50 summed rows 196 and 197 twice)."""
     run = one_hot_run(physical, chunk)
     for real in reals:
