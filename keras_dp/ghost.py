@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Literal
 
-from keras_dp import _keras, ghost_layers
+from keras_dp import _keras, ghost_cost, ghost_layers
 from keras_dp import ghost_norms as gn
 
 logger = logging.getLogger(__name__)
@@ -243,6 +243,15 @@ def clipping(model, config, unit, trainable, rows) -> tuple:
         return unit, None, None
     row = jax.tree.map(lambda a: a[0], rows)
     made = plan(model, lambda p: unit(p, row, 0)[0], trainable, config.clipping)
+    if config.clipping == "auto" and not ghost_cost.ghost_pays(made, config):
+        if getattr(model, "_dp_ghost_logged", None) != "per_example":
+            model._dp_ghost_logged = "per_example"
+            logger.info(
+                "clipping='auto': per-example gradients for every variable (ghost norms "
+                "would cost as much as the per-example gradients here: sequences or LoRA "
+                "adapters, in chunks on a CPU). clipping='ghost' forces them."
+            )
+        return unit, None, None
     if made.fallback != getattr(model, "_dp_ghost_logged", None):
         model._dp_ghost_logged = made.fallback
         if made.fallback:
@@ -257,62 +266,6 @@ def clipping(model, config, unit, trainable, rows) -> tuple:
             )
     is_ghost = tuple(i in made.ghost for i in range(len(trainable)))
     return example_fn(model, unit, made), (is_ghost, made.active), made
-
-
-# On a CPU, the whole shard in one pass when one example's forward pass is at most
-# this many FLOPs and its per-example gradients (fallback variables, float32) fit in
-# _ONE_PASS_BYTES; otherwise the chunks of :func:`keras_dp.step.chunk_size`.
-_ONE_PASS_FLOPS = 10**6
-_ONE_PASS_BYTES = 2**28
-
-
-def forward_flops(model, row) -> int:
-    """FLOPs of the built model's forward pass on ``row`` (one example with a batch
-    axis of 1), counted on a trace as :class:`Plan` counts them. Stateless: nothing is
-    compiled and no variable changes (a layer may assign state in ``call``)."""
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-    kwargs = {"training": False} if _keras.call_has_training_arg(model) else {}
-
-    def forward(r):
-        return model.stateless_call(trainable, non_trainable, r, **kwargs)[0]
-
-    return _flops(jax.make_jaxpr(forward)(row).jaxpr)
-
-
-def one_pass(plan_: Plan | None, config, rows: int) -> bool:
-    """Whether a CPU step computes its ``rows`` (one shard, padding included) in one
-    pass rather than in chunks (``microbatch_size`` unset, ghost norms).
-
-    Each chunk costs the loop's bookkeeping, whose work grows with the parameters
-    (the clipped sum accumulated, embedding tables scattered into): with ghost norms a
-    small model's rows cost less than that. Measured on 2 CPU cores, batch 64 (117
-    rows; chunks of 16 against one pass): an embedding text classifier (8 kFLOP an
-    example) 4.1 → 2.9 ms a step, a small CNN (0.2 MFLOP) 4.6 → 3.7 ms, an MLP
-    (0.2 MFLOP) 1.9 ms both; a 2-layer BERT (~10 MFLOP) or Gemma3 keeps its chunks,
-    where the padding rows would cost more than the loop.
-    """
-    if plan_ is None or not _may_pass_once(config):
-        return False
-    return plan_.flops <= _ONE_PASS_FLOPS and 4 * rows * plan_.fallback_size <= _ONE_PASS_BYTES
-
-
-def likely_one_pass(model, config, row) -> bool:
-    """:func:`one_pass` as far as it can be told before any step is traced: ghost
-    norms, a built model, and the forward FLOPs of ``row`` (one example, batch axis 1)
-    within the bound. A model whose forward pass does not trace here is not."""
-    if not config.ghost_clipping or not _may_pass_once(config) or not model.built:
-        return False
-    try:
-        flops = forward_flops(model, row)
-    except Exception as err:  # a guess for sizing batches only: never fail fit over it
-        logger.debug("Forward FLOPs unknown (the forward pass did not trace: %s).", err)
-        return False
-    return flops <= _ONE_PASS_FLOPS
-
-
-def _may_pass_once(config) -> bool:
-    return config.microbatch_size is None and jax.default_backend() == "cpu"
 
 
 def plan(model, loss_fn, params, clipping: str) -> Plan:
@@ -351,33 +304,9 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
         taps,
         frozenset(safe),
         tuple(variables[i].path for i in fallback),
-        flops=_flops(closed.jaxpr),
+        flops=ghost_cost.flops(closed.jaxpr),
         fallback_size=sum(math.prod(variables[i].shape) for i in fallback),
     )
-
-
-def _flops(jaxpr) -> int:
-    """Floating-point operations of ``jaxpr``'s matrix products and convolutions
-    (inner jaxprs included; a loop's body counted once per known trip)."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
-        elif name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval.shape
-            out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
-            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) // out_features
-        inner = 0
-        for value in eqn.params.values():
-            for item in value if isinstance(value, (tuple, list)) else (value,):
-                item = getattr(item, "jaxpr", item)  # a ClosedJaxpr's
-                if hasattr(item, "eqns"):
-                    inner += _flops(item)
-        total += inner * eqn.params.get("length", 1)  # scan
-    return total
 
 
 def _cheaper(taps, index: int) -> bool:

@@ -25,6 +25,7 @@ from keras_dp import (
     clipping,
     distribute,
     ghost,
+    ghost_cost,
     ledger,
     metrics,
     noise,
@@ -83,7 +84,7 @@ def train_step(model, state, data):
     unit = units.unit_fn(per_example, config.user_block)
     example_fn, ghost_spec, plan = ghost.clipping(model, config, unit, trainable, rows)
     size = chunk_size(config, shards, model)
-    if ghost.one_pass(plan, config, per_shard):
+    if ghost_cost.one_pass(plan, config, per_shard):
         size = per_shard
     chunk = step_chunk(per_shard, size)
     grad_sum, losses, aux, nonfinite, clipped = clipping.clipped_sum(
@@ -237,7 +238,7 @@ def chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
     padding are skipped, so small chunks keep the rows computed close to the real
     rows of a Poisson draw; on a 4-layer Gemma3 (batch 16, CPU) B/4 and B/8
     measured alike, B/2 and B slower. The train step runs a small model with ghost
-    norms in one pass instead (:func:`keras_dp.ghost.one_pass`).
+    norms in one pass instead (:func:`keras_dp.ghost_cost.one_pass`).
 
     GPU/TPU: as many rows as keep one chunk's per-example gradients (float32) within
     ``_CHUNK_GRADIENT_BYTES`` (with ghost clipping, only the variables that layer
@@ -262,7 +263,7 @@ def chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
 def usual_rows(model, config: DPConfig, example) -> int | None:
     """Real rows that most updates' draws fit in, B + 3·√B, when a smaller batch saves
     work: on a CPU, with ghost norms and ``microbatch_size`` unset, for a model whose
-    step is one vectorised pass (:func:`keras_dp.ghost.one_pass`, judged from the
+    step is one vectorised pass (:func:`keras_dp.ghost_cost.one_pass`, judged from the
     forward FLOPs of ``example``), whose padding rows are all computed. None otherwise
     (chunked steps skip padding chunks anyway), and for a model not yet built.
 
@@ -274,7 +275,7 @@ def usual_rows(model, config: DPConfig, example) -> int | None:
     """
     if config.user_block is not None or config.sampling != "poisson":
         return None
-    if not ghost.likely_one_pass(model, config, example):
+    if not ghost_cost.likely_one_pass(model, config, example):
         return None
     return 8 * math.ceil((config.batch_size + 3 * math.sqrt(config.batch_size)) / 8)
 

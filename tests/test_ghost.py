@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import ghost
+from keras_dp import ghost, ghost_cost
 from keras_dp import ghost_norms as gn
 
 from .helpers import whole_batch_update
@@ -30,12 +30,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
 SCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def clipped_sum(model_fn, x, y, clipping, clip=0.05, sample_weight=None, loss=SCE):
+def clipped_sum(
+    model_fn, x, y, clipping, clip=0.05, sample_weight=None, loss=SCE, microbatch_size=None
+):
     """Σ_i clip(g_i) of one update over all N examples, as ``clipping`` computes it."""
     keras.utils.set_random_seed(0)
     model = model_fn()
     n = len(y)
     config = whole_batch_update(n, clip, clipping)
+    config = dataclasses.replace(config, microbatch_size=microbatch_size)
     model = keras_dp.make_private(model, config)
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=float(n)), loss=loss)
     model.fit(x, y, sample_weight=sample_weight, verbose=0)  # builds, then one update
@@ -57,6 +60,11 @@ def assert_same_sums(a, b, rtol=1e-5):
 
 def fallback_of(model_fn, x, clipping="ghost"):
     """Paths of the trainable variables that ghost.plan leaves to per-example gradients."""
+    return set(plan_of(model_fn, x, clipping).fallback)
+
+
+def plan_of(model_fn, x, clipping="ghost"):
+    """ghost.plan of one example of ``x``."""
     keras.utils.set_random_seed(0)
     model = model_fn()
     row = jax.tree.map(lambda a: jnp.asarray(a[:1]), x)
@@ -69,7 +77,7 @@ def fallback_of(model_fn, x, clipping="ghost"):
         out, _, losses = model.stateless_call(p, nt, row, return_losses=True)
         return jnp.sum(jax.tree.leaves(out)[0]) + sum(losses)
 
-    return set(ghost.plan(model, loss_fn, params, clipping).fallback)
+    return ghost.plan(model, loss_fn, params, clipping)
 
 
 # The formulas against brute force ------------------------------------------------------
@@ -512,19 +520,52 @@ def test_forward_flops_are_xlas_count_of_the_products():
     args = (jnp.ones((3, 8, 10, 2)), jnp.ones((40, 40)), jnp.ones((3, 3, 2, 5)))
     cost = jax.jit(f).lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    flops = ghost._flops(jax.make_jaxpr(f)(*args).jaxpr)
+    flops = ghost_cost.flops(jax.make_jaxpr(f)(*args).jaxpr)
     assert flops == cost["flops"]
     # Inside pjit and a scan of 3 trips (which XLA's count takes once):
     g = jax.jit(lambda *a: jax.lax.scan(lambda c, _: (c, f(*a)), 0.0, None, length=3)[1])
-    assert ghost._flops(jax.make_jaxpr(g)(*args).jaxpr) == 3 * flops
+    assert ghost_cost.flops(jax.make_jaxpr(g)(*args).jaxpr) == 3 * flops
 
 
 def test_small_models_run_one_pass_on_a_cpu_and_others_keep_their_chunks():
     config = keras_dp.DPConfig(target_epsilon=2.0, batch_size=64, steps=1, dataset_size=1000)
     small = ghost.Plan((), frozenset(), (), flops=10**5, fallback_size=100)
-    assert ghost.one_pass(small, config, 128)
-    assert not ghost.one_pass(None, config, 128)  # per-example clipping
-    assert not ghost.one_pass(dataclasses.replace(small, flops=2 * 10**6), config, 128)
-    assert not ghost.one_pass(dataclasses.replace(small, fallback_size=10**6), config, 128)
+    assert ghost_cost.one_pass(small, config, 128)
+    assert not ghost_cost.one_pass(None, config, 128)  # per-example clipping
+    assert not ghost_cost.one_pass(dataclasses.replace(small, flops=2 * 10**6), config, 128)
+    assert not ghost_cost.one_pass(dataclasses.replace(small, fallback_size=10**6), config, 128)
     chosen = dataclasses.replace(config, microbatch_size=16)
-    assert not ghost.one_pass(small, chosen, 128)  # the user's microbatch_size is kept
+    assert not ghost_cost.one_pass(small, chosen, 128)  # the user's microbatch_size is kept
+
+
+def test_auto_takes_per_example_gradients_where_ghost_norms_cost_as_much(caplog):
+    """A chunked step on a CPU: LoRA adapters over a sequence (each norm costs more
+    multiply-adds than the adapter holds numbers) run clipping="per_example" under
+    auto, bit for bit, with one log line; an MLP on vectors keeps its ghost norms, and
+    so does a one-pass step (no microbatch_size, a tiny forward pass)."""
+    assert jax.default_backend() == "cpu"
+    chunked = dataclasses.replace(whole_batch_update(9, 0.05, "auto"), microbatch_size=3)
+    one_pass = whole_batch_update(9, 0.05, "auto")
+    lora = plan_of(lora_model, data("lora")[0], "auto")
+    costs = [t.costs()[0] for t in lora.active if t.use_kernel]
+    sizes = [math.prod(t.kernel_shape) for t in lora.active if t.use_kernel]
+    assert len(costs) == 5 and sum(costs) >= sum(sizes)  # 4 adapter kernels and the head
+    assert not ghost_cost.ghost_pays(lora, chunked)
+    assert ghost_cost.ghost_pays(lora, one_pass)
+    assert ghost_cost.ghost_pays(plan_of(mlp, data("mlp")[0], "auto"), chunked)
+
+    x, y = data("lora")
+    with caplog.at_level(logging.INFO, logger="keras_dp"):
+        auto = clipped_sum(lora_model, x, y, "auto", microbatch_size=3)
+    assert sum("per-example gradients for every variable" in r.message for r in caplog.records)
+    want = clipped_sum(lora_model, x, y, "per_example", microbatch_size=3)
+    for a, b in zip(auto, want):
+        np.testing.assert_array_equal(a, b)
+    caplog.clear()
+    x, y = data("mlp")
+    with caplog.at_level(logging.INFO, logger="keras_dp"):
+        assert_same_sums(
+            clipped_sum(mlp, x, y, "per_example", microbatch_size=3),
+            clipped_sum(mlp, x, y, "auto", microbatch_size=3),
+        )
+    assert not any("every variable" in r.message for r in caplog.records)
