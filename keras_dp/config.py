@@ -126,8 +126,11 @@ class DPConfig:
         every other trainable variable (normalisation scales, a layer this cannot
         see into) gets per-example gradients in the same backward pass,
         and one log line names them. "auto" (default): "ghost" for the variables
-        where its norm costs no more than their per-example gradient, and
-        "per_example" with user-level "uls" (a unit is a block of examples).
+        where its norm costs no more than their per-example gradient; "per_example"
+        with user-level "uls" (a unit is a block of examples), and for a chunked
+        step on a CPU whose ghost norms cost as much as the per-example gradients
+        they replace (:func:`keras_dp.ghost_cost.ghost_pays`: LoRA adapters, dense
+        layers over sequences).
     """
 
     target_epsilon: float

@@ -314,7 +314,8 @@ def _cheaper(taps, index: int) -> bool:
     per-example gradient (:meth:`Tap.costs`): an embedding over sequences long against
     its vocabulary. (A cost model that also charged each per-example gradient's memory
     traffic sent Gemma3's LoRA adapters to per-example gradients, and measured 10%
-    slower than ghost norms there: benchmarks/clipping.py.)"""
+    slower than ghost norms there: benchmarks/clipping.py. Running the whole step as
+    per-example clipping is faster there on a CPU: :func:`ghost_cost.ghost_pays`.)"""
     for t in taps:
         if t.kernel == index:
             norm, per_example = t.costs()
