@@ -56,9 +56,8 @@ def naive_clipped_mean(model, x, y, clip):
     return [-t / len(x) for t in total]
 
 
-@pytest.mark.parametrize(
-    "microbatch", [None, 1, 3, 4, 64]
-)  # 3, 4: a padded last chunk; 64: no loop
+# 3, 4: a padded last chunk; 64: no loop
+@pytest.mark.parametrize("microbatch", [None, 1, 3, 4, 64])
 def test_update_is_minus_mean_of_clipped_gradients(microbatch):
     x, y = data(10)
     model = private(
