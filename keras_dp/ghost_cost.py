@@ -78,7 +78,7 @@ def _may_pass_once(config) -> bool:
     return config.microbatch_size is None and jax.default_backend() == "cpu"
 
 
-def ghost_pays(plan_, config) -> bool:
+def ghost_pays(plan_: Plan | None, config) -> bool:
     """``clipping="auto"``: whether a step computes ghost norms at all (True), or
     every per-example gradient as ``clipping="per_example"`` does (False).
 
@@ -90,8 +90,10 @@ def ghost_pays(plan_, config) -> bool:
     ghost norm is as dear as the gradient, and the clipped sum costs a second
     contraction. Measured on 2 CPU cores, ms a step (per-example / ghost): a tiny
     BERT with LoRA 29.1 / 32.5 (first epoch 5.9 / 6.7 s), the small CNN in chunks of
-    16 6.5 / 8.7. A one-pass step keeps ghost norms (that CNN: ~2 ms), and so does
-    any step on an accelerator (not measured there).
+    16 6.5 / 8.7. A one-pass step keeps ghost norms (that CNN: ~3 ms), and so does
+    any step on an accelerator (not measured there), and one whose new per-example
+    gradients (float32, for a whole expected batch) would exceed 256 MiB: memory
+    follows the activations with ghost norms, the parameters without.
     """
     if jax.default_backend() != "cpu" or plan_ is None:
         return True
@@ -100,6 +102,8 @@ def ghost_pays(plan_, config) -> bool:
     kernels = [t for t in plan_.active if t.use_kernel]
     norms = sum(t.costs()[0] for t in kernels)
     sizes = sum(math.prod(t.kernel_shape) for t in kernels)
+    if 4 * sizes * config.batch_size > _ONE_PASS_BYTES:  # their gradients would be large
+        return True
     return norms < sizes
 
 

@@ -552,6 +552,11 @@ def test_auto_takes_per_example_gradients_where_ghost_norms_cost_as_much(caplog)
     assert len(costs) == 5 and sum(costs) >= sum(sizes)  # 4 adapter kernels and the head
     assert not ghost_cost.ghost_pays(lora, chunked)
     assert ghost_cost.ghost_pays(lora, one_pass)
+    huge = dataclasses.replace(chunked, batch_size=2**28 // (4 * sum(sizes)) + 1)
+    assert ghost_cost.ghost_pays(lora, huge)  # its per-example gradients: over 256 MiB
+    assert not ghost_cost.ghost_pays(
+        lora, dataclasses.replace(huge, batch_size=huge.batch_size - 1)
+    )
     assert ghost_cost.ghost_pays(plan_of(mlp, data("mlp")[0], "auto"), chunked)
 
     x, y = data("lora")
