@@ -239,8 +239,8 @@ def _shard_sum(
         fold_init,
     )
 
-    def chunk(start, size, carry):
-        """Adds the rows ``start:start + size`` (those below ``physical``) to the carry.
+    def chunk(start, carry):
+        """Adds the rows ``start:start + chunk_size`` (those below ``physical``) to the carry.
 
         ``dynamic_slice`` clamps a start that would run past the end back into range,
         so a chunk near the end re-reads rows an earlier chunk already summed. The
@@ -248,18 +248,18 @@ def _shard_sum(
         if its absolute position is at or after ``start`` (and it is real).
         """
         grad_sum, losses, aux, counts, acc = carry
-        at = jnp.minimum(start, physical - size)
-        fresh = at + jnp.arange(size) >= start
-        chunk_mask = rows_at(mask, at, size) & fresh
+        at = jnp.minimum(start, physical - chunk_size)
+        fresh = at + jnp.arange(chunk_size) >= start
+        chunk_mask = rows_at(mask, at, chunk_size) & fresh
         part, loss, chunk_aux, counted, acc = computed(
-            rows_at(rows, at, size), rows_at(ids, at, size), chunk_mask, acc
+            rows_at(rows, at, chunk_size), rows_at(ids, at, chunk_size), chunk_mask, acc
         )
         grad_sum = jax.tree.map(lambda s, g: s + g, grad_sum, part)
 
         def put(buf, x):  # rows re-read from an earlier chunk keep their stored value
             keep = fresh.reshape(fresh.shape + (1,) * (x.ndim - 1))
             return jax.lax.dynamic_update_slice_in_dim(
-                buf, jnp.where(keep, x, rows_at(buf, at, size)), at, 0
+                buf, jnp.where(keep, x, rows_at(buf, at, chunk_size)), at, 0
             )
 
         losses = put(losses, loss)
@@ -272,7 +272,7 @@ def _shard_sum(
     # no padding but compiled one shape per size, and measured no faster a step.
     num_real = jnp.sum(mask.astype(jnp.int32))
     count = (num_real + chunk_size - 1) // chunk_size
-    step = lambda i, c: chunk(i * chunk_size, chunk_size, c)  # noqa: E731
+    step = lambda i, c: chunk(i * chunk_size, c)  # noqa: E731
     return _outputs(jax.lax.fori_loop(0, count, step, init), fold)
 
 

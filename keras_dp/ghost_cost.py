@@ -97,7 +97,7 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     """
     if jax.default_backend() != "cpu" or plan_ is None:
         return True
-    if config.microbatch_size is None and plan_.flops <= _ONE_PASS_FLOPS:
+    if _may_pass_once(config) and plan_.flops <= _ONE_PASS_FLOPS:
         return True
     kernels = [t for t in plan_.active if t.use_kernel]
     norms = sum(t.costs()[0] for t in kernels)

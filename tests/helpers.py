@@ -42,7 +42,7 @@ def on_devices(devices: int):
         keras.distribution.set_distribution(None)
 
 
-def whole_batch_update(n: int, clip: float, clipping: str):
+def whole_batch_update(n: int, clip: float, clipping: str, microbatch_size=None):
     """A plan whose one update is exactly Σ_i clip(g_i) over all ``n`` examples when
     trained with SGD at learning rate ``n``: σ = 0, fixed sampling of B = N, one step."""
     import math
@@ -59,4 +59,5 @@ def whole_batch_update(n: int, clip: float, clipping: str):
         l2_clip_norm=clip,
         seed=0,
         clipping=clipping,
+        microbatch_size=microbatch_size,
     )

@@ -37,8 +37,7 @@ def clipped_sum(
     keras.utils.set_random_seed(0)
     model = model_fn()
     n = len(y)
-    config = whole_batch_update(n, clip, clipping)
-    config = dataclasses.replace(config, microbatch_size=microbatch_size)
+    config = whole_batch_update(n, clip, clipping, microbatch_size)
     model = keras_dp.make_private(model, config)
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=float(n)), loss=loss)
     model.fit(x, y, sample_weight=sample_weight, verbose=0)  # builds, then one update
@@ -544,7 +543,7 @@ def test_auto_takes_per_example_gradients_where_ghost_norms_cost_as_much(caplog)
     auto, bit for bit, with one log line; an MLP on vectors keeps its ghost norms, and
     so does a one-pass step (no microbatch_size, a tiny forward pass)."""
     assert jax.default_backend() == "cpu"
-    chunked = dataclasses.replace(whole_batch_update(9, 0.05, "auto"), microbatch_size=3)
+    chunked = whole_batch_update(9, 0.05, "auto", microbatch_size=3)
     one_pass = whole_batch_update(9, 0.05, "auto")
     lora = plan_of(lora_model, data("lora")[0], "auto")
     costs = [t.costs()[0] for t in lora.active if t.use_kernel]
