@@ -1,6 +1,6 @@
 """Ghost vs per-example clipping: step time, first epoch and memory, as ratios in one run.
 
-    python benchmarks/clipping.py [--models mlp cnn text bert-lora gemma-lora gemma-full]
+    python benchmarks/clipping.py [--models mlp cnn cnn32 text bert-lora gemma-lora gemma-full]
                                   [--repeats 3] [--out benchmarks/results]
                                   [--microbatch-size K]
 
@@ -17,8 +17,10 @@ too. Memory is XLA's peak temporary memory of one compiled step at logical batch
 ``--models`` with no name measures memory only.
 
 The models: an MLP 64-256-256-10 on digits (batch 64), a CNN (two 3x3 convolutions
-and a Dense head, digits as 8x8 images, batch 64), an Embedding text classifier
-(vocabulary 5,000, 64 tokens, average pooling, two Dense layers, batch 64), a tiny
+and a Dense head, digits as 8x8 images, batch 64), a CNN on 32x32x3 images (four 3x3
+convolutions, two strided; random data of CIFAR-10's shape, batch 64), an Embedding
+text classifier (vocabulary 5,000, 64 tokens, average pooling, two Dense layers,
+batch 64), a tiny
 keras-hub BERT classifier with LoRA rank 4 (2 layers, hidden 64, 64 tokens, batch 32),
 and the Gemma3 of ``run.py`` (4 layers, hidden 256, 128 tokens, batch 16) with LoRA
 and fully fine-tuned. Every model is a plain functional ``keras.Model`` so that every
@@ -72,6 +74,29 @@ def image_data():
     return x.reshape(-1, 8, 8, 1), y
 
 
+def cnn32():
+    """Four 3×3 convolutions (two strided) on 32×32×3 images (CIFAR-10's shape): its
+    forward pass is ~12 MFLOP an example, so a CPU step runs it in chunks."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.Conv2D(64, 3, strides=2, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def cifar_like_data(n=1024):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 32, 32, 3)).astype("float32")
+    return x, rng.integers(0, 10, n).astype("int32")
+
+
 def text():
     keras.utils.set_random_seed(0)
     return keras.Sequential(
@@ -121,6 +146,7 @@ def bert_data(n=512):
 MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "mlp": (mlp, digits_data, 64, 6),
     "cnn": (cnn, image_data, 64, 6),
+    "cnn32": (cnn32, cifar_like_data, 64, 3),
     "text": (text, text_data, 64, 4),
     "bert-lora": (bert_lora, bert_data, 32, 4),
     "gemma-lora": STEP_MODELS["gemma-lora"],

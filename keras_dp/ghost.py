@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.extend.core import Literal
 
 from keras_dp import _keras, ghost_cost, ghost_layers
+from keras_dp import ghost_conv as gc
 from keras_dp import ghost_norms as gn
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Tap:
       kind: "einsum" (x → einsum(spec, x, kernel)), "conv" (x → conv(x, kernel)),
         "embedding" (ids → table[ids]) or "bias" (a bias alone).
       spec: The einsum's index structure (kind "einsum"), or the convolution's
-        (:class:`keras_dp.ghost_norms.Conv`).
+        (:class:`keras_dp.ghost_conv.Conv`).
       kernel: The kernel's (or table's) index among the trainable variables, or None.
       bias: The bias' index, or None.
       kernel_shape, bias_shape: Their shapes.
@@ -78,7 +79,7 @@ class Tap:
         """The tap's input as :meth:`sq_norms` and :meth:`sums` read it, formed once:
         for a convolution, the input and its unfolded patches; any other input as it is."""
         if self.kind == "conv" and self.use_kernel:
-            return x, gn.conv_patches(self.spec, x)
+            return x, gc.conv_patches(self.spec, x)
         return x
 
     def sq_norms(self, x, g) -> jax.Array:
@@ -89,7 +90,7 @@ class Tap:
             if self.kind == "embedding":
                 total = total + gn.embedding_sq_norms(x, g)
             elif self.kind == "conv":
-                total = total + gn.conv_sq_norms(x[1], g)
+                total = total + gc.conv_sq_norms(x[1], g)
             else:
                 total = total + gn.kernel_sq_norms(self.spec, x, g)
         if self.use_bias:
@@ -103,7 +104,7 @@ class Tap:
             if self.kind == "embedding":
                 out[self.kernel] = gn.embedding_sum(x, g, factor, self.kernel_shape)
             elif self.kind == "conv":
-                out[self.kernel] = gn.conv_sum(self.spec, x[0], g, factor, self.kernel_shape)
+                out[self.kernel] = gc.conv_sum(self.spec, x[0], g, factor, self.kernel_shape)
             else:
                 out[self.kernel] = gn.kernel_sum(self.spec, x, g, factor, self.kernel_shape)
         if self.use_bias:
@@ -125,7 +126,7 @@ class Tap:
             return min(outer, gram), outer
         if self.kind == "conv":
             x_shape = (*self.out.shape[:-1], self.kernel_shape[-2])
-            outer, gram = gn.conv_costs(self.spec, x_shape, self.out.shape)
+            outer, gram = gc.conv_costs(self.spec, x_shape, self.out.shape)
             return min(outer, gram), outer
         if self.kind == "embedding":
             t, d = math.prod(self.out.shape[:-1]), self.out.shape[-1]

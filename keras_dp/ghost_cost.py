@@ -89,17 +89,22 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     against Σ of their sizes): LoRA adapters and dense layers over sequences. There a
     ghost norm is as dear as the gradient, and the clipped sum costs a second
     contraction. Measured on 2 CPU cores, ms a step (per-example / ghost): a tiny
-    BERT with LoRA 29.1 / 32.5 (first epoch 5.9 / 6.7 s), the small CNN in chunks of
-    16 6.5 / 8.7. A one-pass step keeps ghost norms (that CNN: ~3 ms), and so does
-    any step on an accelerator (not measured there), and one whose new per-example
-    gradients (float32, for a whole expected batch) would exceed 256 MiB: memory
-    follows the activations with ghost norms, the parameters without.
+    BERT with LoRA 29.1 / 32.5 (first epoch 5.9 / 6.7 s). A model with a ghost
+    convolution keeps ghost norms: per-example kernel gradients of a convolution are
+    grouped convolutions, slow on CPUs (the small CNN in chunks of 16: 6.4 / 1.9; a
+    4-convolution CNN on 32×32×3 images, batch 64: 913 / 76). A one-pass step keeps
+    ghost norms, and so does any step on an accelerator (not measured there), and one
+    whose new per-example gradients (float32, for a whole expected batch) would
+    exceed 256 MiB: memory follows the activations with ghost norms, the parameters
+    without.
     """
     if jax.default_backend() != "cpu" or plan_ is None:
         return True
     if _may_pass_once(config) and plan_.flops <= _ONE_PASS_FLOPS:
         return True
     kernels = [t for t in plan_.active if t.use_kernel]
+    if any(t.kind == "conv" for t in kernels):
+        return True
     norms = sum(t.costs()[0] for t in kernels)
     sizes = sum(math.prod(t.kernel_shape) for t in kernels)
     if 4 * sizes * config.batch_size > _ONE_PASS_BYTES:  # their gradients would be large

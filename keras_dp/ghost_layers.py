@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from keras_dp import _keras
+from keras_dp import ghost_conv as gc
 from keras_dp import ghost_norms as gn
 
 
@@ -136,24 +137,17 @@ def _conv(layer, tape, original):
         ):
             return original(inputs)
         kernel = layer.kernel
-        out = ops.conv(
-            inputs,
-            tape.read(kernel),
-            strides=list(layer.strides),
-            padding=layer.padding,
-            dilation_rate=layer.dilation_rate,
-            data_format=layer.data_format,
-        )
-        bias = layer.bias if layer.use_bias else None
-        if bias is not None:
-            shape = (1,) * (layer.rank + 1) + (layer.filters,)
-            out = ops.add(out, ops.reshape(tape.read(bias), shape))
-        spec = gn.Conv(
+        spec = gc.Conv(
             tuple(layer.kernel_size),
             tuple(layer.strides),
             layer.padding.upper(),
             tuple(layer.dilation_rate),
         )
+        out = gc.conv(spec, inputs, ops.convert_to_tensor(tape.read(kernel)))
+        bias = layer.bias if layer.use_bias else None
+        if bias is not None:
+            shape = (1,) * (layer.rank + 1) + (layer.filters,)
+            out = ops.add(out, ops.reshape(tape.read(bias), shape))
         return _activate(layer, tape.tap(layer, out, inputs, "conv", spec, kernel, bias))
 
     return call

@@ -17,7 +17,6 @@ Arrays here carry the examples on axis 0: ``x[b]`` has the shape the layer saw.
 
 from __future__ import annotations
 
-import itertools
 import math
 import string
 from typing import NamedTuple
@@ -250,90 +249,4 @@ def embedding_sum(ids, g, factor, table_shape) -> jnp.ndarray:
     return jnp.zeros(table_shape, jnp.float32).at[flat].add(rows * weights[:, None])
 
 
-class Conv(NamedTuple):
-    """A convolution ``out = conv(x, K)`` (channels last, one group) seen as an einsum
-    over its unfolded patches: S = output positions, Kx = C·prod(window), Ko = filters.
-
-    Attributes:
-      window: The kernel's spatial shape.
-      strides, dilation: Per spatial axis.
-      padding: "VALID" or "SAME".
-    """
-
-    window: tuple
-    strides: tuple
-    padding: str
-    dilation: tuple
-
-
 DENSE = Einsum("ab", "bc", "ac", "", "b", "c", "a")  # rows × features → rows × units
-
-
-def conv_patches(conv: Conv, x) -> jnp.ndarray:
-    """x [B, 1, *spatial, C] as patches [B, positions, prod(window)·C], in the kernel's
-    (*window, C) order: one strided slice per window offset (an im2col without the
-    grouped convolution ``lax.conv_general_dilated_patches`` uses, slow on CPUs)."""
-    x = x.reshape(x.shape[0], *x.shape[2:])
-    spatial = x.shape[1:-1]
-    reach = [(k - 1) * d + 1 for k, d in zip(conv.window, conv.dilation)]
-    if conv.padding == "SAME":  # as XLA pads: the odd row at the end
-        pads = []
-        for n, r, s in zip(spatial, reach, conv.strides):
-            total = max((-(-n // s) - 1) * s + r - n, 0)
-            pads.append((total // 2, total - total // 2))
-        x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-    out = [(n - r) // s + 1 for n, r, s in zip(x.shape[1:-1], reach, conv.strides)]
-    pieces = []
-    for offset in itertools.product(*(range(k) for k in conv.window)):
-        start = [o * d for o, d in zip(offset, conv.dilation)]
-        limit = [b + (m - 1) * s + 1 for b, m, s in zip(start, out, conv.strides)]
-        pieces.append(
-            jax.lax.slice(
-                x,
-                (0, *start, 0),
-                (x.shape[0], *limit, x.shape[-1]),
-                (1, *conv.strides, 1),
-            )
-        )
-    patches = jnp.stack(pieces, axis=-2)  # [B, *out, prod(window), C]
-    return patches.reshape(x.shape[0], math.prod(out), -1)
-
-
-def conv_sq_norms(patches, g) -> jnp.ndarray:
-    """Per-example squared norms of a convolution's kernel gradient, from its input's
-    :func:`conv_patches` and the gradient g at its output [B, 1, *out, filters]."""
-    return kernel_sq_norms(DENSE, patches, g.reshape(g.shape[0], -1, g.shape[-1]))
-
-
-def conv_sum(conv: Conv, x, g, factor, kernel_shape) -> jnp.ndarray:
-    """Σ_b factor_b·G_b in the kernel's layout (*window, C, filters), from the input x
-    [B, 1, *spatial, C] and g [B, 1, *out, filters]: the kernel gradient of the
-    convolution over the examples at the output gradient factor_b·g_b: XLA's own
-    backward-filter convolution, which reads x as it is (a contraction of the patches
-    copied them into its layout first; the small CNN's compiled step on 88 rows, 1.85
-    → 1.55 ms)."""
-    x = x.reshape(x.shape[0], *x.shape[2:]).astype(jnp.float32)
-    g = g.reshape(g.shape[0], *g.shape[2:]).astype(jnp.float32)
-    g = g * factor.reshape((-1,) + (1,) * (g.ndim - 1))
-    spatial = "DHW"[3 - len(conv.window) :]
-    numbers = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
-
-    def forward(kernel):
-        return jax.lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=conv.strides,
-            padding=conv.padding,
-            rhs_dilation=conv.dilation,
-            dimension_numbers=numbers,
-        )
-
-    _, pullback = jax.vjp(forward, jnp.zeros(kernel_shape, jnp.float32))
-    return pullback(g)[0]
-
-
-def conv_costs(conv: Conv, x_shape, out_shape) -> tuple[int, int]:
-    """(outer, Gram) multiply-adds per example, as :func:`costs`."""
-    s = math.prod(out_shape[:-1])
-    a, c = x_shape[-1] * math.prod(conv.window), out_shape[-1]
-    return s * a * c, s * s * (a + c)

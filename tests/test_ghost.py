@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import keras_dp
 from keras_dp import ghost, ghost_cost
+from keras_dp import ghost_conv as gc
 from keras_dp import ghost_norms as gn
 
 from .helpers import whole_batch_update
@@ -123,6 +124,8 @@ def test_einsum_norms_and_sums_equal_brute_force(equation, x_shape, k_shape):
         ((3,), (2,), "SAME", (1,), (7,)),
         ((3, 3), (2, 1), "SAME", (1, 1), (7, 6)),
         ((2, 2), (1, 1), "VALID", (2, 2), (6, 5)),
+        ((3,), (2,), "VALID", (1,), (8,)),  # the last position read by no window
+        ((2, 2, 2), (1, 2, 1), "SAME", (1, 1, 2), (4, 5, 3)),
     ],
 )
 def test_conv_norms_and_sums_equal_brute_force(window, strides, padding, dilation, spatial):
@@ -130,7 +133,7 @@ def test_conv_norms_and_sums_equal_brute_force(window, strides, padding, dilatio
     batch, channels, filters = 4, 3, 2
     x = jnp.asarray(rng.normal(size=(batch, 1, *spatial, channels)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(*window, channels, filters)), jnp.float32)
-    conv = gn.Conv(window, strides, padding, dilation)
+    conv = gc.Conv(window, strides, padding, dilation)
 
     def forward(xb, k):
         return keras.ops.conv(
@@ -144,11 +147,44 @@ def test_conv_norms_and_sums_equal_brute_force(window, strides, padding, dilatio
         for b in range(batch)
     ]
     np.testing.assert_allclose(
-        gn.conv_sq_norms(gn.conv_patches(conv, x), g), [np.sum(G * G) for G in grads], rtol=1e-5
+        gc.conv_sq_norms(gc.conv_patches(conv, x), g), [np.sum(G * G) for G in grads], rtol=1e-5
     )
     want = sum(float(f) * G for f, G in zip(factor, grads))
-    got = gn.conv_sum(conv, x, g, factor, kernel.shape)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for canonical in (True, False):  # the CPU's form and the accelerators'
+        got = gc.conv_sum(conv, x, g, factor, kernel.shape, canonical)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "window,strides,padding,dilation,spatial",
+    [
+        ((3,), (2,), "SAME", (1,), (7,)),
+        ((3, 3), (2, 1), "SAME", (1, 1), (7, 6)),
+        ((2, 2), (1, 1), "VALID", (2, 2), (6, 5)),
+        ((3, 2), (2, 3), "VALID", (1, 1), (8, 9)),  # rows and columns read by no window
+        ((2, 2, 2), (1, 2, 1), "SAME", (1, 1, 2), (4, 5, 3)),
+    ],
+)
+def test_conv_and_its_gradients_equal_keras(window, strides, padding, dilation, spatial):
+    """The taps' convolution (canonical gradients on a CPU, autodiff's elsewhere)
+    gives Keras' output, and autodiff's gradients of it at x and at the kernel."""
+    rng = np.random.default_rng(sum(spatial))
+    x = jnp.asarray(rng.normal(size=(3, *spatial, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(*window, 4, 5)), jnp.float32)
+    spec = gc.Conv(window, strides, padding, dilation)
+
+    def keras_conv(x, k):
+        kw = {"strides": list(strides), "padding": padding.lower(), "dilation_rate": dilation}
+        return keras.ops.conv(x, k, **kw)
+
+    want = keras_conv(x, kernel)
+    g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    want_grads = jax.vjp(keras_conv, x, kernel)[1](g)
+    for canonical in (True, False):
+        got, pullback = jax.vjp(lambda x, k, c=canonical: gc.conv(spec, x, k, c), x, kernel)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(pullback(g), want_grads):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
 def test_both_norm_forms_are_used():
@@ -540,8 +576,9 @@ def test_small_models_run_one_pass_on_a_cpu_and_others_keep_their_chunks():
 def test_auto_takes_per_example_gradients_where_ghost_norms_cost_as_much(caplog):
     """A chunked step on a CPU: LoRA adapters over a sequence (each norm costs more
     multiply-adds than the adapter holds numbers) run clipping="per_example" under
-    auto, bit for bit, with one log line; an MLP on vectors keeps its ghost norms, and
-    so does a one-pass step (no microbatch_size, a tiny forward pass)."""
+    auto, bit for bit, with one log line; an MLP on vectors keeps its ghost norms, so
+    does a CNN (whatever its norms cost), and so does a one-pass step (no
+    microbatch_size, a tiny forward pass)."""
     assert jax.default_backend() == "cpu"
     chunked = whole_batch_update(9, 0.05, "auto", microbatch_size=3)
     one_pass = whole_batch_update(9, 0.05, "auto")
@@ -557,6 +594,11 @@ def test_auto_takes_per_example_gradients_where_ghost_norms_cost_as_much(caplog)
         lora, dataclasses.replace(huge, batch_size=huge.batch_size - 1)
     )
     assert ghost_cost.ghost_pays(plan_of(mlp, data("mlp")[0], "auto"), chunked)
+    conv = plan_of(conv2d_model, data("conv2d")[0], "auto")
+    costs = [t.costs()[0] for t in conv.active if t.use_kernel]
+    sizes = [math.prod(t.kernel_shape) for t in conv.active if t.use_kernel]
+    assert sum(costs) >= sum(sizes)  # as dear as LoRA's, but per-example convolutions are slower
+    assert ghost_cost.ghost_pays(conv, chunked)
 
     x, y = data("lora")
     with caplog.at_level(logging.INFO, logger="keras_dp"):
