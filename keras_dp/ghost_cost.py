@@ -51,8 +51,10 @@ def one_pass(plan_: Plan | None, config, rows: int) -> bool:
     (the clipped sum accumulated, embedding tables scattered into): with ghost norms a
     small model's rows cost less than that. Measured on 2 CPU cores, batch 64 (117
     rows; chunks of 16 against one pass): an embedding text classifier (8 kFLOP an
-    example) 4.1 → 2.9 ms a step, a small CNN (0.2 MFLOP) 4.6 → 3.7 ms, an MLP
-    (0.2 MFLOP) 1.9 ms both; a 2-layer BERT (~10 MFLOP) or Gemma3 keeps its chunks,
+    example) 4.1 → 2.9 ms a step, an MLP (0.2 MFLOP) 1.9 ms both, a small CNN (0.2
+    MFLOP) 1.9 ms both (4.6 → 3.7 before its convolutions' canonical layouts,
+    :mod:`keras_dp.ghost_conv`); a 2-layer BERT (~10 MFLOP), a CNN on 32×32×3 images
+    (~12 MFLOP: 68–80 ms in chunks, 219 ms in one pass) or Gemma3 keeps its chunks,
     where the padding rows would cost more than the loop.
     """
     if plan_ is None or not _may_pass_once(config):
