@@ -230,18 +230,51 @@ class Tape:
         calls = {}
         for layer in _keras.sublayers(self.model):
             rule = ghost_layers.rule(layer)
-            if rule is not None:
+            if rule is not None and (self.layers is None or rule in self.layers):
                 calls[layer] = rule(layer, self, type(layer).call.__get__(layer))
         return _keras.installed_calls(calls)
 
+    layers = None  # the rules installed: all of them
+
+
+class _Untapped(Tape):
+    """Convolutions' rules only, nothing tapped, every variable read as Keras reads it."""
+
+    layers = (ghost_layers.conv_rule,)
+
+    def read(self, variable):
+        return variable
+
+    def tap(self, layer, out, x, kind, spec=None, kernel=None, bias=None):
+        return out
+
+
+def per_example_fn(model, unit):
+    """``unit`` for the per-example path: on a CPU, with each convolution that has a
+    ghost rule computed by :func:`keras_dp.ghost_conv.conv` (its input's gradient a
+    canonical convolution, each example's kernel gradient a batched matrix product:
+    autodiff's are a grouped convolution, and slow in a chunk loop). The same values;
+    a CNN on 32×32×3 images in chunks of 16 on 2 CPU cores: 964 → 44 ms a step."""
+    if jax.default_backend() != "cpu" or not any(
+        ghost_layers.rule(layer) in _Untapped.layers for layer in _keras.sublayers(model)
+    ):
+        return unit
+
+    def fn(params, row, index):
+        with _Untapped(model, None).installed:
+            return unit(params, row, index)
+
+    return fn
+
 
 def clipping(model, config, unit, trainable, rows) -> tuple:
-    """``(example_fn, ghost, plan)`` for a DP step: ``unit`` and no plan when
-    ``config.ghost_clipping`` is False (per-example gradients), otherwise the plan
-    made on row 0 and what :func:`keras_dp.clipping.clipped_sum` takes. The layers
-    that fall back are logged once per model and plan."""
+    """``(example_fn, ghost, plan)`` for a DP step: ``unit`` (as :func:`per_example_fn`
+    has it) and no plan when ``config.ghost_clipping`` is False (per-example
+    gradients), otherwise the plan made on row 0 and what
+    :func:`keras_dp.clipping.clipped_sum` takes. The layers that fall back are logged
+    once per model and plan."""
     if not config.ghost_clipping:
-        return unit, None, None
+        return per_example_fn(model, unit), None, None
     row = jax.tree.map(lambda a: a[0], rows)
     made = plan(model, lambda p: unit(p, row, 0)[0], trainable, config.clipping)
     if config.clipping == "auto" and not ghost_cost.ghost_pays(made, config):
@@ -252,7 +285,7 @@ def clipping(model, config, unit, trainable, rows) -> tuple:
                 "would cost as much as the per-example gradients here: sequences or LoRA "
                 "adapters, in chunks on a CPU). clipping='ghost' forces them."
             )
-        return unit, None, None
+        return per_example_fn(model, unit), None, None
     if made.fallback != getattr(model, "_dp_ghost_logged", None):
         model._dp_ghost_logged = made.fallback
         if made.fallback:

@@ -47,8 +47,9 @@ class Conv(NamedTuple):
 
 def conv(spec: Conv, x, kernel, canonical: bool | None = None) -> jnp.ndarray:
     """``keras.ops.conv(x, kernel, ...)`` for channels-last x [B, *spatial, C] (cast to
-    the kernel's dtype), whose gradients are canonical convolutions when
-    ``canonical`` (default: on a CPU)."""
+    the kernel's dtype). When ``canonical`` (default: on a CPU) its gradient at x is a
+    canonical convolution and at the kernel a contraction of the unfolded patches
+    (under ``jax.vmap``, each example's: a batched matrix product)."""
     x = x.astype(kernel.dtype)
     if canonical is None:
         canonical = jax.default_backend() == "cpu"
@@ -195,8 +196,14 @@ def _canonical_conv_fwd(spec: Conv, x, kernel):
 
 
 def _canonical_conv_bwd(spec: Conv, residuals, g):
+    """The input's gradient canonically; the kernel's from the unfolded patches, so
+    that each example's kernel gradient (the per-example path, under ``jax.vmap``) is
+    a batched matrix product rather than a grouped convolution."""
     x, kernel = residuals
-    return _input_grad(spec, g, kernel, x.shape), _kernel_grad(spec, x, g).astype(kernel.dtype)
+    patches = conv_patches(spec, x[:, None])
+    per_position = g.reshape(g.shape[0], -1, g.shape[-1])
+    dk = jnp.einsum("bsk,bsf->kf", patches, per_position).reshape(kernel.shape)
+    return _input_grad(spec, g, kernel, x.shape), dk.astype(kernel.dtype)
 
 
 _canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)

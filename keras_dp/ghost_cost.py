@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 # _ONE_PASS_BYTES; otherwise the chunks of :func:`keras_dp.step.chunk_size`.
 _ONE_PASS_FLOPS = 10**6
 _ONE_PASS_BYTES = 2**28
+# clipping="auto" on a CPU: a model with a ghost convolution takes per-example
+# gradients when its ghost norms cost this many times its kernels' sizes (ghost_pays).
+_CONV_RATIO = 32
 
 
 def forward_flops(model, row) -> int:
@@ -84,32 +87,35 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     """``clipping="auto"``: whether a step computes ghost norms at all (True), or
     every per-example gradient as ``clipping="per_example"`` does (False).
 
-    False only for a chunked step on a CPU (not :func:`one_pass`: a forward pass
-    above 1 MFLOP an example, or ``microbatch_size`` set) whose ghost norms cost at
-    least as many multiply-adds an example as the per-example gradients they replace
-    hold numbers (Σ over ghost kernels of :meth:`keras_dp.ghost.Tap.costs`' norm,
-    against Σ of their sizes): LoRA adapters and dense layers over sequences. There a
-    ghost norm is as dear as the gradient, and the clipped sum costs a second
-    contraction. Measured on 2 CPU cores, ms a step (per-example / ghost): a tiny
-    BERT with LoRA 29.1 / 32.5 (first epoch 5.9 / 6.7 s). A model with a ghost
-    convolution keeps ghost norms: per-example kernel gradients of a convolution are
-    grouped convolutions, slow on CPUs (the small CNN in chunks of 16: 6.4 / 1.9; a
-    4-convolution CNN on 32×32×3 images, batch 64: 913 / 76). A one-pass step keeps
-    ghost norms, and so does any step on an accelerator (not measured there), and one
-    whose new per-example gradients (float32, for a whole expected batch) would
-    exceed 256 MiB: memory follows the activations with ghost norms, the parameters
-    without.
+    Decided on a CPU from the ghost kernels' norm costs an example (Σ of
+    :meth:`keras_dp.ghost.Tap.costs`' norm, multiply-adds) against Σ of their sizes
+    (the numbers their per-example gradients hold). Where a norm costs as much as the
+    gradient, the ghost step's clipped sum is a second contraction of that size, which
+    per-example gradients save:
+
+    - a model with a ghost convolution: per-example when its norms cost at least
+      ``_CONV_RATIO`` (32) times its sizes, one pass or chunked. Measured on 2 CPU
+      cores, batch 64, ms a step (per-example / ghost): a CNN on 32×32×3 images (ratio
+      85) 42 / 70; on 16×16×3 (47) 3.9 / 8.4 (one pass; 5.0 in chunks of 16); the
+      small CNN on 8×8 digits (5) 2.7 / 2.1 (one pass; 2.8–3.8 / 1.9 in chunks).
+    - otherwise, only a chunked step (not :func:`one_pass`), per-example when the
+      norms cost at least the sizes: LoRA adapters and dense layers over sequences.
+      A tiny BERT with LoRA 29.1 / 32.5 (first epoch 5.9 / 6.7 s).
+
+    Ghost norms are kept on an accelerator (not measured there), and where the new
+    per-example gradients (float32, for a whole expected batch) would exceed 256 MiB:
+    memory follows the activations with ghost norms, the parameters without.
     """
     if jax.default_backend() != "cpu" or plan_ is None:
         return True
-    if _may_pass_once(config) and plan_.flops <= _ONE_PASS_FLOPS:
-        return True
     kernels = [t for t in plan_.active if t.use_kernel]
-    if any(t.kind == "conv" for t in kernels):
-        return True
     norms = sum(t.costs()[0] for t in kernels)
     sizes = sum(math.prod(t.kernel_shape) for t in kernels)
     if 4 * sizes * config.batch_size > _ONE_PASS_BYTES:  # their gradients would be large
+        return True
+    if any(t.kind == "conv" for t in kernels):
+        return norms < _CONV_RATIO * sizes
+    if _may_pass_once(config) and plan_.flops <= _ONE_PASS_FLOPS:
         return True
     return norms < sizes
 

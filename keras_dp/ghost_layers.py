@@ -153,6 +153,8 @@ def _conv(layer, tape, original):
     return call
 
 
+conv_rule = _conv  # the per-example path installs it alone (keras_dp.ghost.per_example_fn)
+
 _RULES = [
     (keras.layers.Dense, _dense),
     (keras.layers.EinsumDense, _einsum_dense),

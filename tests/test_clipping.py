@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keras_dp import clipping, sampling
+from keras_dp import step as dp_step
 
 
 def naive_sum(w, rows, clip):
@@ -106,9 +107,12 @@ def test_last_chunk_never_resums_rows(physical, chunk, reals):
     data=st.data(),
 )
 def test_each_real_row_is_summed_exactly_once(shards, chunk, chunks_per_shard, data):
-    """Any chunk (1..128, powers of two or not), any shard count, any real count: the
-    one-hot sum is exactly the mask, so no row is dropped, doubled, or padding added."""
-    per_shard = chunk * chunks_per_shard
+    """Any chunk (1..128, powers of two or not), any shard count, any real count, shards
+    of whole chunks or not (``step.step_chunk``: the usual-size batch of a one-pass
+    model that auto sends to per-example gradients): the one-hot sum is exactly the
+    mask, so no row is dropped, doubled, or padding added."""
+    per_shard = chunk * chunks_per_shard + data.draw(st.integers(0, chunk - 1), label="extra")
+    assert dp_step.step_chunk(per_shard, chunk) == chunk
     physical = per_shard * shards
     run = one_hot_run(physical, chunk, shards)
     counts = data.draw(

@@ -187,6 +187,49 @@ def test_conv_and_its_gradients_equal_keras(window, strides, padding, dilation, 
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+def _grouped_convolutions(jaxpr) -> int:
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            params = eqn.params
+            count += params["feature_group_count"] > 1 or params["batch_group_count"] > 1
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                item = getattr(item, "jaxpr", item)
+                if hasattr(item, "eqns"):
+                    count += _grouped_convolutions(item)
+    return count
+
+
+def test_per_example_path_forms_no_grouped_convolution():
+    """On a CPU the per-example path (clipping="per_example", auto's per-example
+    steps, user-level DP) runs each ghost-ruled convolution through
+    ``ghost_conv.conv``: each example's kernel gradient is a product of its unfolded
+    patches, where autodiff's under vmap is a grouped convolution (slow on CPUs).
+    The gradients are the same."""
+    assert jax.default_backend() == "cpu"
+    model = conv2d_model()
+    x, _ = data("conv2d")
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def unit(params, row, index):
+        out, _ = model.stateless_call(params, non_trainable, row[None])
+        return jnp.sum(jnp.square(out)) * (index + 1), ()
+
+    def per_example_grads(fn):
+        grad = jax.grad(lambda p, r, i: fn(p, r, i)[0])
+        return jax.vmap(grad, in_axes=(None, 0, 0)), (trainable, jnp.asarray(x), jnp.arange(9))
+
+    plain, args = per_example_grads(unit)
+    ours, _ = per_example_grads(ghost.per_example_fn(model, unit))
+    assert _grouped_convolutions(jax.make_jaxpr(plain)(*args).jaxpr) > 0
+    assert _grouped_convolutions(jax.make_jaxpr(ours)(*args).jaxpr) == 0
+    for a, b in zip(ours(*args), plain(*args)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert ghost.per_example_fn(mlp(), unit) is unit  # nothing to change without convolutions
+
+
 def test_both_norm_forms_are_used():
     """The shapes above exercise both forms: (outer, Gram) costs per example."""
     spec = gn.parse("ab,bc->ac", 2)
@@ -354,6 +397,13 @@ def conv2d_model():  # strides, "same" padding, dilation
     return keras.Model(inputs, keras.layers.Dense(3)(h))
 
 
+def long_conv_model():  # 64 positions: ghost norms cost 43× the kernels' sizes
+    inputs = keras.Input((66, 2))
+    h = keras.layers.Conv1D(4, 3, activation="relu")(inputs)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
 def shared_model():  # one Dense called twice: its kernel has two uses
     inputs = keras.Input((4,))
     dense = keras.layers.Dense(4, activation="tanh")
@@ -429,6 +479,7 @@ def data(kind, n=9, seed=0):
         "lora": (5, 4),
         "conv": (6, 2),
         "conv2d": (7, 6, 2),
+        "long_conv": (66, 2),
         "shared": (4,),
         "tied": (4,),
     }
@@ -444,6 +495,7 @@ MODELS = {
     "lora": lora_model,
     "conv": conv_model,
     "conv2d": conv2d_model,
+    "long_conv": long_conv_model,
     "shared": shared_model,
     "tied": tied_model,
     "regularized": regularized_model,
@@ -576,9 +628,10 @@ def test_small_models_run_one_pass_on_a_cpu_and_others_keep_their_chunks():
 def test_auto_takes_per_example_gradients_where_ghost_norms_cost_as_much(caplog):
     """A chunked step on a CPU: LoRA adapters over a sequence (each norm costs more
     multiply-adds than the adapter holds numbers) run clipping="per_example" under
-    auto, bit for bit, with one log line; an MLP on vectors keeps its ghost norms, so
-    does a CNN (whatever its norms cost), and so does a one-pass step (no
-    microbatch_size, a tiny forward pass)."""
+    auto, bit for bit, with one log line; an MLP on vectors keeps its ghost norms, and
+    so does a one-pass step (no microbatch_size, a tiny forward pass). A CNN runs
+    per-example gradients, one pass or not, only when its norms cost 32× its kernels'
+    sizes (a convolution over many positions)."""
     assert jax.default_backend() == "cpu"
     chunked = whole_batch_update(9, 0.05, "auto", microbatch_size=3)
     one_pass = whole_batch_update(9, 0.05, "auto")
@@ -597,8 +650,11 @@ def test_auto_takes_per_example_gradients_where_ghost_norms_cost_as_much(caplog)
     conv = plan_of(conv2d_model, data("conv2d")[0], "auto")
     costs = [t.costs()[0] for t in conv.active if t.use_kernel]
     sizes = [math.prod(t.kernel_shape) for t in conv.active if t.use_kernel]
-    assert sum(costs) >= sum(sizes)  # as dear as LoRA's, but per-example convolutions are slower
-    assert ghost_cost.ghost_pays(conv, chunked)
+    assert sizes <= costs < [32 * s for s in sizes]  # a convolution's bar is 32× its size
+    assert ghost_cost.ghost_pays(conv, chunked) and ghost_cost.ghost_pays(conv, one_pass)
+    conv = plan_of(long_conv_model, data("long_conv")[0], "auto")
+    assert not ghost_cost.ghost_pays(conv, chunked)
+    assert not ghost_cost.ghost_pays(conv, one_pass)
 
     x, y = data("lora")
     with caplog.at_level(logging.INFO, logger="keras_dp"):
