@@ -177,6 +177,8 @@ class Plan:
 class Tape:
     """The taps of one trace: recording (planning) or applying (training)."""
 
+    layers = None  # the ghost rules it installs (None: every one)
+
     def __init__(self, model, values, plan: Plan | None = None, zs=None):
         self.model = model
         self.values = values
@@ -234,8 +236,6 @@ class Tape:
                 calls[layer] = rule(layer, self, type(layer).call.__get__(layer))
         return _keras.installed_calls(calls)
 
-    layers = None  # the rules installed: all of them
-
 
 class _Untapped(Tape):
     """Convolutions' rules only, nothing tapped, every variable read as Keras reads it."""
@@ -282,8 +282,9 @@ def clipping(model, config, unit, trainable, rows) -> tuple:
             model._dp_ghost_logged = "per_example"
             logger.info(
                 "clipping='auto': per-example gradients for every variable (ghost norms "
-                "would cost as much as the per-example gradients here: sequences or LoRA "
-                "adapters, in chunks on a CPU). clipping='ghost' forces them."
+                "would cost as much as the per-example gradients here, on a CPU: "
+                "sequences or LoRA adapters in chunks, convolutions over many positions). "
+                "clipping='ghost' forces them."
             )
         return per_example_fn(model, unit), None, None
     if made.fallback != getattr(model, "_dp_ghost_logged", None):
