@@ -186,6 +186,12 @@ def _input_grad(spec: Conv, g, kernel, x_shape) -> jnp.ndarray:
     )
 
 
+# Unfolded patches of one call (float32 bytes: one example's under jax.vmap) above
+# which a kernel's gradient is a canonical convolution instead of their contraction:
+# a 3×3, 64-channel convolution over 224×224 would unfold 115 MB an example.
+_PATCH_BYTES = 2**24
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _canonical_conv(spec: Conv, x, kernel):
     return _forward(spec, x, kernel)
@@ -198,12 +204,17 @@ def _canonical_conv_fwd(spec: Conv, x, kernel):
 def _canonical_conv_bwd(spec: Conv, residuals, g):
     """The input's gradient canonically; the kernel's from the unfolded patches, so
     that each example's kernel gradient (the per-example path, under ``jax.vmap``) is
-    a batched matrix product rather than a grouped convolution."""
+    a batched matrix product rather than a grouped convolution, unless the patches
+    would exceed ``_PATCH_BYTES`` (then canonically too: no memory beyond x and g)."""
     x, kernel = residuals
+    dx = _input_grad(spec, g, kernel, x.shape)
+    positions = math.prod(g.shape[:-1])
+    if 4 * positions * math.prod(kernel.shape[:-1]) > _PATCH_BYTES:
+        return dx, _kernel_grad(spec, x, g).astype(kernel.dtype)
     patches = conv_patches(spec, x[:, None])
     per_position = g.reshape(g.shape[0], -1, g.shape[-1])
     dk = jnp.einsum("bsk,bsf->kf", patches, per_position).reshape(kernel.shape)
-    return _input_grad(spec, g, kernel, x.shape), dk.astype(kernel.dtype)
+    return dx, dk.astype(kernel.dtype)
 
 
 _canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)

@@ -155,6 +155,7 @@ def test_conv_norms_and_sums_equal_brute_force(window, strides, padding, dilatio
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("patch_bytes", [2**24, 0])  # the kernel's: patches, canonical
 @pytest.mark.parametrize(
     "window,strides,padding,dilation,spatial",
     [
@@ -165,9 +166,12 @@ def test_conv_norms_and_sums_equal_brute_force(window, strides, padding, dilatio
         ((2, 2, 2), (1, 2, 1), "SAME", (1, 1, 2), (4, 5, 3)),
     ],
 )
-def test_conv_and_its_gradients_equal_keras(window, strides, padding, dilation, spatial):
+def test_conv_and_its_gradients_equal_keras(
+    window, strides, padding, dilation, spatial, patch_bytes, monkeypatch
+):
     """The taps' convolution (canonical gradients on a CPU, autodiff's elsewhere)
     gives Keras' output, and autodiff's gradients of it at x and at the kernel."""
+    monkeypatch.setattr(gc, "_PATCH_BYTES", patch_bytes)
     rng = np.random.default_rng(sum(spatial))
     x = jnp.asarray(rng.normal(size=(3, *spatial, 4)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(*window, 4, 5)), jnp.float32)
