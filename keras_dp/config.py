@@ -127,10 +127,10 @@ class DPConfig:
         see into) gets per-example gradients in the same backward pass,
         and one log line names them. "auto" (default): "ghost" for the variables
         where its norm costs no more than their per-example gradient; "per_example"
-        with user-level "uls" (a unit is a block of examples), and for a chunked
-        step on a CPU whose ghost norms cost as much as the per-example gradients
-        they replace (:func:`keras_dp.ghost_cost.ghost_pays`: LoRA adapters, dense
-        layers over sequences).
+        with user-level "uls" (a unit is a block of examples), and on a CPU where
+        ghost norms cost as much as the per-example gradients they replace
+        (:func:`keras_dp.ghost_cost.ghost_pays`: a chunked step's LoRA adapters or
+        dense layers over sequences; convolutions over many positions).
     """
 
     target_epsilon: float

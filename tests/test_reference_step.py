@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import DPConfig, bandmf, data, ghost_norms, noise, noise_state
+from keras_dp import DPConfig, bandmf, data, ghost_cost, ghost_norms, noise, noise_state
 from keras_dp import step as dp_step
 
 from .helpers import gaussian_like, on_devices
@@ -35,6 +35,10 @@ FEATURES, CLASSES, VOCAB, LENGTH = 6, 3, 12, 4
 # gradients at its first position (ghost_norms.embedding_form), VOCAB ids repeating.
 LONG_LENGTH, LONG_FEATURES = 64, 64
 EMBEDDINGS = {"embedding": (LENGTH, 4), "long_embedding": (LONG_LENGTH, LONG_FEATURES)}
+# "long_conv": a convolution over 64 positions, whose ghost norms cost 43× its kernels'
+# sizes, so that auto runs it per-example (ghost_cost.ghost_pays) on the one-pass
+# model's usual-size batch, in chunks that do not divide it (step.step_chunk).
+CONV_LENGTHS = {"conv": LENGTH, "long_conv": 66}
 
 
 def build(kind: str, dropout: bool, dtype: str | None):
@@ -49,10 +53,14 @@ def build(kind: str, dropout: bool, dtype: str | None):
         inputs = keras.Input((length,), dtype="int32")
         h = keras.layers.Embedding(VOCAB, features, dtype=dtype)(inputs)
         h = keras.layers.GlobalAveragePooling1D(dtype=dtype)(h)
-    else:  # conv
+    elif kind == "conv":
         inputs = keras.Input((LENGTH, 2))
         h = keras.layers.Conv1D(3, 2, activation="relu", dtype=dtype)(inputs)
         h = keras.layers.Flatten(dtype=dtype)(h)
+    else:  # long_conv
+        inputs = keras.Input((CONV_LENGTHS[kind], 2))
+        h = keras.layers.Conv1D(4, 3, activation="relu", dtype=dtype)(inputs)
+        h = keras.layers.GlobalAveragePooling1D(dtype=dtype)(h)
     if dropout:
         h = keras.layers.Dropout(0.3)(h)
     outputs = keras.layers.Dense(CLASSES, dtype=dtype)(h)
@@ -66,7 +74,7 @@ def make_data(kind: str, n: int, loss: str, seed: int):
     elif kind in EMBEDDINGS:
         x = rng.integers(0, VOCAB, (n, EMBEDDINGS[kind][0])).astype("int32")
     else:
-        x = rng.normal(size=(n, LENGTH, 2)).astype("float32")
+        x = rng.normal(size=(n, CONV_LENGTHS[kind], 2)).astype("float32")
     if loss == "sparse_ce":
         y = rng.integers(0, CLASSES, n)
     elif loss == "mse":
@@ -138,6 +146,23 @@ def test_the_long_embedding_takes_the_first_position_norm():
     assert ghost_norms.embedding_form(LONG_LENGTH, LONG_FEATURES) == "first"
 
 
+def test_the_long_conv_runs_per_example_on_usual_rows_in_chunks_that_do_not_divide_them():
+    """The reference example of kind "long_conv" (below) takes the path it is there for:
+    auto sends it to per-example gradients (ghost_conv's convolution in the per-example
+    path), and its usual-size batch per device is not whole chunks. (Its draws stop
+    short of the shard's last chunk; the clamped last chunk itself is checked by
+    tests/test_clipping.py's property test.)"""
+    model = build("long_conv", False, None)
+    config = DPConfig(target_epsilon=1e6, noise_multiplier=0.7, batch_size=37, steps=2)
+    row = jnp.zeros((1, CONV_LENGTHS["long_conv"], 2))
+    assert ghost_cost.likely_one_pass(model, config, row)
+    kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
+    conv, head = (math.prod(v.shape) for v in kernels)
+    assert 64 * 6 * 4 + (4 + 3) >= ghost_cost._CONV_RATIO * (conv + head)
+    usual = dp_step.usual_rows(model, config, row) // 2  # per device, 2 devices
+    assert usual % dp_step.step_chunk(usual, dp_step.chunk_size(config, 2, model)) != 0
+
+
 plans = st.fixed_dictionaries(
     {
         "kind": st.sampled_from(["mlp", "embedding", "long_embedding", "conv"]),
@@ -187,6 +212,11 @@ plans = st.fixed_dictionaries(
     plan=dict(kind="long_embedding", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
               microbatch=None, devices=2, dtype="float32", weighted=True, dropout=False,
               sigma=0.7, clip=0.05, steps=2, clipping="ghost")
+)  # fmt: skip
+@example(
+    plan=dict(kind="long_conv", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=None, devices=2, dtype="float32", weighted=True, dropout=True,
+              sigma=0.7, clip=0.05, steps=2)
 )  # fmt: skip
 def test_train_step_equals_the_reference(plan):
     devices = plan["devices"]
