@@ -5,7 +5,8 @@ it is for. Tested with keras 3.15.1 (and keras-hub 0.32.0); ``pyproject.toml`` d
 the range.
 
 - ``PyDatasetAdapter`` (``keras.src.trainers.data_adapters``): hands fit our sampled
-  batches as this process's share, in order (no Keras shuffling).
+  batches as this process's share, in order (no Keras shuffling);
+  :class:`BatchesAdapter` overrides its ``get_jax_iterator``.
 - ``KerasSaveable`` (``keras.src.saving``): the privacy ledger is saved with the weights
   (``.keras``, weights-only checkpoints) as a saveable part of the model.
 - ``Layer._flatten_layers``: every sublayer, to refuse layers that mix examples.
@@ -36,7 +37,7 @@ from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
 __all__ = [
     "KerasSaveable",
-    "PyDatasetAdapter",
+    "BatchesAdapter",
     "call_has_training_arg",
     "installed_calls",
     "stored_kernel",
@@ -51,6 +52,19 @@ __all__ = [
     "track_after_build",
     "user_metrics_compiled",
 ]
+
+
+class BatchesAdapter(PyDatasetAdapter):
+    """Keras' adapter of a ``PyDataset`` whose batches are tuples of numpy arrays
+    already (:class:`keras_dp.data.DPBatches`, one worker): its JAX iterator yields
+    them as they are. Keras' passes every leaf of every batch through a converter that
+    returns numpy arrays unchanged (~40 µs of host time a step)."""
+
+    def get_jax_iterator(self):
+        if self.enqueuer is not None:  # workers: Keras' own ordered enqueuer
+            return super().get_jax_iterator()
+        batches = self.py_dataset
+        return (batches[i] for i in range(batches.num_batches))
 
 
 def sublayers(model) -> list:

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from keras_dp import accounting, distribute, noise, sampling
-from keras_dp._keras import PyDatasetAdapter
+from keras_dp._keras import BatchesAdapter
 from keras_dp.config import DPConfig
 
 logger = logging.getLogger(__name__)
@@ -147,6 +147,10 @@ class Subset:
     def __init__(self, examples: sampling.ExampleSource, kept: np.ndarray):
         self.examples, self.kept, self.size = examples, kept, len(kept)
 
+    @property
+    def in_memory(self) -> bool:
+        return self.examples.in_memory
+
     def gather(self, indices: np.ndarray):
         return self.examples.gather(self.kept[indices])
 
@@ -229,6 +233,7 @@ class DPBatches(keras.utils.PyDataset):
                 self.usual, self.usual_physical = usual, rows
         self._usual_exceeded = False
         self._next_step = model._dp_ledger.steps
+        self._seeds = {}
 
     def _physical(self, rows: int) -> int:
         """Rows fed for a draw of up to ``rows``: shards of whole chunks of the size
@@ -253,34 +258,15 @@ class DPBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         step = self._next_step
         self._next_step += 1
-        ledger = self._model._dp_ledger
-        indices = draw_indices(self._config, self._model._dp_seed, step, ledger.partition_seed)
-        physical = self.physical
-        if self.usual is not None:
-            if len(indices) <= self.usual:
-                physical = self.usual_physical
-            elif not self._usual_exceeded:
-                self._usual_exceeded = True
-                logger.info(
-                    "Update %d draws %d examples, more than the usual %d: the step is "
-                    "compiled (once) for %d rows.",
-                    step,
-                    len(indices),
-                    self.usual,
-                    physical,
-                )
-        if len(indices) > physical:  # untruncated Poisson (RDP) drew beyond the bound
-            logger.warning(
-                "Poisson draw of %d rows exceeds %d; compiling a larger step.",
-                len(indices),
-                physical,
-            )
-            physical = self._physical(len(indices))
+        model = self._model
+        indices = draw_indices(self._config, model._dp_seed, step, model._dp_ledger.partition_seed)
+        physical = self._rows_for(len(indices), step)
         padded, mask = sampling.shard_layout(indices, physical, self._shards)
         mine = distribute.local_rows(physical)  # all rows, unless several processes
+        mask = mask[mine]
         inner = None
         if isinstance(self._source, UserSource):  # a row is a user's block of examples
-            rng = np.random.default_rng([self._model._dp_seed, step, 0x05E2])
+            rng = np.random.default_rng([model._dp_seed, step, 0x05E2])
             (x, y, sw), inner = self._source.gather(indices, rng, physical, self._shards)
             x, y, sw, inner = (
                 None if a is None else keras.tree.map_structure(lambda b: b[mine], a)
@@ -288,26 +274,64 @@ class DPBatches(keras.utils.PyDataset):
             )
         else:
             x, y, sw = self._source.gather(padded[mine])
-        rows = len(mask[mine])
-        got = {int(np.shape(a)[0]) for a in keras.tree.flatten((x, y, sw)) if a is not None}
-        if got != {rows}:
-            raise ValueError(
-                f"The data source returned {sorted(got)} rows for {rows} requested indices "
-                "(repeated indices included: padding repeats example 0). Its "
-                "__getitems__/__getitem__ must return one item per index, in order."
-            )
-        seed = np.broadcast_to(noise.seed_words(self._model._dp_seed), (rows, 2))
+        rows = len(mask)
+        if not getattr(self._source, "in_memory", False):  # items read one at a time
+            _check_rows((x, y, sw), rows)
         packed = {
             "dp_x": x,
-            "dp_mask": mask[mine],
+            "dp_mask": mask,
             "dp_step": np.full(rows, step, np.int32),
-            "dp_seed": np.ascontiguousarray(seed),
+            "dp_seed": self._seed_rows(model._dp_seed, rows),
         }
         if inner is not None:
             packed["dp_inner"] = inner
         if sw is not None:
             return packed, y, sw
         return (packed, y) if y is not None else (packed,)
+
+    def _rows_for(self, count: int, step: int) -> int:
+        """Rows fed for a draw of ``count`` examples: the usual size when it holds them,
+        else the bound's (a larger step, compiled once), else (untruncated Poisson
+        beyond the bound) enough for the draw."""
+        physical = self.physical
+        if self.usual is not None:
+            if count <= self.usual:
+                return self.usual_physical
+            if not self._usual_exceeded:
+                self._usual_exceeded = True
+                logger.info(
+                    "Update %d draws %d examples, more than the usual %d: the step is "
+                    "compiled (once) for %d rows.",
+                    step,
+                    count,
+                    self.usual,
+                    physical,
+                )
+        if count > physical:
+            logger.warning(
+                "Poisson draw of %d rows exceeds %d; compiling a larger step.", count, physical
+            )
+            physical = self._physical(count)
+        return physical
+
+    def _seed_rows(self, seed: int, rows: int) -> np.ndarray:
+        """The seed's two words on each of ``rows`` rows (read-only, made once per size)."""
+        key = (seed, rows)
+        if key not in self._seeds:
+            words = np.tile(noise.seed_words(seed), (rows, 1))
+            words.flags.writeable = False
+            self._seeds[key] = words
+        return self._seeds[key]
+
+
+def _check_rows(batch, rows: int) -> None:
+    got = {int(np.shape(a)[0]) for a in keras.tree.flatten(batch) if a is not None}
+    if got != {rows}:
+        raise ValueError(
+            f"The data source returned {sorted(got)} rows for {rows} requested indices "
+            "(repeated indices included: padding repeats example 0). Its "
+            "__getitems__/__getitem__ must return one item per index, in order."
+        )
 
 
 def draw_indices(
@@ -331,13 +355,13 @@ def draw_indices(
     )
 
 
-def adapter(batches: DPBatches) -> PyDatasetAdapter:
-    """``batches`` as Keras' own adapter for a PyDataset, in order (no shuffling).
+def adapter(batches: DPBatches) -> BatchesAdapter:
+    """``batches`` as Keras' adapter for a PyDataset, in order (no shuffling).
 
     Passing the adapter tells Keras the batches are already this process's share
     (its multi-process check would otherwise ask for a tf.data.Dataset).
     """
-    return PyDatasetAdapter(batches, shuffle=False)
+    return BatchesAdapter(batches, shuffle=False)
 
 
 def _untruncated_bound(config: DPConfig) -> int:

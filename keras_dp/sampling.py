@@ -89,7 +89,10 @@ def shard_layout(
     device), each shard real rows first; padding repeats row 0 and is masked out.
     The k-th sampled index lands in shard ``k % num_shards`` at ``k // num_shards``.
     """
-    positions = shard_positions(len(indices), physical, num_shards)
+    if num_shards == 1 and len(indices) <= physical:  # the real rows are a prefix
+        positions = slice(0, len(indices))
+    else:
+        positions = shard_positions(len(indices), physical, num_shards)
     padded = np.zeros(physical, dtype=np.int64)
     padded[positions] = indices
     mask = np.zeros(physical, dtype=bool)
@@ -136,10 +139,16 @@ class ExampleSource:
         self._data = _map(np.asarray, data)
         self.size = sizes.pop()
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the examples are arrays (then :meth:`gather` gives one row per index
+        whatever the indices), not items read one at a time."""
+        return not self._per_item
+
     def gather(self, indices: np.ndarray):
         """(x, y, sample_weight) for ``indices``, batched along axis 0."""
         if not self._per_item:
-            return _map(lambda a: a[indices], self._data)
+            return tuple(_take(a, indices) for a in self._data)
         items = self._items(indices)
         if self.structure == "x":
             items = [(item,) for item in items]
@@ -220,6 +229,14 @@ def _leaves(tree):
     if isinstance(tree, (tuple, list)):
         return [leaf for v in tree for leaf in _leaves(v)]
     return [tree]
+
+
+def _take(tree, indices):
+    """``tree``'s rows at ``indices`` (a plain array directly: it is the usual case, and
+    the fed batch is gathered at every update)."""
+    if type(tree) is np.ndarray:
+        return tree[indices]
+    return _map(lambda a: a[indices], tree)
 
 
 def _map(fn, tree):

@@ -1,4 +1,9 @@
-"""What fit feeds the step: tfds sources, fixed-size batches, compilations, keys."""
+"""What fit feeds the step: the samplers, tfds sources, fixed-size batches, compilations,
+keys."""
+
+import collections
+import itertools
+import math
 
 import jax
 import keras
@@ -50,6 +55,73 @@ def dp_fit(x, y=None, **config):
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss=LOSS)
     model.fit(x, y, verbose=0)
     return model
+
+
+def _chisquare_of_subsets(draws, n, probability):
+    """p-value of the subsets drawn against ``probability(subset)`` over all 2^n."""
+    from scipy import stats
+
+    subsets = [frozenset(c) for k in range(n + 1) for c in itertools.combinations(range(n), k)]
+    expected = np.array([probability(s) for s in subsets])
+    assert abs(expected.sum() - 1) < 1e-12
+    seen = collections.Counter(frozenset(d.tolist()) for d in draws)
+    assert set(seen) <= {s for s, p in zip(subsets, expected) if p > 0}
+    observed = np.array([seen[s] for s in subsets])
+    keep = expected > 0
+    return stats.chisquare(observed[keep], expected[keep] * len(draws)).pvalue
+
+
+@pytest.mark.parametrize("q, truncate_to", [(0.35, None), (0.5, 3), (0.8, 5)])
+def test_poisson_draws_are_the_accountants_sampler(q, truncate_to):
+    """Each example in independently with probability q; a draw of more than B_max keeps
+    a uniformly random B_max of them (dp_accounting's TruncatedSubsampledGaussianDpEvent).
+    Checked on every subset of 6 examples: P(S) = q^|S|(1-q)^(6-|S|) below B_max, and at
+    B_max also 1/C(k, B_max) of each larger draw of k that holds S."""
+    n, trials = 6, 6000
+    draws = [
+        sampling.poisson_indices(sampling.step_rng(11, t), n, q, truncate_to) for t in range(trials)
+    ]
+    assert all(np.all(np.diff(d) > 0) for d in draws)  # sorted, without repeats
+    top = n if truncate_to is None else truncate_to
+
+    def probability(subset):
+        s = len(subset)
+        if s > top:
+            return 0.0
+        p = q**s * (1 - q) ** (n - s)
+        if s == top:  # larger draws cut to this subset: C(n-s, k-s) supersets of size k
+            p += sum(
+                math.comb(n - s, k - s) * q**k * (1 - q) ** (n - k) / math.comb(k, s)
+                for k in range(s + 1, n + 1)
+            )
+        return p
+
+    assert _chisquare_of_subsets(draws, n, probability) > 1e-3
+
+
+def test_fixed_draws_are_uniform_subsets_of_b():
+    n, b, trials = 6, 2, 3000
+    draws = [sampling.fixed_indices(sampling.step_rng(12, t), n, b) for t in range(trials)]
+    pvalue = _chisquare_of_subsets(draws, n, lambda s: (len(s) == b) / math.comb(n, b))
+    assert pvalue > 1e-3
+
+
+def test_draw_indices_runs_the_configs_sampler():
+    poisson = DPConfig(target_epsilon=4.0, batch_size=8, epochs=2).calibrate(60)
+    untruncated = DPConfig(target_epsilon=4.0, batch_size=8, epochs=2, accountant="rdp")
+    fixed = DPConfig(target_epsilon=4.0, batch_size=8, epochs=2, sampling="fixed", accountant="rdp")
+    untruncated, fixed = untruncated.calibrate(60), fixed.calibrate(60)
+    assert poisson.max_batch_size is not None and untruncated.max_batch_size is None
+    for step in range(5):
+        rng = lambda step=step: sampling.step_rng(3, step)  # noqa: E731
+        for config in (poisson, untruncated):
+            np.testing.assert_array_equal(
+                data.draw_indices(config, 3, step),
+                sampling.poisson_indices(rng(), 60, 8 / 60, config.max_batch_size),
+            )
+        np.testing.assert_array_equal(
+            data.draw_indices(fixed, 3, step), sampling.fixed_indices(rng(), 60, 8)
+        )
 
 
 def test_tfds_array_record_source_trains_like_the_same_arrays(tmp_path):
@@ -231,3 +303,96 @@ def test_usual_rows_only_where_a_one_pass_step_computes_its_padding(monkeypatch)
     assert dp_step.usual_rows(unbuilt, config, example) is None and not unbuilt.built
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert dp_step.usual_rows(small, config, example) is None
+
+
+def _laid_out(indices, physical, shards):
+    """The real rows dealt round-robin over ``shards`` equal shards, each real-first,
+    padding example 0: written as a loop over the sampled examples."""
+    per_shard = physical // shards
+    padded, mask = [0] * physical, [False] * physical
+    for k, index in enumerate(indices):
+        at = (k % shards) * per_shard + k // shards
+        padded[at], mask[at] = int(index), True
+    return np.asarray(padded), np.asarray(mask)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(3, 200),
+    batch=st.integers(1, 40),
+    shards=st.sampled_from([1, 2, 4]),
+    usual=st.one_of(st.none(), st.integers(1, 50)),
+    sampler=st.sampled_from(["poisson", "fixed"]),
+    form=st.sampled_from(["arrays", "dict", "weighted", "items"]),
+    seed=st.integers(0, 2**62),
+)
+def test_each_batch_is_its_draw_laid_out(n, batch, shards, usual, sampler, form, seed):
+    """Every batch fed to the step holds the sampler's draw for its update, laid out in
+    shards (checked against a loop), the update's number and the seed's two words on
+    every row; over several updates, sources and layouts."""
+    from .helpers import on_devices
+
+    batch = min(batch, n)
+    rng = np.random.default_rng(seed % 2**32)
+    x = rng.normal(size=(n, 3)).astype("float32")
+    y, w = rng.integers(0, 3, n), rng.random(n).astype("float32")
+    config = DPConfig(
+        target_epsilon=50.0,
+        noise_multiplier=1.0,
+        batch_size=batch,
+        epochs=2,
+        sampling=sampler,
+        accountant="rdp" if sampler == "fixed" else "pld",
+    ).calibrate(n)
+    source = {
+        "arrays": lambda: sampling.ExampleSource(x, y),
+        "dict": lambda: sampling.ExampleSource({"a": x, "b": x[:, :1]}, y),
+        "weighted": lambda: sampling.ExampleSource(x, y, w),
+        "items": lambda: sampling.ExampleSource([(x[i], y[i]) for i in range(n)]),
+    }[form]()
+    with on_devices(shards):
+        model = keras_dp.make_private(mlp(), config)
+        model._dp_seed = seed
+        batches = data.DPBatches(model, source, config, 4, 3, usual)
+        batches.resume_at(5)
+        for step in range(5, 9):
+            if step == 7:  # a restored checkpoint can bring a new secret seed
+                seed = seed ^ 0x5A5A5A5A5A
+                model._dp_seed = seed
+            fed = batches[step - 5]
+            packed, labels = fed[0], fed[1]
+            indices = data.draw_indices(config, seed, step)
+            rows = len(packed["dp_mask"])
+            if batches.usual is not None and len(indices) <= batches.usual:
+                assert rows == batches.usual_physical
+            else:
+                assert rows == batches.physical
+            padded, mask = _laid_out(indices, rows, shards)
+            np.testing.assert_array_equal(packed["dp_mask"], mask)
+            x_fed = packed["dp_x"]["a"] if form == "dict" else packed["dp_x"]
+            np.testing.assert_array_equal(x_fed, x[padded])
+            np.testing.assert_array_equal(labels, y[padded])
+            if form == "weighted":
+                np.testing.assert_array_equal(fed[2], w[padded])
+            else:
+                assert len(fed) == 2
+            np.testing.assert_array_equal(packed["dp_step"], np.full(rows, step))
+            words = np.asarray([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+            np.testing.assert_array_equal(packed["dp_seed"], np.tile(words, (rows, 1)))
+            assert packed["dp_seed"].dtype == np.uint32 and packed["dp_step"].dtype == np.int32
+
+
+def test_the_adapter_feeds_the_batches_in_order_as_they_are():
+    x, y = arrays()
+    config = DPConfig(target_epsilon=4.0, batch_size=8, epochs=2).calibrate(40)
+    model = keras_dp.make_private(mlp(), config)
+    model._dp_seed = 21
+    twins = [data.DPBatches(model, sampling.ExampleSource(x, y), config, 4, 5) for _ in range(2)]
+    fed = list(data.adapter(twins[0]).get_jax_iterator())
+    assert len(fed) == 5
+    for i, batch in enumerate(fed):
+        expected = twins[1][i]
+        assert jax.tree.structure(batch) == jax.tree.structure(expected)
+        for a, b in zip(jax.tree.leaves(batch), jax.tree.leaves(expected)):
+            assert type(a) is np.ndarray
+            np.testing.assert_array_equal(a, b)
