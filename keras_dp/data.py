@@ -234,6 +234,7 @@ class DPBatches(keras.utils.PyDataset):
         self._usual_exceeded = False
         self._next_step = model._dp_ledger.steps
         self._seeds = {}
+        self._streams = None
 
     def _physical(self, rows: int) -> int:
         """Rows fed for a draw of up to ``rows``: shards of whole chunks of the size
@@ -259,14 +260,18 @@ class DPBatches(keras.utils.PyDataset):
         step = self._next_step
         self._next_step += 1
         model = self._model
-        indices = draw_indices(self._config, model._dp_seed, step, model._dp_ledger.partition_seed)
+        seed = model._dp_seed
+        if self._streams is None or self._streams.seed != seed:
+            self._streams = sampling.StepStreams(seed)
+        partition = model._dp_ledger.partition_seed
+        indices = draw_indices(self._config, seed, step, partition, self._streams.at(step))
         physical = self._rows_for(len(indices), step)
         padded, mask = sampling.shard_layout(indices, physical, self._shards)
         mine = distribute.local_rows(physical)  # all rows, unless several processes
         mask = mask[mine]
         inner = None
         if isinstance(self._source, UserSource):  # a row is a user's block of examples
-            rng = np.random.default_rng([model._dp_seed, step, 0x05E2])
+            rng = np.random.default_rng([seed, step, 0x05E2])
             (x, y, sw), inner = self._source.gather(indices, rng, physical, self._shards)
             x, y, sw, inner = (
                 None if a is None else keras.tree.map_structure(lambda b: b[mine], a)
@@ -281,7 +286,7 @@ class DPBatches(keras.utils.PyDataset):
             "dp_x": x,
             "dp_mask": mask,
             "dp_step": np.full(rows, step, np.int32),
-            "dp_seed": self._seed_rows(model._dp_seed, rows),
+            "dp_seed": self._seed_rows(seed, rows),
         }
         if inner is not None:
             packed["dp_inner"] = inner
@@ -335,14 +340,17 @@ def _check_rows(batch, rows: int) -> None:
 
 
 def draw_indices(
-    config: DPConfig, seed: int, step: int, partition_seed: int | None = None
+    config: DPConfig, seed: int, step: int, partition_seed: int | None = None, rng=None
 ) -> np.ndarray:
-    """The examples of update ``step``, drawn as the config's sampler says.
+    """The examples of update ``step``, drawn as the config's sampler says from ``rng``
+    (default :func:`keras_dp.sampling.step_rng` of ``seed`` and ``step``; the same
+    stream from :class:`keras_dp.sampling.StepStreams`).
 
     Correlated noise (``bands > 1``) samples cyclically from groups drawn with
     ``partition_seed`` (the ledger's, fixed for the weights' lineage).
     """
-    rng = sampling.step_rng(seed, step)
+    if rng is None:
+        rng = sampling.step_rng(seed, step)
     if config.correlated:
         if partition_seed is None:
             raise ValueError("Internal: cyclic Poisson sampling needs the partition seed.")

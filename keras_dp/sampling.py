@@ -22,9 +22,43 @@ def physical_batch_size(max_batch_size: int, chunk_size: int, num_shards: int = 
     return math.ceil(per_shard / chunk_size) * chunk_size * num_shards
 
 
+_STREAM = 0x5A3  # the sampler's half of the Philox key (the seed's 64 bits are the other)
+
+
+def _key(seed: int) -> np.ndarray:
+    return np.asarray([int(seed) % 2**64, _STREAM], np.uint64)
+
+
+def _counter(step: int) -> np.ndarray:
+    return np.asarray([0, int(step) % 2**64, 0, 0], np.uint64)
+
+
 def step_rng(seed: int, step: int) -> np.random.Generator:
-    """The sampler's generator for update ``step`` (independent streams per step)."""
-    return np.random.default_rng([seed, step, 0x5A3])
+    """The sampler's generator for update ``step``: Philox-4x64 keyed by the secret
+    seed, its counter starting at (0, step, 0, 0). Each update's stream is its own
+    (a draw uses far fewer than the 2^64 blocks that would reach the next update's),
+    and a function of (seed, step) alone, so a resumed run draws what an uninterrupted
+    one would."""
+    return np.random.Generator(np.random.Philox(key=_key(seed), counter=_counter(step)))
+
+
+class StepStreams:
+    """:func:`step_rng`'s streams of one seed from one generator, reset for each update:
+    the same numbers without making a generator per update (~27 µs of a ~46 µs draw)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._bits = np.random.Philox(key=_key(seed))
+        self._rng = np.random.Generator(self._bits)
+        self._state = self._bits.state
+
+    def at(self, step: int) -> np.random.Generator:
+        """Update ``step``'s generator, valid until the next call."""
+        state = self._state
+        state["state"]["counter"] = _counter(step)
+        state["buffer_pos"], state["has_uint32"], state["uinteger"] = 4, 0, 0
+        self._bits.state = state
+        return self._rng
 
 
 def poisson_indices(

@@ -49,15 +49,15 @@ def train(backup_dir, kill_at=None):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 5)).astype("float32"), np.arange(40) % 3
     drawn = []
-    step_rng = keras_dp.sampling.step_rng
-    keras_dp.sampling.step_rng = lambda seed, step: drawn.append(step) or step_rng(seed, step)
+    draw = keras_dp.data.draw_indices
+    keras_dp.data.draw_indices = lambda c, s, step, *a: drawn.append(step) or draw(c, s, step, *a)
     callbacks = [keras.callbacks.BackupAndRestore(backup_dir)]
     if kill_at is not None:
         callbacks.append(KillAt(kill_at))
     try:
         model.fit(x, y, epochs=CONFIG["epochs"], verbose=0, callbacks=callbacks)
     finally:
-        keras_dp.sampling.step_rng = step_rng
+        keras_dp.data.draw_indices = draw
     return model, drawn
 
 

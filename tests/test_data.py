@@ -106,6 +106,31 @@ def test_fixed_draws_are_uniform_subsets_of_b():
     assert pvalue > 1e-3
 
 
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=st.integers(0, 2**64 - 1),
+    steps=st.lists(st.integers(0, 2**40), min_size=1, max_size=6),
+)
+def test_step_streams_are_step_rng_in_any_order(seed, steps):
+    """The fit's reused generator gives update t exactly step_rng(seed, t), whatever
+    was drawn before (a resumed run, steps revisited); other steps, other numbers."""
+    streams = sampling.StepStreams(seed)
+    for step in steps + steps[::-1]:
+        a = streams.at(step)
+        drawn = (a.binomial(1000, 0.05), a.random(3), a.choice(50, 5, replace=False))
+        b = sampling.step_rng(seed, step)
+        expected = (b.binomial(1000, 0.05), b.random(3), b.choice(50, 5, replace=False))
+        assert drawn[0] == expected[0]
+        np.testing.assert_array_equal(drawn[1], expected[1])
+        np.testing.assert_array_equal(drawn[2], expected[2])
+    # Neighbouring updates' streams do not overlap (a counter in the block's word would).
+    here, after = (set(sampling.step_rng(seed, t).random(64)) for t in (steps[0], steps[0] + 1))
+    assert not here & after
+    assert (
+        sampling.step_rng(seed, steps[0]).random() != sampling.step_rng(seed ^ 1, steps[0]).random()
+    )
+
+
 def test_draw_indices_runs_the_configs_sampler():
     poisson = DPConfig(target_epsilon=4.0, batch_size=8, epochs=2).calibrate(60)
     untruncated = DPConfig(target_epsilon=4.0, batch_size=8, epochs=2, accountant="rdp")

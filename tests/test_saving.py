@@ -168,9 +168,11 @@ def test_backup_and_restore_after_an_exception_resumes_and_counts_the_lost_updat
 ):
     x, y = data()
     drawn = []  # the sampler's step numbers, in the order drawn
-    step_rng = keras_dp.sampling.step_rng
+    draw = keras_dp.data.draw_indices
     monkeypatch.setattr(
-        keras_dp.sampling, "step_rng", lambda seed, step: drawn.append(step) or step_rng(seed, step)
+        keras_dp.data,
+        "draw_indices",
+        lambda c, s, step, *a: drawn.append(step) or draw(c, s, step, *a),
     )
     straight = private_functional()
     straight.fit(x, y, verbose=0)
