@@ -1,0 +1,176 @@
+"""Host work per update: a fit step whose compiled step is negligible, DP vs plain.
+
+    python benchmarks/host.py [--repeats 3] [--out benchmarks/results]
+
+A logistic regression on digits (Dense 64→10, 650 parameters, batch 64) compiles to a
+step of a few tens of µs, so a fit step here is the host's work: drawing and gathering
+the batch, handing it to the step, dispatching it, Keras' loop. A small model's step on
+a GPU is like this one (benchmarks/README.md, H200). Fits alternate:
+
+- ``plain``: Keras' own fit;
+- ``keras_dp``: DP fit as shipped;
+- ``keras_dp, Keras' adapter``: the batches through Keras' ``PyDatasetAdapter`` (which
+  passes every leaf through a converter) instead of keras_dp's;
+- ``keras_dp, one cached batch``: the sampler's work taken out (every update fed the
+  first batch again): what is left is dispatch and Keras' loop.
+
+A step's time is (epoch wall time / updates) for every epoch after the first, median
+over epochs and repeats. Also timed alone (best of 5 × 2,000 calls): the sampler's draw
+(``keras_dp.data.draw_indices``) and a whole batch (``DPBatches.__getitem__``). Writes
+``host.md`` and ``host.json`` to --out. Not a test: nothing here asserts a time.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+from clipping import EpochTimer  # noqa: E402
+from run import LOSS, log  # noqa: E402
+from step_time import digits_data  # noqa: E402
+
+import keras_dp  # noqa: E402
+from keras_dp import _keras  # noqa: E402
+from keras_dp import data as dp_data  # noqa: E402
+
+logging.getLogger("keras_dp").setLevel(logging.ERROR)
+BATCH, EPOCHS = 64, 8
+KINDS = ("plain", "keras_dp", "keras_dp, Keras' adapter", "keras_dp, one cached batch")
+
+
+def logistic():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+
+
+def build(kind: str) -> keras.Model:
+    model = logistic()
+    if kind != "plain":
+        config = keras_dp.DPConfig(target_epsilon=8.0, batch_size=BATCH, epochs=EPOCHS)
+        model = keras_dp.make_private(model, config)
+    model.compile(optimizer="adam", loss=LOSS)
+    return model
+
+
+class _Swapped:
+    """Within the block, ``kind``'s change to keras_dp's data path."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __enter__(self):
+        self.saved = dp_data.adapter, dp_data.DPBatches.__getitem__
+        if self.kind == "keras_dp, Keras' adapter":
+            dp_data.adapter = lambda b: _keras.PyDatasetAdapter(b, shuffle=False)
+        if self.kind == "keras_dp, one cached batch":
+            getitem, first = self.saved[1], {}
+
+            def cached(batches, index):
+                if "batch" not in first:
+                    first["batch"] = getitem(batches, index)
+                else:
+                    batches._next_step += 1
+                return first["batch"]
+
+            dp_data.DPBatches.__getitem__ = cached
+
+    def __exit__(self, *exc):
+        dp_data.adapter, dp_data.DPBatches.__getitem__ = self.saved
+
+
+def one_fit(kind: str, x, y) -> list:
+    model = build(kind)
+    timer = EpochTimer()
+    kwargs = {"batch_size": BATCH, "epochs": EPOCHS} if kind == "plain" else {}
+    with _Swapped(kind):
+        model.fit(x, y, verbose=0, callbacks=[timer], **kwargs)
+    return [s / k for s, k in zip(timer.seconds[1:], timer.steps[1:])]
+
+
+def best_us(fn, calls: int = 2000) -> float:
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for i in range(calls):
+            fn(i)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def alone(x, y) -> dict:
+    """The sampler's draw and one whole batch, timed alone."""
+    model = build("keras_dp")
+    made = []
+    init = dp_data.DPBatches.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    dp_data.DPBatches.__init__ = keep
+    try:
+        model.fit(x, y, verbose=0, epochs=1)
+    finally:
+        dp_data.DPBatches.__init__ = init
+    batches, config, seed = made[0], model.dp_config, model._dp_seed
+    return {
+        "draw_us": best_us(lambda i: dp_data.draw_indices(config, seed, i)),
+        "batch_us": best_us(lambda i: batches[i]),
+        "rows": len(batches[0][0]["dp_mask"]),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    x, y = digits_data()
+    n = len(y) - len(y) % BATCH
+    x, y = x[:n], y[:n]
+    one_fit("plain", x, y)  # warm the process
+    runs = {kind: [] for kind in KINDS}
+    for _ in range(args.repeats):
+        for kind in KINDS:
+            runs[kind].extend(one_fit(kind, x, y))
+            log(f"{kind}: {statistics.median(runs[kind]) * 1e3:.3f} ms/step")
+    ms = {kind: 1e3 * statistics.median(r) for kind, r in runs.items()}
+    parts = alone(x, y)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {jax.default_backend()}"
+    lines = [
+        f"Machine: {machine}; jax {jax.__version__}, keras {keras.__version__}",
+        "",
+        f"    python benchmarks/host.py --repeats {args.repeats}",
+        "",
+        "Logistic regression on digits (Dense 64→10), batch 64: ms per update through fit "
+        "(epochs after the first, median), alternated fits.",
+        "",
+        "| fit | ms/update | / plain |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {v:.3f} | {v / ms['plain']:.2f}× |" for k, v in ms.items()]
+    lines += [
+        "",
+        f"Alone (best of 5 × 2,000 calls): the sampler's draw {parts['draw_us']:.0f} µs; "
+        f"a whole batch of {parts['rows']} rows (draw, layout, gather) "
+        f"{parts['batch_us']:.0f} µs.",
+    ]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "host.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "host.json"), "w") as f:
+        json.dump({"ms_per_update": ms, "alone": parts, "machine": machine}, f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
