@@ -25,6 +25,7 @@ from keras_dp import (
     noise_state,
     sampling,
     step,
+    user_data,
 )
 from keras_dp.callbacks import DPProgbarLogger, PrivacyBudget
 from keras_dp.config import DPConfig
@@ -68,8 +69,8 @@ def fit(
             validation_data = data.preprocess_all(preprocessor, validation_data)
     if source.size == 0:
         raise ValueError("fit got no training examples (x is empty).")
-    users = data.users_of(config, user_ids, source.size)
-    config = calibrate(model, config, data.unit_count(config, users, source.size))
+    users = user_data.users_of(config, user_ids, source.size)
+    config = calibrate(model, config, user_data.unit_count(config, users, source.size))
     checks.check_plan_within_target(config)
     model._dp_ledger.check_plan()
     first = source.gather(np.arange(min(2, source.size)))
@@ -109,7 +110,7 @@ def fit(
             "seed=None for a secret seed.",
             config.seed,
         )
-    source = data.unit_source(config, source, users, model._dp_seed)
+    source = user_data.unit_source(config, source, users, model._dp_seed)
     distribute.check_processes_agree(
         source.size,
         lambda: source.gather(
@@ -121,7 +122,7 @@ def fit(
     shards, _ = distribute.batch_shards()
     chunk = step.chunk_size(config, shards, model)
     usual = None
-    if not isinstance(source, data.UserSource) and source.size:
+    if not isinstance(source, user_data.UserSource) and source.size:
         example = source.gather(np.arange(1))[0]
         usual = step.usual_rows(model, config, example)
     batches = data.DPBatches(model, source, config, chunk, per_epoch, usual)

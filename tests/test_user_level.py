@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 import keras_dp
-from keras_dp import data, noise, sampling
+from keras_dp import data, noise, sampling, user_data
 
 from .helpers import gaussian_like, load_example, on_devices
 
@@ -95,21 +95,21 @@ def _check_uls_against_loop(config, x, y, ids, k, clip, sigma):
     model.build((None, 6))
     before = _weights(model)
     blocks = []
-    original = data.UserSource.blocks
+    original = user_data.UserSource.blocks
 
     def record(self, units, rng):
         indices, inner = original(self, units, rng)
         blocks.append((np.asarray(units), indices, inner))
         return indices, inner
 
-    data.UserSource.blocks = record
+    user_data.UserSource.blocks = record
     try:
         model.fit(x, y, user_ids=ids, verbose=0)
     finally:
-        data.UserSource.blocks = original
+        user_data.UserSource.blocks = original
     assert model.dp_steps == 2 and len(blocks) == 2
 
-    owners = data.group_by_user(ids, len(y))
+    owners = user_data.group_by_user(ids, len(y))
     weights = [w.copy() for w in before]
 
     def mean_loss(w, xs, ys):
@@ -225,9 +225,9 @@ def test_els_with_one_example_per_user_is_the_poisson_subsampled_gaussian():
 
 
 def test_els_drops_examples_above_the_bound_at_random_and_reports_it(caplog):
-    users = data.group_by_user(np.asarray([0] * 10 + [1] * 3 + [2] * 6), 19)
-    kept_a, dropped = data.bound_examples(users, 4, seed=1)
-    kept_b, _ = data.bound_examples(users, 4, seed=2)
+    users = user_data.group_by_user(np.asarray([0] * 10 + [1] * 3 + [2] * 6), 19)
+    kept_a, dropped = user_data.bound_examples(users, 4, seed=1)
+    kept_b, _ = user_data.bound_examples(users, 4, seed=2)
     assert dropped == 6 + 2 and len(kept_a) == 4 + 3 + 4
     assert set(kept_a) != set(kept_b)  # random, keyed by the secret seed
     assert set(range(10, 13)) <= set(kept_a)  # a user under the bound keeps everything
@@ -237,7 +237,7 @@ def test_els_drops_examples_above_the_bound_at_random_and_reports_it(caplog):
     with caplog.at_level("WARNING", logger="keras_dp"):
         model.fit(x, y, user_ids=ids, verbose=0)
     assert "were dropped at random" in caplog.text
-    owners = data.group_by_user(ids, len(y))
+    owners = user_data.group_by_user(ids, len(y))
     assert model.dp_config.dataset_size == sum(min(len(o), 4) for o in owners)
 
 
@@ -246,7 +246,7 @@ def test_els_drops_examples_above_the_bound_at_random_and_reports_it(caplog):
 
 def test_user_sampler_draws_users_as_the_accountant_assumes():
     x, y, ids = _data(n=600, users=120)
-    owners = data.group_by_user(ids, len(y))
+    owners = user_data.group_by_user(ids, len(y))
     config = keras_dp.DPConfig(
         target_epsilon=3.0,
         batch_size=12,
@@ -255,7 +255,7 @@ def test_user_sampler_draws_users_as_the_accountant_assumes():
         privacy_unit="user",
         examples_per_user=3,
     ).calibrate()
-    source = data.UserSource(sampling.ExampleSource(x, y), owners, 3)
+    source = user_data.UserSource(sampling.ExampleSource(x, y), owners, 3)
     counts, picks = [], np.zeros(len(y))
     for step in range(300):
         users = data.draw_indices(config, 5, step)
