@@ -50,14 +50,12 @@ class StepStreams:
         self.seed = seed
         self._bits = np.random.Philox(key=_key(seed))
         self._rng = np.random.Generator(self._bits)
-        self._state = self._bits.state
+        self._state = self._bits.state  # a fresh generator's: nothing buffered
 
     def at(self, step: int) -> np.random.Generator:
         """Update ``step``'s generator, valid until the next call."""
-        state = self._state
-        state["state"]["counter"] = _counter(step)
-        state["buffer_pos"], state["has_uint32"], state["uinteger"] = 4, 0, 0
-        self._bits.state = state
+        self._state["state"]["counter"] = _counter(step)
+        self._bits.state = self._state
         return self._rng
 
 
@@ -105,11 +103,14 @@ def fixed_indices(rng: np.random.Generator, dataset_size: int, batch_size: int) 
     return np.sort(rng.choice(dataset_size, size=batch_size, replace=False))
 
 
-def shard_positions(count: int, physical: int, num_shards: int = 1) -> np.ndarray:
-    """Where :func:`shard_layout` puts the k-th of ``count`` real rows."""
+def shard_positions(count: int, physical: int, num_shards: int = 1) -> np.ndarray | slice:
+    """Where :func:`shard_layout` puts the k-th of ``count`` real rows (an index: on
+    one shard the real rows are the first ``count``)."""
     per_shard = physical // num_shards
     if physical % num_shards or count > per_shard * num_shards:
         raise ValueError(f"{count} rows do not fit {num_shards} shards of {per_shard}.")
+    if num_shards == 1:
+        return slice(0, count)
     rank = np.arange(count)
     return (rank % num_shards) * per_shard + rank // num_shards
 
@@ -123,10 +124,7 @@ def shard_layout(
     device), each shard real rows first; padding repeats row 0 and is masked out.
     The k-th sampled index lands in shard ``k % num_shards`` at ``k // num_shards``.
     """
-    if num_shards == 1 and len(indices) <= physical:  # the real rows are a prefix
-        positions = slice(0, len(indices))
-    else:
-        positions = shard_positions(len(indices), physical, num_shards)
+    positions = shard_positions(len(indices), physical, num_shards)
     padded = np.zeros(physical, dtype=np.int64)
     padded[positions] = indices
     mask = np.zeros(physical, dtype=bool)
@@ -182,7 +180,7 @@ class ExampleSource:
     def gather(self, indices: np.ndarray):
         """(x, y, sample_weight) for ``indices``, batched along axis 0."""
         if not self._per_item:
-            return tuple(_take(a, indices) for a in self._data)
+            return _map(lambda a: a[indices], self._data)
         items = self._items(indices)
         if self.structure == "x":
             items = [(item,) for item in items]
@@ -265,17 +263,11 @@ def _leaves(tree):
     return [tree]
 
 
-def _take(tree, indices):
-    """``tree``'s rows at ``indices`` (a plain array directly: it is the usual case, and
-    the fed batch is gathered at every update)."""
-    if type(tree) is np.ndarray:
-        return tree[indices]
-    return _map(lambda a: a[indices], tree)
-
-
 def _map(fn, tree):
     if tree is None:
         return None
+    if type(tree) is np.ndarray:  # the usual leaf, first: batches are gathered every update
+        return fn(tree)
     if _is_column(tree):
         return fn(tree)
     if isinstance(tree, dict):
