@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The benchmark suite on a lent GPU machine, in one call of the device tool (its
+# command is limited to 10 minutes; the wheels come from scripts/gpu_wheels.sh):
+#
+#     run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=600)
+#     run(command="bash benchmarks/gpu.sh clipping", ...)     # one part only
+#
+# Parts, in this order by default, each under its own time limit so that one that
+# overruns leaves the others' results: run (keras_dp vs plain Keras vs jax-privacy:
+# MLP, Gemma3 LoRA and full; 240 s), clipping (per_example/ghost/auto vs plain: MLP, CNN,
+# text classifier, Gemma3 LoRA; 240 s), host (host work per update; 60 s). Results land
+# in $OUT (the device tool brings them back; at most 8 files): <part>.md, <part>.json
+# and gpu.log (the card, versions and every part's output).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp/keras_dp_gpu}"
+mkdir -p "$out"
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(run clipping host)
+log="$out/gpu.log"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >>"$log" 2>&1 || { echo "wheel install failed" >>"$log"; exit 1; }
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
+{
+  nvidia-smi -L
+  python3 -c "import jax, keras, keras_hub, dp_accounting, jax_privacy, keras_dp; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__, 'keras_hub', keras_hub.__version__, 'jax_privacy', jax_privacy.__version__)"
+} >>"$log" 2>&1
+for part in "${parts[@]}"; do
+  dir="$out/tmp_$part"
+  echo "== $part $(date -u +%T)" >>"$log"
+  case "$part" in
+    run) timeout "${RUN_S:-240}" python3 benchmarks/run.py --repeats 2 --sweep \
+           --memory-models mlp gemma-lora --out "$dir" >>"$log" 2>&1 ;;
+    clipping) timeout "${CLIPPING_S:-240}" python3 benchmarks/clipping.py \
+           --models mlp cnn text gemma-lora --repeats 2 --memory-models mlp cnn text \
+           --out "$dir" >>"$log" 2>&1 ;;
+    host) timeout "${HOST_S:-60}" python3 benchmarks/host.py --repeats 3 --out "$dir" >>"$log" 2>&1 ;;
+    *) echo "unknown part $part (run, clipping, host)" >>"$log"; continue ;;
+  esac
+  echo "== $part exited $? $(date -u +%T)" >>"$log"
+  for f in "$dir"/*.md "$dir"/*.json; do
+    [ -e "$f" ] && mv "$f" "$out/${part}-$(basename "$f")"
+  done
+  rm -rf "$dir"
+done
