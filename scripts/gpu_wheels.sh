@@ -14,11 +14,12 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
   manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
   platforms+=(--platform "$p")
 done
-# Pure-Python packages, then the compiled ones (optree, dm-tree, pydantic-core).
+# The versions tested here (pip list of the dev environment); compiled ones for cp312.
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp "${platforms[@]}" -d .whl \
   keras==3.15.1 keras-hub==0.32.0 dp-accounting==0.6.0 jax-privacy==2.0.0 \
-  namex optree dm-tree pydantic pydantic-core annotated-types typing-inspection \
-  kagglehub kagglesdk
+  namex==0.1.0 optree==0.20.0 dm-tree==0.1.10 pydantic==2.13.4 pydantic-core==2.46.4 \
+  annotated-types==0.7.0 typing-inspection==0.4.2 typing-extensions==4.16.0 \
+  kagglehub==1.0.2 kagglesdk==0.1.28
 ls .whl
 du -sh .whl
