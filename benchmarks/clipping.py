@@ -379,16 +379,23 @@ def main() -> None:
         f"jax {jax.__version__}, keras {keras.__version__}",
         "command": "python benchmarks/clipping.py " + " ".join(os.sys.argv[1:]),
     }
+    os.makedirs(args.out, exist_ok=True)
+
+    def write():  # after each model too, so that a run cut off keeps what it measured
+        with open(os.path.join(args.out, "clipping.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        with open(os.path.join(args.out, "clipping.md"), "w") as f:
+            f.write(markdown(results))
+
     if args.models:
         results["calibration"] = calibration_seconds()
-    results["speed"] = speed(args.models, args.repeats)
+    results["speed"] = {}
+    for name in args.models:
+        results["speed"].update(speed([name], args.repeats))
+        write()
     if args.memory_models:
         results["memory"] = memory(args.memory_models)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "clipping.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    with open(os.path.join(args.out, "clipping.md"), "w") as f:
-        f.write(markdown(results))
+    write()
     log(markdown(results))
 
 

@@ -9,7 +9,7 @@
 # overruns leaves the others' results: run (keras_dp vs plain Keras vs jax-privacy:
 # MLP, Gemma3 LoRA and full; 280 s), clipping (per_example/ghost/auto vs plain: MLP, CNN,
 # text classifier, Gemma3 LoRA; 220 s), host (host work per update; 60 s). Results land
-# in $OUT (the device tool brings them back; at most 8 files): <part>.md, <part>.json
+# in $OUT (the device tool brings them back; at most 8 files): <part>-*.md, <part>-*.json
 # and gpu.log (the card, versions and every part's output). RUN_S, CLIPPING_S and HOST_S
 # override the limits. Checked here in a venv holding only the image's packages (no
 # TensorFlow) with the same wheels for Python 3.11: every part starts and writes.
@@ -36,7 +36,7 @@ for part in "${parts[@]}"; do
   dir="$out/tmp_$part"
   echo "== $part $(date -u +%T)" >>"$log"
   case "$part" in
-    run) timeout "${RUN_S:-280}" python3 benchmarks/run.py --repeats 2 --sweep \
+    run) timeout "${RUN_S:-280}" python3 benchmarks/run.py --repeats 2 --sweep --sections overhead memory \
            --memory-models mlp gemma-lora --out "$dir" >>"$log" 2>&1 ;;
     clipping) timeout "${CLIPPING_S:-220}" python3 benchmarks/clipping.py \
            --models mlp cnn text gemma-lora --repeats 2 --memory-models mlp cnn text \
