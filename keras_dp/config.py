@@ -396,13 +396,16 @@ class DPConfig:
         key = config._plan_key()
         sigma = _CALIBRATED.get(key)
         if sigma is None:
-            sigma = accounting.calibrate_noise_multiplier(
-                lambda s: config._event_for(s, config.steps),
-                config.target_epsilon,
-                config.delta,
-                config.accountant,
-                config.neighboring_relation,
-            )
+            try:
+                sigma = accounting.calibrate_noise_multiplier(
+                    lambda s: config._event_for(s, config.steps),
+                    config.target_epsilon,
+                    config.delta,
+                    config.accountant,
+                    config.neighboring_relation,
+                )
+            except ValueError as err:  # no σ reaches the target: name the field
+                raise validation.bad("target_epsilon", config.target_epsilon, str(err)) from err
             if len(_CALIBRATED) < _CALIBRATED_MAX:
                 _CALIBRATED[key] = sigma
         return config._replace(noise_multiplier=sigma, _calibrated_for=(key, sigma))
