@@ -297,7 +297,8 @@ def calibrate_noise_multiplier(
     that it is fast: a coarse PLD (or RDP) root on the untruncated proxy event, a
     fine root at a discretization chosen at that σ, and a final check of the exact
     event with :func:`epsilon`, the same function that reports ε during training,
-    raising σ by 0.1% steps until it fits.
+    raising σ by 0.1% steps until it fits. Raises :class:`UnreachableEpsilon` (a
+    ValueError) when no σ in (1e-4, 1e6) reaches the target.
     """
     mc = dp_accounting.mechanism_calibration
     proxy = lambda s: _untruncated(make_event(s))  # noqa: E731
@@ -330,6 +331,10 @@ def calibrate_noise_multiplier(
     return sigma
 
 
+class UnreachableEpsilon(ValueError):
+    """No noise multiplier in (1e-4, 1e6) gives the target ε for the plan."""
+
+
 def _bracket(
     eps_of: Callable[[float], float],
     target: float,
@@ -348,7 +353,7 @@ def _bracket(
         nxt = sigma * factor if too_little_noise else sigma / factor
         factor = factor * factor
         if not 1e-4 < nxt < 1e6:
-            raise ValueError(
+            raise UnreachableEpsilon(
                 f"No noise multiplier in (1e-4, 1e6) gives ε={target} for this plan with this "
                 "accountant (RDP cannot certify an ε below about log(1/δ)/255, whatever the "
                 "noise). Raise target_epsilon, or use sampling='poisson' with "

@@ -404,7 +404,7 @@ class DPConfig:
                     config.accountant,
                     config.neighboring_relation,
                 )
-            except ValueError as err:  # no σ reaches the target: name the field
+            except accounting.UnreachableEpsilon as err:  # name the field
                 raise validation.bad("target_epsilon", config.target_epsilon, str(err)) from err
             if len(_CALIBRATED) < _CALIBRATED_MAX:
                 _CALIBRATED[key] = sigma
