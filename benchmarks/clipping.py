@@ -213,31 +213,29 @@ def one_fit(kind: str, name: str, x, y, seed: int | None = None) -> dict:
     }
 
 
-def speed(names, repeats) -> dict:
-    results = {}
-    for name in names:
-        _, data_fn, batch, _ = MODELS[name]
-        x, y = data_fn()
-        n = len(y) - len(y) % batch
-        x, y = keras.tree.map_structure(lambda a, n=n: a[:n], x), y[:n]
-        runs = {kind: [] for kind in KINDS}
-        for repeat in range(repeats):
-            for kind in KINDS:  # a repeat's DP fits draw the same batches
-                runs[kind].append(one_fit(kind, name, x, y, seed=SEED + repeat))
-                r = runs[kind][-1]
-                log(
-                    f"{name} {kind}: {statistics.median(r['per_step']) * 1e3:.2f} ms/step, "
-                    f"first epoch {r['first_epoch']:.2f} s"
-                )
-        summary = {}
-        for kind, rs in runs.items():
-            summary[kind] = {
-                "ms_per_step": 1e3 * statistics.median([t for r in rs for t in r["per_step"]]),
-                "first_epoch_s": statistics.median(r["first_epoch"] for r in rs),
-                "runs": rs,
-            }
-        results[name] = summary
-    return results
+def speed(name: str, repeats: int) -> dict:
+    """One model's fits, alternated: per kind its median step, first epoch and runs."""
+    _, data_fn, batch, _ = MODELS[name]
+    x, y = data_fn()
+    n = len(y) - len(y) % batch
+    x, y = keras.tree.map_structure(lambda a: a[:n], x), y[:n]
+    runs = {kind: [] for kind in KINDS}
+    for repeat in range(repeats):
+        for kind in KINDS:  # a repeat's DP fits draw the same batches
+            runs[kind].append(one_fit(kind, name, x, y, seed=SEED + repeat))
+            r = runs[kind][-1]
+            log(
+                f"{name} {kind}: {statistics.median(r['per_step']) * 1e3:.2f} ms/step, "
+                f"first epoch {r['first_epoch']:.2f} s"
+            )
+    return {
+        kind: {
+            "ms_per_step": 1e3 * statistics.median([t for r in rs for t in r["per_step"]]),
+            "first_epoch_s": statistics.median(r["first_epoch"] for r in rs),
+            "runs": rs,
+        }
+        for kind, rs in runs.items()
+    }
 
 
 def step_memory(name: str, kind: str, logical_batch: int) -> tuple[int, int]:
@@ -391,7 +389,7 @@ def main() -> None:
         results["calibration"] = calibration_seconds()
     results["speed"] = {}
     for name in args.models:
-        results["speed"].update(speed([name], args.repeats))
+        results["speed"][name] = speed(name, args.repeats)
         write()
     if args.memory_models:
         results["memory"] = memory(args.memory_models)
