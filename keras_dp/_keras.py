@@ -13,9 +13,12 @@ the range.
 - ``Trainer._loss_tracker``, ``Trainer._compile_metrics`` and the ``CompileMetrics``
   internals (``_user_metrics``, ``_flat_metrics``, ``_flatten_y``, ...): the DP step
   updates the loss and compiled metrics itself, over real rows only, chunk by chunk.
-- ``Trainer._compile_loss``: whether the compiled loss needs labels.
+- ``Trainer._compile_loss``: whether the compiled loss needs labels; its ``metrics``
+  (one ``Mean`` per output of a multi-output model, ``a_loss``, ``b_loss``, ...), which
+  ``stateless_compute_loss`` updates and the DP step sums over real rows.
 - ``Trainer._symbolic_build``: builds the model, optimizer and metrics before the first
-  (traced) step, as Keras' own fit does.
+  (traced) step, as Keras' own fit does; ``backend.compute_output_spec`` builds a
+  compiled loss that a ``compute_loss`` override leaves unbuilt.
 - ``Layer._call_has_training_arg``: whether ``call`` takes ``training``.
 - ``Layer._losses_override``: feeds ``add_loss`` losses of one example's stateless call
   to ``stateless_compute_loss``, as Keras' own JAX trainer does.
@@ -32,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 
+import keras
+from keras.src.backend import compute_output_spec
 from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
@@ -45,6 +50,7 @@ __all__ = [
     "compiled_metrics",
     "has_compiled_loss",
     "loss_tracker",
+    "loss_metric_slots",
     "losses_override",
     "metric_groups",
     "sublayers",
@@ -100,12 +106,37 @@ def metric_groups(compiled, y, y_pred) -> tuple[list, list, list, list]:
     )
 
 
+def loss_metric_slots(model) -> list[int]:
+    """Where the compiled loss's own metrics (the per-output loss trackers of a
+    multi-output model) sit in ``model.metrics_variables``; empty for one output."""
+    compile_loss = getattr(model, "_compile_loss", None)
+    if compile_loss is None:
+        return []
+    owned = {id(v) for metric in compile_loss.metrics for v in metric.variables}
+    return [i for i, v in enumerate(model.metrics_variables) if id(v) in owned]
+
+
 def has_compiled_loss(model) -> bool:
     return getattr(model, "_compile_loss", None) is not None
 
 
 def symbolic_build(model, data_batch) -> None:
+    """Builds ``model``, its optimizer, compiled metrics and compiled loss from
+    ``data_batch`` (one or two real examples).
+
+    A ``compute_loss`` override that never calls the compiled loss leaves it unbuilt,
+    and Keras' ``fit`` would then build it again from the first batch it is fed: ours
+    packs x with the DP rows (``dp_x``, ``dp_mask``, ...). So it is built here."""
     model._symbolic_build(data_batch=data_batch)
+    compile_loss = getattr(model, "_compile_loss", None)
+    if compile_loss is None or compile_loss.built:
+        return
+    spec = lambda a: None if a is None else keras.KerasTensor(a.shape, a.dtype)  # noqa: E731
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
+        keras.tree.map_structure(spec, data_batch)
+    )
+    y_pred = compute_output_spec(model, x, training=False)
+    compute_output_spec(compile_loss, y, y_pred, sample_weight)
 
 
 def call_has_training_arg(model) -> bool:

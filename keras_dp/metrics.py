@@ -74,6 +74,20 @@ def _update_compiled(compiled, y, y_pred, real, sample_weight):
                 metric.update_state(y_t, y_p, sample_weight=weight)
 
 
+def add_rows(values: list, slots: list[int], changes: list, real: jax.Array) -> list:
+    """``values`` with each real row's change to ``values[slot]`` added (padding rows'
+    are replaced by zeros first, so a NaN there adds nothing).
+
+    ``changes[j]`` holds, row by row, what one example's ``compute_loss`` added to the
+    metric variable ``slots[j]`` starting from zero: for Keras' per-output loss trackers
+    (``Mean``: a total and a count) the sums give the mean over the real rows.
+    """
+    values = list(values)
+    for slot, change in zip(slots, masked(changes, real)):
+        values[slot] = values[slot] + jnp.sum(change, axis=0).astype(values[slot].dtype)
+    return values
+
+
 def masked(tree, real: jax.Array):
     """``tree`` with every row that is not real set to zero (``jnp.where``, not ``*``)."""
     if tree is None:

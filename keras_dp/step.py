@@ -57,8 +57,13 @@ def train_step(model, state, data):
     # Built metrics are updated chunk by chunk inside the loop, so no row's prediction
     # is kept for the whole batch and memory follows the chunk. (Unbuilt ones, which
     # fit's symbolic build normally prevents, see the whole batch once.)
-    fold_metrics = has_metrics and compiled.built
+    fold_compiled = has_metrics and compiled.built
     keep_predictions = has_metrics and not compiled.built
+    # The compiled loss's per-output trackers (``a_loss``, ...): each example's own
+    # update (from zeroed trackers), summed over real rows like the compiled metrics.
+    loss_slots = _keras.loss_metric_slots(model)
+    fold_metrics = fold_compiled or bool(loss_slots)
+    example_metrics = [jnp.zeros_like(v) for v in metrics_vars] if loss_slots else metrics_vars
 
     def per_example(params, xi, yi, swi, index):
         xi, yi, swi = jax.tree.map(lambda a: a[None], (xi, yi, swi))
@@ -66,13 +71,20 @@ def train_step(model, state, data):
         for i in seed_slots:  # each example its own dropout randomness
             offset = jnp.asarray([(index + 1) * _GOLDEN, 0]).astype(nt[i].dtype)
             nt[i] = nt[i] + offset
-        loss, (y_pred, _) = model_loss(model, params, nt, metrics_vars, xi, yi, swi)
+        loss, (y_pred, _, after) = model_loss(model, params, nt, example_metrics, xi, yi, swi)
         y_pred = jax.tree.map(lambda a: a[0], y_pred)
         kept = y_pred if keep_predictions else None
-        return loss, ((kept, y_pred) if fold_metrics else kept)
+        if not fold_metrics:
+            return loss, kept
+        return loss, (kept, (y_pred if fold_compiled else None, [after[i] for i in loss_slots]))
 
-    def fold(values, chunk_rows, chunk_pred, chunk_mask):
-        chunk_y, chunk_sw, chunk_pred, real = units.for_metrics(chunk_rows, chunk_pred, chunk_mask)
+    def fold(values, chunk_rows, chunk_folded, chunk_mask):
+        chunk_y, chunk_sw, (chunk_pred, changes), real = units.for_metrics(
+            chunk_rows, chunk_folded, chunk_mask
+        )
+        values = metrics.add_rows(values, loss_slots, changes, real)
+        if not fold_compiled:
+            return values
         return metrics.update_compiled(model, values, chunk_y, chunk_pred, real, chunk_sw)
 
     # A row is one privacy unit: an example, or a user's block (packed "dp_inner").
@@ -168,7 +180,7 @@ def next_state(model, params, non_trainable, seed_slots, metrics_vars, rows):
     """
     if not non_trainable:
         return []
-    _, (_, after) = model_loss(model, params, list(non_trainable), metrics_vars, *rows)
+    _, (_, after, _) = model_loss(model, params, list(non_trainable), metrics_vars, *rows)
     variables = model.non_trainable_variables
     changed = [
         variables[i].path
@@ -190,13 +202,14 @@ def next_state(model, params, non_trainable, seed_slots, metrics_vars, rows):
 
 def model_loss(model, params, non_trainable, metrics_vars, x, y, sample_weight):
     """The model's training loss on (x, y) (Keras' compiled loss plus the losses its
-    layers add, ``training=True``), and (y_pred, the non-trainable state after the call)."""
+    layers add, ``training=True``), and (y_pred, the non-trainable state after the call,
+    the metrics' variables after ``compute_loss`` updated its per-output trackers)."""
     kwargs = {"training": True} if _keras.call_has_training_arg(model) else {}
     y_pred, non_trainable, losses = model.stateless_call(
         params, non_trainable, x, return_losses=True, **kwargs
     )
     with _keras.losses_override(model, losses):
-        loss, _ = model.stateless_compute_loss(
+        loss, (_, _, metrics_vars) = model.stateless_compute_loss(
             params,
             non_trainable,
             metrics_vars,
@@ -206,7 +219,7 @@ def model_loss(model, params, non_trainable, metrics_vars, x, y, sample_weight):
             sample_weight=sample_weight,
             training=True,
         )
-    return loss, (y_pred, non_trainable)
+    return loss, (y_pred, non_trainable, metrics_vars)
 
 
 def loss_scale(optimizer, optimizer_vars) -> jax.Array:

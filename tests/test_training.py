@@ -73,6 +73,46 @@ def test_update_is_minus_mean_of_clipped_gradients(microbatch):
     assert model.privacy_spent().steps == 1
 
 
+class OwnLoss(keras.Model):
+    """A subclassed model whose compute_loss never calls the compiled loss."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return LOSS(y, y_pred) + 0.01 * keras.ops.sum(self.dense.kernel**2)
+
+
+@pytest.mark.parametrize("clipping", ["per_example", "ghost"])
+def test_a_compute_loss_override_is_the_loss_each_example_clips(clipping):
+    """Keras' compile(loss=...) beside it is unused (and left unbuilt by Keras)."""
+    import jax
+    import jax.numpy as jnp
+
+    x, y = data(10)
+    keras.utils.set_random_seed(3)
+    model = private(OwnLoss(), batch_size=10, steps=1, l2_clip_norm=0.5, clipping=clipping, **DEBUG)
+    model(x[:1])  # builds it
+    kernel, bias = (np.array(v.value) for v in model.dense.trainable_variables)
+
+    def own_loss(w, xi, yi):  # the override, written out for one example
+        logits = xi[None] @ w[0] + w[1]
+        return LOSS(yi[None], logits) + 0.01 * jnp.sum(w[0] ** 2)
+
+    total = [np.zeros_like(kernel, np.float64), np.zeros_like(bias, np.float64)]
+    for xi, yi in zip(x, y):
+        g = [np.asarray(a, np.float64) for a in jax.grad(own_loss)([kernel, bias], xi, yi)]
+        scale = min(1.0, 0.5 / math.sqrt(sum(float(np.sum(a * a)) for a in g)))
+        total = [t + scale * a for t, a in zip(total, g)]
+    model.fit(x, y, verbose=0)  # q = 1: every example in the one step
+    for b, v, t in zip((kernel, bias), model.dense.trainable_variables, total):
+        np.testing.assert_allclose(np.array(v.value) - b, -t / 10, rtol=1e-4, atol=1e-6)
+
+
 def test_default_microbatch_follows_the_platform(monkeypatch):
     """CPU: a quarter of the batch. GPU/TPU: ghost clipping in one pass; per-example
     gradients within a byte budget."""
@@ -246,6 +286,43 @@ def test_only_real_rows_count_in_loss_and_metrics():
     assert history.history["loss"][0] == pytest.approx(float(LOSS(y, predictions)), rel=1e-5)
     accuracy = float(np.mean(np.argmax(predictions, -1) == y))
     assert history.history["accuracy"][0] == pytest.approx(accuracy)
+
+
+@pytest.mark.parametrize("clipping,microbatch", [("per_example", None), ("ghost", 7)])
+def test_each_outputs_loss_is_its_mean_over_the_real_examples(clipping, microbatch, monkeypatch):
+    x, y = data(40)
+    weight = np.random.default_rng(1).uniform(0.5, 2.0, 40).astype("float32")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    hidden = keras.layers.Dense(4, activation="tanh")(inputs)
+    outputs = {
+        "a": keras.layers.Dense(3, name="a")(hidden),
+        "b": keras.layers.Dense(1, name="b")(hidden),
+    }
+    plan = DPConfig(batch_size=10, epochs=1, clipping=clipping, microbatch_size=microbatch, **DEBUG)
+    model = keras_dp.make_private(keras.Model(inputs, outputs), plan)
+    losses = {"a": LOSS, "b": keras.losses.MeanSquaredError()}
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.0), loss=losses, loss_weights={"a": 1.0, "b": 0.5}
+    )
+    drawn, draw = [], keras_dp.data.draw_indices
+    monkeypatch.setattr(
+        keras_dp.data, "draw_indices", lambda *a: drawn.append(draw(*a)) or drawn[-1]
+    )
+    labels = {"a": y, "b": x[:, :1]}
+    history = model.fit(x, labels, sample_weight=weight, verbose=0)  # 4 updates, one epoch
+    rows = np.concatenate(drawn)
+    assert len(drawn) == 4 and len(rows) > 10
+    predictions = model.predict(x[rows], verbose=0)  # lr 0: the weights of every update
+    expected = {}
+    for k, loss in losses.items():
+        per_example = type(loss).from_config({**loss.get_config(), "reduction": None})
+        each = np.asarray(per_example(labels[k][rows], predictions[k])) * weight[rows]
+        expected[k] = float(np.mean(each))
+        # Keras' own a_loss/b_loss: each output's loss, before loss_weights
+        assert history.history[f"{k}_loss"][0] == pytest.approx(expected[k], rel=1e-5)
+    total = expected["a"] + 0.5 * expected["b"]
+    assert history.history["loss"][0] == pytest.approx(total, rel=1e-5)
 
 
 def test_mixin_subclass_and_make_private_keep_keras_behaviour():
