@@ -8,7 +8,8 @@ the range.
   batches as this process's share, in order (no Keras shuffling);
   :class:`BatchesAdapter` overrides its ``get_jax_iterator``.
 - ``KerasSaveable`` (``keras.src.saving``): the privacy ledger is saved with the weights
-  (``.keras``, weights-only checkpoints) as a saveable part of the model.
+  (``.keras``, weights-only checkpoints) as a saveable part of the model; its
+  ``_unpickle_model`` loads a pickled (or deep-copied) model.
 - ``Layer._flatten_layers``: every sublayer, to refuse layers that mix examples.
 - ``Trainer._loss_tracker``, ``Trainer._compile_metrics`` and the ``CompileMetrics``
   internals (``_user_metrics``, ``_flat_metrics``, ``_flatten_y``, ...): the DP step
@@ -51,6 +52,7 @@ __all__ = [
     "has_compiled_loss",
     "loss_tracker",
     "loss_metric_slots",
+    "unpickle_model",
     "losses_override",
     "metric_groups",
     "sublayers",
@@ -71,6 +73,11 @@ class BatchesAdapter(PyDatasetAdapter):
             return super().get_jax_iterator()
         batches = self.py_dataset
         return (batches[i] for i in range(batches.num_batches))
+
+
+def unpickle_model(archive):
+    """A model from the in-memory ``.keras`` archive that Keras' ``__reduce__`` wrote."""
+    return KerasSaveable._unpickle_model(archive)
 
 
 def sublayers(model) -> list:

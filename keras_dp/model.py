@@ -193,6 +193,26 @@ class DPModel:
         model._dp_ledger.public_seed = bool(state.get("public_seed", False))
         return model
 
+    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+        """Keras' ``save`` to a ``.keras`` file (plan and ledger included); the legacy
+        HDF5 format (``.h5``) is refused: its loader cannot find a DP model's class."""
+        if str(filepath).endswith((".h5", ".hdf5")):
+            raise ValueError(
+                f"model.save({str(filepath)!r}): a DP model is saved as a .keras file "
+                "(its plan and privacy ledger travel with it); the legacy HDF5 format "
+                "cannot load it back. Pass a path ending in '.keras', or use "
+                "save_weights('....weights.h5') for the weights and their ledger."
+            )
+        return super().save(filepath, overwrite=overwrite, zipped=zipped, **kwargs)
+
+    def __reduce__(self):
+        """``pickle`` and ``copy.deepcopy`` as Keras does them: a ``.keras`` archive in
+        memory (plan and ledger included, never the secret seed). Keras' own loader is
+        a method of the model's class, which pickle would look up by name; a class made
+        by ``make_private`` has none, so a module-level loader is used."""
+        _, archive = super().__reduce__()
+        return (_keras.unpickle_model, archive)
+
     def load_weights(self, filepath, *args, **kwargs):
         """Keras' ``load_weights``; also restores the ledger those weights were trained with.
 

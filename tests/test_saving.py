@@ -69,6 +69,29 @@ def test_round_trip_keeps_weights_plan_and_ledger(make, tmp_path):
         loaded.fit(x, y, verbose=0)
 
 
+@pytest.mark.parametrize("copy_", ["pickle", "deepcopy"])
+def test_pickle_and_deepcopy_keep_weights_plan_and_ledger(copy_):
+    import copy
+    import pickle
+
+    model = trained(functional())  # its class was made by make_private
+    copied = pickle.loads(pickle.dumps(model)) if copy_ == "pickle" else copy.deepcopy(model)
+    x, y = data()
+    assert type(copied) is type(model) and copied is not model
+    np.testing.assert_array_equal(copied.predict(x, verbose=0), model.predict(x, verbose=0))
+    assert copied.dp_steps == 10 and copied.privacy_spent() == model.privacy_spent()
+    assert copied._dp_seed is None  # the secret seed never travels
+    copied.fit(x, y, verbose=0)
+    assert copied.dp_steps == 20 and model.dp_steps == 10
+
+
+def test_legacy_h5_save_is_refused_before_writing(tmp_path):
+    model = trained(functional())
+    with pytest.raises(ValueError, match=r"saved as a \.keras file.*'\.keras'"):
+        model.save(tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists()
+
+
 def test_saved_file_holds_no_seed(tmp_path):
     model = trained(functional())
     model.save(tmp_path / "m.keras")
