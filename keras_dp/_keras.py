@@ -20,6 +20,9 @@ the range.
 - ``Trainer._symbolic_build``: builds the model, optimizer and metrics before the first
   (traced) step, as Keras' own fit does; ``backend.compute_output_spec`` builds a
   compiled loss that a ``compute_loss`` override leaves unbuilt.
+- ``backend.get_keras_mask``/``set_keras_mask``: an output's Keras mask (an attribute
+  of the array, lost through ``vmap``) read in one example's step and attached again
+  for the compiled metrics.
 - ``Layer._call_has_training_arg``: whether ``call`` takes ``training``.
 - ``Layer._losses_override``: feeds ``add_loss`` losses of one example's stateless call
   to ``stateless_compute_loss``, as Keras' own JAX trainer does.
@@ -37,7 +40,7 @@ from __future__ import annotations
 import contextlib
 
 import keras
-from keras.src.backend import compute_output_spec
+from keras.src.backend import compute_output_spec, get_keras_mask, set_keras_mask
 from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
@@ -53,6 +56,8 @@ __all__ = [
     "loss_tracker",
     "loss_metric_slots",
     "unpickle_model",
+    "keras_mask",
+    "set_keras_mask",
     "losses_override",
     "metric_groups",
     "sublayers",
@@ -73,6 +78,11 @@ class BatchesAdapter(PyDatasetAdapter):
             return super().get_jax_iterator()
         batches = self.py_dataset
         return (batches[i] for i in range(batches.num_batches))
+
+
+def keras_mask(array):
+    """The Keras mask attached to ``array`` (None if none)."""
+    return get_keras_mask(array)
 
 
 def unpickle_model(archive):

@@ -27,8 +27,8 @@ def add_counters(model) -> None:
 
 
 def update(model, metrics_vars, loss, num_real, y, y_pred, real, sample_weight, nonfinite, clipped):
-    """The loss tracker, the DP counters, and the compiled metrics when ``y_pred`` is
-    given; the logs.
+    """The loss tracker, the DP counters, and the compiled metrics when ``y_pred`` (the
+    rows and their Keras masks, :func:`one_row`) is given; the logs.
 
     ``real`` is the bool mask of real rows. ``y_pred=None``: the compiled metrics were
     already updated chunk by chunk (:func:`update_compiled`) or there are none.
@@ -57,12 +57,32 @@ def update_compiled(model, metrics_vars, y, y_pred, real, sample_weight):
     return _values(model, scope)
 
 
-def _update_compiled(compiled, y, y_pred, real, sample_weight):
+def one_row(y_pred):
+    """``y_pred`` of a batch of one example as one row, and each output's Keras mask
+    (``Embedding(mask_zero=True)``, ``Masking``; None where it has none) as one row.
+
+    A Keras mask is an attribute of the array: it does not come out of ``vmap``, so
+    the rows carry it beside them and :func:`_update_compiled` attaches it again.
+    """
+    masks = [_keras.keras_mask(a) for a in jax.tree.leaves(y_pred)]
+    rows = jax.tree.map(lambda a: a[0], y_pred)
+    return rows, [None if m is None else m[0] for m in masks]
+
+
+def _update_compiled(compiled, y, predictions, real, sample_weight):
     """Keras gives unweighted ``metrics`` no sample weight, which would count padding;
     here every compiled metric gets the row mask (times ``sample_weight`` for
     ``weighted_metrics``). Padding rows' values are replaced by zeros first: a weight
-    of 0 does not cancel a NaN (padding repeats example 0, which may be non-finite)."""
+    of 0 does not cancel a NaN (padding repeats example 0, which may be non-finite).
+    Each output's Keras mask is attached again, so metrics skip masked positions (of
+    sequences) as Keras' own step makes them."""
+    y_pred, keras_masks = predictions
     y, y_pred, sample_weight = (masked(a, real) for a in (y, y_pred, sample_weight))
+    leaves, structure = jax.tree.flatten(y_pred)
+    for leaf, keras_mask in zip(leaves, keras_masks):
+        if keras_mask is not None:
+            _keras.set_keras_mask(leaf, keras_mask)
+    y_pred = jax.tree.unflatten(structure, leaves)
     ys, preds, plain, weighted = _keras.metric_groups(compiled, y, y_pred)
     real = real.astype(jnp.float32)
     for metrics, weight in (

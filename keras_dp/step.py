@@ -72,7 +72,7 @@ def train_step(model, state, data):
             offset = jnp.asarray([(index + 1) * _GOLDEN, 0]).astype(nt[i].dtype)
             nt[i] = nt[i] + offset
         loss, (y_pred, _, after) = model_loss(model, params, nt, example_metrics, xi, yi, swi)
-        y_pred = jax.tree.map(lambda a: a[0], y_pred)
+        y_pred = metrics.one_row(y_pred)  # (the row, its Keras masks)
         kept = y_pred if keep_predictions else None
         if not fold_metrics:
             return loss, kept

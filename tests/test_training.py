@@ -325,6 +325,25 @@ def test_each_outputs_loss_is_its_mean_over_the_real_examples(clipping, microbat
     assert history.history["loss"][0] == pytest.approx(total, rel=1e-5)
 
 
+@pytest.mark.parametrize("clipping,microbatch", [("per_example", None), ("ghost", 7)])
+def test_metrics_skip_positions_the_keras_mask_hides(clipping, microbatch):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 30, (40, 10))
+    for row, length in zip(tokens, rng.integers(2, 10, 40)):
+        row[length:] = 0  # padding tokens: masked by Embedding(mask_zero=True)
+    tags = rng.integers(0, 4, (40, 10))
+    keras.utils.set_random_seed(0)
+    tagger = keras.Sequential(
+        [keras.Input((10,)), keras.layers.Embedding(30, 8, mask_zero=True), keras.layers.Dense(4)]
+    )
+    plan = DPConfig(batch_size=40, steps=1, clipping=clipping, microbatch_size=microbatch, **DEBUG)
+    model = keras_dp.make_private(tagger, plan)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS, metrics=["accuracy"])
+    history = model.fit(tokens, tags, verbose=0)  # q = 1: all rows, and padding rows
+    hits = np.argmax(model.predict(tokens, verbose=0), -1) == tags
+    assert history.history["accuracy"][0] == pytest.approx(float(np.mean(hits[tokens != 0])))
+
+
 def test_mixin_subclass_and_make_private_keep_keras_behaviour():
     class Mine(keras_dp.DPModel, keras.Model):
         def __init__(self, **kwargs):
