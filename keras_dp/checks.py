@@ -15,9 +15,15 @@ from keras_dp import _keras, sampling
 
 
 def _mixes_examples(layer) -> bool:
-    return isinstance(layer, keras.layers.BatchNormalization) or getattr(
-        layer, "dp_mixes_examples", False
-    )
+    """A layer that sets ``dp_mixes_examples``, or a trainable BatchNormalization (batch
+    statistics). A frozen one (``trainable=False``, Keras' own ``call``) normalises with
+    its moving statistics, one example at a time, as in Keras' transfer-learning recipe."""
+    if getattr(layer, "dp_mixes_examples", False):
+        return True
+    if isinstance(layer, keras.layers.BatchNormalization):
+        keras_call = type(layer).call is keras.layers.BatchNormalization.call
+        return layer.trainable or not keras_call
+    return False
 
 
 def check_own_train_step(model, dp_class) -> None:
@@ -78,7 +84,8 @@ def check_model(model) -> None:
                 f"Layer {layer.name!r} ({type(layer).__name__}) mixes examples within a "
                 "batch, so one example's gradient depends on others and per-example "
                 "clipping bounds nothing. Replace it with LayerNormalization or "
-                "GroupNormalization."
+                "GroupNormalization, or freeze it (layer.trainable = False: Keras then "
+                "normalises with its moving statistics, one example at a time)."
             )
     if not model.trainable_variables:
         raise ValueError("The model has no trainable variables; nothing to train.")

@@ -113,6 +113,30 @@ def test_a_compute_loss_override_is_the_loss_each_example_clips(clipping):
         np.testing.assert_allclose(np.array(v.value) - b, -t / 10, rtol=1e-4, atol=1e-6)
 
 
+def test_a_frozen_batch_normalization_is_per_example_and_keeps_its_statistics():
+    """Keras' transfer-learning recipe: a frozen BatchNormalization normalises with its
+    moving statistics (one example at a time), so it is accepted; a trainable one is
+    refused (test_hostile)."""
+    x, y = data(10)
+    keras.utils.set_random_seed(0)
+    norm = keras.layers.BatchNormalization()
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(4), norm, keras.layers.Dense(3)]
+    )
+    norm.moving_mean.assign(np.linspace(-1.0, 1.0, 4))
+    norm.moving_variance.assign(np.linspace(0.5, 2.0, 4))
+    norm.trainable = False
+    statistics = [np.array(v.value) for v in norm.non_trainable_variables]
+    model = private(model, batch_size=10, steps=1, l2_clip_norm=0.5, **DEBUG)
+    before = [np.array(v.value) for v in model.trainable_variables]
+    expected = naive_clipped_mean(model, x, y, 0.5)  # one example at a time, as Keras infers
+    model.fit(x, y, verbose=0)  # q = 1: every example in the one step
+    for b, v, e in zip(before, model.trainable_variables, expected):
+        np.testing.assert_allclose(np.array(v.value) - b, e, rtol=1e-4, atol=1e-6)
+    for s, v in zip(statistics, norm.non_trainable_variables):
+        np.testing.assert_array_equal(np.array(v.value), s)
+
+
 def test_default_microbatch_follows_the_platform(monkeypatch):
     """CPU: a quarter of the batch. GPU/TPU: ghost clipping in one pass; per-example
     gradients within a byte budget."""
