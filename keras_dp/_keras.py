@@ -17,6 +17,8 @@ the range.
 - ``Trainer._compile_loss``: whether the compiled loss needs labels; its ``metrics``
   (one ``Mean`` per output of a multi-output model, ``a_loss``, ``b_loss``, ...), which
   ``stateless_compute_loss`` updates and the DP step sums over real rows.
+- ``array_slicing.train_validation_split``: ``fit(validation_split=...)``'s split (the
+  last rows), exactly as Keras' own ``fit`` makes it, before the sampler sees the rest.
 - ``Trainer._symbolic_build``: builds the model, optimizer and metrics before the first
   (traced) step, as Keras' own fit does; ``backend.compute_output_spec`` builds a
   compiled loss that a ``compute_loss`` override leaves unbuilt.
@@ -42,6 +44,7 @@ import contextlib
 import keras
 from keras.src.backend import compute_output_spec, get_keras_mask, set_keras_mask
 from keras.src.saving.keras_saveable import KerasSaveable
+from keras.src.trainers.data_adapters.array_slicing import train_validation_split
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
 __all__ = [
@@ -56,6 +59,7 @@ __all__ = [
     "loss_tracker",
     "loss_metric_slots",
     "unpickle_model",
+    "train_validation_split",
     "keras_mask",
     "set_keras_mask",
     "losses_override",

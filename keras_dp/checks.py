@@ -53,10 +53,10 @@ def check_fit_args(model, config, batch_size, shuffle, validation_split, steps_p
             "fit(shuffle=False) contradicts DP sampling: keras_dp samples each batch at "
             "random as the accountant assumes. Drop shuffle=False."
         )
-    if validation_split:
+    if validation_split and config.privacy_unit == "user":
         raise ValueError(
-            "fit(validation_split=...) is not supported: the split would change the "
-            "dataset size the plan accounts for. Split the data yourself and pass "
+            "fit(validation_split=...) would split rows, not users: a user's examples "
+            "could land on both sides. Split by user yourself and pass "
             "validation_data=(x_val, y_val)."
         )
     if steps_per_epoch is not None:

@@ -59,6 +59,10 @@ def fit(
     by the config's sampler, with the ledger's callback first."""
     checks.check_fit_args(model, config, batch_size, shuffle, validation_split, steps_per_epoch)
     sampling.refuse_streams(x)
+    if validation_split and validation_data is None:  # Keras' split: the last rows
+        (x, y, sample_weight), validation_data = _keras.train_validation_split(
+            (x, y, sample_weight), validation_split
+        )
     if class_weight is not None:  # a per-example weight: the guarantee holds as it is
         sample_weight = data.class_weights_as_sample_weight(class_weight, y, sample_weight)
     source = sampling.ExampleSource(x, y, sample_weight)

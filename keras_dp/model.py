@@ -281,6 +281,9 @@ class DPModel:
         ``user_ids`` (one hashable id per example, for ``DPConfig(privacy_unit="user")``
         only) says which user owns each example.
 
+        ``validation_split`` holds out the last rows of the arrays, as Keras does, before
+        anything is sampled: the plan (its N, q and ε) covers the rows that remain.
+
         ``fit()`` without ``epochs`` trains what is left of the plan; ``fit(epochs=k)``
         trains k more epochs (Keras semantics with ``initial_epoch``). An epoch is
         ``ceil(steps / ceil(epochs))`` updates of the plan; the final epoch stops at

@@ -150,7 +150,16 @@ CATALOGUE = [
     # fit arguments that contradict the plan.
     ("fit batch_size", lambda: fit(batch_size=5), "drop batch_size"),
     ("shuffle=False", lambda: fit(shuffle=False), "shuffle=False"),
-    ("validation_split", lambda: fit(validation_split=0.2), "validation_data="),
+    ("validation_split leaving no training rows", lambda: fit(validation_split=0.999), "split"),
+    (
+        "validation_split of users' rows",
+        lambda: fit(
+            private(privacy_unit="user", examples_per_user=2, batch_size=5),
+            validation_split=0.2,
+            user_ids=np.arange(40) // 2,
+        ),
+        "Split by user yourself.*validation_data=",
+    ),
     ("steps_per_epoch", lambda: fit(steps_per_epoch=3), "DPConfig\\(steps="),
     ("class_weight missing a class", lambda: fit(class_weight={0: 1.0}), "every class"),
     ("more epochs than planned", lambda: fit(epochs=5), "only 1 are left"),

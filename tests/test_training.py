@@ -368,6 +368,22 @@ def test_metrics_skip_positions_the_keras_mask_hides(clipping, microbatch):
     assert history.history["accuracy"][0] == pytest.approx(float(np.mean(hits[tokens != 0])))
 
 
+def test_validation_split_holds_out_the_last_rows_as_keras_does(monkeypatch):
+    x, y = data(40)
+    drawn, draw = [], keras_dp.data.draw_indices
+    monkeypatch.setattr(
+        keras_dp.data, "draw_indices", lambda *a: drawn.append(draw(*a)) or drawn[-1]
+    )
+    model = keras_dp.make_private(mlp(), DPConfig(batch_size=10, epochs=2, target_epsilon=3.0))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, metrics=["accuracy"])
+    history = model.fit(x, y, validation_split=0.25, verbose=0)
+    assert model.dp_config.dataset_size == 30  # the plan covers the 30 training rows
+    assert len(drawn) == model.dp_steps == 6 and max(np.concatenate(drawn).max(), 0) < 30
+    held_out = model.evaluate(x[30:], y[30:], verbose=0, return_dict=True)
+    assert history.history["val_loss"][-1] == pytest.approx(held_out["loss"], rel=1e-5)
+    assert history.history["val_accuracy"][-1] == pytest.approx(held_out["accuracy"])
+
+
 def test_mixin_subclass_and_make_private_keep_keras_behaviour():
     class Mine(keras_dp.DPModel, keras.Model):
         def __init__(self, **kwargs):
