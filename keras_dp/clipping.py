@@ -34,7 +34,8 @@ class ClippedSum(NamedTuple):
 
     Attributes:
       grad_sum: Σ over real rows of the clipped gradients (float32).
-      losses: Each row's loss (zeros in chunks that were skipped).
+      losses: Each row's loss; NaN for a row whose gradient was not finite (zeros in
+        chunks that were skipped).
       aux: Each row's aux (with ``fold``: ``(kept, acc)``).
       nonfinite: Real rows whose gradient was not finite (they contribute nothing).
       clipped: Real rows whose gradient norm exceeded C (they were scaled down).
@@ -209,9 +210,10 @@ def _shard_sum(
         """A chunk's clipped sum, losses, kept aux, counts of its real rows (not finite,
         clipped), and ``acc`` with its folded values."""
         part, loss, chunk_aux, finite, over = compute(chunk_rows, chunk_ids, chunk_mask)
+        loss = jnp.where(finite, loss, jnp.nan)  # a row that contributed nothing
         if fold is not None:
             chunk_aux, values = chunk_aux
-            acc = fold(acc, chunk_rows, values, chunk_mask)
+            acc = fold(acc, chunk_rows, values, chunk_mask & finite)
         counted = jnp.stack([jnp.sum(chunk_mask & ~finite), jnp.sum(chunk_mask & finite & over)])
         return part, loss, chunk_aux, counted.astype(jnp.int32), acc
 

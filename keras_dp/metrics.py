@@ -30,12 +30,14 @@ def update(model, metrics_vars, loss, num_real, y, y_pred, real, sample_weight, 
     """The loss tracker, the DP counters, and the compiled metrics when ``y_pred`` (the
     rows and their Keras masks, :func:`one_row`) is given; the logs.
 
-    ``real`` is the bool mask of real rows. ``y_pred=None``: the compiled metrics were
-    already updated chunk by chunk (:func:`update_compiled`) or there are none.
+    ``loss`` is (the mean loss, the number of rows it is the mean of). ``real`` is the
+    bool mask of real rows. ``y_pred=None``: the compiled metrics were already updated
+    chunk by chunk (:func:`update_compiled`) or there are none.
     """
     mapping = list(zip(model.metrics_variables, metrics_vars))
     with keras.StatelessScope(state_mapping=mapping) as scope:
-        _keras.loss_tracker(model).update_state(loss, sample_weight=num_real)
+        mean_loss, loss_rows = loss
+        _keras.loss_tracker(model).update_state(mean_loss, sample_weight=loss_rows)
         counters = getattr(model, "_dp_counters", None)
         if counters is not None:
             fraction, dropped = counters

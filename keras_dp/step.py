@@ -160,10 +160,24 @@ def train_step(model, state, data):
         non_trainable[clip_slot] = adaptive.next_clip_norm(
             clip_norm, fraction, config.clip_quantile, config.clip_learning_rate
         )
-    loss = jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.maximum(num_real, 1)
-    y, sample_weight, y_pred, real = units.for_metrics(rows, y_pred, mask)
+    # The logs cover the rows that trained: a row whose gradient was not finite
+    # contributed nothing (its loss is NaN here; nonfinite_examples counts it), so it
+    # does not turn the loss to NaN (TerminateOnNaN) nor count in the metrics.
+    trained = jnp.logical_and(mask, jnp.isfinite(losses))
+    num_trained = jnp.sum(trained)
+    loss = jnp.sum(jnp.where(trained, losses, 0.0)) / jnp.maximum(num_trained, 1)
+    y, sample_weight, y_pred, real = units.for_metrics(rows, y_pred, trained)
     logs, metrics_vars = metrics.update(
-        model, metrics_vars, loss, num_real, y, y_pred, real, sample_weight, nonfinite, clipped
+        model,
+        metrics_vars,
+        (loss, num_trained),
+        num_real,
+        y,
+        y_pred,
+        real,
+        sample_weight,
+        nonfinite,
+        clipped,
     )
     return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
 

@@ -205,9 +205,18 @@ def test_nonfinite_values_are_contained_and_counted(poison):
     model = private(
         batch_size=10, steps=1, epochs=None, target_epsilon=math.inf, noise_multiplier=0.0
     )
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, metrics=["accuracy"])
+    model.build((None, 5))
+    good = np.isfinite(x).all(axis=1) & np.isfinite(w)
+    predicted = model.predict(x[good], verbose=0)
+    before = float(LOSS(y[good], predicted, sample_weight=w[good]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         history = model.fit(x, y, sample_weight=w, verbose=0)
     assert history.history["nonfinite_examples"] == [1]  # that example contributed nothing
+    # ... and the logs are those of the 9 rows that trained (q = 1): no NaN loss.
+    assert history.history["loss"][0] == pytest.approx(before, rel=1e-5)
+    accuracy = np.mean(np.argmax(predicted, -1) == y[good])
+    assert history.history["accuracy"][0] == pytest.approx(accuracy)
     assert all(np.all(np.isfinite(np.array(v.value))) for v in model.trainable_variables)
     assert model.dp_steps == 1
