@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -91,6 +91,9 @@ def test_one_band_is_dp_sgd_bit_for_bit():
     steps=st.integers(1, 400),
     bands=st.integers(2, 16),
 )
+# Found by a randomised run: ε = 0.004, refined from a PLD grid as coarse as ε itself,
+# stopped 0.72% above dp_accounting's (accounting._PLD_START_MAX_FRACTION).
+@example(sigma=3.125, batch=1, n=500, steps=1, bands=2)
 def test_epsilon_equals_jax_privacy_reference_event(sigma, batch, n, steps, bands):
     from jax_privacy.experimental import accounting as reference
 
