@@ -74,7 +74,8 @@ def fit(
     if source.size == 0:
         raise ValueError("fit got no training examples (x is empty).")
     users = user_data.users_of(config, user_ids, source.size)
-    config = calibrate(model, config, user_data.unit_count(config, users, source.size))
+    held_out = " after validation_split held out the last rows" if validation_split else ""
+    config = calibrate(model, config, user_data.unit_count(config, users, source.size), held_out)
     checks.check_plan_within_target(config)
     model._dp_ledger.check_plan()
     first = source.gather(np.arange(min(2, source.size)))
@@ -165,8 +166,9 @@ def fit(
     )
 
 
-def calibrate(model, config: DPConfig, size: int) -> DPConfig:
-    """The plan calibrated for ``size`` units (σ from the target ε); the model keeps it."""
+def calibrate(model, config: DPConfig, size: int, held_out: str = "") -> DPConfig:
+    """The plan calibrated for ``size`` units (σ from the target ε); the model keeps it.
+    ``held_out`` says, in the errors, why ``size`` is smaller than the data passed."""
     if config.dataset_size is not None and config.dataset_size != size:
         if config._calibrated_for is not None and model._dp_steps:
             raise ValueError(
@@ -176,8 +178,9 @@ def calibrate(model, config: DPConfig, size: int) -> DPConfig:
                 "draws the batches), or train a new model with a new DPConfig."
             )
         raise ValueError(
-            f"fit got {size} examples but DPConfig.dataset_size={config.dataset_size}; "
-            "pass the data the plan was made for, or dataset_size=None."
+            f"fit got {size} examples{held_out} but DPConfig.dataset_size="
+            f"{config.dataset_size}; pass the data the plan was made for, or "
+            "dataset_size=None."
         )
     calibrated = config.calibrate(size)  # a given σ is checked against the target
     if calibrated is not config:

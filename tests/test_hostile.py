@@ -152,6 +152,11 @@ CATALOGUE = [
     ("shuffle=False", lambda: fit(shuffle=False), "shuffle=False"),
     ("validation_split leaving no training rows", lambda: fit(validation_split=0.999), "split"),
     (
+        "validation_split under a plan for all rows",
+        lambda: fit(private(dataset_size=40), validation_split=0.25),
+        "30 examples after validation_split.*dataset_size=40",
+    ),
+    (
         "validation_split of users' rows",
         lambda: fit(
             private(privacy_unit="user", examples_per_user=2, batch_size=5),
