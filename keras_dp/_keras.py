@@ -60,7 +60,7 @@ __all__ = [
     "loss_metric_slots",
     "unpickle_model",
     "train_validation_split",
-    "keras_mask",
+    "get_keras_mask",
     "set_keras_mask",
     "losses_override",
     "metric_groups",
@@ -82,11 +82,6 @@ class BatchesAdapter(PyDatasetAdapter):
             return super().get_jax_iterator()
         batches = self.py_dataset
         return (batches[i] for i in range(batches.num_batches))
-
-
-def keras_mask(array):
-    """The Keras mask attached to ``array`` (None if none)."""
-    return get_keras_mask(array)
 
 
 def unpickle_model(archive):

@@ -66,7 +66,7 @@ def one_row(y_pred):
     A Keras mask is an attribute of the array: it does not come out of ``vmap``, so
     the rows carry it beside them and :func:`_update_compiled` attaches it again.
     """
-    masks = [_keras.keras_mask(a) for a in jax.tree.leaves(y_pred)]
+    masks = [_keras.get_keras_mask(a) for a in jax.tree.leaves(y_pred)]
     rows = jax.tree.map(lambda a: a[0], y_pred)
     return rows, [None if m is None else m[0] for m in masks]
 

@@ -36,16 +36,19 @@ def private(model, lr=1.0, **config):
     return model
 
 
-def naive_clipped_mean(model, x, y, clip):
-    """-(1/B) Σ clip(g_i), one example at a time with jax.grad (no vmap)."""
+def naive_clipped_mean(model, x, y, clip, loss_fn=None):
+    """-(1/B) Σ clip(g_i), one example at a time with jax.grad (no vmap); ``loss_fn(w,
+    xi, yi)`` of the trainable variables ``w`` (default: LOSS of the model's output)."""
     import jax
 
     weights = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
 
-    def loss_fn(w, xi, yi):
+    def model_loss(w, xi, yi):
         pred, _ = model.stateless_call(w, non_trainable, xi[None])
         return LOSS(yi[None], pred)
+
+    loss_fn = loss_fn or model_loss
 
     total = [np.zeros(w.shape, np.float64) for w in weights]
     for xi, yi in zip(x, y):
@@ -54,6 +57,15 @@ def naive_clipped_mean(model, x, y, clip):
         scale = min(1.0, clip / norm)
         total = [t + scale * a for t, a in zip(total, g)]
     return [-t / len(x) for t in total]
+
+
+def recorded_draws(monkeypatch) -> list:
+    """The indices ``data.draw_indices`` returns during the test, one array per update."""
+    drawn, draw = [], keras_dp.data.draw_indices
+    monkeypatch.setattr(
+        keras_dp.data, "draw_indices", lambda *a: drawn.append(draw(*a)) or drawn[-1]
+    )
+    return drawn
 
 
 # 3, 4: a padded last chunk; 64: no loop
@@ -90,27 +102,22 @@ class OwnLoss(keras.Model):
 @pytest.mark.parametrize("clipping", ["per_example", "ghost"])
 def test_a_compute_loss_override_is_the_loss_each_example_clips(clipping):
     """Keras' compile(loss=...) beside it is unused (and left unbuilt by Keras)."""
-    import jax
     import jax.numpy as jnp
 
     x, y = data(10)
     keras.utils.set_random_seed(3)
     model = private(OwnLoss(), batch_size=10, steps=1, l2_clip_norm=0.5, clipping=clipping, **DEBUG)
     model(x[:1])  # builds it
-    kernel, bias = (np.array(v.value) for v in model.dense.trainable_variables)
 
     def own_loss(w, xi, yi):  # the override, written out for one example
         logits = xi[None] @ w[0] + w[1]
         return LOSS(yi[None], logits) + 0.01 * jnp.sum(w[0] ** 2)
 
-    total = [np.zeros_like(kernel, np.float64), np.zeros_like(bias, np.float64)]
-    for xi, yi in zip(x, y):
-        g = [np.asarray(a, np.float64) for a in jax.grad(own_loss)([kernel, bias], xi, yi)]
-        scale = min(1.0, 0.5 / math.sqrt(sum(float(np.sum(a * a)) for a in g)))
-        total = [t + scale * a for t, a in zip(total, g)]
+    before = [np.array(v.value) for v in model.trainable_variables]
+    expected = naive_clipped_mean(model, x, y, 0.5, own_loss)
     model.fit(x, y, verbose=0)  # q = 1: every example in the one step
-    for b, v, t in zip((kernel, bias), model.dense.trainable_variables, total):
-        np.testing.assert_allclose(np.array(v.value) - b, -t / 10, rtol=1e-4, atol=1e-6)
+    for b, v, e in zip(before, model.trainable_variables, expected):
+        np.testing.assert_allclose(np.array(v.value) - b, e, rtol=1e-4, atol=1e-6)
 
 
 def test_a_frozen_batch_normalization_is_per_example_and_keeps_its_statistics():
@@ -329,10 +336,7 @@ def test_each_outputs_loss_is_its_mean_over_the_real_examples(clipping, microbat
     model.compile(
         optimizer=keras.optimizers.SGD(0.0), loss=losses, loss_weights={"a": 1.0, "b": 0.5}
     )
-    drawn, draw = [], keras_dp.data.draw_indices
-    monkeypatch.setattr(
-        keras_dp.data, "draw_indices", lambda *a: drawn.append(draw(*a)) or drawn[-1]
-    )
+    drawn = recorded_draws(monkeypatch)
     labels = {"a": y, "b": x[:, :1]}
     history = model.fit(x, labels, sample_weight=weight, verbose=0)  # 4 updates, one epoch
     rows = np.concatenate(drawn)
@@ -370,15 +374,12 @@ def test_metrics_skip_positions_the_keras_mask_hides(clipping, microbatch):
 
 def test_validation_split_holds_out_the_last_rows_as_keras_does(monkeypatch):
     x, y = data(40)
-    drawn, draw = [], keras_dp.data.draw_indices
-    monkeypatch.setattr(
-        keras_dp.data, "draw_indices", lambda *a: drawn.append(draw(*a)) or drawn[-1]
-    )
+    drawn = recorded_draws(monkeypatch)
     model = keras_dp.make_private(mlp(), DPConfig(batch_size=10, epochs=2, target_epsilon=3.0))
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, metrics=["accuracy"])
     history = model.fit(x, y, validation_split=0.25, verbose=0)
     assert model.dp_config.dataset_size == 30  # the plan covers the 30 training rows
-    assert len(drawn) == model.dp_steps == 6 and max(np.concatenate(drawn).max(), 0) < 30
+    assert len(drawn) == model.dp_steps == 6 and np.concatenate(drawn).max() < 30
     held_out = model.evaluate(x[30:], y[30:], verbose=0, return_dict=True)
     assert history.history["val_loss"][-1] == pytest.approx(held_out["loss"], rel=1e-5)
     assert history.history["val_accuracy"][-1] == pytest.approx(held_out["accuracy"])
