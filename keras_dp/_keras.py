@@ -25,6 +25,8 @@ the range.
 - ``backend.get_keras_mask``/``set_keras_mask``: an output's Keras mask (an attribute
   of the array, lost through ``vmap``) read in one example's step and attached again
   for the compiled metrics.
+- ``backend.get_stateless_scope``: whether a layer's ``call`` assigned a trainable
+  variable before a ghost rule reads it (``SpectralNormalization`` assigns its kernel).
 - ``Layer._call_has_training_arg``: whether ``call`` takes ``training``.
 - ``Layer._losses_override``: feeds ``add_loss`` losses of one example's stateless call
   to ``stateless_compute_loss``, as Keras' own JAX trainer does.
@@ -42,7 +44,12 @@ from __future__ import annotations
 import contextlib
 
 import keras
-from keras.src.backend import compute_output_spec, get_keras_mask, set_keras_mask
+from keras.src.backend import (
+    compute_output_spec,
+    get_keras_mask,
+    get_stateless_scope,
+    set_keras_mask,
+)
 from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.trainers.data_adapters.array_slicing import train_validation_split
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
@@ -51,6 +58,7 @@ __all__ = [
     "KerasSaveable",
     "BatchesAdapter",
     "call_has_training_arg",
+    "assigned_in_call",
     "installed_calls",
     "stored_kernel",
     "stored_embeddings",
@@ -190,6 +198,14 @@ def track_after_build(layer, name: str, value) -> None:
     finally:
         if locked:
             tracker.lock()
+
+
+def assigned_in_call(variable, value) -> bool:
+    """Whether the running stateless call has assigned ``variable``: its current value
+    in Keras' ``StatelessScope`` is no longer ``value``, the one the call was given."""
+    scope = get_stateless_scope()
+    current = scope.get_current_value(variable) if scope is not None else None
+    return current is not None and current is not value
 
 
 def stored_kernel(layer):

@@ -18,9 +18,13 @@ supported only when its class's ``call`` is Keras' own (a subclass that override
 ``call`` keeps its own) and it is not quantized.
 
 A variable's norm is ghost only when it is safe, checked on a trace of one example:
-it is tapped exactly once (a layer called twice shares its kernel between two uses)
-and the loss reads it nowhere else (a tied embedding, a regulariser, a custom layer
-reading another's kernel): its per-example gradient is then exactly the tap's.
+it is tapped exactly once (a layer called twice shares its kernel between two uses),
+outside any loop, map or branch the call traces (``ops.scan``, ``keras.layers.RNN``'s
+cell, ``ops.vectorized_map``, ``ops.cond``: a tap there would see only that body's
+values), the call has not assigned it before the tap reads it (``SpectralNormalization``
+normalises its kernel in place), and the loss reads it nowhere else (a tied embedding, a
+regulariser, a custom layer reading another's kernel): its per-example gradient is then
+exactly the tap's.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Literal
+from jax.extend.core import Literal, get_opaque_trace_state
 
 from keras_dp import _keras, ghost_cost, ghost_layers
 from keras_dp import ghost_conv as gc
@@ -58,6 +62,8 @@ class Tap:
       out: The tapped output of one example (shape and dtype).
       layer: The layer's path, for messages.
       use_kernel, use_bias: Whether the kernel's / bias' norm and sum come from this tap.
+      nested: Whether the tap was traced inside a loop, map or branch of the call
+        (never ghost).
     """
 
     kind: str
@@ -70,6 +76,7 @@ class Tap:
     layer: str
     use_kernel: bool = False
     use_bias: bool = False
+    nested: bool = False
 
     @property
     def active(self) -> bool:
@@ -184,6 +191,8 @@ class Tape:
         self.values = values
         self.plan = plan
         self.zs = list(zs) if zs is not None else None
+        self.keras_values = values  # what Keras' own reads start from
+        self.trace = None  # the trace the call runs in (set when installed)
         self.index = {id(v): i for i, v in enumerate(model.trainable_variables)}
         self.taps = []
         self.residuals = []
@@ -195,10 +204,14 @@ class Tape:
 
     def read(self, variable):
         """The variable as the layer's ``call`` sees it: the tape's value when its norm
-        may come from a tap, otherwise Keras' own read."""
+        may come from a tap, otherwise Keras' own read (also once the call has assigned
+        it: its norm is then not a tap's, and the plan sees the read)."""
         if not self._ghost(variable):
             return variable
-        value = self.values[self.index[id(variable)]]
+        i = self.index[id(variable)]
+        if _keras.assigned_in_call(variable, self.keras_values[i]):
+            return variable
+        value = self.values[i]
         dtype = variable.value.dtype  # what Keras' read would give (autocast included)
         return value if value.dtype == dtype else value.astype(dtype)
 
@@ -218,6 +231,7 @@ class Tape:
                     tuple(bias.shape) if bias is not None else (),
                     jax.ShapeDtypeStruct(out.shape, out.dtype),
                     layer.path,
+                    nested=get_opaque_trace_state() != self.trace,
                 )
             )
             return out
@@ -229,6 +243,7 @@ class Tape:
 
     @property
     def installed(self):
+        self.trace = get_opaque_trace_state()
         calls = {}
         for layer in _keras.sublayers(self.model):
             rule = ghost_layers.rule(layer)
@@ -317,7 +332,7 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
     tape = Tape(model, None)
 
     def traced(tap_values, keras_values):
-        tape.values = tap_values
+        tape.values, tape.keras_values = tap_values, keras_values
         with tape.installed:
             return loss_fn(keras_values)
 
@@ -326,7 +341,8 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
     live = _live_inputs(closed.jaxpr)
     elsewhere = {i for i in range(n) if n + i in live}
     uses = collections.Counter(i for t in tape.taps for i in (t.kernel, t.bias) if i is not None)
-    safe = {i for i, c in uses.items() if c == 1 and i not in elsewhere}
+    nested = {i for t in tape.taps if t.nested for i in (t.kernel, t.bias)}
+    safe = {i for i, c in uses.items() if c == 1 and i not in elsewhere | nested}
     if clipping == "auto":
         safe = {i for i in safe if _cheaper(tape.taps, i)}
     taps = tuple(

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import ghost, ghost_cost
+from keras_dp import _keras, ghost, ghost_cost
 from keras_dp import ghost_conv as gc
 from keras_dp import ghost_norms as gn
 
@@ -73,8 +73,10 @@ def plan_of(model_fn, x, clipping="ghost"):
     params = [v.value for v in model.trainable_variables]
     nt = [v.value for v in model.non_trainable_variables]
 
+    training = {"training": True} if _keras.call_has_training_arg(model) else {}
+
     def loss_fn(p):  # an output and the add_loss/regularisation losses, as in fit
-        out, _, losses = model.stateless_call(p, nt, row, return_losses=True)
+        out, _, losses = model.stateless_call(p, nt, row, return_losses=True, **training)
         return jnp.sum(jax.tree.leaves(out)[0]) + sum(losses)
 
     return ghost.plan(model, loss_fn, params, clipping)
@@ -469,6 +471,61 @@ class Subclassed(keras.Model):
         return self.head(keras.ops.mean(h, axis=1))
 
 
+class DenseCell(keras.layers.Layer):
+    """An RNN cell of two Dense layers: ``keras.layers.RNN`` runs it in a scan."""
+
+    def __init__(self, units=4, **kwargs):
+        super().__init__(**kwargs)
+        self.units = self.state_size = units
+        self.inputs_dense = keras.layers.Dense(units)
+        self.state_dense = keras.layers.Dense(units, use_bias=False)
+
+    def build(self, input_shape):
+        self.inputs_dense.build(input_shape)
+        self.state_dense.build((None, self.units))
+
+    def call(self, x, states):
+        h = keras.ops.tanh(self.inputs_dense(x) + self.state_dense(states[0]))
+        return h, [h]
+
+
+class MappedAndBranched(keras.layers.Layer):
+    """A Dense under ``ops.vectorized_map``, then one of two under ``ops.cond``, each
+    on an input computed inside the map or branch."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.mapped = keras.layers.Dense(4)
+        self.left, self.right = keras.layers.Dense(4), keras.layers.Dense(4)
+
+    def build(self, input_shape):
+        for dense in (self.mapped, self.left, self.right):
+            dense.build(input_shape)
+
+    def call(self, h):
+        h = keras.ops.vectorized_map(lambda row: self.mapped(keras.ops.tanh(row)), h)
+        return keras.ops.cond(
+            keras.ops.sum(h) > 0, lambda: self.left(h * 2.0), lambda: self.right(-h)
+        )
+
+
+def looped_model():  # Dense layers inside a scan, a map and a branch: per-example
+    inputs = keras.Input((5, 4))
+    h = keras.layers.RNN(DenseCell(), return_sequences=True)(inputs)
+    h = keras.layers.Flatten()(MappedAndBranched()(h))
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
+
+
+def spectral_model():  # assigns its kernel in call (normalised), then reads it
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.SpectralNormalization(keras.layers.Dense(5, activation="tanh")),
+            keras.layers.Dense(3, name="head"),
+        ]
+    )
+
+
 def data(kind, n=9, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n)
@@ -482,6 +539,7 @@ def data(kind, n=9, seed=0):
         "sequence": (5, 4),
         "lora": (5, 4),
         "conv": (6, 2),
+        "looped": (5, 4),
         "conv2d": (7, 6, 2),
         "long_conv": (66, 2),
         "shared": (4,),
@@ -505,6 +563,8 @@ MODELS = {
     "regularized": regularized_model,
     "subclass": subclass_model,
     "subclassed": Subclassed,
+    "looped": looped_model,
+    "spectral": spectral_model,
 }
 
 
@@ -514,6 +574,29 @@ def test_ghost_equals_per_example(kind, clip):
     x, y = data(kind)
     want = clipped_sum(MODELS[kind], x, y, "per_example", clip)
     got = clipped_sum(MODELS[kind], x, y, "ghost", clip)
+    assert_same_sums(want, got)
+
+
+def test_a_kernel_assigned_in_call_is_clipped_as_keras_trains_it():
+    """SpectralNormalization assigns its normalised kernel in ``call(training=True)``
+    and its Dense reads that: each example's gradient goes through the normalisation,
+    as in plain Keras' fit. Brute force: ``jax.grad`` of each example's training call."""
+    x, y = data("spectral")
+    got = clipped_sum(spectral_model, x, y, "ghost", clip=0.05)
+    keras.utils.set_random_seed(0)
+    model = spectral_model()
+    params = [v.value for v in model.trainable_variables]
+    state = [v.value for v in model.non_trainable_variables]
+
+    def loss(p, xi, yi):
+        out, _ = model.stateless_call(p, state, xi[None], training=True)
+        return SCE(yi[None], out)
+
+    want = [np.zeros(p.shape) for p in params]
+    for xi, yi in zip(x, y):
+        g = [np.asarray(a, np.float64) for a in jax.grad(loss)(params, xi, yi)]
+        scale = min(1.0, 0.05 / math.sqrt(sum(float(np.sum(a * a)) for a in g)))
+        want = [w + scale * a for w, a in zip(want, g)]
     assert_same_sums(want, got)
 
 
@@ -542,6 +625,10 @@ def test_what_falls_back():
     assert any("kernel" in p for p in fallback_of(regularized_model, x["regularized"]))
     assert len(fallback_of(subclass_model, x["subclass"])) == 2  # the subclass' kernel, bias
     assert fallback_of(Subclassed, x["subclassed"]) == set()
+    looped = fallback_of(looped_model, x["looped"])  # 3 in the cell, 2 mapped, 4 branched
+    assert len(looped) == 9 and not any(p.startswith("head") for p in looped)
+    spectral = fallback_of(spectral_model, x["spectral"])  # its assigned kernel alone
+    assert len(spectral) == 1 and "spectral_normalization" in spectral.pop()
 
 
 def test_fallback_is_logged_once(caplog):
