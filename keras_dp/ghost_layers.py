@@ -104,7 +104,11 @@ def _embedding_lookup(layer, tape, inputs):
         inputs = ops.cast(inputs, "int32")
     table = _keras.stored_embeddings(layer)
     out = ops.cast(ops.take(tape.read(table), inputs, axis=0), layer.compute_dtype)
-    return tape.tap(layer, out, inputs, "embedding", None, table)
+    # The row each id reads: take wraps -V..-1 as NumPy does (-1 reads row V-1), so
+    # the norm must count -1 and V-1 as one row (two ids would drop their cross term
+    # and understate the norm) and the sum must add into that row.
+    rows = ops.where(inputs < 0, inputs + table.shape[0], inputs)
+    return tape.tap(layer, out, rows, "embedding", None, table)
 
 
 def _embedding(layer, tape, original):

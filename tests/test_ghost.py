@@ -535,6 +535,8 @@ def data(kind, n=9, seed=0):
         return x, y
     if kind in TEXT_LENGTHS:
         return rng.integers(0, 7, (n, TEXT_LENGTHS[kind])).astype("int32"), y
+    if kind == "negative_ids":  # -1 reads row 6 as 6 does (NumPy's wrap): one row
+        return rng.integers(-7, 7, (n, TEXT_LENGTHS["mid_text"])).astype("int32"), y
     shape = {
         "sequence": (5, 4),
         "lora": (5, 4),
@@ -553,6 +555,7 @@ MODELS = {
     "sequence": sequence_model,
     "text": text_model,
     "mid_text": mid_text_model,
+    "negative_ids": mid_text_model,
     "long_text": long_text_model,
     "lora": lora_model,
     "conv": conv_model,
@@ -668,6 +671,17 @@ def test_mixed_bfloat16_never_exceeds_the_clip_norm():
         assert_same_sums(want, got, rtol=3e-2)  # per-example's gradients are bfloat16
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_negative_token_ids_never_exceed_the_clip_norm():
+    """An example whose ids hold -1 and V-1 (the same table row, as NumPy's take wraps
+    it): its contribution (a batch of one) is at most C. Counted as two rows, the norm
+    lost their cross term and this contribution reached 1.21 C."""
+    x = np.array([[-1, 6] * 32], dtype="int32")
+    clip = 0.01
+    one = clipped_sum(mid_text_model, x, np.array([1]), "ghost", clip)
+    norm = math.sqrt(sum(float(np.sum(g * g)) for g in one))
+    assert 0.99 * clip < norm <= clip * (1 + 1e-5), norm
 
 
 def test_refused_with_user_level_blocks():
