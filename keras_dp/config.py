@@ -163,6 +163,7 @@ class DPConfig:
         validation.check_choices(self)
         validation.check_numbers(self)
         self._derive_steps()
+        validation.check_length(self)
         validation.check_noise(self)
         self._forget_stale_calibration()
 

@@ -229,6 +229,32 @@ NON_PRIVATE = (
 )
 
 
+def check_length(config) -> None:
+    """A plan the PLD accountant can compose: at most ``MAX_PLD_STEPS`` rounds (checked
+    once N is known and ``steps`` derived; a non-private plan is not accounted). A round
+    is an update, or b updates under BandMF."""
+    steps, most = config.steps, accounting.MAX_PLD_STEPS
+    if steps is None or config.dataset_size is None or config.accountant != "pld":
+        return
+    if math.isinf(config.target_epsilon):
+        return
+    if config.correlated:
+        steps = -(-steps // config.bands)
+    if steps <= most:
+        return
+    steps = config.steps
+    field, value = ("epochs", config.epochs) if config.epochs is not None else ("steps", steps)
+    count = f"{steps:,}" if steps < 10**15 else f"about 10^{len(str(steps)) - 1}"
+    raise bad(
+        field,
+        value,
+        f"the plan has {count} updates, and the PLD accountant composes each one: "
+        f"beyond {most:,} that takes minutes, or never ends. Plan fewer updates (fewer "
+        "epochs or a larger batch_size); for example-level DP-SGD, accountant='rdp' "
+        "accounts long plans at once (a looser bound).",
+    )
+
+
 def check_noise(config) -> None:
     """σ: none only with an explicit non-private plan (ε = ∞), which warns."""
     sigma = config.noise_multiplier

@@ -39,6 +39,8 @@ BASE = dict(target_epsilon=3.0, batch_size=64, epochs=2, dataset_size=1_000)
         (dict(steps=0, epochs=None), "steps", "positive integer"),
         (dict(steps=10.5, epochs=None), "steps", "positive integer"),
         (dict(steps=100), "steps", "plans 31 updates"),
+        (dict(epochs=1e300), "epochs", "about 10\\^301 updates.*accountant='rdp'"),
+        (dict(steps=1_000_001, epochs=None), "steps", "PLD accountant composes each"),
         (dict(dataset_size=0), "dataset_size", "number of training examples"),
         (dict(dataset_size=-5), "dataset_size", "number of training examples"),
         (dict(sampling="shuffle"), "sampling", "'poisson'"),
@@ -55,6 +57,17 @@ BASE = dict(target_epsilon=3.0, batch_size=64, epochs=2, dataset_size=1_000)
 def test_bad_field_is_named_with_its_fix(change, field, fix):
     with pytest.raises(ValueError, match=rf"DPConfig\.{field}=.*{fix}"):
         DPConfig(**{**BASE, **change})
+
+
+def test_only_plans_that_pld_composes_too_often_are_refused():
+    """Over 10⁶ PLD compositions: refused at once (epochs=1e300 had calibration run
+    forever). RDP (instant at any length) and BandMF's rounds of b updates are not."""
+    long = dict(BASE, epochs=None, steps=2_000_000)
+    assert DPConfig(**long, accountant="rdp").calibrate().noise_multiplier > 0
+    DPConfig(**{**long, "steps": 4_000_000}, noise="bandmf", bands=4)  # 10⁶ rounds
+    with pytest.raises(ValueError, match="DPConfig.steps=4000004 .* PLD accountant"):
+        DPConfig(**{**long, "steps": 4_000_004}, noise="bandmf", bands=4)
+    assert DPConfig(**{k: v for k, v in long.items() if k != "dataset_size"}).steps
 
 
 def test_epochs_or_steps_is_required():

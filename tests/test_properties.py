@@ -75,6 +75,11 @@ plans = st.one_of(valid, corrupted)
         "epochs": 1.0,
     }
 )
+# Found by a longer randomised run: epochs=1e300 planned ~10^301 updates, and the PLD
+# calibration composed them for over 40 minutes; now refused at once.
+@example(
+    {"target_epsilon": 28.585606885201653, "batch_size": 415, "dataset_size": 9436, "epochs": 1e300}
+)
 def test_a_config_is_either_refused_or_calibrated_within_its_target(fields):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
