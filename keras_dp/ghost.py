@@ -342,7 +342,8 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
     elsewhere = {i for i in range(n) if n + i in live}
     uses = collections.Counter(i for t in tape.taps for i in (t.kernel, t.bias) if i is not None)
     nested = {i for t in tape.taps if t.nested for i in (t.kernel, t.bias)}
-    safe = {i for i, c in uses.items() if c == 1 and i not in elsewhere | nested}
+    unsafe = elsewhere | nested
+    safe = {i for i, c in uses.items() if c == 1 and i not in unsafe}
     if clipping == "auto":
         safe = {i for i in safe if _cheaper(tape.taps, i)}
     taps = tuple(

@@ -230,19 +230,15 @@ NON_PRIVATE = (
 
 
 def check_length(config) -> None:
-    """A plan the PLD accountant can compose: at most ``MAX_PLD_STEPS`` rounds (checked
-    once N is known and ``steps`` derived; a non-private plan is not accounted). A round
-    is an update, or b updates under BandMF."""
+    """A plan the PLD accountant can compose: at most ``MAX_PLD_STEPS`` rounds, checked
+    as soon as ``steps`` is known (given, or derived once N is); a non-private plan is
+    not accounted. A round is an update, or b updates under BandMF."""
     steps, most = config.steps, accounting.MAX_PLD_STEPS
-    if steps is None or config.dataset_size is None or config.accountant != "pld":
+    if steps is None or config.accountant != "pld" or math.isinf(config.target_epsilon):
         return
-    if math.isinf(config.target_epsilon):
+    rounds = -(-steps // config.bands) if config.correlated else steps
+    if rounds <= most:
         return
-    if config.correlated:
-        steps = -(-steps // config.bands)
-    if steps <= most:
-        return
-    steps = config.steps
     field, value = ("epochs", config.epochs) if config.epochs is not None else ("steps", steps)
     count = f"{steps:,}" if steps < 10**15 else f"about 10^{len(str(steps)) - 1}"
     raise bad(

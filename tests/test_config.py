@@ -67,7 +67,9 @@ def test_only_plans_that_pld_composes_too_often_are_refused():
     DPConfig(**{**long, "steps": 4_000_000}, noise="bandmf", bands=4)  # 10⁶ rounds
     with pytest.raises(ValueError, match="DPConfig.steps=4000004 .* PLD accountant"):
         DPConfig(**{**long, "steps": 4_000_004}, noise="bandmf", bands=4)
-    assert DPConfig(**{k: v for k, v in long.items() if k != "dataset_size"}).steps
+    unsized = {k: v for k, v in long.items() if k != "dataset_size"}
+    with pytest.raises(ValueError, match="DPConfig.steps=2000000 .* PLD accountant"):
+        DPConfig(**unsized)  # refused before N is known: the rounds do not depend on it
 
 
 def test_epochs_or_steps_is_required():
