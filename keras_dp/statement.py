@@ -18,9 +18,16 @@ _NOT_COVERED = (
     "(EarlyStopping, ReduceLROnPlateau or ModelCheckpoint monitoring 'loss', printing "
     "them) is outside the guarantee; monitor held-out data instead. The guarantee "
     "assumes the sampler and the noise run as stated, that the seed stays secret, and "
-    "that each privacy unit is one example. Updates computed in an earlier process and "
-    "thrown away by a crash recovery are assumed never released."
+    "{unit}. Updates computed in an earlier process and thrown away by a crash recovery "
+    "are assumed never released."
 )
+_UNIT_ASSUMED = {
+    "example": "that each person contributes one example (a person with several examples "
+    "is protected as that many units, not as a whole: privacy_unit='user' protects a "
+    "person)",
+    "user": "that the user_ids given to fit name the people: all of a person's examples "
+    "carry one id (a person filed under two ids is two units, each protected alone)",
+}
 
 _PUBLIC_SEED = (
     "NOT PRIVATE: this run used a fixed, known seed (DPConfig.seed). Anyone who knows it "
@@ -144,6 +151,8 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
         )
     if config.privacy_unit == "user":
         mechanism = mechanism.replace("each example's gradient", mechanism_unit, 1)
+        if config.user_block:  # adaptive clipping counts the units whose norm was under C_t
+            mechanism = mechanism.replace("unclipped examples", "unclipped users")
     accounted = f"Updates accounted: {steps} of {config.steps} planned."
     if lineage is not None and lineage < steps:
         accounted += (
@@ -163,7 +172,7 @@ def privacy_statement(config_or_model: Any, steps: int | None = None) -> str:
         f"({type(config.dp_event(steps).event).__name__}).",
         *eps_lines,
         f"Target: ε ≤ {config.target_epsilon:g} at δ = {delta:.3g} for the whole plan.",
-        _NOT_COVERED,
+        _NOT_COVERED.format(unit=_UNIT_ASSUMED[config.privacy_unit]),
     ]
     return "\n".join(lines)
 
@@ -173,9 +182,13 @@ def _user_level(config: DPConfig) -> tuple[str, str, str]:
     k, n, q = config.examples_per_user, config.dataset_size, config.sampling_probability
     relation = (
         f"add-or-remove-one user with all their examples (privacy unit: user; each user "
-        f"contributes at most k = {k} examples "
-        + ("per update" if config.user_block else "overall")
-        + f"; users with more examples were subsampled to k; N = {n} is treated as public)"
+        f"contributes at most k = {k} examples"
+        + (
+            " per update; a user with more brings a random k of them to each update"
+            if config.user_block
+            else " overall; users with more examples were subsampled to k"
+        )
+        + f"; N = {n} is treated as public)"
     )
     if config.user_block:
         b_max = config.max_batch_size

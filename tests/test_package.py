@@ -50,6 +50,23 @@ def test_privacy_statement_names_everything_a_reader_needs():
     assert text.count("ε = ") == 3  # the target δ and two others
 
 
+def test_privacy_statement_assumes_what_the_privacy_unit_protects():
+    """The statement's assumption matches the unit: one example per person at example
+    level; at user level, ids that name people (it once said "each privacy unit is one
+    example" there too), and adaptive clipping counts unclipped users."""
+    plan = dict(target_epsilon=3.0, batch_size=64, epochs=3, dataset_size=10_000)
+    example = keras_dp.privacy_statement(DPConfig(**plan))
+    assert "each person contributes one example" in example
+    assert "privacy_unit='user' protects a person" in example
+    user = dict(plan, privacy_unit="user", examples_per_user=4)
+    for kw in ({}, {"user_sampling": "els"}, {"clip_quantile": 0.5}):
+        text = keras_dp.privacy_statement(DPConfig(**user, **kw))
+        assert "one example" not in text and "the user_ids given to fit name" in text, kw
+    adaptive = keras_dp.privacy_statement(DPConfig(**user, clip_quantile=0.5))
+    assert "count of unclipped users" in adaptive and "unclipped examples" not in adaptive
+    assert "a random k of them to each update" in adaptive
+
+
 def test_privacy_statement_rejects_other_objects():
     with pytest.raises(TypeError, match="DPConfig or a keras_dp model"):
         keras_dp.privacy_statement(object())
