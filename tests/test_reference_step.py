@@ -71,6 +71,8 @@ def make_data(kind: str, n: int, loss: str, seed: int):
     rng = np.random.default_rng(seed)
     if kind == "mlp":
         x = (rng.normal(size=(n, FEATURES)) * 2).astype("float32")
+    elif kind == "embedding":  # negative ids read rows V-k, as Keras' take wraps them
+        x = rng.integers(-VOCAB, VOCAB, (n, LENGTH)).astype("int32")
     elif kind in EMBEDDINGS:
         x = rng.integers(0, VOCAB, (n, EMBEDDINGS[kind][0])).astype("int32")
     else:
