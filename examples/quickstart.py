@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--sequence-length", type=int, default=128)
     parser.add_argument("--lora-rank", type=int, default=4)
     # C = 1 clips no LoRA gradient here (per-example norms at the start, PUBLIC split:
-    # 0.12-0.23). C = 0.25 lowers the held-out loss (0.51-0.54 against 0.80-0.84, 3 seeds)
+    # 0.12-0.23). C = 0.25 lowers the held-out loss (0.52-0.54 against 0.80-0.82, 3 runs)
     # but not the ROUGE of the tiny model's greedy summaries (README, "Results").
     parser.add_argument("--clip-norm", type=float, default=1.0)
     args = parser.parse_args()
