@@ -36,7 +36,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Literal, get_opaque_trace_state
+from jax.extend.core import Literal
+
+try:
+    from jax.extend.core import get_opaque_trace_state
+except ImportError:  # jax 0.7 has it only internally (the same function)
+    from jax._src.core import get_opaque_trace_state
 
 from keras_dp import _keras, ghost_cost, ghost_layers
 from keras_dp import ghost_conv as gc

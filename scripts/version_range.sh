@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Smoke-tests keras_dp against the oldest and the newest tested Keras and JAX, each in a
-# fresh virtual environment (keras-hub and jax-privacy left out: the smoke subset is the
+# fresh virtual environment (keras-hub left out, jax-privacy in for BandMF: the smoke subset is the
 # DP step, its reference tests and the privacy fixes; TensorFlow is in, as keras-hub
 # brings it, and keras 3.12.0 imports it through optree).
 #
 #   scripts/version_range.sh oldest|newest     (about 4-8 min each on 2 cores)
 #
 # oldest: keras 3.12.0 (3.10.0 fails in the ledger's saving, 3.8.0 does not import without
-#         TensorFlow) and jax 0.7.0 (jax.shard_map with check_vma); newest: what pip serves.
+#         TensorFlow) and jax 0.8.0 (jax-privacy 2.0, which DPConfig(noise="bandmf")
+#         needs, calls jax.enable_x64: not in jax 0.7.x); newest: what pip serves.
 set -euo pipefail
 which=${1:?usage: scripts/version_range.sh oldest|newest}
 root=$(cd "$(dirname "$0")/.." && pwd)
 case "$which" in
-  oldest) pins=("keras==3.12.0" "jax==0.7.0" "jaxlib==0.7.0" "dp-accounting==0.6.0" "tensorflow") ;;
-  newest) pins=("keras" "jax" "jaxlib" "dp-accounting" "tensorflow") ;;
+  oldest) pins=("keras==3.12.0" "jax==0.8.0" "jaxlib==0.8.0" "dp-accounting==0.6.0" "tensorflow"
+          "jax-privacy==2.0.0") ;;
+  newest) pins=("keras" "jax" "jaxlib" "dp-accounting" "tensorflow" "jax-privacy") ;;
   *) echo "usage: $0 oldest|newest" >&2; exit 2 ;;
 esac
 venv=$(mktemp -d -t keras-dp-range.XXXXXX)

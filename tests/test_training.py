@@ -381,7 +381,9 @@ def test_validation_split_holds_out_the_last_rows_as_keras_does(monkeypatch):
     assert model.dp_config.dataset_size == 30  # the plan covers the 30 training rows
     assert len(drawn) == model.dp_steps == 6 and np.concatenate(drawn).max() < 30
     held_out = model.evaluate(x[30:], y[30:], verbose=0, return_dict=True)
-    assert history.history["val_loss"][-1] == pytest.approx(held_out["loss"], rel=1e-5)
+    assert float(history.history["val_loss"][-1]) == pytest.approx(
+        float(held_out["loss"]), rel=1e-5
+    )
     assert history.history["val_accuracy"][-1] == pytest.approx(held_out["accuracy"])
 
 
