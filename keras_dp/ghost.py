@@ -40,7 +40,7 @@ from jax.extend.core import Literal
 
 try:
     from jax.extend.core import get_opaque_trace_state
-except ImportError:  # jax 0.7 has it only internally (the same function)
+except ImportError:  # jax 0.7-0.8 have it only internally (the same function)
     from jax._src.core import get_opaque_trace_state
 
 from keras_dp import _keras, ghost_cost, ghost_layers
