@@ -5,7 +5,14 @@
 For each size, the median time of one jitted draw of that many float32 normals, the
 two alternated, and their ratio; both give the same values (tests/test_noise.py).
 84,170 is the MLP's parameter count in benchmarks/clipping.py, 324,000 the text
-classifier's. Not a test: nothing here asserts a time.
+classifier's.
+
+A second table says where the draw's time goes and what the alternatives cost, in the
+same alternation: keras_dp's Threefry hash alone (the random bits, no transform), the
+bits made uniforms, and XLA's own generator (``lax.rng_bit_generator``, Philox, the
+bits alone, and ``jax.random.normal`` of an "rbg" key, which draws with it). They are
+timed, not used: keras_dp keeps ``jax.random.normal``'s exact values. Not a test:
+nothing here asserts a time.
 """
 
 import os
@@ -18,6 +25,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from keras_dp import noise  # noqa: E402
 
@@ -30,6 +38,41 @@ def seconds(fn, key, calls: int = 200) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def threefry_bits(key, size: int):
+    """The 32 random bits of each of keras_dp's draws (``noise._normals`` without its
+    transform)."""
+    words = jax.random.key_data(key)
+    count = jax.lax.iota(jnp.uint32, size)
+    x0, x1 = noise.threefry2x32(words[0], words[1], jnp.zeros_like(count), count)
+    return x0 ^ x1
+
+
+def uniforms(key, size: int):
+    mantissa = (threefry_bits(key, size) >> np.uint32(9)) | np.uint32(0x3F800000)
+    return jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1)
+
+
+def philox_bits(key, size: int):
+    state = jnp.tile(jax.random.key_data(key), 2)
+    algorithm = jax.lax.RandomAlgorithm.RNG_PHILOX
+    return jax.lax.rng_bit_generator(state, (size,), jnp.uint32, algorithm)[1]
+
+
+def rbg_normal(key, size: int):
+    rbg = jax.random.wrap_key_data(jnp.tile(jax.random.key_data(key), 2), impl="rbg")
+    return jax.random.normal(rbg, (size,))
+
+
+def median_ms(draws: dict, key, repeats: int) -> dict:
+    times = {name: [] for name in draws}
+    for fn in draws.values():
+        jax.block_until_ready(fn(key))  # compile
+    for _ in range(repeats):
+        for name, fn in draws.items():
+            times[name].append(seconds(fn, key))
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=int, default=[84_170, 324_000])
@@ -37,21 +80,33 @@ def main() -> None:
     args = parser.parse_args()
     key = noise.step_key(noise.root_key(0), jnp.int32(0))
     print(f"{jax.default_backend()}, {os.cpu_count()} cores, jax {jax.__version__}\n")
-    print("| draws | keras_dp ms | jax.random.normal ms | keras_dp / jax |")
-    print("|---|---|---|---|")
+    rows, parts = [], []
     for size in args.sizes:
         draws = {
-            "keras_dp": jax.jit(lambda k, n=size: noise.gaussian_like(k, [jnp.zeros(n)], 1.0)),
-            "jax": jax.jit(lambda k, n=size: jax.random.normal(k, (n,))),
+            "keras_dp": lambda k, n=size: noise.gaussian_like(k, [jnp.zeros(n)], 1.0),
+            "jax": lambda k, n=size: jax.random.normal(k, (n,)),
+            "bits": lambda k, n=size: threefry_bits(k, n),
+            "uniforms": lambda k, n=size: uniforms(k, n),
+            "philox": lambda k, n=size: philox_bits(k, n),
+            "rbg": lambda k, n=size: rbg_normal(k, n),
         }
-        times = {name: [] for name in draws}
-        for fn in draws.values():
-            jax.block_until_ready(fn(key))  # compile
-        for _ in range(args.repeats):
-            for name, fn in draws.items():
-                times[name].append(seconds(fn, key))
-        ours, theirs = (1e3 * statistics.median(times[n]) for n in ("keras_dp", "jax"))
-        print(f"| {size:,} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f}× |")
+        ms = median_ms({name: jax.jit(fn) for name, fn in draws.items()}, key, args.repeats)
+        ours = ms["keras_dp"]
+        rows.append(f"| {size:,} | {ours:.3f} | {ms['jax']:.3f} | {ours / ms['jax']:.2f}× |")
+        parts.append(
+            f"| {size:,} | {ours:.3f} | {ms['bits']:.3f} ({ms['bits'] / ours:.0%}) | "
+            f"{ms['uniforms']:.3f} | {ms['philox']:.3f} | {ms['rbg']:.3f} |"
+        )
+    print("| draws | keras_dp ms | jax.random.normal ms | keras_dp / jax |")
+    print("|---|---|---|---|")
+    print("\n".join(rows))
+    print("\nWhere keras_dp's draw goes, and XLA's generator, ms:\n")
+    print(
+        "| draws | keras_dp normals | its Threefry bits (share) | its uniforms | "
+        "Philox bits (rng_bit_generator) | normals of an rbg key |"
+    )
+    print("|---|---|---|---|---|---|")
+    print("\n".join(parts))
 
 
 if __name__ == "__main__":
