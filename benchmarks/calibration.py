@@ -9,7 +9,6 @@ import statistics
 import time
 
 from keras_dp import DPConfig, accounting
-from keras_dp import config as config_module
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -43,7 +42,7 @@ PLANS = {
 def forget() -> None:
     """Empties keras_dp's in-process memories (σ per plan, ε per event), so that each
     repeat searches from nothing, as a new process would."""
-    config_module._CALIBRATED.clear()
+    accounting._CALIBRATED.clear()
     accounting.epsilon.cache_clear()
     accounting._epsilon_at.cache_clear()
 

@@ -26,7 +26,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import dp_accounting
 from dp_accounting import pld, rdp
@@ -294,6 +294,24 @@ def epsilon(
     if accountant == "pld":
         return pld_discretization(event, delta, relation)[1]
     return _epsilon_at(event, delta, accountant, relation)
+
+
+# σ calibrated in this process, by plan (``DPConfig._plan_key``: every field that the
+# plan's dp_accounting event reads). The search is deterministic, so a plan made again
+# (a new model, a notebook cell run twice) gets the same σ without searching again.
+_CALIBRATED: dict[Hashable, float] = {}
+_CALIBRATED_MAX = 256
+
+
+def remembered_noise_multiplier(key: Hashable, make_event, *args) -> float:
+    """:func:`calibrate_noise_multiplier` (``make_event, *args``), searched once per
+    ``key`` in this process (up to 256 plans)."""
+    sigma = _CALIBRATED.get(key)
+    if sigma is None:
+        sigma = calibrate_noise_multiplier(make_event, *args)
+        if len(_CALIBRATED) < _CALIBRATED_MAX:
+            _CALIBRATED[key] = sigma
+    return sigma
 
 
 def calibrate_noise_multiplier(

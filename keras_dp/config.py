@@ -21,13 +21,6 @@ def default_delta(dataset_size: int) -> float:
     return min(1e-5, 0.1 / dataset_size)
 
 
-# σ calibrated in this process, by plan (``DPConfig._plan_key``: every field that the
-# plan's dp_accounting event reads). The search is deterministic, so a plan made again
-# (a new model, a notebook cell run twice) gets the same σ without searching again.
-_CALIBRATED: dict[tuple, float] = {}
-_CALIBRATED_MAX = 256
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPConfig:
     """A differentially private training plan.
@@ -176,23 +169,7 @@ class DPConfig:
                 self._set("steps", None)  # derived from a dataset size no longer given
                 self._set("_derived_steps", None)
             return
-        planned = round(self.epochs * self.dataset_size / self.batch_size)
-        if planned < 1:
-            raise validation.bad(
-                "epochs",
-                self.epochs,
-                f"it plans 0 updates over dataset_size={self.dataset_size} at "
-                f"batch_size={self.batch_size}; raise epochs or lower batch_size.",
-            )
-        user_steps = self.steps is not None and self.steps != self._derived_steps
-        if user_steps and self.steps != planned:
-            raise validation.bad(
-                "steps",
-                self.steps,
-                f"epochs={self.epochs} over dataset_size={self.dataset_size} at "
-                f"batch_size={self.batch_size} plans {planned} updates; give only "
-                "one of epochs and steps (or make them agree).",
-            )
+        planned = validation.planned_steps(self)
         self._set("steps", planned)
         self._set("_derived_steps", planned)
 
@@ -392,23 +369,20 @@ class DPConfig:
         config._require("calibrate")
         if config.noise_multiplier is not None:
             if config._calibrated_for is None:
-                config._check_user_noise()
+                validation.check_user_noise(config)
             return config
         key = config._plan_key()
-        sigma = _CALIBRATED.get(key)
-        if sigma is None:
-            try:
-                sigma = accounting.calibrate_noise_multiplier(
-                    lambda s: config._event_for(s, config.steps),
-                    config.target_epsilon,
-                    config.delta,
-                    config.accountant,
-                    config.neighboring_relation,
-                )
-            except accounting.UnreachableEpsilon as err:  # name the field
-                raise validation.bad("target_epsilon", config.target_epsilon, str(err)) from err
-            if len(_CALIBRATED) < _CALIBRATED_MAX:
-                _CALIBRATED[key] = sigma
+        try:
+            sigma = accounting.remembered_noise_multiplier(
+                key,
+                lambda s: config._event_for(s, config.steps),
+                config.target_epsilon,
+                config.delta,
+                config.accountant,
+                config.neighboring_relation,
+            )
+        except accounting.UnreachableEpsilon as err:  # name the field
+            raise validation.bad("target_epsilon", config.target_epsilon, str(err)) from err
         return config._replace(noise_multiplier=sigma, _calibrated_for=(key, sigma))
 
     def _replace(self, **changes) -> DPConfig:
@@ -417,27 +391,6 @@ class DPConfig:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", re.escape(validation.NON_PRIVATE))
             return dataclasses.replace(self, **changes)
-
-    def _check_user_noise(self) -> None:
-        spent = self.epsilon()
-        if spent <= self.target_epsilon:
-            return
-        fits = self._replace(noise_multiplier=None).calibrate().noise_multiplier
-        steps_ok = self.max_steps_within(self.target_epsilon)
-        per_epoch = self.dataset_size / self.batch_size
-        fewer = (
-            f", or plan at most steps={steps_ok} (epochs={steps_ok / per_epoch:.3g})"
-            if steps_ok
-            else " (even one step spends more)"
-        )
-        raise validation.bad(
-            "noise_multiplier",
-            self.noise_multiplier,
-            f"over {self.steps} steps it spends ε={spent:.4g} > target_epsilon="
-            f"{self.target_epsilon} (δ={self.delta:.3g}). Pass noise_multiplier >= "
-            f"{fits:.4g}, or noise_multiplier=None to calibrate it{fewer}, or raise "
-            "target_epsilon.",
-        )
 
     def max_steps_within(self, epsilon: float, delta: float | None = None) -> int:
         """The most updates (up to the plan's) whose ε at ``delta`` is ≤ ``epsilon``."""

@@ -1,7 +1,8 @@
 """DPConfig's validation: every field checked, each error naming the field and the fix.
 
-Run by ``DPConfig.__post_init__``, so a plan that cannot be analysed is refused when
-it is made, before any data is read or any noise is spent.
+Run by ``DPConfig.__post_init__`` (and by ``calibrate`` for a user-given σ), so a plan
+that cannot be analysed is refused when it is made, before any data is read or any
+noise is spent.
 """
 
 from __future__ import annotations
@@ -273,6 +274,54 @@ def check_noise(config) -> None:
             "no noise gives no privacy; pass None to calibrate σ for target_epsilon, "
             "or target_epsilon=math.inf for an explicit non-private debug run.",
         )
+
+
+def planned_steps(config) -> int:
+    """The updates ``epochs`` plans over ``dataset_size`` at ``batch_size``:
+    ``round(epochs·N/B)``, at least one, and equal to ``steps`` if the user gave both.
+    (``config._derived_steps`` is the value derived before, which is not the user's.)"""
+    planned = round(config.epochs * config.dataset_size / config.batch_size)
+    if planned < 1:
+        raise bad(
+            "epochs",
+            config.epochs,
+            f"it plans 0 updates over dataset_size={config.dataset_size} at "
+            f"batch_size={config.batch_size}; raise epochs or lower batch_size.",
+        )
+    user_steps = config.steps is not None and config.steps != config._derived_steps
+    if user_steps and config.steps != planned:
+        raise bad(
+            "steps",
+            config.steps,
+            f"epochs={config.epochs} over dataset_size={config.dataset_size} at "
+            f"batch_size={config.batch_size} plans {planned} updates; give only "
+            "one of epochs and steps (or make them agree).",
+        )
+    return planned
+
+
+def check_user_noise(config) -> None:
+    """A user-given σ must keep the whole plan within ``target_epsilon``; the error
+    names the σ that would, and the most steps this σ allows."""
+    spent = config.epsilon()
+    if spent <= config.target_epsilon:
+        return
+    fits = config._replace(noise_multiplier=None).calibrate().noise_multiplier
+    steps_ok = config.max_steps_within(config.target_epsilon)
+    per_epoch = config.dataset_size / config.batch_size
+    fewer = (
+        f", or plan at most steps={steps_ok} (epochs={steps_ok / per_epoch:.3g})"
+        if steps_ok
+        else " (even one step spends more)"
+    )
+    raise bad(
+        "noise_multiplier",
+        config.noise_multiplier,
+        f"over {config.steps} steps it spends ε={spent:.4g} > target_epsilon="
+        f"{config.target_epsilon} (δ={config.delta:.3g}). Pass noise_multiplier >= "
+        f"{fits:.4g}, or noise_multiplier=None to calibrate it{fewer}, or raise "
+        "target_epsilon.",
+    )
 
 
 # Names other DP libraries use for DPConfig's fields (TF Privacy, Opacus, jax-privacy).

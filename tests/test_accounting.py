@@ -198,9 +198,8 @@ def test_epsilon_at_zero_steps_is_zero_and_grows():
 def test_a_sigma_search_asks_dp_accounting_once_per_event(monkeypatch):
     """Brent's method re-evaluates its bracket's ends and its root; each (event,
     discretization) must reach dp_accounting once (an ELS event costs ~1 s here)."""
-    from keras_dp import config as config_module
 
-    monkeypatch.setattr(config_module, "_CALIBRATED", {})
+    monkeypatch.setattr(accounting, "_CALIBRATED", {})
     accounting._epsilon_at.cache_clear()
     accounting.epsilon.cache_clear()
     asked = []

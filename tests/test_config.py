@@ -134,9 +134,8 @@ def test_replace_on_calibrated_config_keeps_working():
 
 def test_a_plan_made_again_reuses_its_sigma_and_any_other_plan_searches(monkeypatch):
     from keras_dp import accounting
-    from keras_dp import config as config_module
 
-    monkeypatch.setattr(config_module, "_CALIBRATED", {})  # this test's plans only
+    monkeypatch.setattr(accounting, "_CALIBRATED", {})  # this test's plans only
     plan = dict(target_epsilon=2.5, batch_size=50, epochs=2)
     first = DPConfig(**plan).calibrate(900)
     assert first.epsilon() <= 2.5
