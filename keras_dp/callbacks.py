@@ -78,8 +78,8 @@ class DPProgbarLogger(keras.callbacks.ProgbarLogger):
     per-step bar), and with the updates that ran in an epoch the plan ends early.
 
     DP ``fit`` puts it in place of the default one; ``History`` still records
-    ``nonfinite_examples`` (the count of real examples of the epoch's last update whose
-    gradient was not finite and so contributed nothing).
+    ``nonfinite_examples`` (the epoch's count of real examples whose gradient was not
+    finite and so contributed nothing).
     """
 
     def on_train_batch_end(self, batch, logs=None):
