@@ -92,6 +92,25 @@ def test_legacy_h5_save_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "m.h5").exists()
 
 
+def test_clone_model_gives_a_model_without_the_plan():
+    """What the README says of ``keras.models.clone_model`` (Keras' own behaviour)."""
+    sequential = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    for model in (functional(), sequential):
+        plan = DPConfig(target_epsilon=4.0, batch_size=4, epochs=2)
+        clone = keras.models.clone_model(keras_dp.make_private(model, plan))
+        clone.compile(optimizer="adam", loss=LOSS)
+        if isinstance(model, keras.Sequential):
+            assert not isinstance(clone, keras_dp.DPModel)  # a plain keras.Sequential
+        else:
+            assert isinstance(clone, keras_dp.DPModel) and clone.dp_config is None
+            with pytest.raises(ValueError, match="no DP plan.*set_dp_config"):
+                clone.fit(*data(), verbose=0)
+        keras_dp.make_private(clone, plan)
+        clone.compile(optimizer="adam", loss=LOSS)
+        clone.fit(*data(), epochs=1, verbose=0)
+        assert clone.dp_steps == 10 and clone.privacy_spent().epsilon > 0
+
+
 def test_saved_file_holds_no_seed(tmp_path):
     model = trained(functional())
     model.save(tmp_path / "m.keras")
