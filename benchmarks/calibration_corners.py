@@ -40,6 +40,9 @@ CORNERS = {
         target_epsilon=1000, dataset_size=1400, batch_size=1400, steps=1_000_000
     ),
     "q=1, 10 steps, ε=2": dict(target_epsilon=2, dataset_size=1400, batch_size=1400, steps=10),
+    "q=1, 1e5 steps, ε=2": dict(
+        target_epsilon=2, dataset_size=1400, batch_size=1400, steps=100_000
+    ),
     "q=0.5 (N=1000 B=500), 1000 steps, ε=8": dict(
         target_epsilon=8, dataset_size=1000, batch_size=500, steps=1000
     ),

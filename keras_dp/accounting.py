@@ -348,6 +348,7 @@ def calibrate_noise_multiplier(
     lo, hi = _bracket(
         lambda s: _epsilon_at(proxy(s), delta, accountant, relation, d0),
         target_epsilon,
+        start=_bracket_start(proxy),
     )
     coarse = root(d0, lo, hi, 2e-3 * hi)
     sigma = coarse
@@ -363,6 +364,20 @@ def calibrate_noise_multiplier(
 
 class UnreachableEpsilon(ValueError):
     """No noise multiplier in (1e-4, 1e6) gives the target ε for the plan."""
+
+
+def _bracket_start(make_event: Callable[[float], dp_accounting.DpEvent]) -> float:
+    """Where the σ search starts: σ = 1, or, for a plan that is one Gaussian mechanism
+    of noise σ·s (q = 1: ``steps`` updates compose into one of noise σ/√steps), the σ
+    at which that Gaussian's noise is 1. The search then never builds the PLD of a
+    near-noiseless Gaussian (at σ = 1 over 10⁵ steps: millions of points a try, and two
+    minutes to calibrate)."""
+    event = make_event(1.0)
+    if isinstance(event, dp_accounting.SelfComposedDpEvent) and event.count == 1:
+        event = event.event
+    if isinstance(event, dp_accounting.GaussianDpEvent) and event.noise_multiplier > 0:
+        return 1.0 / event.noise_multiplier
+    return 1.0
 
 
 def _bracket(
