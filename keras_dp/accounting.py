@@ -303,7 +303,9 @@ _CALIBRATED: dict[Hashable, float] = {}
 _CALIBRATED_MAX = 256
 
 
-def remembered_noise_multiplier(key: Hashable, make_event, *args) -> float:
+def remembered_noise_multiplier(
+    key: Hashable, make_event: Callable[[float], dp_accounting.DpEvent], *args
+) -> float:
     """:func:`calibrate_noise_multiplier` (``make_event, *args``), searched once per
     ``key`` in this process (up to 256 plans)."""
     sigma = _CALIBRATED.get(key)
