@@ -45,6 +45,7 @@ def forget() -> None:
     accounting._CALIBRATED.clear()
     accounting.epsilon.cache_clear()
     accounting._epsilon_at.cache_clear()
+    accounting._one_step.cache_clear()
 
 
 def main(repeats: int = 3) -> None:

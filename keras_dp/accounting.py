@@ -218,8 +218,67 @@ def _epsilon_at(
     discretization: float = _PLD_FINEST,
 ) -> float:
     with _quiet_absl():
+        if isinstance(event, dp_accounting.SelfComposedDpEvent) and event.count >= 1:
+            step = _one_step(event.event, accountant, relation, discretization)
+            if step is not None:  # that step composed count times, as the accountant does
+                if accountant == "pld":
+                    composed = pld.privacy_loss_distribution.identity(
+                        value_discretization_interval=discretization
+                    ).compose(step.self_compose(event.count))
+                    return float(composed.get_epsilon_for_delta(delta))
+                orders, per_step = step
+                return float(rdp.rdp_privacy_accountant.compute_epsilon(
+                    orders, event.count * per_step, delta
+                )[0])  # fmt: skip
         acc = _accountant(accountant, relation, discretization)
         return float(acc.compose(event).get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=32)
+def _one_step(
+    step: dp_accounting.DpEvent,
+    accountant: str,
+    relation: NeighboringRelation,
+    discretization: float,
+):
+    """dp_accounting's accounting of one step of a plan, kept so that ε after each of
+    its epochs (``PrivacyBudget``: 0.1-0.4 s each) composes it instead of building it
+    again: the PLD that ``PLDAccountant`` builds for the step (which it then
+    self-composes ``count`` times), or the RDP (orders, per-order values) that
+    ``RdpAccountant`` adds ``count`` times. None for any other event (the accountant
+    then composes it); the values are dp_accounting's own, bit for bit (tested)."""
+    build = pld.privacy_loss_distribution
+    if accountant == "pld":
+        d = discretization
+        if isinstance(step, dp_accounting.TruncatedSubsampledGaussianDpEvent):
+            if min(step.sampling_probability, step.truncated_batch_size, step.dataset_size) <= 0:
+                return None
+            return build.from_truncated_subsampled_gaussian_mechanism(
+                dataset_size=step.dataset_size,
+                sampling_probability=step.sampling_probability,
+                truncated_batch_size=step.truncated_batch_size,
+                noise_multiplier=step.noise_multiplier,
+                value_discretization_interval=d,
+                neighboring_relation=relation,
+            )
+        if isinstance(step, dp_accounting.PoissonSampledDpEvent) and isinstance(
+            step.event, dp_accounting.GaussianDpEvent
+        ):
+            if step.sampling_probability <= 0 or step.event.noise_multiplier <= 0:
+                return None
+            return build.from_gaussian_mechanism(
+                standard_deviation=step.event.noise_multiplier,
+                value_discretization_interval=d,
+                sampling_prob=step.sampling_probability,
+                neighboring_relation=relation,
+            )
+        return None
+    if isinstance(step, (dp_accounting.PoissonSampledDpEvent, dp_accounting.GaussianDpEvent)):
+        acc = _accountant(accountant, relation, discretization)
+        per_step = getattr(acc.compose(step), "_rdp", None)  # zeros + the step's RDP
+        if per_step is not None:
+            return tuple(acc._orders), per_step
+    return None
 
 
 class _Remembered:
@@ -251,6 +310,10 @@ def pld_start(epsilon_guess: float) -> float:
         return _PLD_START
     start = max(_PLD_START, _PLD_START_RELATIVE * epsilon_guess)
     start = min(start, _PLD_START_MAX_FRACTION * epsilon_guess)
+    # On the grid _PLD_START·2^k (rounded down: finer), so that the halvings of plans
+    # whose guesses differ (one plan after each epoch) meet on the same discretizations
+    # and reuse one step's PLD (:func:`_one_step`).
+    start = _PLD_START * 2.0 ** math.floor(math.log2(start / _PLD_START))
     return min(_PLD_COARSEST, max(_PLD_FINEST, start))
 
 

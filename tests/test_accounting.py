@@ -7,6 +7,8 @@ import math
 import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from keras_dp import DPConfig, accounting
@@ -222,3 +224,45 @@ def test_a_sigma_search_asks_dp_accounting_once_per_event(monkeypatch):
     config = DPConfig(target_epsilon=4.0, batch_size=50, steps=40).calibrate(2_000)
     assert len(asked) >= 6 and len(asked) == len(set(asked))
     assert config.epsilon() <= 4.0
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    kind=st.sampled_from(["truncated", "poisson", "poisson-rdp", "fixed-rdp", "els"]),
+    sigma=st.floats(0.5, 4.0),
+    q=st.floats(0.001, 0.5),
+    counts=st.lists(st.integers(1, 400), min_size=2, max_size=3),
+    discretization=st.sampled_from([1e-3, 4e-3, 1.6e-2]),
+)
+def test_a_kept_step_composes_to_dp_accountings_own_epsilon(kind, sigma, q, counts, discretization):
+    """ε after t steps from one step's kept PLD (or RDP) composed t times is what
+    dp_accounting's accountant gives for the composed event, bit for bit, for each t in
+    turn (the second reuses the first's step)."""
+    n = 1000
+    relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    gaussian = dp_accounting.GaussianDpEvent(sigma)
+    step = {
+        "truncated": dp_accounting.TruncatedSubsampledGaussianDpEvent(
+            n, q, max(1, round(2 * q * n) + 5), sigma
+        ),
+        "poisson": dp_accounting.PoissonSampledDpEvent(q, gaussian),
+        "poisson-rdp": dp_accounting.PoissonSampledDpEvent(q, gaussian),
+        "fixed-rdp": dp_accounting.SampledWithoutReplacementDpEvent(
+            n, max(1, round(q * n)), gaussian
+        ),
+        "els": accounting.els_event(q, sigma, 1, 3).event,
+    }[kind]
+    name = "rdp" if kind.endswith("rdp") else "pld"
+    if kind == "fixed-rdp":
+        relation = dp_accounting.NeighboringRelation.REPLACE_ONE
+    accounting._epsilon_at.cache_clear()
+    accounting._one_step.cache_clear()
+    for count in counts:
+        event = dp_accounting.SelfComposedDpEvent(step, count)
+        direct = (
+            pld.PLDAccountant(relation, value_discretization_interval=discretization)
+            if name == "pld"
+            else rdp.RdpAccountant(neighboring_relation=relation)
+        )
+        expected = direct.compose(event).get_epsilon(1e-6)
+        assert accounting._epsilon_at(event, 1e-6, name, relation, discretization) == expected
