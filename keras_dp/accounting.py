@@ -234,7 +234,7 @@ def _epsilon_at(
         return float(acc.compose(event).get_epsilon(delta))
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)  # a plan's halvings need 2-3; a PLD at 1e-4 is a few MB
 def _one_step(
     step: dp_accounting.DpEvent,
     accountant: str,
