@@ -150,9 +150,10 @@ def _one_step(
         return None
     if isinstance(step, (dp_accounting.PoissonSampledDpEvent, dp_accounting.GaussianDpEvent)):
         acc = _accountant(accountant, relation, discretization)
-        per_step = getattr(acc.compose(step), "_rdp", None)  # zeros + the step's RDP
-        if per_step is not None:
-            return tuple(acc._orders), per_step
+        acc.compose(step)  # its state is then zeros + the step's RDP at each order
+        orders, per_step = getattr(acc, "_orders", None), getattr(acc, "_rdp", None)
+        if orders is not None and per_step is not None:
+            return tuple(orders), per_step
     return None
 
 
