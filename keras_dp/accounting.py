@@ -102,9 +102,8 @@ def _epsilon_at(
                     ).compose(step.self_compose(event.count))
                     return float(composed.get_epsilon_for_delta(delta))
                 orders, per_step = step
-                return float(rdp.rdp_privacy_accountant.compute_epsilon(
-                    orders, event.count * per_step, delta
-                )[0])  # fmt: skip
+                compute = rdp.rdp_privacy_accountant.compute_epsilon
+                return float(compute(orders, event.count * per_step, delta)[0])
         acc = _accountant(accountant, relation, discretization)
         return float(acc.compose(event).get_epsilon(delta))
 
@@ -126,8 +125,9 @@ def _one_step(
     if accountant == "pld":
         d = discretization
         if isinstance(step, dp_accounting.TruncatedSubsampledGaussianDpEvent):
-            if min(step.sampling_probability, step.truncated_batch_size, step.dataset_size) <= 0:
-                return None
+            sizes = (step.sampling_probability, step.truncated_batch_size, step.dataset_size)
+            if min(sizes) <= 0 or step.noise_multiplier <= 0:
+                return None  # the accountant's own special cases
             return build.from_truncated_subsampled_gaussian_mechanism(
                 dataset_size=step.dataset_size,
                 sampling_probability=step.sampling_probability,
