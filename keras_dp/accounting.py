@@ -147,6 +147,16 @@ def _one_step(
                 sampling_prob=step.sampling_probability,
                 neighboring_relation=relation,
             )
+        mixture = dp_accounting.dp_event.MixtureOfGaussiansDpEvent  # ELS's step
+        if isinstance(step, mixture) and relation == NeighboringRelation.ADD_OR_REMOVE_ONE:
+            if step.standard_deviation <= 0 or not any(step.sensitivities):
+                return None
+            return build.from_mixture_gaussian_mechanism(
+                standard_deviation=step.standard_deviation,
+                sensitivities=step.sensitivities,
+                sampling_probs=step.sampling_probs,
+                value_discretization_interval=d,
+            )
         return None
     if isinstance(step, (dp_accounting.PoissonSampledDpEvent, dp_accounting.GaussianDpEvent)):
         acc = _accountant(accountant, relation, discretization)

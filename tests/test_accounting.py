@@ -226,9 +226,9 @@ def test_a_sigma_search_asks_dp_accounting_once_per_event(monkeypatch):
     assert config.epsilon() <= 4.0
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+@pytest.mark.parametrize("kind", ["truncated", "poisson", "poisson-rdp", "fixed-rdp", "els"])
+@settings(max_examples=3, deadline=None, derandomize=True)
 @given(
-    kind=st.sampled_from(["truncated", "poisson", "poisson-rdp", "fixed-rdp", "els"]),
     sigma=st.floats(0.5, 4.0),
     q=st.floats(0.001, 0.5),
     counts=st.lists(st.integers(1, 400), min_size=2, max_size=3),
@@ -253,6 +253,8 @@ def test_a_kept_step_composes_to_dp_accountings_own_epsilon(kind, sigma, q, coun
         "els": accounting.els_event(q, sigma, 1, 3).event,
     }[kind]
     name = "rdp" if kind.endswith("rdp") else "pld"
+    if kind == "els":  # a mixture's PLD takes seconds at fine grids: two counts, coarser
+        counts, discretization = counts[:2], max(discretization, 4e-3)
     if kind == "fixed-rdp":
         relation = dp_accounting.NeighboringRelation.REPLACE_ONE
     accounting._epsilon_at.cache_clear()
