@@ -45,7 +45,8 @@ def forget() -> None:
     accounting._CALIBRATED.clear()
     accounting.epsilon.cache_clear()
     accounting._epsilon_at.cache_clear()
-    accounting._one_step.cache_clear()
+    accounting._step_pld.cache_clear()
+    accounting._step_rdp.cache_clear()
 
 
 def main(repeats: int = 3) -> None:

@@ -94,13 +94,15 @@ def _epsilon_at(
 ) -> float:
     with _quiet_absl():
         if isinstance(event, dp_accounting.SelfComposedDpEvent) and event.count >= 1:
-            step = _one_step(event.event, accountant, relation, discretization)
-            if step is not None:  # that step composed count times, as the accountant does
-                if accountant == "pld":
+            # One step, kept, composed count times as the accountant composes it.
+            if accountant == "pld":
+                step = _step_pld(event.event, relation, discretization)
+                if step is not None:
                     composed = pld.privacy_loss_distribution.identity(
                         value_discretization_interval=discretization
                     ).compose(step.self_compose(event.count))
                     return float(composed.get_epsilon_for_delta(delta))
+            elif accountant == "rdp" and (step := _step_rdp(event.event, relation)) is not None:
                 orders, per_step = step
                 compute = rdp.rdp_privacy_accountant.compute_epsilon
                 return float(compute(orders, event.count * per_step, delta)[0])
@@ -108,63 +110,60 @@ def _epsilon_at(
         return float(acc.compose(event).get_epsilon(delta))
 
 
+# One step of a plan, kept so that ε after each of its epochs (``PrivacyBudget``:
+# 0.1-0.4 s each when built again) composes it; None for any other event (the
+# accountant then composes it). The values are dp_accounting's own, bit for bit (tested).
+
+
 @functools.lru_cache(maxsize=8)  # a plan's halvings need 2-3; a PLD at 1e-4 is a few MB
-def _one_step(
-    step: dp_accounting.DpEvent,
-    accountant: str,
-    relation: NeighboringRelation,
-    discretization: float,
-):
-    """dp_accounting's accounting of one step of a plan, kept so that ε after each of
-    its epochs (``PrivacyBudget``: 0.1-0.4 s each) composes it instead of building it
-    again: the PLD that ``PLDAccountant`` builds for the step (which it then
-    self-composes ``count`` times), or the RDP (orders, per-order values) that
-    ``RdpAccountant`` adds ``count`` times. None for any other event (the accountant
-    then composes it); the values are dp_accounting's own, bit for bit (tested)."""
+def _step_pld(step: dp_accounting.DpEvent, relation: NeighboringRelation, discretization: float):
+    """The PLD that ``PLDAccountant`` builds for ``step`` (and then self-composes)."""
     build = pld.privacy_loss_distribution
-    if accountant == "pld":
-        d = discretization
-        if isinstance(step, dp_accounting.TruncatedSubsampledGaussianDpEvent):
-            sizes = (step.sampling_probability, step.truncated_batch_size, step.dataset_size)
-            if min(sizes) <= 0 or step.noise_multiplier <= 0:
-                return None  # the accountant's own special cases
-            return build.from_truncated_subsampled_gaussian_mechanism(
-                dataset_size=step.dataset_size,
-                sampling_probability=step.sampling_probability,
-                truncated_batch_size=step.truncated_batch_size,
-                noise_multiplier=step.noise_multiplier,
-                value_discretization_interval=d,
-                neighboring_relation=relation,
-            )
-        if isinstance(step, dp_accounting.PoissonSampledDpEvent) and isinstance(
-            step.event, dp_accounting.GaussianDpEvent
-        ):
-            if step.sampling_probability <= 0 or step.event.noise_multiplier <= 0:
-                return None
-            return build.from_gaussian_mechanism(
-                standard_deviation=step.event.noise_multiplier,
-                value_discretization_interval=d,
-                sampling_prob=step.sampling_probability,
-                neighboring_relation=relation,
-            )
-        mixture = dp_accounting.dp_event.MixtureOfGaussiansDpEvent  # ELS's step
-        if isinstance(step, mixture) and relation == NeighboringRelation.ADD_OR_REMOVE_ONE:
-            if step.standard_deviation <= 0 or not any(step.sensitivities):
-                return None
-            return build.from_mixture_gaussian_mechanism(
-                standard_deviation=step.standard_deviation,
-                sensitivities=step.sensitivities,
-                sampling_probs=step.sampling_probs,
-                value_discretization_interval=d,
-            )
-        return None
-    if isinstance(step, (dp_accounting.PoissonSampledDpEvent, dp_accounting.GaussianDpEvent)):
-        acc = _accountant(accountant, relation, discretization)
-        acc.compose(step)  # its state is then zeros + the step's RDP at each order
-        orders, per_step = getattr(acc, "_orders", None), getattr(acc, "_rdp", None)
-        if orders is not None and per_step is not None:
-            return tuple(orders), per_step
+    if isinstance(step, dp_accounting.TruncatedSubsampledGaussianDpEvent):
+        sizes = (step.sampling_probability, step.truncated_batch_size, step.dataset_size)
+        if min(sizes) <= 0 or step.noise_multiplier <= 0:
+            return None  # the accountant's own special cases
+        return build.from_truncated_subsampled_gaussian_mechanism(
+            dataset_size=step.dataset_size,
+            sampling_probability=step.sampling_probability,
+            truncated_batch_size=step.truncated_batch_size,
+            noise_multiplier=step.noise_multiplier,
+            value_discretization_interval=discretization,
+            neighboring_relation=relation,
+        )
+    if isinstance(step, dp_accounting.PoissonSampledDpEvent) and isinstance(
+        step.event, dp_accounting.GaussianDpEvent
+    ):
+        if step.sampling_probability <= 0 or step.event.noise_multiplier <= 0:
+            return None
+        return build.from_gaussian_mechanism(
+            standard_deviation=step.event.noise_multiplier,
+            value_discretization_interval=discretization,
+            sampling_prob=step.sampling_probability,
+            neighboring_relation=relation,
+        )
+    mixture = dp_accounting.dp_event.MixtureOfGaussiansDpEvent  # ELS's step
+    if isinstance(step, mixture) and relation == NeighboringRelation.ADD_OR_REMOVE_ONE:
+        if step.standard_deviation <= 0 or not any(step.sensitivities):
+            return None
+        return build.from_mixture_gaussian_mechanism(
+            standard_deviation=step.standard_deviation,
+            sensitivities=step.sensitivities,
+            sampling_probs=step.sampling_probs,
+            value_discretization_interval=discretization,
+        )
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _step_rdp(step: dp_accounting.DpEvent, relation: NeighboringRelation):
+    """(orders, the RDP of ``step`` at each) that ``RdpAccountant`` adds ``count`` times."""
+    if not isinstance(step, (dp_accounting.PoissonSampledDpEvent, dp_accounting.GaussianDpEvent)):
+        return None
+    acc = _accountant("rdp", relation, _PLD_FINEST)
+    acc.compose(step)  # its state is then zeros + the step's RDP at each order
+    orders, per_step = getattr(acc, "_orders", None), getattr(acc, "_rdp", None)
+    return None if orders is None or per_step is None else (tuple(orders), per_step)
 
 
 class _Remembered:
@@ -198,8 +197,9 @@ def pld_start(epsilon_guess: float) -> float:
     start = min(start, _PLD_START_MAX_FRACTION * epsilon_guess)
     # On the grid _PLD_START·2^k (rounded down: finer), so that the halvings of plans
     # whose guesses differ (one plan after each epoch) meet on the same discretizations
-    # and reuse one step's PLD (:func:`_one_step`).
-    start = _PLD_START * 2.0 ** math.floor(math.log2(start / _PLD_START))
+    # and reuse one step's PLD (:func:`_step_pld`).
+    if start > 0:
+        start = _PLD_START * 2.0 ** math.floor(math.log2(start / _PLD_START))
     return min(_PLD_COARSEST, max(_PLD_FINEST, start))
 
 

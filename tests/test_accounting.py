@@ -258,7 +258,8 @@ def test_a_kept_step_composes_to_dp_accountings_own_epsilon(kind, sigma, q, coun
     if kind == "fixed-rdp":
         relation = dp_accounting.NeighboringRelation.REPLACE_ONE
     accounting._epsilon_at.cache_clear()
-    accounting._one_step.cache_clear()
+    accounting._step_pld.cache_clear()
+    accounting._step_rdp.cache_clear()
     for count in counts:
         event = dp_accounting.SelfComposedDpEvent(step, count)
         direct = (
@@ -268,3 +269,14 @@ def test_a_kept_step_composes_to_dp_accountings_own_epsilon(kind, sigma, q, coun
         )
         expected = direct.compose(event).get_epsilon(1e-6)
         assert accounting._epsilon_at(event, 1e-6, name, relation, discretization) == expected
+
+
+@pytest.mark.parametrize("guess", [0.0, 1e-3, 0.05, 0.3, 1.0, 3.9, 5.9, 40.0, 700.0, math.inf])
+def test_the_pld_grid_starts_on_one_ladder_no_coarser_than_its_rule(guess):
+    """Plans whose ε guesses differ (one plan after each epoch) start their halvings on
+    the same grids (4e-3·2^k, within [1e-4, 1]); a guess of 0 starts at the finest."""
+    start = accounting.pld_start(guess)
+    rule = min(max(4e-3, 1e-3 * guess), 1e-2 * guess) if math.isfinite(guess) else 4e-3
+    assert 1e-4 <= start <= min(1.0, max(1e-4, rule))
+    if 1e-4 < start < 1.0:
+        assert math.log2(start / 4e-3) == round(math.log2(start / 4e-3))
