@@ -120,7 +120,6 @@ def clipped_sum(
     local = functools.partial(
         _shard_sum,
         example_fn,
-        params,
         l2_clip_norm=l2_clip_norm,
         chunk_size=chunk_size,
         fold=fold,
@@ -128,19 +127,19 @@ def clipped_sum(
         ghost=ghost,
     )
     if num_shards == 1:
-        grad_sum, losses, aux, counts = local(rows, mask, jnp.arange(mask.shape[0]))
+        grad_sum, losses, aux, counts = local(params, rows, mask, jnp.arange(mask.shape[0]))
         return ClippedSum(grad_sum, losses, aux, counts[0], counts[1])
     per_shard = mask.shape[0] // num_shards
     if mesh is not None and shard_axis is not None:
         grad_sums, losses, aux, counts = _per_device(
-            local, rows, mask, num_shards, mesh, shard_axis, fold
+            local, params, rows, mask, num_shards, mesh, shard_axis, fold
         )
     else:
         split = lambda x: x.reshape((num_shards, per_shard) + x.shape[1:])  # noqa: E731
         merge = lambda x: x.reshape((num_shards * per_shard,) + x.shape[2:])  # noqa: E731
         ids = jnp.arange(per_shard)[None, :] * num_shards + jnp.arange(num_shards)[:, None]
-        grad_sums, losses, aux, counts = jax.vmap(local)(
-            jax.tree.map(split, rows), split(mask), ids
+        grad_sums, losses, aux, counts = jax.vmap(local, in_axes=(None, 0, 0, 0))(
+            params, jax.tree.map(split, rows), split(mask), ids
         )
         losses = merge(losses)
         aux = (
@@ -155,15 +154,19 @@ def clipped_sum(
     )
 
 
-def _per_device(local, rows, mask, num_shards, mesh, shard_axis, fold):
-    """``local`` on each device's shard: per-shard sums stacked, per-row outputs in order."""
+def _per_device(local, params, rows, mask, num_shards, mesh, shard_axis, fold):
+    """``local`` on each device's shard: per-shard sums stacked, per-row outputs in order.
+
+    ``params`` enter as replicated inputs, not closed over: a closed-over value keeps
+    its sharding on the outer mesh, and a gradient that autodiff creates for it inside
+    the map (a scan's, e.g. ``keras.layers.RNN``) was refused by JAX for its mesh."""
     spec = jax.sharding.PartitionSpec(shard_axis)
     lead = lambda a: a[None]  # noqa: E731
 
-    def per_device(rows, mask):
+    def per_device(params, rows, mask):
         shard = jax.lax.axis_index(shard_axis)
         ids = jnp.arange(mask.shape[0]) * num_shards + shard
-        grad_sum, losses, aux, counts = local(rows, mask, ids)
+        grad_sum, losses, aux, counts = local(params, rows, mask, ids)
         if fold is not None:
             aux = (aux[0], jax.tree.map(lead, aux[1]))
         return jax.tree.map(lead, grad_sum), losses, aux, lead(counts)
@@ -171,11 +174,11 @@ def _per_device(local, rows, mask, num_shards, mesh, shard_axis, fold):
     return jax.shard_map(
         per_device,
         mesh=mesh,
-        in_specs=(spec, spec),
+        in_specs=(jax.sharding.PartitionSpec(), spec, spec),
         out_specs=spec,
         axis_names=frozenset({shard_axis}),
         check_vma=False,
-    )(rows, mask)
+    )(params, rows, mask)
 
 
 def _shard_sum(
