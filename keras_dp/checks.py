@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import keras
 import numpy as np
 
-from keras_dp import _keras, sampling
+from keras_dp import _keras, ghost, sampling, step
 
 
 def _mixes_examples(layer) -> bool:
@@ -89,6 +90,35 @@ def check_model(model) -> None:
             )
     if not model.trainable_variables:
         raise ValueError("The model has no trainable variables; nothing to train.")
+
+
+def check_loss_reads_weights(model, first) -> None:
+    """Refuses a model whose training loss does not read its trainable variables
+    (compiled without a loss, and adding none): each update would be the noise alone,
+    spending the budget on it. Traced on one example of ``first`` (``(x, y,
+    sample_weight)``) only when there is no compiled loss (one reads the predictions):
+    the loss may still come from ``add_loss`` or a ``compute_loss`` override."""
+    if _keras.has_compiled_loss(model):
+        return
+    x, y, sample_weight = (
+        None if a is None else keras.tree.map_structure(lambda b: np.asarray(b)[:1], a)
+        for a in first
+    )
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    metrics = [v.value for v in model.metrics_variables]
+
+    def loss(params):
+        return step.model_loss(model, params, non_trainable, metrics, x, y, sample_weight)[0]
+
+    traced = jax.make_jaxpr(loss)([v.value for v in model.trainable_variables])
+    if not ghost.live_inputs(traced.jaxpr):
+        raise ValueError(
+            "The model's training loss does not depend on its trainable variables: it "
+            "was compiled without a loss and adds none (add_loss in call, or a "
+            "compute_loss override). Every DP update would be noise alone and still "
+            "spend the privacy budget. Pass model.compile(optimizer=..., loss=...). "
+            "Nothing was trained."
+        )
 
 
 def check_examples(first, labels_needed: bool) -> None:

@@ -85,6 +85,7 @@ def fit(
     if config.correlated:
         bandmf.check_strategy(np.asarray(model._dp_noise_strategy.value), config.bands)
     checks.check_model(model)
+    checks.check_loss_reads_weights(model, first)
     checks.check_class_labels(model, source, first)
     callbacks = list(callbacks or [])
     # With BackupAndRestore, Keras resumes the epochs of the whole plan after it has

@@ -343,7 +343,7 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
 
     closed = jax.make_jaxpr(traced)(list(params), list(params))
     n = len(params)
-    live = _live_inputs(closed.jaxpr)
+    live = live_inputs(closed.jaxpr)
     elsewhere = {i for i in range(n) if n + i in live}
     uses = collections.Counter(i for t in tape.taps for i in (t.kernel, t.bias) if i is not None)
     nested = {i for t in tape.taps if t.nested for i in (t.kernel, t.bias)}
@@ -380,7 +380,7 @@ def _cheaper(taps, index: int) -> bool:
     return True  # a bias: its norm is its gradient
 
 
-def _live_inputs(jaxpr) -> set:
+def live_inputs(jaxpr) -> set:
     """Positions of ``jaxpr``'s inputs that its outputs depend on (dead code ignored)."""
     live = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
     for eqn in reversed(jaxpr.eqns):

@@ -80,6 +80,12 @@ def multi_step_execution():
     return model
 
 
+def lossless():
+    model = private(compile=False)
+    model.compile(optimizer="sgd")  # plain Keras trains it (the loss is 0)
+    return model
+
+
 def spent():
     model = private(seed=0)
     model.fit(*data(40), verbose=0)
@@ -141,6 +147,7 @@ CATALOGUE = [
     ("not compiled", lambda: fit(private(compile=False)), r"model.compile\("),
     ("steps_per_execution", lambda: fit(multi_step_execution()), "steps_per_execution=1"),
     ("no DP plan", lambda: fit(planless()), "set_dp_config"),
+    ("no loss", lambda: fit(lossless()), "does not depend on its trainable.*loss=..."),
     ("dp_config not a DPConfig", lambda: (None, lambda: private().set_dp_config({})), "DPConfig"),
     (
         "make_private of a layer",
