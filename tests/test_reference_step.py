@@ -293,6 +293,11 @@ plans = st.fixed_dictionaries(
               microbatch=None, devices=2, dtype="float32", weighted=True, dropout=True,
               sigma=0.7, clip=0.05, steps=2, clipping="ghost")
 )  # fmt: skip
+@example(  # bf16 through the recurrence: found by a soak at the float32/bf16 tolerance
+    plan=dict(kind="mixed", loss="mse", sampling="poisson", batch=1, extra=93,
+              microbatch=None, devices=1, dtype="bfloat16", weighted=False, dropout=False,
+              sigma=0.0, clip=0.05, steps=1, clipping="auto")
+)  # fmt: skip
 def test_train_step_equals_the_reference(plan):
     devices = plan["devices"]
     assert len(jax.devices()) >= devices, "conftest.py sets XLA_FLAGS for 4 CPU devices"
@@ -336,6 +341,10 @@ def test_train_step_equals_the_reference(plan):
             steps, lr,
         )  # fmt: skip
     bf16 = plan["dtype"] == "bfloat16"
+    # bf16's rounding compounds through the mixed model's 4-step recurrence: one example's
+    # gradient of the cell's bias differed from float32's by 3% of its largest entry, and
+    # two bf16 computations of it (vmapped or not, clip factors) by up to 3.7%.
+    tolerance = (0.1 if plan["kind"] == "mixed" else 3e-2) if bf16 else 1e-4
     for before, after, want, v in zip(
         weights0, model.trainable_variables, expected, model.trainable_variables
     ):
@@ -345,7 +354,7 @@ def test_train_step_equals_the_reference(plan):
         scale = max(1e-3, float(np.max(np.abs(want_moved))))
         rounding = float(np.max(np.abs(before.astype(np.float64)))) * (1e-2 if bf16 else 2e-7)
         np.testing.assert_allclose(
-            moved, want_moved, atol=(3e-2 if bf16 else 1e-4) * scale + rounding, err_msg=v.path
+            moved, want_moved, atol=tolerance * scale + rounding, err_msg=v.path
         )
 
 
