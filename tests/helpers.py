@@ -18,6 +18,25 @@ gaussian_like = jax.jit(noise.gaussian_like)
 correlated_noise = jax.jit(noise.correlated_noise)
 
 
+class DenseCell(keras.layers.Layer):
+    """An RNN cell of two Dense layers: ``keras.layers.RNN`` runs them in a scan (their
+    taps are nested: ghost clipping leaves them to per-example gradients)."""
+
+    def __init__(self, units=4, dtype=None, **kwargs):
+        super().__init__(dtype=dtype, **kwargs)
+        self.units = self.state_size = units
+        self.inputs_dense = keras.layers.Dense(units, dtype=dtype)
+        self.state_dense = keras.layers.Dense(units, use_bias=False, dtype=dtype)
+
+    def build(self, input_shape):
+        self.inputs_dense.build(input_shape)
+        self.state_dense.build((None, self.units))
+
+    def call(self, x, states):
+        h = keras.ops.tanh(self.inputs_dense(x) + self.state_dense(states[0]))
+        return h, [h]
+
+
 def load_example(name: str):
     """``examples/<name>.py`` as a module (its sibling ``_report`` importable)."""
     if str(EXAMPLES) not in sys.path:

@@ -24,7 +24,7 @@ from keras_dp import _keras, ghost, ghost_cost
 from keras_dp import ghost_conv as gc
 from keras_dp import ghost_norms as gn
 
-from .helpers import whole_batch_update
+from .helpers import DenseCell, whole_batch_update
 
 pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
 
@@ -469,24 +469,6 @@ class Subclassed(keras.Model):
     def call(self, ids):
         h = self.project(self.embed(ids))
         return self.head(keras.ops.mean(h, axis=1))
-
-
-class DenseCell(keras.layers.Layer):
-    """An RNN cell of two Dense layers: ``keras.layers.RNN`` runs it in a scan."""
-
-    def __init__(self, units=4, **kwargs):
-        super().__init__(**kwargs)
-        self.units = self.state_size = units
-        self.inputs_dense = keras.layers.Dense(units)
-        self.state_dense = keras.layers.Dense(units, use_bias=False)
-
-    def build(self, input_shape):
-        self.inputs_dense.build(input_shape)
-        self.state_dense.build((None, self.units))
-
-    def call(self, x, states):
-        h = keras.ops.tanh(self.inputs_dense(x) + self.state_dense(states[0]))
-        return h, [h]
 
 
 class MappedAndBranched(keras.layers.Layer):

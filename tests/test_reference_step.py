@@ -27,7 +27,7 @@ import keras_dp
 from keras_dp import DPConfig, bandmf, data, ghost, ghost_cost, ghost_norms, noise, noise_state
 from keras_dp import step as dp_step
 
-from .helpers import gaussian_like, on_devices
+from .helpers import DenseCell, gaussian_like, on_devices
 
 pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
 
@@ -42,24 +42,6 @@ EMBEDDINGS = {"embedding": (LENGTH, 4), "long_embedding": (LONG_LENGTH, LONG_FEA
 CONV_LENGTHS = {"conv": LENGTH, "long_conv": 66}
 
 
-class DenseCell(keras.layers.Layer):
-    """An RNN cell of two Dense layers: ``keras.layers.RNN`` runs them in a scan."""
-
-    def __init__(self, units=3, dtype=None, **kwargs):
-        super().__init__(dtype=dtype, **kwargs)
-        self.units = self.state_size = units
-        self.inputs_dense = keras.layers.Dense(units, dtype=dtype)
-        self.state_dense = keras.layers.Dense(units, use_bias=False, dtype=dtype)
-
-    def build(self, input_shape):
-        self.inputs_dense.build(input_shape)
-        self.state_dense.build((None, self.units))
-
-    def call(self, x, states):
-        h = keras.ops.tanh(self.inputs_dense(x) + self.state_dense(states[0]))
-        return h, [h]
-
-
 def mixed(inputs, dtype):
     """Ghost layers beside every kind of fallback: an EinsumDense over the sequence
     (ghost), Dense layers in a scan (nested taps), one Dense called twice (a shared
@@ -69,7 +51,7 @@ def mixed(inputs, dtype):
     h = layers.EinsumDense("abc,cd->abd", (LENGTH, 4), bias_axes="d", dtype=dtype, name="ein")(
         inputs
     )
-    h = layers.RNN(DenseCell(dtype=dtype), dtype=dtype, name="scan")(keras.ops.tanh(h))
+    h = layers.RNN(DenseCell(3, dtype=dtype), dtype=dtype, name="scan")(keras.ops.tanh(h))
     shared = layers.Dense(3, activation="tanh", dtype=dtype, name="shared")
     h = shared(shared(h))
     h = layers.Dense(4, "tanh", kernel_regularizer="l2", dtype=dtype, name="regularised")(h)
