@@ -6,9 +6,10 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import keras
 
-from keras_dp import noise
+from keras_dp import _keras, ghost, noise
 
 EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
 
@@ -35,6 +36,22 @@ class DenseCell(keras.layers.Layer):
     def call(self, x, states):
         h = keras.ops.tanh(self.inputs_dense(x) + self.state_dense(states[0]))
         return h, [h]
+
+
+def ghost_plan(model, x, clipping="ghost"):
+    """ghost.plan of ``model`` on the first example of ``x`` (built on it if need be)."""
+    row = jax.tree.map(lambda a: jnp.asarray(a[:1]), x)
+    if not model.built:
+        model(row)
+    params = [v.value for v in model.trainable_variables]
+    nt = [v.value for v in model.non_trainable_variables]
+    training = {"training": True} if _keras.call_has_training_arg(model) else {}
+
+    def loss_fn(p):  # an output and the add_loss/regularisation losses, as in fit
+        out, _, losses = model.stateless_call(p, nt, row, return_losses=True, **training)
+        return jnp.sum(jax.tree.leaves(out)[0]) + sum(losses)
+
+    return ghost.plan(model, loss_fn, params, clipping)
 
 
 def load_example(name: str):

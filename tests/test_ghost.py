@@ -20,11 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import _keras, ghost, ghost_cost
+from keras_dp import ghost, ghost_cost
 from keras_dp import ghost_conv as gc
 from keras_dp import ghost_norms as gn
 
-from .helpers import DenseCell, whole_batch_update
+from .helpers import DenseCell, ghost_plan, whole_batch_update
 
 pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
 
@@ -66,20 +66,7 @@ def fallback_of(model_fn, x, clipping="ghost"):
 def plan_of(model_fn, x, clipping="ghost"):
     """ghost.plan of one example of ``x``."""
     keras.utils.set_random_seed(0)
-    model = model_fn()
-    row = jax.tree.map(lambda a: jnp.asarray(a[:1]), x)
-    if not model.built:
-        model(row)
-    params = [v.value for v in model.trainable_variables]
-    nt = [v.value for v in model.non_trainable_variables]
-
-    training = {"training": True} if _keras.call_has_training_arg(model) else {}
-
-    def loss_fn(p):  # an output and the add_loss/regularisation losses, as in fit
-        out, _, losses = model.stateless_call(p, nt, row, return_losses=True, **training)
-        return jnp.sum(jax.tree.leaves(out)[0]) + sum(losses)
-
-    return ghost.plan(model, loss_fn, params, clipping)
+    return ghost_plan(model_fn(), x, clipping)
 
 
 # The formulas against brute force ------------------------------------------------------

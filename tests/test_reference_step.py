@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import DPConfig, bandmf, data, ghost, ghost_cost, ghost_norms, noise, noise_state
+from keras_dp import DPConfig, bandmf, data, ghost_cost, ghost_norms, noise, noise_state
 from keras_dp import step as dp_step
 
-from .helpers import DenseCell, gaussian_like, on_devices
+from .helpers import DenseCell, gaussian_like, ghost_plan, on_devices
 
 pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
 
@@ -191,15 +191,7 @@ def test_the_mixed_model_has_ghost_variables_and_each_kind_of_fallback():
     gradients of every kind: a shared kernel, kernels in a scan, a regularised kernel
     and a normalisation's scale and offset."""
     model = build("mixed", False, None)
-    row = jnp.zeros((1, LENGTH, 2))
-    params = [v.value for v in model.trainable_variables]
-    nt = [v.value for v in model.non_trainable_variables]
-
-    def loss_fn(p):
-        out, _, losses = model.stateless_call(p, nt, row, training=True, return_losses=True)
-        return jnp.sum(out) + sum(losses)
-
-    plan = ghost.plan(model, loss_fn, params, "ghost")
+    plan = ghost_plan(model, np.zeros((1, LENGTH, 2), "float32"))
     paths = [v.path for v in model.trainable_variables]
     ghosts = {paths[i] for i in plan.ghost}
     head = set(paths[-2:])
