@@ -50,7 +50,7 @@ def test_lora_dp_fit_on_causal_lm_changes_only_lora_weights():
     assert lm.predict(x, verbose=0).shape == (n, length, 64)
 
 
-def test_raw_strings_are_preprocessed_once_then_sampled():
+def test_raw_strings_are_preprocessed_once_then_sampled(tmp_path):
     from keras_dp import data, sampling
 
     lm = offline.tiny_gemma3(sequence_length=64, num_layers=1, hidden_dim=32, pretrain_epochs=0)
@@ -77,6 +77,16 @@ def test_raw_strings_are_preprocessed_once_then_sampled():
     assert lm.dp_config.dataset_size == 40 and lm.dp_steps == 5
     assert lm.privacy_spent().epsilon <= 8.0
     assert isinstance(lm.generate(raw["prompts"][:1], max_length=64)[0], str)
+
+    # keras-hub's own preset format keeps the DP class, the plan and the ledger (Keras
+    # saves each LoRA kernel merged into its base kernel: the same function).
+    lm.save_to_preset(str(tmp_path / "preset"))
+    loaded = keras_hub.models.Gemma3CausalLM.from_preset(str(tmp_path / "preset"))
+    assert isinstance(loaded, keras_dp.DPModel) and loaded.dp_steps == 5
+    assert loaded.dp_config == lm.dp_config
+    assert loaded.privacy_spent() == lm.privacy_spent()
+    tokens = {"token_ids": x["token_ids"], "padding_mask": x["padding_mask"]}
+    np.testing.assert_allclose(loaded(tokens), lm(tokens), rtol=1e-5, atol=1e-5)
 
 
 def test_the_preset_path_runs_offline_in_bfloat16(tmp_path):
