@@ -308,7 +308,7 @@ def _ghost(example_fn, params, l2_clip_norm, is_ghost, taps):
     variables with ``is_ghost`` False are differentiated per row in the same pass
     (their per-example gradients, as the per-example path forms them); the ghost
     variables are not differentiated at all. Each row's squared norm is the sum of its
-    taps' (``tap.sq_norms(x, g)``, x prepared once by ``tap.prepare``) and of its
+    taps' (``tap.sq_norms(x, g)``) and of its
     per-example gradients'; the clipped sum is ``tap.sums(x, g, factor)`` and
     Σ factor_b·grad_b, in float32, with the rows that are padding or not finite zeroed
     first (not multiplied: 0·NaN is NaN).
@@ -330,7 +330,6 @@ def _ghost(example_fn, params, l2_clip_norm, is_ghost, taps):
         size = chunk_mask.shape[0]
         zs = [jnp.zeros((size, *t.out.shape), t.out.dtype) for t in taps]
         own_grads, gs, loss, aux, residuals = jax.vmap(per_row)(chunk_rows, ids, zs)
-        residuals = [t.prepare(x) for t, x in zip(taps, residuals)]
         sq = jnp.zeros(size, jnp.float32)
         for t, x, g in zip(taps, residuals, gs):
             sq = sq + t.sq_norms(x, g)

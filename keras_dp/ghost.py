@@ -87,22 +87,15 @@ class Tap:
     def active(self) -> bool:
         return self.use_kernel or self.use_bias
 
-    def prepare(self, x):
-        """The tap's input as :meth:`sq_norms` and :meth:`sums` read it, formed once:
-        for a convolution, the input and its unfolded patches; any other input as it is."""
-        if self.kind == "conv" and self.use_kernel:
-            return x, gc.conv_patches(self.spec, x)
-        return x
-
     def sq_norms(self, x, g) -> jax.Array:
         """Squared norms of example b's gradients of this tap's variables (float32 [B]),
-        from the prepared input x and the gradient g at the tap."""
+        from the input x and the gradient g at the tap."""
         total = jnp.zeros(g.shape[0], jnp.float32)
         if self.use_kernel:
             if self.kind == "embedding":
                 total = total + gn.embedding_sq_norms(x, g)
             elif self.kind == "conv":
-                total = total + gc.conv_sq_norms(x[1], g)
+                total = total + gc.input_sq_norms(self.spec, x, g)
             else:
                 total = total + gn.kernel_sq_norms(self.spec, x, g)
         if self.use_bias:
@@ -116,7 +109,7 @@ class Tap:
             if self.kind == "embedding":
                 out[self.kernel] = gn.embedding_sum(x, g, factor, self.kernel_shape)
             elif self.kind == "conv":
-                out[self.kernel] = gc.conv_sum(self.spec, x[0], g, factor, self.kernel_shape)
+                out[self.kernel] = gc.conv_sum(self.spec, x, g, factor, self.kernel_shape)
             else:
                 out[self.kernel] = gn.kernel_sum(self.spec, x, g, factor, self.kernel_shape)
         if self.use_bias:

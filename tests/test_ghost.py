@@ -282,6 +282,39 @@ def test_sorted_and_first_position_embedding_norms_equal_brute_force(length, voc
     np.testing.assert_allclose(gn.first_position_sq_norms(ids, g), want, rtol=1e-5, atol=1e-6)
 
 
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 40), rows=st.integers(1, 40), width=st.integers(1, 3))
+def test_row_chunks_give_each_row_its_own_value(batch, rows, width):
+    """by_row_chunks places every row's value once, at its row (the last chunk starts
+    early and overlaps: an off-by-one there would move or drop rows)."""
+    a = jnp.arange(batch * width, dtype=jnp.float32).reshape(batch, width)
+    b = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, 2, 3)), jnp.float32)
+
+    def norms(a, b):
+        return a[:, 0] * 1000.0 + jnp.sum(b * b, axis=(1, 2))
+
+    got = jax.jit(lambda a, b: gn.by_row_chunks(norms, rows, a, b))(a, b)
+    np.testing.assert_allclose(got, norms(a, b), rtol=1e-6)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 24), length=st.integers(2, 20), numbers=st.integers(1, 400))
+def test_embedding_norms_in_row_chunks_equal_brute_force(batch, length, numbers):
+    """A large batch's embedding norms, computed a few rows at a time (the chunk size
+    forced down to ``numbers``), equal the per-example loop over the vocabulary."""
+    rng = np.random.default_rng(batch * 1000 + length * 10 + numbers)
+    vocab, dim = 5, 3
+    ids = jnp.asarray(rng.integers(0, vocab, (batch, length)), jnp.int32)
+    g = jnp.asarray(rng.normal(size=(batch, length, dim)), jnp.float32)
+    saved = gn.NORM_CHUNK_NUMBERS
+    gn.NORM_CHUNK_NUMBERS = numbers
+    try:
+        got = jax.jit(gn.embedding_sq_norms)(ids, g)
+    finally:
+        gn.NORM_CHUNK_NUMBERS = saved
+    np.testing.assert_allclose(got, _grouped_sums_squared(ids, g, vocab), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "length, vocab, dim, form",
     [(16, 5, 32, "gram"), (64, 40, 64, "first"), (256, 300, 32, "first"), (600, 40, 64, "sorted")],
@@ -547,6 +580,27 @@ def test_ghost_equals_per_example(kind, clip):
     want = clipped_sum(MODELS[kind], x, y, "per_example", clip)
     got = clipped_sum(MODELS[kind], x, y, "ghost", clip)
     assert_same_sums(want, got)
+
+
+@pytest.mark.parametrize("kind", ["conv", "conv2d", "text", "mid_text", "long_text"])
+def test_norms_in_row_chunks_equal_per_example(kind, monkeypatch):
+    """A large batch takes its convolution and embedding norms a chunk of rows at a
+    time; forced down to 4 rows (of 9: the last chunk overlaps) and to 1 row, the
+    update is per-example clipping's."""
+    x, y = data(kind)
+    want = clipped_sum(MODELS[kind], x, y, "per_example")
+    by_row_chunks = gn.by_row_chunks
+    for rows in (4, 1):
+        chunked = []
+
+        def forced(norms, _, *arrays, rows=rows, chunked=chunked):
+            chunked.append(arrays[0].shape[0])
+            return by_row_chunks(norms, rows, *arrays)
+
+        monkeypatch.setattr(gn, "by_row_chunks", forced)
+        assert_same_sums(want, clipped_sum(MODELS[kind], x, y, "ghost"))
+        assert chunked and max(chunked) > rows  # the loop ran
+    monkeypatch.undo()
 
 
 def test_a_kernel_assigned_in_call_is_clipped_as_keras_trains_it():
