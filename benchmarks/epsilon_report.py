@@ -25,6 +25,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import keras  # noqa: E402
+from calibration import forget  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import keras_dp  # noqa: E402
@@ -57,9 +58,7 @@ def query_times(config: keras_dp.DPConfig, per_epoch: int, keep_step: bool):
 
 def fit_seconds(x, y, with_callback: bool) -> float:
     """One fit's seconds, from a process's empty memories (σ is calibrated again)."""
-    accounting._CALIBRATED.clear()
-    accounting._step_pld.cache_clear()
-    forget_answers()
+    forget()
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [

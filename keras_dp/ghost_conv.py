@@ -95,8 +95,9 @@ def input_sq_norms(spec: Conv, x, g) -> jnp.ndarray:
     window = math.prod(spec.window) * x.shape[-1]
     outer = gn.outer_form(gn.DENSE, (positions, window), (positions, g.shape[-1]))
     per_row = positions * window + (window * g.shape[-1] if outer else 2 * positions**2)
-    rows = max(1, gn.NORM_CHUNK_NUMBERS // per_row)
-    return gn.by_row_chunks(lambda x, g: conv_sq_norms(conv_patches(spec, x), g), rows, x, g)
+    return gn.by_row_chunks(
+        lambda x, g: conv_sq_norms(conv_patches(spec, x), g), gn.chunk_rows(per_row), x, g
+    )
 
 
 def conv_sum(spec: Conv, x, g, factor, kernel_shape, canonical: bool | None = None):

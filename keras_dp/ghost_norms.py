@@ -207,7 +207,7 @@ def embedding_sq_norms(ids, g) -> jnp.ndarray:
         return jnp.sum(jnp.square(g), axis=(1, 2))
     form = embedding_form(ids.shape[1], g.shape[2])
     norms = {"sorted": sorted_sq_norms, "first": first_position_sq_norms, "gram": gram_sq_norms}
-    rows = max(1, NORM_CHUNK_NUMBERS // (ids.shape[1] * max(ids.shape[1], g.shape[2])))
+    rows = chunk_rows(ids.shape[1] * max(ids.shape[1], g.shape[2]))
     return by_row_chunks(norms[form], rows, ids, g)
 
 
@@ -217,6 +217,12 @@ def gram_sq_norms(ids, g) -> jnp.ndarray:
     same = ids[:, :, None] == ids[:, None, :]
     gg = jnp.einsum("bsd,btd->bst", g, g)
     return jnp.sum(jnp.where(same, gg, 0.0), axis=(1, 2))
+
+
+def chunk_rows(numbers_per_row: int) -> int:
+    """Rows whose norm temporaries, ``numbers_per_row`` each, fit in one chunk of
+    :data:`NORM_CHUNK_NUMBERS` (at least one row)."""
+    return max(1, NORM_CHUNK_NUMBERS // numbers_per_row)
 
 
 def by_row_chunks(norms, rows: int, *arrays) -> jnp.ndarray:

@@ -600,7 +600,6 @@ def test_norms_in_row_chunks_equal_per_example(kind, monkeypatch):
         monkeypatch.setattr(gn, "by_row_chunks", forced)
         assert_same_sums(want, clipped_sum(MODELS[kind], x, y, "ghost"))
         assert chunked and max(chunked) > rows  # the loop ran
-    monkeypatch.undo()
 
 
 def test_a_kernel_assigned_in_call_is_clipped_as_keras_trains_it():
