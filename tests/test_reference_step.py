@@ -9,8 +9,9 @@ same optimizer. The examples of each update are the sampler's own draw
 ``test_data.py``. Hypothesis draws the plans (batch sizes 1-300, Poisson and fixed
 sampling, microbatch sizes up to 128 including non-powers of two, 1/2/4 devices,
 float32 and bfloat16, sample weights, dropout, several layers and losses (one model
-mixes ghost layers with every kind of fallback), and the three ``clipping`` modes:
-ghost norms, per-example gradients and their mix).
+mixes ghost layers with every kind of fallback), the three ``clipping`` modes:
+ghost norms, per-example gradients and their mix, and the embedding and convolution
+norms taken a chunk of rows at a time, as a large batch takes them).
 """
 
 import math
@@ -221,6 +222,9 @@ plans = st.fixed_dictionaries(
         "steps": st.integers(1, 2),
         "bands": st.sampled_from([1, 1, 1, 2, 3]),  # > 1: BandMF (Poisson only), 3 steps
         "clipping": st.sampled_from(["auto", "ghost", "per_example"]),
+        # Embedding and convolution norms in chunks of rows (ghost_norms.by_row_chunks),
+        # as a large one-pass batch takes them: the chunk's numbers forced down.
+        "norm_chunk": st.sampled_from([None, None, 64, 2000]),
     }
 )
 
@@ -272,6 +276,16 @@ plans = st.fixed_dictionaries(
               microbatch=None, devices=1, dtype="bfloat16", weighted=False, dropout=False,
               sigma=0.0, clip=0.05, steps=1, clipping="auto")
 )  # fmt: skip
+@example(
+    plan=dict(kind="long_embedding", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=None, devices=2, dtype="float32", weighted=True, dropout=False,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", norm_chunk=2000)
+)  # fmt: skip
+@example(
+    plan=dict(kind="conv", loss="mse", sampling="poisson", batch=135, extra=7,
+              microbatch=None, devices=1, dtype="float32", weighted=True, dropout=True,
+              sigma=0.7, clip=0.5, steps=2, clipping="ghost", norm_chunk=2000)
+)  # fmt: skip
 def test_train_step_equals_the_reference(plan):
     devices = plan["devices"]
     assert len(jax.devices()) >= devices, "conftest.py sets XLA_FLAGS for 4 CPU devices"
@@ -308,7 +322,12 @@ def test_train_step_equals_the_reference(plan):
         noise_state.make(model)  # BandMF's state (fit makes it too), so nt0 is complete
         weights0 = [np.array(v.value) for v in model.trainable_variables]
         nt0 = [np.array(v.value) for v in model.non_trainable_variables]
-        model.fit(x, y, sample_weight=sample_weight, verbose=0)
+        chunk = ghost_norms.NORM_CHUNK_NUMBERS
+        ghost_norms.NORM_CHUNK_NUMBERS = plan.get("norm_chunk") or chunk
+        try:
+            model.fit(x, y, sample_weight=sample_weight, verbose=0)
+        finally:
+            ghost_norms.NORM_CHUNK_NUMBERS = chunk
         assert model.dp_steps == steps
         expected = reference_updates(
             model, model.dp_config, model._dp_seed, x, y, sample_weight, weights0, nt0,
