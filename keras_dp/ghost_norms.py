@@ -188,11 +188,15 @@ def embedding_form(length: int, dim: int) -> str:
 
 
 # An embedding's norm forms keep T×max(T, d) numbers an example (a comparison, Gram
-# products or sums of g), several such arrays at once: a large batch takes them in
-# chunks of at most this many numbers each (the text classifier of benchmarks/clipping.py
-# at logical batch 1,024, 1,170 rows in one pass: its step's peak temporary memory
-# 56 → 33 MiB, against plain Keras' 16.5). Smaller batches are one chunk, as before.
-NORM_CHUNK_NUMBERS = 1 << 20
+# products or sums of g), several such arrays at once, and a convolution's unfolded
+# patches its window times its input. A batch whose temporaries fit in
+# NORM_PASS_NUMBERS is one pass (the usual batches: the same operations as without
+# chunks); a larger one is taken in chunks of NORM_CHUNK_NUMBERS (benchmarks/clipping.py
+# at logical batch 1,024, 1,170 rows, peak temporary memory of the step: text
+# classifier 56 MiB in one pass, 33 in chunks of 2²⁰ numbers, 22 in chunks of 2¹⁸;
+# the small CNN 34, 19, 17.6; plain Keras 16.5 and 11).
+NORM_PASS_NUMBERS = 1 << 20
+NORM_CHUNK_NUMBERS = 1 << 18
 
 
 def embedding_sq_norms(ids, g) -> jnp.ndarray:
@@ -207,7 +211,7 @@ def embedding_sq_norms(ids, g) -> jnp.ndarray:
         return jnp.sum(jnp.square(g), axis=(1, 2))
     form = embedding_form(ids.shape[1], g.shape[2])
     norms = {"sorted": sorted_sq_norms, "first": first_position_sq_norms, "gram": gram_sq_norms}
-    rows = chunk_rows(ids.shape[1] * max(ids.shape[1], g.shape[2]))
+    rows = chunk_rows(ids.shape[1] * max(ids.shape[1], g.shape[2]), ids.shape[0])
     return by_row_chunks(norms[form], rows, ids, g)
 
 
@@ -219,9 +223,12 @@ def gram_sq_norms(ids, g) -> jnp.ndarray:
     return jnp.sum(jnp.where(same, gg, 0.0), axis=(1, 2))
 
 
-def chunk_rows(numbers_per_row: int) -> int:
-    """Rows whose norm temporaries, ``numbers_per_row`` each, fit in one chunk of
-    :data:`NORM_CHUNK_NUMBERS` (at least one row)."""
+def chunk_rows(numbers_per_row: int, batch: int) -> int:
+    """Rows a chunk for :func:`by_row_chunks`: the whole ``batch`` when its norm
+    temporaries, ``numbers_per_row`` each, fit in :data:`NORM_PASS_NUMBERS`, otherwise
+    the rows that fit in :data:`NORM_CHUNK_NUMBERS` (at least one)."""
+    if batch * numbers_per_row <= NORM_PASS_NUMBERS:
+        return batch
     return max(1, NORM_CHUNK_NUMBERS // numbers_per_row)
 
 

@@ -297,21 +297,36 @@ def test_row_chunks_give_each_row_its_own_value(batch, rows, width):
     np.testing.assert_allclose(got, norms(a, b), rtol=1e-6)
 
 
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 5000), per_row=st.integers(1, 1 << 16))
+def test_a_batch_is_one_pass_while_its_norm_temporaries_fit(batch, per_row):
+    """chunk_rows: the whole batch while batch × per_row numbers fit in one pass;
+    otherwise chunks that fit in NORM_CHUNK_NUMBERS (one row at least), fewer rows
+    than the batch."""
+    rows = gn.chunk_rows(per_row, batch)
+    if batch * per_row <= gn.NORM_PASS_NUMBERS:
+        assert rows == batch
+    else:
+        assert 1 <= rows < batch
+        assert rows == 1 or rows * per_row <= gn.NORM_CHUNK_NUMBERS < (rows + 1) * per_row
+
+
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(batch=st.integers(1, 24), length=st.integers(2, 20), numbers=st.integers(1, 400))
 def test_embedding_norms_in_row_chunks_equal_brute_force(batch, length, numbers):
-    """A large batch's embedding norms, computed a few rows at a time (the chunk size
-    forced down to ``numbers``), equal the per-example loop over the vocabulary."""
+    """A large batch's embedding norms, computed a few rows at a time (the one-pass
+    limit and the chunk size forced down to ``numbers``), equal the per-example loop
+    over the vocabulary."""
     rng = np.random.default_rng(batch * 1000 + length * 10 + numbers)
     vocab, dim = 5, 3
     ids = jnp.asarray(rng.integers(0, vocab, (batch, length)), jnp.int32)
     g = jnp.asarray(rng.normal(size=(batch, length, dim)), jnp.float32)
-    saved = gn.NORM_CHUNK_NUMBERS
-    gn.NORM_CHUNK_NUMBERS = numbers
+    saved = gn.NORM_CHUNK_NUMBERS, gn.NORM_PASS_NUMBERS
+    gn.NORM_CHUNK_NUMBERS = gn.NORM_PASS_NUMBERS = numbers
     try:
         got = jax.jit(gn.embedding_sq_norms)(ids, g)
     finally:
-        gn.NORM_CHUNK_NUMBERS = saved
+        gn.NORM_CHUNK_NUMBERS, gn.NORM_PASS_NUMBERS = saved
     np.testing.assert_allclose(got, _grouped_sums_squared(ids, g, vocab), rtol=1e-5, atol=1e-6)
 
 

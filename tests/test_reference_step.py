@@ -322,12 +322,13 @@ def test_train_step_equals_the_reference(plan):
         noise_state.make(model)  # BandMF's state (fit makes it too), so nt0 is complete
         weights0 = [np.array(v.value) for v in model.trainable_variables]
         nt0 = [np.array(v.value) for v in model.non_trainable_variables]
-        chunk = ghost_norms.NORM_CHUNK_NUMBERS
-        ghost_norms.NORM_CHUNK_NUMBERS = plan.get("norm_chunk") or chunk
+        saved = ghost_norms.NORM_CHUNK_NUMBERS, ghost_norms.NORM_PASS_NUMBERS
+        if plan.get("norm_chunk"):
+            ghost_norms.NORM_CHUNK_NUMBERS = ghost_norms.NORM_PASS_NUMBERS = plan["norm_chunk"]
         try:
             model.fit(x, y, sample_weight=sample_weight, verbose=0)
         finally:
-            ghost_norms.NORM_CHUNK_NUMBERS = chunk
+            ghost_norms.NORM_CHUNK_NUMBERS, ghost_norms.NORM_PASS_NUMBERS = saved
         assert model.dp_steps == steps
         expected = reference_updates(
             model, model.dp_config, model._dp_seed, x, y, sample_weight, weights0, nt0,
