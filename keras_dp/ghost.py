@@ -126,7 +126,7 @@ class Tap:
         (:func:`keras_dp.ghost_norms.embedding_costs`).
         """
         if self.kind == "einsum" and self.spec is not None:
-            x_shape = _x_shape(self.spec, self.out.shape)
+            x_shape = _x_shape(self.spec, self.out.shape, self.kernel_shape)
             outer, gram = gn.costs(self.spec, x_shape, self.out.shape)
             return min(outer, gram), outer
         if self.kind == "conv":
@@ -150,8 +150,10 @@ def likely_per_example_size(model) -> int:
     return sum(math.prod(v.shape) for v in model.trainable_variables if id(v) not in ghostable)
 
 
-def _x_shape(spec: gn.Einsum, out_shape) -> tuple:
-    sizes = dict(zip(spec.out, out_shape))
+def _x_shape(spec: gn.Einsum, out_shape, kernel_shape) -> tuple:
+    """One example's x shape as far as the output and the kernel tell (the kernel's
+    letters from x, Kx, sized by the kernel; a letter only x has counted as 1)."""
+    sizes = dict(zip(spec.k, kernel_shape)) | dict(zip(spec.out, out_shape))
     return tuple(sizes.get(c, 1) for c in spec.x)
 
 

@@ -99,8 +99,11 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
       85) 42 / 70; on 16×16×3 (47) 3.9 / 8.4 (one pass; 5.0 in chunks of 16); the
       small CNN on 8×8 digits (5) 2.7 / 2.1 (one pass; 2.8–3.8 / 1.9 in chunks).
     - otherwise, only a chunked step (not :func:`one_pass`), per-example when the
-      norms cost at least the sizes: LoRA adapters and dense layers over sequences.
-      A tiny BERT with LoRA 29.1 / 32.5 (first epoch 5.9 / 6.7 s).
+      norms cost at least the sizes: LoRA adapters and dense layers over sequences
+      (a dense layer's norm over S positions costs min(S·Kx·Ko, S²·(Kx + Ko)) against
+      its Kx·Ko numbers). A tiny BERT with LoRA 29.1 / 32.5 (first epoch 5.9 / 6.7 s);
+      Gemma3 (4 layers, 128 tokens) with LoRA 269 / 262 and fully fine-tuned 473 / 465
+      (first epoch 10.1 / 10.8 s): within this machine's noise between fits.
 
     Ghost norms are kept on an accelerator (not measured there), and where the new
     per-example gradients (float32, for a whole expected batch) would exceed 256 MiB:

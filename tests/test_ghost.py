@@ -767,6 +767,29 @@ def test_small_models_run_one_pass_on_a_cpu_and_others_keep_their_chunks():
     assert not ghost_cost.one_pass(small, chosen, 128)  # the user's microbatch_size is kept
 
 
+def test_tap_costs_count_the_kernel_axes_from_x():
+    """Tap.costs: (the cheaper exact norm, forming the gradient) in multiply-adds an
+    example, from the positions S, the kernel's axes from x (Kx, sized by the kernel:
+    x's shape is not kept) and from out (Ko): outer S·Kx·Ko, Gram S²·(Kx + Ko).
+    lora_model: a Dense 4 → 6 over 5 positions with adapters of rank 2, an EinsumDense
+    6 → 5 with adapters of rank 3, a Dense 5 → 3 on the pooled vector. (Kx was
+    counted as 1 before: the adapters' norms cost 4 and 6 times less than they do.)"""
+    lora = plan_of(lora_model, data("lora")[0], "ghost")
+    got = [(t.kernel_shape, t.costs()) for t in lora.taps if t.kind == "einsum"]
+
+    def costs(s, kx, ko):
+        return min(s * kx * ko, s * s * (kx + ko)), s * kx * ko
+
+    want = [  # the frozen base kernels are not tapped
+        ((4, 2), costs(5, 4, 2)),  # Dense's adapter A: x → rank
+        ((2, 6), costs(5, 2, 6)),  # its adapter B: rank → out
+        ((6, 3), costs(5, 6, 3)),
+        ((3, 5), costs(5, 3, 5)),
+        ((5, 3), costs(1, 5, 3)),  # on a vector: Gram ‖x‖²‖g‖², 5 + 3
+    ]
+    assert got == want
+
+
 def test_auto_takes_per_example_gradients_where_ghost_norms_cost_as_much(caplog):
     """A chunked step on a CPU: LoRA adapters over a sequence (each norm costs more
     multiply-adds than the adapter holds numbers) run clipping="per_example" under
