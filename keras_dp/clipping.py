@@ -308,10 +308,11 @@ def _ghost(example_fn, params, l2_clip_norm, is_ghost, taps):
     variables with ``is_ghost`` False are differentiated per row in the same pass
     (their per-example gradients, as the per-example path forms them); the ghost
     variables are not differentiated at all. Each row's squared norm is the sum of its
-    taps' (``tap.sq_norms(x, g)``) and of its
-    per-example gradients'; the clipped sum is ``tap.sums(x, g, factor)`` and
-    Σ factor_b·grad_b, in float32, with the rows that are padding or not finite zeroed
-    first (not multiplied: 0·NaN is NaN).
+    taps' ghost norms (``tap.sq_norms(x, g)``) and of its per-example gradients' (the
+    variables with ``is_ghost`` False, and those a tap forms on the way,
+    ``tap.grads(x, g)``: biases and kernels whose norm takes the outer form); the
+    clipped sum is ``tap.sums(x, g, factor)`` and Σ factor_b·grad_b, in float32, with
+    the rows that are padding or not finite zeroed first (not multiplied: 0·NaN is NaN).
     """
     params = list(params)
     own = [p for p, g in zip(params, is_ghost) if not g]
@@ -330,10 +331,13 @@ def _ghost(example_fn, params, l2_clip_norm, is_ghost, taps):
         size = chunk_mask.shape[0]
         zs = [jnp.zeros((size, *t.out.shape), t.out.dtype) for t in taps]
         own_grads, gs, loss, aux, residuals = jax.vmap(per_row)(chunk_rows, ids, zs)
+        grads = dict(zip((i for i, g in enumerate(is_ghost) if not g), own_grads))
         sq = jnp.zeros(size, jnp.float32)
         for t, x, g in zip(taps, residuals, gs):
-            sq = sq + t.sq_norms(x, g)
-        for g in own_grads:
+            grads.update(t.grads(x, g))
+            norms = t.sq_norms(x, g)
+            sq = sq if norms is None else sq + norms
+        for g in grads.values():
             sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(size, -1), axis=1)
         norm = jnp.sqrt(sq)
         finite = jnp.isfinite(norm)
@@ -348,10 +352,8 @@ def _ghost(example_fn, params, l2_clip_norm, is_ghost, taps):
         for t, x, g in zip(taps, residuals, gs):
             for i, total in t.sums(jax.tree.map(zeroed, x), zeroed(g), factor).items():
                 part[i] = total
-        mine = iter(own_grads)
-        for i, g in enumerate(is_ghost):
-            if not g:
-                part[i] = jnp.tensordot(factor, zeroed(next(mine)).astype(jnp.float32), 1)
+        for i, g in grads.items():
+            part[i] = jnp.tensordot(factor, zeroed(g).astype(jnp.float32), 1)
         return part, loss, aux, finite, norm > l2_clip_norm
 
     return compute

@@ -115,7 +115,8 @@ class DPConfig:
         "ghost": the kernels and biases of Dense, EinsumDense (LoRA included),
         Embedding and Conv1D/2D/3D layers get their norms from each layer's input and output
         gradient, and their clipped sum from one contraction over the examples
-        (Goodfellow 2015, Li et al. 2022): no per-example gradient of them is formed;
+        (Goodfellow 2015, Li et al. 2022): no per-example gradient of them is formed
+        but where it is their norm's cheaper form (then it is kept for the sum);
         every other trainable variable (normalisation scales, a layer this cannot
         see into) gets per-example gradients in the same backward pass,
         and one log line names them. "auto" (default): "ghost" for the variables

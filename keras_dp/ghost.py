@@ -4,7 +4,9 @@
 norm of the kernels (and biases) of ``Dense``, ``EinsumDense`` (also with LoRA
 enabled), ``Embedding`` and ``Conv1D/2D/3D`` layers from each layer's input and the
 gradient at its output (:mod:`keras_dp.ghost_norms`), and their clipped sum as one contraction over
-the examples: no per-example gradient of those variables is ever formed. Every other
+the examples: no per-example gradient of those variables is formed, except where it is
+the cheaper form of its norm (:mod:`keras_dp.ghost_tap`: it is then kept for the
+sum). Every other
 trainable variable (normalisation scales, a causal or grouped convolution, anything a
 layer reads in a way this module does not know) gets per-example gradients in the
 same backward pass, and its squared norm is added: the clip bound C holds for the
@@ -44,99 +46,11 @@ except ImportError:  # jax 0.7-0.8 have it only internally (the same function)
     from jax._src.core import get_opaque_trace_state
 
 from keras_dp import _keras, ghost_cost, ghost_layers
-from keras_dp import ghost_conv as gc
-from keras_dp import ghost_norms as gn
+from keras_dp.ghost_tap import Tap
 
 logger = logging.getLogger(__name__)
 
 CLIPPINGS = ("auto", "ghost", "per_example")
-
-
-@dataclasses.dataclass(frozen=True)
-class Tap:
-    """One linear map seen in the trace.
-
-    Attributes:
-      kind: "einsum" (x → einsum(spec, x, kernel)), "conv" (x → conv(x, kernel)),
-        "embedding" (ids → table[ids]) or "bias" (a bias alone).
-      spec: The einsum's index structure (kind "einsum"), or the convolution's
-        (:class:`keras_dp.ghost_conv.Conv`).
-      kernel: The kernel's (or table's) index among the trainable variables, or None.
-      bias: The bias' index, or None.
-      kernel_shape, bias_shape: Their shapes.
-      out: The tapped output of one example (shape and dtype).
-      layer: The layer's path, for messages.
-      use_kernel, use_bias: Whether the kernel's / bias' norm and sum come from this tap.
-      nested: Whether the tap was traced inside a loop, map or branch of the call
-        (never ghost).
-    """
-
-    kind: str
-    spec: gn.Einsum | None
-    kernel: int | None
-    bias: int | None
-    kernel_shape: tuple
-    bias_shape: tuple
-    out: jax.ShapeDtypeStruct
-    layer: str
-    use_kernel: bool = False
-    use_bias: bool = False
-    nested: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.use_kernel or self.use_bias
-
-    def sq_norms(self, x, g) -> jax.Array:
-        """Squared norms of example b's gradients of this tap's variables (float32 [B]),
-        from the input x and the gradient g at the tap."""
-        total = jnp.zeros(g.shape[0], jnp.float32)
-        if self.use_kernel:
-            if self.kind == "embedding":
-                total = total + gn.embedding_sq_norms(x, g)
-            elif self.kind == "conv":
-                total = total + gc.input_sq_norms(self.spec, x, g)
-            else:
-                total = total + gn.kernel_sq_norms(self.spec, x, g)
-        if self.use_bias:
-            total = total + gn.bias_sq_norms(g, self.bias_shape)
-        return total
-
-    def sums(self, x, g, factor) -> dict:
-        """``{variable index: Σ_b factor_b · gradient_b}`` in float32."""
-        out = {}
-        if self.use_kernel:
-            if self.kind == "embedding":
-                out[self.kernel] = gn.embedding_sum(x, g, factor, self.kernel_shape)
-            elif self.kind == "conv":
-                out[self.kernel] = gc.conv_sum(self.spec, x, g, factor, self.kernel_shape)
-            else:
-                out[self.kernel] = gn.kernel_sum(self.spec, x, g, factor, self.kernel_shape)
-        if self.use_bias:
-            out[self.bias] = gn.bias_sum(g, factor, self.bias_shape)
-        return out
-
-    def costs(self) -> tuple[int, int]:
-        """(ghost norm, forming the per-example gradient), multiply-adds per example.
-
-        The einsum's per-example gradient is its outer form, so the cheaper exact form
-        never costs more; an embedding's gradient is a scatter of its T rows into a
-        table of V rows, against the cheapest of the T² products of the Gram form, the
-        T² comparisons of the first-position form and sorting the T ids
-        (:func:`keras_dp.ghost_norms.embedding_costs`).
-        """
-        if self.kind == "einsum" and self.spec is not None:
-            x_shape = _x_shape(self.spec, self.out.shape, self.kernel_shape)
-            outer, gram = gn.costs(self.spec, x_shape, self.out.shape)
-            return min(outer, gram), outer
-        if self.kind == "conv":
-            x_shape = (*self.out.shape[:-1], self.kernel_shape[-2])
-            outer, gram = gc.conv_costs(self.spec, x_shape, self.out.shape)
-            return min(outer, gram), outer
-        if self.kind == "embedding":
-            t, d = math.prod(self.out.shape[:-1]), self.out.shape[-1]
-            return min(gn.embedding_costs(t, d)), t * d + math.prod(self.kernel_shape)
-        return 0, 0
 
 
 def likely_per_example_size(model) -> int:
@@ -148,13 +62,6 @@ def likely_per_example_size(model) -> int:
         if ghost_layers.rule(layer) is not None and not getattr(layer, "tie_weights", False):
             ghostable.update(id(v) for v in layer.trainable_variables)
     return sum(math.prod(v.shape) for v in model.trainable_variables if id(v) not in ghostable)
-
-
-def _x_shape(spec: gn.Einsum, out_shape, kernel_shape) -> tuple:
-    """One example's x shape as far as the output and the kernel tell (the kernel's
-    letters from x, Kx, sized by the kernel; a letter only x has counted as 1)."""
-    sizes = dict(zip(spec.k, kernel_shape)) | dict(zip(spec.out, out_shape))
-    return tuple(sizes.get(c, 1) for c in spec.x)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,10 +88,12 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     every per-example gradient as ``clipping="per_example"`` does (False).
 
     Decided on a CPU from the ghost kernels' norm costs an example (Σ of
-    :meth:`keras_dp.ghost.Tap.costs`' norm, multiply-adds) against Σ of their sizes
+    :meth:`keras_dp.ghost_tap.Tap.costs`' norm, multiply-adds) against Σ of their sizes
     (the numbers their per-example gradients hold). Where a norm costs as much as the
     gradient, the ghost step's clipped sum is a second contraction of that size, which
-    per-example gradients save:
+    per-example gradients save (a kernel whose norm takes the outer form keeps its
+    gradients for the sum, :meth:`keras_dp.ghost_tap.Tap.grads`; the decisions below
+    were measured before it did, BERT's adapters included):
 
     - a model with a ghost convolution: per-example when its norms cost at least
       ``_CONV_RATIO`` (32) times its sizes, one pass or chunked. Measured on 2 CPU

@@ -6,7 +6,8 @@ A layer ``out = einsum(eq, x, K)`` gives example b the kernel gradient
 (Goodfellow 2015; Li et al. 2022, Bu et al. 2023 for sequences). For a sequence
 the norm is taken as the cheaper of two exact forms, chosen from the shapes:
 
-- outer: G_b itself, one example at a time (|S|·|Kx|·|Ko| multiply-adds);
+- outer: G_b itself, one example at a time (|S|·|Kx|·|Ko| multiply-adds; then kept
+  for the sum, :func:`kernel_grads`);
 - Gram: Σ_{s,t} ⟨x_s, x_t⟩⟨g_s, g_t⟩ (|S|²·(|Kx| + |Ko|)),
 
 with S the positions summed in G (in x and out, not in K), Kx and Ko the kernel's
@@ -117,6 +118,21 @@ def kernel_sq_norms(spec: Einsum, x, g) -> jnp.ndarray:
     return jnp.sum(xx * gg, axis=(1, 2, 3))
 
 
+def kernel_grads(spec: Einsum, x, g, kernel_shape) -> jnp.ndarray:
+    """Each example's kernel gradient G_b (float32 [B, *kernel_shape]): the outer form,
+    kept for the clipped sum when the norm takes it (``Tap.grads``). Formed as
+    :func:`kernel_sq_norms` forms it ([B, P, Kx, Ko]: the small CNN's step with its
+    first convolution's G formed as ``einsum("bsa,bsc->bac")`` took 0.1-0.2 ms
+    longer), then laid out as the kernel."""
+    xr, gr = _grouped(spec, x, g)
+    per = jnp.einsum("bspa,bspc->bpac", xr, gr)
+    (z,) = _free(spec, 1)
+    sizes = dict(zip(spec.x, x.shape[1:])) | dict(zip(spec.out, g.shape[1:]))
+    per = per.reshape(x.shape[0], *(sizes[c] for c in spec.shared + spec.kx + spec.ko))
+    per = jnp.einsum(f"{z}{spec.shared}{spec.kx}{spec.ko}->{z}{spec.k}", per)
+    return per.reshape(x.shape[0], *kernel_shape)
+
+
 def kernel_sum(spec: Einsum, x, g, factor, kernel_shape) -> jnp.ndarray:
     """Σ_b factor_b·G_b in float32, one contraction over the examples.
 
@@ -135,15 +151,11 @@ def kernel_sum(spec: Einsum, x, g, factor, kernel_shape) -> jnp.ndarray:
     return out.reshape(kernel_shape)
 
 
-def bias_sq_norms(g, bias_shape) -> jnp.ndarray:
-    """‖Σ g_b reduced to the bias' shape‖² per example (the bias is broadcast over out)."""
+def bias_grads(g, bias_shape) -> jnp.ndarray:
+    """Each example's bias gradient (float32 [B, *bias_shape]): g summed over the axes
+    the bias is broadcast along."""
     per = _reduce_to(g.astype(jnp.float32), tuple(bias_shape))
-    return jnp.sum(jnp.square(per), axis=tuple(range(1, per.ndim)))
-
-
-def bias_sum(g, factor, bias_shape) -> jnp.ndarray:
-    per = _reduce_to(g.astype(jnp.float32), tuple(bias_shape))
-    return jnp.tensordot(factor, per, 1).reshape(bias_shape)
+    return per.reshape(g.shape[0], *bias_shape)
 
 
 def _reduce_to(g, shape) -> jnp.ndarray:
@@ -233,8 +245,8 @@ def chunk_rows(numbers_per_row: int, batch: int) -> int:
 
 
 def by_row_chunks(norms, rows: int, *arrays) -> jnp.ndarray:
-    """``norms(*arrays)`` (one value a row; each array's rows on axis 0) computed
-    ``rows`` rows at a time, in a loop, when there are more.
+    """``norms(*arrays)`` (float32, one value or array a row; each array's rows on
+    axis 0) computed ``rows`` rows at a time, in a loop, when there are more.
 
     The last chunk is not padded: it starts ``rows`` before the end, so its first rows
     are computed again and written again with their own values (each value is one
@@ -244,12 +256,16 @@ def by_row_chunks(norms, rows: int, *arrays) -> jnp.ndarray:
     if batch <= rows:
         return norms(*arrays)
 
+    def part(start):
+        return norms(*(jax.lax.dynamic_slice_in_dim(a, start, rows) for a in arrays))
+
     def chunk(i, out):
         start = jnp.minimum(i * rows, batch - rows)
-        part = norms(*(jax.lax.dynamic_slice_in_dim(a, start, rows) for a in arrays))
-        return jax.lax.dynamic_update_slice_in_dim(out, part.astype(out.dtype), start, 0)
+        return jax.lax.dynamic_update_slice_in_dim(out, part(start).astype(out.dtype), start, 0)
 
-    return jax.lax.fori_loop(0, -(-batch // rows), chunk, jnp.zeros((batch,), jnp.float32))
+    shape = jax.eval_shape(part, 0).shape[1:]
+    out = jnp.zeros((batch, *shape), jnp.float32)
+    return jax.lax.fori_loop(0, -(-batch // rows), chunk, out)
 
 
 def first_position_sq_norms(ids, g) -> jnp.ndarray:

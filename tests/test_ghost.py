@@ -101,6 +101,8 @@ def test_einsum_norms_and_sums_equal_brute_force(equation, x_shape, k_shape):
     grads = [np.asarray(per_example(b), np.float64) for b in range(batch)]
     want_sq = [float(np.sum(G * G)) for G in grads]
     np.testing.assert_allclose(gn.kernel_sq_norms(spec, x, g), want_sq, rtol=1e-5)
+    formed = gn.kernel_grads(spec, x, g, k_shape)  # the outer form's, kept when it is taken
+    np.testing.assert_allclose(formed, np.stack(grads), rtol=1e-5, atol=1e-5)
     want_sum = sum(float(f) * G for f, G in zip(factor, grads))
     got_sum = gn.kernel_sum(spec, x, g, factor, k_shape)
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-5, atol=1e-5)
@@ -138,6 +140,8 @@ def test_conv_norms_and_sums_equal_brute_force(window, strides, padding, dilatio
     np.testing.assert_allclose(
         gc.conv_sq_norms(gc.conv_patches(conv, x), g), [np.sum(G * G) for G in grads], rtol=1e-5
     )
+    formed = gc.input_grads(conv, x, g, kernel.shape)
+    np.testing.assert_allclose(formed, np.stack(grads), rtol=1e-5, atol=1e-5)
     want = sum(float(f) * G for f, G in zip(factor, grads))
     for canonical in (True, False):  # the CPU's form and the accelerators'
         got = gc.conv_sum(conv, x, g, factor, kernel.shape, canonical)
@@ -422,6 +426,21 @@ def lora_model():
     return model
 
 
+def long_sequence_model():
+    """Narrow layers over 16 positions, where each norm takes the outer form (each
+    example's gradient formed and kept for the sum): a Dense 4 → 3 with its bias, and
+    a Dense 3 → 8 with LoRA adapters of rank 1."""
+    inputs = keras.Input((16, 4))
+    h = keras.layers.Dense(3, activation="tanh")(inputs)
+    adapted = keras.layers.Dense(8, activation="relu")
+    h = keras.layers.GlobalAveragePooling1D()(adapted(h))
+    model = keras.Model(inputs, keras.layers.Dense(3)(h))
+    adapted.enable_lora(1)
+    b = adapted.lora_kernel_b  # B starts at zero, which would hide A's gradient
+    b.assign(np.random.default_rng(6).normal(size=b.shape).astype("float32"))
+    return model
+
+
 def conv_model():  # a 1-D convolution, and a causal one (not covered: per-example)
     inputs = keras.Input((6, 2))
     h = keras.layers.Conv1D(3, 2, activation="relu")(inputs)
@@ -557,6 +576,7 @@ def data(kind, n=9, seed=0):
     shape = {
         "sequence": (5, 4),
         "lora": (5, 4),
+        "long_sequence": (16, 4),
         "conv": (6, 2),
         "looped": (5, 4),
         "conv2d": (7, 6, 2),
@@ -575,6 +595,7 @@ MODELS = {
     "negative_ids": mid_text_model,
     "long_text": long_text_model,
     "lora": lora_model,
+    "long_sequence": long_sequence_model,
     "conv": conv_model,
     "conv2d": conv2d_model,
     "long_conv": long_conv_model,
@@ -595,6 +616,35 @@ def test_ghost_equals_per_example(kind, clip):
     want = clipped_sum(MODELS[kind], x, y, "per_example", clip)
     got = clipped_sum(MODELS[kind], x, y, "ghost", clip)
     assert_same_sums(want, got)
+
+
+@pytest.mark.parametrize(
+    "kind, formed",
+    [
+        ("long_sequence", {(4, 3), (3, 1), (1, 8)}),  # a Dense kernel, LoRA's A and B
+        ("conv2d", {(3, 3, 2, 3)}),  # the strided convolution over 4×3 positions
+    ],
+)
+def test_outer_form_kernels_keep_each_examples_gradient(kind, formed, monkeypatch):
+    """A kernel whose norm takes the outer form keeps each example's gradient for the
+    sum (Tap.grads) instead of contracting x and g again (Tap.sums): the update is
+    per-example clipping's, every example clipped or none."""
+    seen = set()
+    grads = ghost.Tap.grads
+
+    def spy(self, x, g):
+        out = grads(self, x, g)
+        if self.formed(x, g):
+            seen.add(self.kernel_shape)
+            assert self.kernel in out and not self.sums(x, g, jnp.ones(x.shape[0]))
+        return out
+
+    monkeypatch.setattr(ghost.Tap, "grads", spy)
+    x, y = data(kind)
+    for clip in (0.05, 100.0):
+        want = clipped_sum(MODELS[kind], x, y, "per_example", clip)
+        assert_same_sums(want, clipped_sum(MODELS[kind], x, y, "ghost", clip))
+    assert seen == formed
 
 
 @pytest.mark.parametrize("kind", ["conv", "conv2d", "text", "mid_text", "long_text"])

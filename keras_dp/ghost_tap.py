@@ -1,0 +1,145 @@
+"""What one tap of ghost clipping computes: a linear map seen in the trace, its
+variables' per-example squared norms and their clipped sum from the map's input x and
+the gradient g at its output (:mod:`keras_dp.ghost_norms`,
+:mod:`keras_dp.ghost_conv`), and what each form costs.
+
+A kernel's norm takes the cheaper exact form. When that is the outer form, each
+example's gradient G_b is formed on the way: it is kept (:meth:`Tap.grads`) and
+joins the per-example gradients of the step, and the clipped sum is Σ_b f_b·G_b
+(Kx·Ko multiply-adds an example) rather than the contraction of x and g again
+(S·Kx·Ko), which also frees x and g once the norms are known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from keras_dp import ghost_conv as gc
+from keras_dp import ghost_norms as gn
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """One linear map seen in the trace.
+
+    Attributes:
+      kind: "einsum" (x → einsum(spec, x, kernel)), "conv" (x → conv(x, kernel)),
+        "embedding" (ids → table[ids]) or "bias" (a bias alone).
+      spec: The einsum's index structure (kind "einsum"), or the convolution's
+        (:class:`keras_dp.ghost_conv.Conv`).
+      kernel: The kernel's (or table's) index among the trainable variables, or None.
+      bias: The bias' index, or None.
+      kernel_shape, bias_shape: Their shapes.
+      out: The tapped output of one example (shape and dtype).
+      layer: The layer's path, for messages.
+      use_kernel, use_bias: Whether the kernel's / bias' norm and sum come from this tap.
+      nested: Whether the tap was traced inside a loop, map or branch of the call
+        (never ghost).
+    """
+
+    kind: str
+    spec: gn.Einsum | None
+    kernel: int | None
+    bias: int | None
+    kernel_shape: tuple
+    bias_shape: tuple
+    out: jax.ShapeDtypeStruct
+    layer: str
+    use_kernel: bool = False
+    use_bias: bool = False
+    nested: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.use_kernel or self.use_bias
+
+    def formed(self, x, g) -> bool:
+        """Whether the kernel's norm takes the outer form, which forms each example's
+        gradient G_b: it is then kept (:meth:`grads`) and the clipped sum is Σ f_b·G_b,
+        Kx·Ko multiply-adds an example instead of the contraction (S·Kx·Ko) again."""
+        if not self.use_kernel or self.kind == "embedding":
+            return False
+        if self.kind == "conv":
+            return gc.outer_form(self.spec, x, g)
+        return gn.outer_form(self.spec, x.shape[1:], g.shape[1:])
+
+    def grads(self, x, g) -> dict:
+        """``{variable index: each example's gradient}`` (float32 [B, *shape]) when the
+        kernel is :meth:`formed`: the kernel's and the bias' (g summed to its shape),
+        so that x and g need not be kept for the sum."""
+        if not self.formed(x, g):
+            return {}
+        if self.kind == "conv":
+            out = {self.kernel: gc.input_grads(self.spec, x, g, self.kernel_shape)}
+        else:
+            out = {self.kernel: gn.kernel_grads(self.spec, x, g, self.kernel_shape)}
+        if self.use_bias:
+            out[self.bias] = gn.bias_grads(g, self.bias_shape)
+        return out
+
+    def sq_norms(self, x, g) -> jax.Array | None:
+        """Squared norms of example b's gradients of this tap's variables (float32 [B])
+        from the input x and the gradient g at the tap, unless :meth:`formed`."""
+        if self.formed(x, g):
+            return None
+        total = jnp.zeros(g.shape[0], jnp.float32)
+        if self.use_kernel:
+            if self.kind == "embedding":
+                total = total + gn.embedding_sq_norms(x, g)
+            elif self.kind == "conv":
+                total = total + gc.input_sq_norms(self.spec, x, g)
+            else:
+                total = total + gn.kernel_sq_norms(self.spec, x, g)
+        if self.use_bias:
+            per = gn.bias_grads(g, self.bias_shape)
+            total = total + jnp.sum(jnp.square(per).reshape(per.shape[0], -1), axis=1)
+        return total
+
+    def sums(self, x, g, factor) -> dict:
+        """``{variable index: Σ_b factor_b · gradient_b}`` in float32, unless :meth:`formed`."""
+        out = {}
+        if self.formed(x, g):
+            return out
+        if self.use_kernel:
+            if self.kind == "embedding":
+                out[self.kernel] = gn.embedding_sum(x, g, factor, self.kernel_shape)
+            elif self.kind == "conv":
+                out[self.kernel] = gc.conv_sum(self.spec, x, g, factor, self.kernel_shape)
+            else:
+                out[self.kernel] = gn.kernel_sum(self.spec, x, g, factor, self.kernel_shape)
+        if self.use_bias:
+            out[self.bias] = jnp.tensordot(factor, gn.bias_grads(g, self.bias_shape), 1)
+        return out
+
+    def costs(self) -> tuple[int, int]:
+        """(ghost norm, forming the per-example gradient), multiply-adds per example.
+
+        The einsum's per-example gradient is its outer form, so the cheaper exact form
+        never costs more; an embedding's gradient is a scatter of its T rows into a
+        table of V rows, against the cheapest of the T² products of the Gram form, the
+        T² comparisons of the first-position form and sorting the T ids
+        (:func:`keras_dp.ghost_norms.embedding_costs`).
+        """
+        if self.kind == "einsum" and self.spec is not None:
+            x_shape = _x_shape(self.spec, self.out.shape, self.kernel_shape)
+            outer, gram = gn.costs(self.spec, x_shape, self.out.shape)
+            return min(outer, gram), outer
+        if self.kind == "conv":
+            x_shape = (*self.out.shape[:-1], self.kernel_shape[-2])
+            outer, gram = gc.conv_costs(self.spec, x_shape, self.out.shape)
+            return min(outer, gram), outer
+        if self.kind == "embedding":
+            t, d = math.prod(self.out.shape[:-1]), self.out.shape[-1]
+            return min(gn.embedding_costs(t, d)), t * d + math.prod(self.kernel_shape)
+        return 0, 0
+
+
+def _x_shape(spec: gn.Einsum, out_shape, kernel_shape) -> tuple:
+    """One example's x shape as far as the output and the kernel tell (the kernel's
+    letters from x, Kx, sized by the kernel; a letter only x has counted as 1)."""
+    sizes = dict(zip(spec.k, kernel_shape)) | dict(zip(spec.out, out_shape))
+    return tuple(sizes.get(c, 1) for c in spec.x)
