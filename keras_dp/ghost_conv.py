@@ -85,23 +85,24 @@ def conv_sq_norms(patches, g) -> jnp.ndarray:
     return gn.kernel_sq_norms(gn.DENSE, patches, g.reshape(g.shape[0], -1, g.shape[-1]))
 
 
+def _sizes(spec: Conv, x, g) -> tuple[int, int]:
+    """(output positions, patch numbers) of one example: S and Kx."""
+    return math.prod(g.shape[2:-1]), math.prod(spec.window) * x.shape[-1]
+
+
 def outer_form(spec: Conv, x, g) -> bool:
     """Whether the squared norm's outer form (each example's kernel gradient formed
     from the patches) is the faster, for the input x [B, 1, *spatial, C] and the
     gradient g [B, 1, *out, filters] (:func:`keras_dp.ghost_norms.outer_form`)."""
-    positions = math.prod(g.shape[2:-1])
-    window = math.prod(spec.window) * x.shape[-1]
+    positions, window = _sizes(spec, x, g)
     return gn.outer_form(gn.DENSE, (positions, window), (positions, g.shape[-1]))
 
 
 def input_sq_norms(spec: Conv, x, g) -> jnp.ndarray:
     """:func:`conv_sq_norms` from the input x [B, 1, *spatial, C] itself: its patches
     (the window times the input) are unfolded a chunk of rows at a time when the batch
-    is large (:func:`keras_dp.ghost_norms.by_row_chunks`; the small CNN of
-    benchmarks/clipping.py at logical batch 1,024: its step's peak temporary memory
-    34 → 17.6 MiB, against plain Keras' 11)."""
-    positions = math.prod(g.shape[2:-1])
-    window = math.prod(spec.window) * x.shape[-1]
+    is large (:func:`keras_dp.ghost_norms.by_row_chunks`)."""
+    positions, window = _sizes(spec, x, g)
     outer = outer_form(spec, x, g)
     per_row = positions * window + (window * g.shape[-1] if outer else 2 * positions**2)
     rows = gn.chunk_rows(per_row, x.shape[0])
@@ -112,8 +113,7 @@ def input_grads(spec: Conv, x, g, kernel_shape) -> jnp.ndarray:
     """Each example's kernel gradient (float32 [B, *kernel_shape]) from the input x
     [B, 1, *spatial, C] and g [B, 1, *out, filters]: its patches' contraction with g,
     a chunk of rows at a time when the batch is large."""
-    positions = math.prod(g.shape[2:-1])
-    window = math.prod(spec.window) * x.shape[-1]
+    positions, window = _sizes(spec, x, g)
     rows = gn.chunk_rows(positions * window + window * g.shape[-1], x.shape[0])
 
     def grads(x, g):

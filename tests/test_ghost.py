@@ -300,6 +300,12 @@ def test_row_chunks_give_each_row_its_own_value(batch, rows, width):
     got = jax.jit(lambda a, b: gn.by_row_chunks(norms, rows, a, b))(a, b)
     np.testing.assert_allclose(got, norms(a, b), rtol=1e-6)
 
+    def grads(a, b):  # an array a row (a kernel's gradients, ghost_tap.Tap.grads)
+        return a[:, :1, None] * 1000.0 + b
+
+    got = jax.jit(lambda a, b: gn.by_row_chunks(grads, rows, a, b))(a, b)
+    np.testing.assert_allclose(got, grads(a, b), rtol=1e-6)
+
 
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(batch=st.integers(1, 5000), per_row=st.integers(1, 1 << 16))
