@@ -747,20 +747,21 @@ def test_nonfinite_example_contributes_nothing():
         assert_same_sums(clipped_sum(mlp, x[keep], y[keep], clipping), got)
 
 
-def test_mixed_bfloat16_never_exceeds_the_clip_norm():
+@pytest.mark.parametrize("kind", ["sequence", "long_sequence"])  # Gram forms; outer, kept
+def test_mixed_bfloat16_never_exceeds_the_clip_norm(kind):
     """Under mixed_bfloat16 the norms and the clipped sum are float32: one example's
     contribution (a batch of one) is at most C, and ghost agrees with per-example."""
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        x, y = data("sequence", n=4)
+        x, y = data(kind, n=4)
         clip = 0.01
         for i in range(4):
-            one = clipped_sum(sequence_model, x[i : i + 1], y[i : i + 1], "ghost", clip)
+            one = clipped_sum(MODELS[kind], x[i : i + 1], y[i : i + 1], "ghost", clip)
             norm = math.sqrt(sum(float(np.sum(g * g)) for g in one))
             assert norm <= clip * (1 + 1e-5), norm
             assert norm > 0.5 * clip
-        want = clipped_sum(sequence_model, x, y, "per_example", clip)
-        got = clipped_sum(sequence_model, x, y, "ghost", clip)
+        want = clipped_sum(MODELS[kind], x, y, "per_example", clip)
+        got = clipped_sum(MODELS[kind], x, y, "ghost", clip)
         assert_same_sums(want, got, rtol=3e-2)  # per-example's gradients are bfloat16
     finally:
         keras.mixed_precision.set_global_policy("float32")
