@@ -103,6 +103,8 @@ def test_einsum_norms_and_sums_equal_brute_force(equation, x_shape, k_shape):
     np.testing.assert_allclose(gn.kernel_sq_norms(spec, x, g), want_sq, rtol=1e-5)
     formed = gn.kernel_grads(spec, x, g, k_shape)  # the outer form's, kept when it is taken
     np.testing.assert_allclose(formed, np.stack(grads), rtol=1e-5, atol=1e-5)
+    half = gn.kernel_grads(spec, x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), k_shape)
+    assert half.dtype == jnp.float32  # mixed_bfloat16: kept and summed in float32
     want_sum = sum(float(f) * G for f, G in zip(factor, grads))
     got_sum = gn.kernel_sum(spec, x, g, factor, k_shape)
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-5, atol=1e-5)
@@ -142,6 +144,8 @@ def test_conv_norms_and_sums_equal_brute_force(window, strides, padding, dilatio
     )
     formed = gc.input_grads(conv, x, g, kernel.shape)
     np.testing.assert_allclose(formed, np.stack(grads), rtol=1e-5, atol=1e-5)
+    half = gc.input_grads(conv, x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), kernel.shape)
+    assert half.dtype == jnp.float32
     want = sum(float(f) * G for f, G in zip(factor, grads))
     for canonical in (True, False):  # the CPU's form and the accelerators'
         got = gc.conv_sum(conv, x, g, factor, kernel.shape, canonical)
