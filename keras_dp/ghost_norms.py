@@ -123,7 +123,7 @@ def kernel_grads(spec: Einsum, x, g, kernel_shape) -> jnp.ndarray:
     kept for the clipped sum when the norm takes it (``Tap.grads``). Formed as
     :func:`kernel_sq_norms` forms it ([B, P, Kx, Ko]: the small CNN's step with its
     first convolution's G formed as ``einsum("bsa,bsc->bac")`` took 0.1-0.2 ms
-    longer), then laid out as the kernel."""
+    longer, alternated in one process by an ad-hoc script), then laid out as the kernel."""
     xr, gr = _grouped(spec, x, g)
     per = jnp.einsum("bspa,bspc->bpac", xr, gr)
     (z,) = _free(spec, 1)

@@ -10,8 +10,9 @@ same optimizer. The examples of each update are the sampler's own draw
 sampling, microbatch sizes up to 128 including non-powers of two, 1/2/4 devices,
 float32 and bfloat16, sample weights, dropout, several layers and losses (one model
 mixes ghost layers with every kind of fallback), the three ``clipping`` modes:
-ghost norms, per-example gradients and their mix, and the embedding and convolution
-norms taken a chunk of rows at a time, as a large batch takes them).
+ghost norms, per-example gradients and their mix, kernels whose norm's outer form keeps
+each example's gradient for the sum, and the embedding and convolution norms taken a
+chunk of rows at a time, as a large batch takes them).
 """
 
 import math
@@ -40,7 +41,10 @@ EMBEDDINGS = {"embedding": (LENGTH, 4), "long_embedding": (LONG_LENGTH, LONG_FEA
 # "long_conv": a convolution over 64 positions, whose ghost norms cost 43× its kernels'
 # sizes, so that auto runs it per-example (ghost_cost.ghost_pays) on the one-pass
 # model's usual-size batch, in chunks that do not divide it (step.step_chunk).
-CONV_LENGTHS = {"conv": LENGTH, "long_conv": 66}
+# "long_dense": a Dense over the same 66 positions of 2 features. In both, each kernel's
+# norm takes the outer form, whose per-example gradients are kept for the clipped sum
+# (ghost_tap.Tap.grads) under clipping="ghost".
+CONV_LENGTHS = {"conv": LENGTH, "long_conv": 66, "long_dense": 66}
 
 
 def mixed(inputs, dtype):
@@ -78,6 +82,10 @@ def build(kind: str, dropout: bool, dtype: str | None):
     elif kind == "mixed":
         inputs = keras.Input((LENGTH, 2))
         h = mixed(inputs, dtype)
+    elif kind == "long_dense":
+        inputs = keras.Input((CONV_LENGTHS[kind], 2))
+        h = keras.layers.Dense(3, activation="tanh", dtype=dtype)(inputs)
+        h = keras.layers.GlobalAveragePooling1D(dtype=dtype)(h)
     else:  # long_conv
         inputs = keras.Input((CONV_LENGTHS[kind], 2))
         h = keras.layers.Conv1D(4, 3, activation="relu", dtype=dtype)(inputs)
@@ -207,7 +215,9 @@ def test_the_mixed_model_has_ghost_variables_and_each_kind_of_fallback():
 
 plans = st.fixed_dictionaries(
     {
-        "kind": st.sampled_from(["mlp", "embedding", "long_embedding", "conv", "mixed"]),
+        "kind": st.sampled_from(
+            ["mlp", "embedding", "long_embedding", "conv", "mixed", "long_dense", "long_conv"]
+        ),
         "loss": st.sampled_from(["sparse_ce", "mse", "binary_ce"]),
         "sampling": st.sampled_from(["poisson", "fixed"]),
         "batch": st.integers(1, 300),
@@ -285,6 +295,18 @@ plans = st.fixed_dictionaries(
     plan=dict(kind="conv", loss="mse", sampling="poisson", batch=135, extra=7,
               microbatch=None, devices=1, dtype="float32", weighted=True, dropout=True,
               sigma=0.7, clip=0.5, steps=2, clipping="ghost", norm_chunk=2000)
+)  # fmt: skip
+# Kernels whose per-example gradients are kept (the norm's outer form), in chunks of
+# rows, on 2 and 4 devices, float32 and bfloat16.
+@example(
+    plan=dict(kind="long_dense", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=19, devices=2, dtype="bfloat16", weighted=True, dropout=True,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost")
+)  # fmt: skip
+@example(
+    plan=dict(kind="long_conv", loss="mse", sampling="poisson", batch=135, extra=7,
+              microbatch=None, devices=4, dtype="float32", weighted=False, dropout=False,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", norm_chunk=2000)
 )  # fmt: skip
 def test_train_step_equals_the_reference(plan):
     devices = plan["devices"]
