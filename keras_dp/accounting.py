@@ -23,6 +23,7 @@ from keras_dp.events import (  # noqa: F401 (the events are part of this module'
     els_event,
     fixed_batch_event,
     neighboring_relation,
+    plan_event,
     poisson_event,
     truncated_batch_size,
 )
@@ -311,6 +312,18 @@ def calibrate_noise_multiplier(
     while epsilon(make_event(sigma), delta, accountant, relation) > target_epsilon:
         sigma *= 1.001
     return sigma
+
+
+def most_steps_within(epsilon_after: Callable[[int], float], steps: int, limit: float) -> int:
+    """The most updates n ≤ ``steps`` with ``epsilon_after(n) <= limit`` (ε grows
+    with n: a binary search, ~log2(steps) ε queries)."""
+    lo, hi = 0, steps
+    if epsilon_after(hi) <= limit:
+        return hi
+    while hi - lo > 1:  # invariant: epsilon_after(lo) <= limit < epsilon_after(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if epsilon_after(mid) <= limit else (lo, mid)
+    return lo
 
 
 class UnreachableEpsilon(ValueError):

@@ -315,19 +315,6 @@ class DPConfig:
         if self.steps is None:
             raise ValueError(f"DPConfig.{what} needs steps= or epochs=.")
 
-    def _event_for(self, sigma: float, steps: int) -> dp_accounting.DpEvent:
-        if self.sampling == "fixed":
-            return accounting.fixed_batch_event(self.dataset_size, self.batch_size, sigma, steps)
-        if self.correlated:
-            return accounting.bandmf_event(self.group_probability, sigma, steps, self.bands)
-        if self.example_sampled_users:
-            return accounting.els_event(
-                self.sampling_probability, sigma, steps, self.examples_per_user
-            )
-        return accounting.poisson_event(
-            self.dataset_size, self.sampling_probability, sigma, steps, self.max_batch_size
-        )
-
     def dp_event(self, steps: int | None = None) -> dp_accounting.DpEvent:
         """The dp_accounting event of ``steps`` updates (default: the whole plan)."""
         self._require("dp_event")
@@ -338,7 +325,7 @@ class DPConfig:
         steps = self.steps if steps is None else steps
         if not validation.is_int(steps) or steps < 0:
             raise ValueError(f"steps={steps!r} is invalid: pass a non-negative integer.")
-        return self._event_for(self.noise_multiplier, steps)
+        return accounting.plan_event(self, self.noise_multiplier, steps)
 
     def epsilon(self, steps: int | None = None, delta: float | None = None) -> float:
         """ε spent after ``steps`` updates (default: the plan) at ``delta``."""
@@ -376,7 +363,7 @@ class DPConfig:
         try:
             sigma = accounting.remembered_noise_multiplier(
                 key,
-                lambda s: config._event_for(s, config.steps),
+                lambda s: accounting.plan_event(config, s, config.steps),
                 config.target_epsilon,
                 config.delta,
                 config.accountant,
@@ -395,13 +382,7 @@ class DPConfig:
 
     def max_steps_within(self, epsilon: float, delta: float | None = None) -> int:
         """The most updates (up to the plan's) whose ε at ``delta`` is ≤ ``epsilon``."""
-        lo, hi = 0, self.steps
-        if self.epsilon(hi, delta) <= epsilon:
-            return hi
-        while hi - lo > 1:  # invariant: epsilon(lo) <= limit < epsilon(hi)
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.epsilon(mid, delta) <= epsilon else (lo, mid)
-        return lo
+        return accounting.most_steps_within(lambda n: self.epsilon(n, delta), self.steps, epsilon)
 
 
 _dataclass_init = DPConfig.__init__

@@ -136,6 +136,20 @@ def fixed_batch_event(
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
+def plan_event(plan, noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
+    """The event of ``steps`` updates of ``plan`` (a calibrated-or-not
+    :class:`keras_dp.DPConfig`) at noise multiplier σ: its sampler's event."""
+    if plan.sampling == "fixed":
+        return fixed_batch_event(plan.dataset_size, plan.batch_size, noise_multiplier, steps)
+    if plan.correlated:
+        return bandmf_event(plan.group_probability, noise_multiplier, steps, plan.bands)
+    if plan.example_sampled_users:
+        return els_event(plan.sampling_probability, noise_multiplier, steps, plan.examples_per_user)
+    return poisson_event(
+        plan.dataset_size, plan.sampling_probability, noise_multiplier, steps, plan.max_batch_size
+    )
+
+
 def _untruncated(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
     """The untruncated Poisson twin of a truncated event (a cheap search proxy)."""
     if isinstance(event, dp_accounting.SelfComposedDpEvent):
