@@ -1,6 +1,7 @@
 """ε and calibration checked against dp_accounting called directly."""
 
 import dataclasses
+import itertools
 import logging
 import math
 
@@ -195,6 +196,28 @@ def test_epsilon_at_zero_steps_is_zero_and_grows():
     assert values == sorted(values)
     # A larger δ gives a smaller ε.
     assert config.epsilon(delta=1e-6) < config.epsilon(delta=1e-8)
+
+
+@given(
+    st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=60),
+    st.floats(0, 60, allow_nan=False),
+)
+def test_most_steps_within_is_the_last_step_under_the_limit(increments, limit):
+    """The binary search behind PrivacyBudget's stop against a scan of every n, on
+    non-decreasing ε curves (flat stretches included)."""
+    curve = [0.0, *itertools.accumulate(increments)]
+    steps = len(curve) - 1
+    want = max(n for n in range(steps + 1) if curve[n] <= limit)
+    assert accounting.most_steps_within(curve.__getitem__, steps, limit) == want
+
+
+def test_max_steps_within_stops_where_dp_accounting_passes_the_budget():
+    config = DPConfig(
+        dataset_size=2_000, batch_size=100, steps=60, target_epsilon=3.0, noise_multiplier=1.0
+    )
+    n = config.max_steps_within(1.5)
+    assert 0 < n < 60
+    assert config.epsilon(n) <= 1.5 < config.epsilon(n + 1)
 
 
 def test_a_sigma_search_asks_dp_accounting_once_per_event(monkeypatch):
