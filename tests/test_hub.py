@@ -1,13 +1,18 @@
-"""DP LoRA fine-tuning of a tiny keras-hub Gemma3 built from config (offline)."""
+"""DP LoRA fine-tuning of a tiny keras-hub Gemma3 built from config (offline), and ghost
+clipping on other keras-hub families (GPT2, Llama) against per-example gradients."""
+
+import functools
 
 import keras
 import keras_hub
 import numpy as np
+import pytest
 
 import keras_dp
 from keras_dp import offline
 
 from .helpers import whole_batch_update
+from .test_ghost import fallback_of
 
 
 def tiny_gemma():
@@ -175,6 +180,83 @@ def test_ghost_equals_per_example_on_gemma3_lora_and_full():
     for lora in (True, False):
         want = _gemma_clipped_sum("per_example", lora)
         got = _gemma_clipped_sum("ghost", lora)
+        scale = max(float(np.max(np.abs(w))) for w in want)
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * scale)
+
+
+HUB_BACKBONES = {  # other families' layers: Keras' attention, LayerNorm offsets, GQA
+    "gpt2": lambda: keras_hub.models.GPT2Backbone(
+        vocabulary_size=64,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+    ),
+    "llama": lambda: keras_hub.models.LlamaBackbone(
+        vocabulary_size=64,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+    ),
+}
+
+
+def hub_classifier(family: str, lora: bool) -> keras.Model:
+    """A backbone of ``family`` with a Dense head on its first token."""
+    keras.utils.set_random_seed(0)
+    backbone = HUB_BACKBONES[family]()
+    if lora:
+        backbone.enable_lora(rank=2)
+        rng = np.random.default_rng(1)  # B starts at zero, which would hide A's gradient
+        for v in backbone.trainable_variables:
+            if "lora_kernel_b" in v.path:
+                v.assign(rng.normal(size=v.shape).astype("float32"))
+    inputs = {
+        "token_ids": keras.Input((8,), dtype="int32", name="token_ids"),
+        "padding_mask": keras.Input((8,), dtype="bool", name="padding_mask"),
+    }
+    logits = keras.layers.Dense(3)(backbone(inputs)[:, 0, :])
+    return keras.Model(inputs, logits)
+
+
+def hub_data(n: int = 6):
+    rng = np.random.default_rng(0)
+    x = {
+        "token_ids": rng.integers(1, 64, (n, 8)).astype("int32"),
+        "padding_mask": np.arange(8)[None, :] < rng.integers(3, 9, (n, 1)),  # padded
+    }
+    return x, rng.integers(0, 3, n)
+
+
+def _classifier_clipped_sum(family: str, clipping: str, lora: bool):
+    """One update's clipped sum (σ = 0, every example, SGD at lr B)."""
+    x, y = hub_data()
+    model = hub_classifier(family, lora)
+    start = [np.asarray(v, np.float64) for v in model.trainable_variables]
+    model = keras_dp.make_private(model, whole_batch_update(len(y), 0.05, clipping))
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=float(len(y))),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x, y, verbose=0)
+    return [s - np.asarray(v, np.float64) for s, v in zip(start, model.trainable_variables)]
+
+
+@pytest.mark.parametrize("family", sorted(HUB_BACKBONES))
+def test_ghost_equals_per_example_on_gpt2_and_llama_classifiers(family):
+    """Every example clipped (C = 0.05), padded sequences, LoRA on and off; every
+    kernel (attention's EinsumDense, the MLPs', LoRA's adapters) takes ghost norms."""
+    x, _ = hub_data()
+    for lora in (True, False):
+        fallback = fallback_of(functools.partial(hub_classifier, family, lora), x)
+        assert not any("kernel" in path for path in fallback), fallback
+        assert lora == (not fallback)  # full: norm scales, position or unused embeddings
+        want = _classifier_clipped_sum(family, "per_example", lora)
+        got = _classifier_clipped_sum(family, "ghost", lora)
         scale = max(float(np.max(np.abs(w))) for w in want)
         for w, g in zip(want, got):
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * scale)
