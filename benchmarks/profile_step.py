@@ -57,9 +57,8 @@ def dp_batch(model, x, y, real: int):
     physical = dp_data.DPBatches(model, source, config, chunk, 1).physical
     padded, mask = sampling.shard_layout(np.arange(real), physical, 1)
     xs, ys, _ = source.gather(padded)
-    seed = np.broadcast_to(noise.seed_words(model._dp_seed), (len(mask), 2))
-    packed = {"dp_x": xs, "dp_mask": mask, "dp_step": np.zeros(len(mask), np.int32)}
-    return {**packed, "dp_seed": np.ascontiguousarray(seed)}, ys
+    key = np.repeat(noise.step_key_data(model._dp_seed, [0]), len(mask), axis=0)
+    return {"dp_x": xs, "dp_mask": mask, "dp_key": key}, ys
 
 
 def compiled_step(model, batch):

@@ -62,10 +62,11 @@ def preprocess_all(preprocessor, validation_data):
 
 
 class DPBatches(keras.utils.PyDataset):
-    """Batches drawn by the config's sampler: (({"dp_x", "dp_mask", "dp_step"}, y, w)).
+    """Batches drawn by the config's sampler: (({"dp_x", "dp_mask", "dp_key"}, y, w)).
 
-    ``dp_step`` (the update's number in the ledger, one copy per row so that it
-    shards like the rows) keys the update's noise.
+    ``dp_key`` (the data of the update's noise key, :func:`keras_dp.noise.step_key_data`
+    of the secret seed and the update's number in the ledger; one copy per row so that
+    it shards like the rows) keys the update's noise.
 
     Every batch has ``physical`` rows (the truncation bound's, padded), or, with
     ``usual`` (:func:`keras_dp.step.usual_rows`), ``usual_physical`` rows whenever
@@ -94,7 +95,7 @@ class DPBatches(keras.utils.PyDataset):
                 self.usual, self.usual_physical = usual, rows
         self._usual_exceeded = False
         self._next_step = model._dp_ledger.steps
-        self._seeds = {}
+        self._keys = (None, 0, np.zeros((0, 2), np.uint32))  # (seed, first step, data)
         self._streams = None
 
     def _physical(self, rows: int) -> int:
@@ -146,8 +147,7 @@ class DPBatches(keras.utils.PyDataset):
         packed = {
             "dp_x": x,
             "dp_mask": mask,
-            "dp_step": np.full(rows, step, np.int32),
-            "dp_seed": self._seed_rows(seed, rows),
+            "dp_key": np.repeat(self._key_data(seed, step)[None], rows, axis=0),
         }
         if inner is not None:
             packed["dp_inner"] = inner
@@ -180,14 +180,17 @@ class DPBatches(keras.utils.PyDataset):
             physical = self._physical(count)
         return physical
 
-    def _seed_rows(self, seed: int, rows: int) -> np.ndarray:
-        """The seed's two words on each of ``rows`` rows (read-only, made once per size)."""
-        key = (seed, rows)
-        if key not in self._seeds:
-            words = np.tile(noise.seed_words(seed), (rows, 1))
-            words.flags.writeable = False
-            self._seeds[key] = words
-        return self._seeds[key]
+    def _key_data(self, seed: int, step: int) -> np.ndarray:
+        """The noise key's data of update ``step``, hashed for 256 updates at a time."""
+        cached, first, data = self._keys
+        if cached != seed or not first <= step < first + len(data):
+            data = noise.step_key_data(seed, np.arange(step, step + _KEYS_AT_ONCE))
+            self._keys = (seed, step, data)
+            first = step
+        return data[step - first]
+
+
+_KEYS_AT_ONCE = 256  # NumPy's hash of 256 counters costs what one does
 
 
 def _check_rows(batch, rows: int) -> None:

@@ -114,10 +114,11 @@ def train_step(model, state, data):
         ghost=ghost_spec,
     )
     y_pred, metrics_vars = aux if fold_metrics else (aux, metrics_vars)
-    # The secret seed is an input (never a constant of the compiled program); the
-    # ledger's count of this update keys its noise: unique along the weights'
-    # history, and a new seed is drawn whenever loaded weights go back.
-    key = noise.step_key(noise.root_key(packed["dp_seed"][0]), packed["dp_step"][0])
+    # The noise key is an input (never a constant of the compiled program): the
+    # secret seed folded with the ledger's count of this update (on the host,
+    # noise.step_key_data), unique along the weights' history; a new seed is drawn
+    # whenever loaded weights go back.
+    key = noise.wrap_step_key(packed["dp_key"][0])
     if clip_slot is not None:  # adaptive clipping: the count's noise, its own stream
         key, count_key = jax.random.split(key)
     noise_slots = noise_state.slots(model)

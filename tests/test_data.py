@@ -210,6 +210,35 @@ def test_one_compilation_per_fit():
     assert 1 <= len(traces) <= 2, traces
 
 
+def test_noise_keys_follow_the_ledger_across_hash_blocks(monkeypatch):
+    """The noise key fed with update t is JAX's fold_in(fold_in(key(low), high), t),
+    hashed on the host a few updates at a time: across blocks, after a new secret seed,
+    and after a resume that goes back."""
+    monkeypatch.setattr(data, "_KEYS_AT_ONCE", 3)
+    x, y = np.zeros((40, 3), "float32"), np.zeros(40, "int32")
+    config = DPConfig(target_epsilon=8.0, noise_multiplier=1.0, batch_size=4, epochs=2)
+    config = config.calibrate(40)
+    model = keras_dp.make_private(mlp(), config)
+    model._dp_seed = seed = 2**40 + 17
+    batches = data.DPBatches(model, sampling.ExampleSource(x, y), config, 4, 20)
+
+    def expected(seed, step):
+        low = jax.random.key(np.uint32(seed & 0xFFFFFFFF))
+        return np.asarray(
+            jax.random.key_data(jax.random.fold_in(jax.random.fold_in(low, seed >> 32), step))
+        )
+
+    for start, stop in ((5, 14), (2, 4)):
+        batches.resume_at(start)
+        for step in range(start, stop):
+            if step == 9:  # a restored checkpoint can bring a new secret seed
+                model._dp_seed = seed = seed ^ 0x5A5A5A5A5A
+            packed = batches[0][0]
+            np.testing.assert_array_equal(
+                packed["dp_key"], np.tile(expected(seed, step), (len(packed["dp_mask"]), 1))
+            )
+
+
 def test_noise_root_uses_all_64_bits_of_the_seed():
     low = 12345
     keys = [noise.root_key(low + (hi << 32)) for hi in range(3)]
@@ -275,7 +304,7 @@ def test_usual_size_batches_hold_the_same_draws(batch, extra, usual, seed):
         assert b["dp_mask"][:real].all()  # one shard: real rows first
         np.testing.assert_array_equal(b["dp_x"][:real], a["dp_x"][:real])
         np.testing.assert_array_equal(yb[:real], ya[:real])
-        assert (b["dp_step"] == a["dp_step"][0]).all()
+        assert (b["dp_key"] == a["dp_key"][0]).all()
 
 
 def test_a_fit_over_both_batch_shapes_trains_as_one_over_the_bound(monkeypatch):
@@ -401,10 +430,12 @@ def test_each_batch_is_its_draw_laid_out(n, batch, shards, usual, sampler, form,
                 np.testing.assert_array_equal(fed[2], w[padded])
             else:
                 assert len(fed) == 2
-            np.testing.assert_array_equal(packed["dp_step"], np.full(rows, step))
-            words = np.asarray([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
-            np.testing.assert_array_equal(packed["dp_seed"], np.tile(words, (rows, 1)))
-            assert packed["dp_seed"].dtype == np.uint32 and packed["dp_step"].dtype == np.int32
+            # The noise key: JAX's fold_in of the seed's two words, then of the step.
+            low = jax.random.key(np.uint32(seed & 0xFFFFFFFF))
+            key = jax.random.fold_in(jax.random.fold_in(low, seed >> 32), step)
+            words = np.asarray(jax.random.key_data(key))
+            np.testing.assert_array_equal(packed["dp_key"], np.tile(words, (rows, 1)))
+            assert packed["dp_key"].dtype == np.uint32
 
 
 def test_the_adapter_feeds_the_batches_in_order_as_they_are():

@@ -47,6 +47,27 @@ def test_step_keys_are_jax_fold_in_bit_for_bit(seed, step):
     assert jax.random.key_impl(noise.root_key(seed)) == jax.random.key_impl(low)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**64 - 1),
+    steps=st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=5),
+    impl=st.sampled_from(["threefry2x32", "rbg"]),
+)
+def test_host_step_keys_are_jax_fold_in_bit_for_bit(seed, steps, impl):
+    """The key data fed with each batch (hashed on the host with NumPy) is the data of
+    JAX's own fold_in(fold_in(key(low), high), step), and wraps back into that key."""
+    high, low = (int(w) for w in noise.seed_words(seed))
+    with jax.default_prng_impl(impl):
+        got = noise.step_key_data(seed, steps)
+        root = jax.random.fold_in(jax.random.key(jnp.uint32(low)), high)
+        for words, step in zip(got, steps):
+            expected = jax.random.fold_in(root, step)
+            np.testing.assert_array_equal(words, jax.random.key_data(expected))
+            key = noise.wrap_step_key(jnp.asarray(words))
+            assert str(jax.random.key_impl(key)) == str(jax.random.key_impl(expected))
+    assert got.dtype == np.uint32 and got.shape[0] == len(steps)
+
+
 def test_other_default_generators_keep_jax_fold_in():
     with jax.default_prng_impl("rbg"):
         root = noise.root_key(2**40 + 3)
