@@ -57,8 +57,9 @@ def step_key_data(seed: int, steps) -> np.ndarray:
 
     A train step takes its noise key as this data (a batch input, like the seed it
     comes from: never a constant of the program) rather than hashing the seed and the
-    step itself: two fewer Threefry hashes to trace and compile (the MLP's DP step,
-    0.60 → 0.52 s to compile here). For JAX's default Threefry key the hash is
+    step itself: two fewer Threefry hashes to trace and compile (the MLP's first
+    epoch: README, ``benchmarks/results/clipping-hostkey``). For JAX's default
+    Threefry key the hash is
     :func:`threefry2x32` on NumPy arrays, one call for many steps; another default
     generator is asked through JAX (one compiled call for many steps).
     """
