@@ -11,10 +11,11 @@ import numpy as np
 
 
 def seed_words(seed: int) -> np.ndarray:
-    """``seed``'s 64 bits as two uint32 words (high, low): the form the train step takes.
+    """``seed``'s 64 bits as two uint32 words (high, low), as :func:`root_key` folds them.
 
-    The words travel with each batch as data, so the secret seed is an input of the
-    compiled step, never a constant in its program (or in a compilation cache).
+    The train step never sees them: each batch carries its update's key data
+    (:func:`step_key_data`), so the secret is an input of the compiled step, never a
+    constant in its program (or in a compilation cache).
     """
     seed = int(seed) % 2**64
     return np.asarray([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32)
