@@ -390,10 +390,16 @@ def test_the_secret_seed_is_not_compiled_into_the_program():
     )
     text = jax.jit(model.train_step).lower(state, batch).as_text()
     assert str(hi) not in text and str(lo) not in text
+    key_words = [int(w) for w in batch[0]["dp_key"][0]]  # the update's key: data too
+    assert key_words == [int(w) for w in noise.step_key_data(seed, [model.dp_steps])[0]]
+    assert not any(str(w) in text or str(w - 2**32) in text for w in key_words)
     # The search can fail: a step that closes over the key shows its words.
     leaky = jax.jit(lambda step: jax.random.key_data(noise.step_key(noise.root_key(seed), step)))
     leaked = leaky.lower(0).as_text()
     assert str(lo) in leaked or str(lo - 2**32) in leaked
+    constant = np.asarray(key_words, np.uint32)
+    leaked = jax.jit(lambda: jax.random.key_data(noise.wrap_step_key(constant))).lower()
+    assert all(str(w) in leaked.as_text() or str(w - 2**32) in leaked.as_text() for w in key_words)
 
 
 # 16.5 ------------------------------------------------------------------------------
