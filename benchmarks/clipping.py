@@ -14,7 +14,8 @@ its wall time from ``on_epoch_begin`` to ``on_epoch_end`` of a fresh model.
 ``--microbatch-size`` fixes keras_dp's chunk (default: the platform's choice). σ is
 calibrated once per plan and process (an in-process cache), so it is reported apart
 too. Memory is XLA's peak temporary memory of one compiled step at logical batch
-32 and 1024: keras_dp's in one chunk (no microbatching), and plain Keras' beside it.
+32 and 1024: keras_dp's in one chunk (no microbatching), and plain Keras' beside it,
+on the logical batch and on as many rows as keras_dp computes (the Poisson bound's).
 ``--models`` with no name measures memory only.
 
 The models: an MLP 64-256-256-10 on digits (batch 64), a CNN (two 3x3 convolutions
@@ -286,6 +287,10 @@ def memory(names) -> dict:
             kind: {b: step_memory(name, kind, b) for b in (32, 1024)}
             for kind in ("plain", "per_example", "ghost")
         }
+        # Plain Keras on as many rows as keras_dp computes at 1024 (the Poisson bound's
+        # padding included): what clipping adds, apart from what the sampler adds.
+        rows = out[name]["ghost"][1024][1]
+        out[name]["plain_same_rows"] = step_memory(name, "plain", rows)
         log(f"memory {name}: {out[name]}")
     return out
 
@@ -343,21 +348,31 @@ def markdown(results: dict) -> str:
             "",
             "Peak temporary memory of one compiled step (MiB; rows computed in brackets): "
             "keras_dp's with its whole physical batch (padded to the Poisson bound) in one "
-            "chunk, no microbatching; plain Keras' on the logical batch:",
+            "chunk, no microbatching; plain Keras' on the logical batch, and (the last row "
+            "of each model) on as many rows as keras_dp's step at 1024:",
             "",
             "| model | step | logical batch 32 | logical batch 1024 | 1024 / 32 "
-            "| / plain at 1024 |",
-            "|---|---|---|---|---|---|",
+            "| / plain at 1024 | / plain on the same rows |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, kinds in results["memory"].items():
             plain = kinds.get("plain", {}).get(1024)
+            same = kinds.get("plain_same_rows")
             for kind, m in kinds.items():
+                if kind == "plain_same_rows":
+                    continue
                 (a, ra), (b, rb) = m[32], m[1024]
-                vs = f"{b / plain[0]:.1f}×" if plain else "–"
+                vs = f"{b / plain[0]:.2f}×" if plain else "–"
+                vs_same = f"{b / same[0]:.2f}×" if same and same[1] == rb else "–"
                 growth = f"{b / a:.1f}×" if a >= 2**16 else "–"  # XLA kept ~nothing at 32
                 lines.append(
                     f"| {name} | {kind} | {a / 2**20:.1f} ({ra}) | {b / 2**20:.1f} ({rb}) "
-                    f"| {growth} | {vs} |"
+                    f"| {growth} | {vs} | {vs_same} |"
+                )
+            if same:
+                lines.append(
+                    f"| {name} | plain, {same[1]} rows | – | {same[0] / 2**20:.1f} ({same[1]}) "
+                    "| – | – | – |"
                 )
     return "\n".join(lines) + "\n"
 
