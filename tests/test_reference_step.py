@@ -322,7 +322,7 @@ plans = st.fixed_dictionaries(
 # Shares that cancel: in bf16, the head's bias moved 2.7e-4 against the reference's
 # 2.3e-4, its examples' shares summing to 1.9e-2 over the three updates; in float32 (the
 # second), float32 rounding of the first update's ghost sums, amplified by the second's
-# gradients through the recurrence (found by soaks).
+# gradients through the recurrence (found by a soak and by this test's own draws).
 @example(
     plan=dict(kind="long_dense", loss="sparse_ce", sampling="poisson", batch=2, extra=2,
               microbatch=None, devices=1, dtype="bfloat16", weighted=False, dropout=False,
@@ -394,7 +394,7 @@ def test_train_step_equals_the_reference(plan):
         # Relative to the largest gross move (the examples' shares and the noise summed
         # as if none cancelled), plus the rounding of storing w + Δ. Rounding follows the
         # shares summed, not what is left of them where they cancel, and the next update's
-        # gradients amplify it (found by soaks): a bf16 bias whose shares (1.9e-2 over
+        # gradients amplify it (found by random plans): a bf16 bias whose shares (1.9e-2 over
         # three updates) cancelled to a net move of 2.3e-4 differed by 4e-5 in every
         # clipping mode; a float32 ghost sum summed in another order than per-example
         # gradients' differed by 1e-6 of its gross move 1.2 after one update, and by
