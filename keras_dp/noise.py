@@ -33,23 +33,9 @@ def root_key(seed) -> jax.Array:
 
 def step_key(root: jax.Array, step: jax.Array) -> jax.Array:
     """The noise key of update ``step``: distinct for every step of a run
-    (``jax.random.fold_in(root, step)``, bit for bit)."""
-    if not _is_threefry(root):
-        return jax.random.fold_in(root, step)
-    words = fold_in_words(jax.random.key_data(root), step)
-    return jax.random.wrap_key_data(words, impl="threefry2x32")
-
-
-def fold_in_words(words: jax.Array, data) -> jax.Array:
-    """The data of ``jax.random.fold_in(key, data)`` for the Threefry key whose data
-    are ``words``: the hash of the counter (0, data) under that key.
-
-    JAX lowers its hash on a CPU as a loop (two per step key: 0.05–0.1 s more to
-    compile and a few more kernels); written out, it is one small fused computation.
-    """
-    data = jnp.asarray(data, dtype=jnp.uint32)  # as jax.random.fold_in converts it
-    x0, x1 = threefry2x32(words[0], words[1], jnp.zeros_like(data), data)
-    return jnp.stack([x0, x1])
+    (``jax.random.fold_in(root, step)``). The train step never hashes it: it takes
+    the key's data from :func:`step_key_data`, computed on the host."""
+    return jax.random.fold_in(root, step)
 
 
 def step_key_data(seed: int, steps) -> np.ndarray:
