@@ -210,6 +210,14 @@ def test_one_compilation_per_fit():
     assert 1 <= len(traces) <= 2, traces
 
 
+def fold_in_key_data(seed: int, step: int) -> np.ndarray:
+    """JAX's own fold_in(fold_in(key(low word), high word), step) of the 64-bit seed:
+    the data of the noise key that update ``step`` must be fed."""
+    low = jax.random.key(np.uint32(seed & 0xFFFFFFFF))
+    key = jax.random.fold_in(jax.random.fold_in(low, seed >> 32), step)
+    return np.asarray(jax.random.key_data(key))
+
+
 def test_noise_keys_follow_the_ledger_across_hash_blocks(monkeypatch):
     """The noise key fed with update t is JAX's fold_in(fold_in(key(low), high), t),
     hashed on the host a few updates at a time: across blocks, after a new secret seed,
@@ -222,12 +230,6 @@ def test_noise_keys_follow_the_ledger_across_hash_blocks(monkeypatch):
     model._dp_seed = seed = 2**40 + 17
     batches = data.DPBatches(model, sampling.ExampleSource(x, y), config, 4, 20)
 
-    def expected(seed, step):
-        low = jax.random.key(np.uint32(seed & 0xFFFFFFFF))
-        return np.asarray(
-            jax.random.key_data(jax.random.fold_in(jax.random.fold_in(low, seed >> 32), step))
-        )
-
     for start, stop in ((5, 14), (2, 4)):
         batches.resume_at(start)
         for step in range(start, stop):
@@ -235,7 +237,7 @@ def test_noise_keys_follow_the_ledger_across_hash_blocks(monkeypatch):
                 model._dp_seed = seed = seed ^ 0x5A5A5A5A5A
             packed = batches[0][0]
             np.testing.assert_array_equal(
-                packed["dp_key"], np.tile(expected(seed, step), (len(packed["dp_mask"]), 1))
+                packed["dp_key"], np.tile(fold_in_key_data(seed, step), (len(packed["dp_mask"]), 1))
             )
 
 
@@ -430,10 +432,7 @@ def test_each_batch_is_its_draw_laid_out(n, batch, shards, usual, sampler, form,
                 np.testing.assert_array_equal(fed[2], w[padded])
             else:
                 assert len(fed) == 2
-            # The noise key: JAX's fold_in of the seed's two words, then of the step.
-            low = jax.random.key(np.uint32(seed & 0xFFFFFFFF))
-            key = jax.random.fold_in(jax.random.fold_in(low, seed >> 32), step)
-            words = np.asarray(jax.random.key_data(key))
+            words = fold_in_key_data(seed, step)
             np.testing.assert_array_equal(packed["dp_key"], np.tile(words, (rows, 1)))
             assert packed["dp_key"].dtype == np.uint32
 
