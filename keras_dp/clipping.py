@@ -23,6 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from keras_dp.ghost_tap import cross_terms
+
 
 def global_norm(tree) -> jax.Array:
     """L2 norm of all leaves of ``tree`` together."""
@@ -337,6 +339,8 @@ def _ghost(example_fn, params, l2_clip_norm, is_ghost, taps):
             grads.update(t.grads(x, g))
             norms = t.sq_norms(x, g)
             sq = sq if norms is None else sq + norms
+        cross = cross_terms(taps, residuals, gs)  # tied tables: their two reads' term
+        sq = sq if cross is None else sq + cross
         for g in grads.values():
             sq = sq + jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(size, -1), axis=1)
         norm = jnp.sqrt(sq)
@@ -351,7 +355,7 @@ def _ghost(example_fn, params, l2_clip_norm, is_ghost, taps):
         part = [None] * len(params)
         for t, x, g in zip(taps, residuals, gs):
             for i, total in t.sums(jax.tree.map(zeroed, x), zeroed(g), factor).items():
-                part[i] = total
+                part[i] = total if part[i] is None else part[i] + total  # a tied table's two
         for i, g in grads.items():
             part[i] = jnp.tensordot(factor, zeroed(g).astype(jnp.float32), 1)
         return part, loss, aux, finite, norm > l2_clip_norm

@@ -20,13 +20,15 @@ supported only when its class's ``call`` is Keras' own (a subclass that override
 ``call`` keeps its own) and it is not quantized.
 
 A variable's norm is ghost only when it is safe, checked on a trace of one example:
-it is tapped exactly once (a layer called twice shares its kernel between two uses),
+it is tapped exactly once (a layer called twice shares its kernel between two uses;
+the one pair of taps allowed is a tied embedding's lookup and reversed read, whose
+cross term :func:`keras_dp.ghost_tap.cross_terms` adds),
 outside any loop, map or branch the call traces (``ops.scan``, ``keras.layers.RNN``'s
 cell, ``ops.vectorized_map``, ``ops.cond``: a tap there would see only that body's
 values), the call has not assigned it before the tap reads it (``SpectralNormalization``
-normalises its kernel in place), and the loss reads it nowhere else (a tied embedding, a
-regulariser, a custom layer reading another's kernel): its per-example gradient is then
-exactly the tap's.
+normalises its kernel in place), and the loss reads it nowhere else (a regulariser, a
+custom layer reading another's kernel): its per-example gradient is then exactly the
+tap's (a tied table's: the sum of its two taps').
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ except ImportError:  # jax 0.7-0.8 have it only internally (the same function)
     from jax._src.core import get_opaque_trace_state
 
 from keras_dp import _keras, ghost_cost, ghost_layers
-from keras_dp.ghost_tap import Tap
+from keras_dp import ghost_norms as gn
+from keras_dp.ghost_tap import Tap, tied_cost
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +59,10 @@ CLIPPINGS = ("auto", "ghost", "per_example")
 def likely_per_example_size(model) -> int:
     """Trainable parameters that will get per-example gradients under ghost clipping,
     as far as the layer types tell before any trace (to size chunks on accelerators):
-    those of layers without a ghost rule, and of tied (reversible) embeddings."""
+    those of layers without a ghost rule."""
     ghostable = set()
     for layer in _keras.sublayers(model):
-        if ghost_layers.rule(layer) is not None and not getattr(layer, "tie_weights", False):
+        if ghost_layers.rule(layer) is not None:
             ghostable.update(id(v) for v in layer.trainable_variables)
     return sum(math.prod(v.shape) for v in model.trainable_variables if id(v) not in ghostable)
 
@@ -250,11 +253,17 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
     uses = collections.Counter(i for t in tape.taps for i in (t.kernel, t.bias) if i is not None)
     nested = {i for t in tape.taps if t.nested for i in (t.kernel, t.bias)}
     unsafe = elsewhere | nested
-    safe = {i for i, c in uses.items() if c == 1 and i not in unsafe}
+    tied = {i for i, c in uses.items() if c == 2 and i not in unsafe and _tied(tape.taps, i)}
+    safe = {i for i, c in uses.items() if c == 1 and i not in unsafe} | tied
     if clipping == "auto":
         safe = {i for i in safe if _cheaper(tape.taps, i)}
     taps = tuple(
-        dataclasses.replace(t, use_kernel=t.kernel in safe, use_bias=t.bias in safe)
+        dataclasses.replace(
+            t,
+            use_kernel=t.kernel in safe,
+            use_bias=t.bias in safe,
+            tied=t.kernel in tied & safe,
+        )
         for t in tape.taps
     )
     variables = model.trainable_variables
@@ -268,18 +277,31 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
     )
 
 
+def _tied(taps, index: int) -> bool:
+    """Whether the two taps that read variable ``index`` are a table's lookup and its
+    reversed read as logits (:func:`keras_dp.ghost_norms.ties`): a tied embedding,
+    whose norm :func:`keras_dp.ghost_tap.cross_terms` completes."""
+    reads = [t for t in taps if index in (t.kernel, t.bias)]
+    kinds = sorted(t.kind for t in reads)
+    if kinds != ["einsum", "embedding"] or any(t.bias == index for t in reads):
+        return False
+    return all(t.kind == "embedding" or (t.spec is not None and gn.ties(t.spec)) for t in reads)
+
+
 def _cheaper(taps, index: int) -> bool:
     """auto: a tapped kernel is ghost unless its norm costs more than forming its
-    per-example gradient (:meth:`Tap.costs`): an embedding over sequences long against
-    its vocabulary. (A cost model that also charged each per-example gradient's memory
-    traffic sent Gemma3's LoRA adapters to per-example gradients, and measured 10%
-    slower than ghost norms there: benchmarks/clipping.py. Running the whole step as
-    per-example clipping is faster there on a CPU: :func:`ghost_cost.ghost_pays`.)"""
-    for t in taps:
-        if t.kernel == index:
-            norm, per_example = t.costs()
-            return norm <= per_example
-    return True  # a bias: its norm is its gradient
+    per-example gradient (:meth:`Tap.costs`, summed over a tied table's two reads with
+    their cross term): an embedding over sequences long against its vocabulary. (A
+    cost model that also charged each per-example gradient's memory traffic sent
+    Gemma3's LoRA adapters to per-example gradients, and measured 10% slower than
+    ghost norms there: benchmarks/clipping.py. Running the whole step as per-example
+    clipping is faster there on a CPU: :func:`ghost_cost.ghost_pays`.)"""
+    reads = [t for t in taps if t.kernel == index]
+    if not reads:
+        return True  # a bias: its norm is its gradient
+    costs = [t.costs() for t in reads]
+    norm = sum(c[0] for c in costs) + tied_cost(reads)
+    return norm <= sum(c[1] for c in costs)
 
 
 def live_inputs(jaxpr) -> set:

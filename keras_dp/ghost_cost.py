@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import jax
 
 from keras_dp import _keras
+from keras_dp.ghost_tap import tied_cost
 
 if TYPE_CHECKING:
     from keras_dp.ghost import Plan
@@ -114,8 +115,11 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     if jax.default_backend() != "cpu" or plan_ is None:
         return True
     kernels = [t for t in plan_.active if t.use_kernel]
-    norms = sum(t.costs()[0] for t in kernels)
-    sizes = sum(math.prod(t.kernel_shape) for t in kernels)
+    reads = {}  # a tied table has two taps: one size, and their cross term
+    for t in kernels:
+        reads.setdefault(t.kernel, []).append(t)
+    norms = sum(t.costs()[0] for t in kernels) + sum(map(tied_cost, reads.values()))
+    sizes = sum(math.prod(ts[0].kernel_shape) for ts in reads.values())
     if 4 * sizes * config.batch_size > _ONE_PASS_BYTES:  # their gradients would be large
         return True
     if any(t.kind == "conv" for t in kernels):

@@ -4,7 +4,7 @@ A rule returns the ``call`` that :class:`keras_dp.ghost.Tape` installs on a laye
 instance while a DP step is traced: the class's computation, written out, with the
 kernel and bias read through ``tape.read`` and each linear map's output passed
 through ``tape.tap`` (which keeps the map's input). Anything a rule does not cover
-(a LoRA layout it cannot split, grouped or causal convolutions, reversed embeddings)
+(a LoRA layout it cannot split, grouped or causal convolutions, an embedding with LoRA)
 calls the class's own ``call``, whose variables then get per-example gradients.
 """
 
@@ -121,10 +121,30 @@ def _embedding(layer, tape, original):
 
 
 def _reversible_embedding(layer, tape, original):
+    """The lookup, and the reversed read (logits = x·tableᵀ, or x·reverse_embeddings
+    when untied): with tied weights the table has two taps, whose norms
+    :func:`keras_dp.ghost_tap.cross_terms` joins."""
+
     def call(inputs, reverse=False):
-        if reverse or layer.lora_enabled or layer.mask_zero:
+        if layer.lora_enabled or (layer.mask_zero and not reverse):
             return original(inputs, reverse=reverse)
-        return _embedding_lookup(layer, tape, inputs)
+        if not reverse:
+            return _embedding_lookup(layer, tape, inputs)
+        if layer.tie_weights:
+            kernel, equation = _keras.stored_embeddings(layer), "...d,vd->...v"
+        else:
+            kernel, equation = layer.reverse_embeddings, "...d,dv->...v"
+        table = tape.read(kernel)
+        if layer.reverse_dtype is not None:
+            dtype = layer.reverse_dtype
+            inputs, table = ops.cast(inputs, dtype), ops.cast(table, dtype)
+        spec = gn.parse(equation, len(inputs.shape))
+        logits = ops.einsum(equation, inputs, table)
+        logits = tape.tap(layer, logits, inputs, "einsum", spec, kernel)
+        if layer.logit_soft_cap is not None:
+            cap = layer.logit_soft_cap
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
 
     return call
 

@@ -311,4 +311,30 @@ def embedding_sum(ids, g, factor, table_shape) -> jnp.ndarray:
     return jnp.zeros(table_shape, jnp.float32).at[flat].add(rows * weights[:, None])
 
 
+def ties(spec: Einsum) -> bool:
+    """Whether ``spec`` reads its kernel as an embedding table [V, d] read in reverse:
+    ``out[..., v] = Σ_d x[..., d]·table[v, d]`` (a tied output projection)."""
+    return not spec.shared and len(spec.kx) == 1 and spec.k == spec.ko + spec.kx
+
+
+def tied_cross(ids, g, spec: Einsum, h, delta) -> jnp.ndarray:
+    """⟨A_b, R_b⟩ per example (float32 [B]) for a table read twice: A_b its lookup's
+    gradient, Σ_t onehot(id_t) ⊗ g_t (ids [B, T], g [B, T, d]), and R_b its reversed
+    read's, Σ_s δ_s ⊗ h_s (:func:`ties`: h [B, S, d] in, δ [B, S, V] at the logits).
+    Σ_{s,t} δ_s[id_t]·⟨g_t, h_s⟩: S·T·d multiply-adds an example, the two [V, d]
+    gradients never formed; ‖A_b + R_b‖² = ‖A_b‖² + ‖R_b‖² + 2·⟨A_b, R_b⟩."""
+    ids = ids.reshape(ids.shape[0], -1)
+    g = g.reshape(ids.shape[0], ids.shape[1], -1).astype(jnp.float32)
+    xr, gr = _grouped(spec, h, delta)
+    xr, gr = xr.reshape(xr.shape[0], -1, xr.shape[-1]), gr.reshape(gr.shape[0], -1, gr.shape[-1])
+
+    def cross(ids, g, xr, gr):
+        at = jnp.broadcast_to(ids[:, None, :], (ids.shape[0], gr.shape[1], ids.shape[1]))
+        picked = jnp.take_along_axis(gr, at, axis=2)  # δ_s[id_t], [B, S, T]
+        return jnp.sum(picked * jnp.einsum("btd,bsd->bst", g, xr), axis=(1, 2))
+
+    rows = chunk_rows(2 * ids.shape[1] * xr.shape[1], ids.shape[0])
+    return by_row_chunks(cross, rows, ids, g, xr, gr)
+
+
 DENSE = Einsum("ab", "bc", "ac", "", "b", "c", "a")  # rows × features → rows × units

@@ -39,6 +39,9 @@ class Tap:
       use_kernel, use_bias: Whether the kernel's / bias' norm and sum come from this tap.
       nested: Whether the tap was traced inside a loop, map or branch of the call
         (never ghost).
+      tied: Whether the kernel is a table that a second tap reads too (its lookup, and
+        its reversed read as logits: a tied embedding); the norm then adds the cross
+        term of the two reads (:func:`cross_terms`), and each tap adds its own sum.
     """
 
     kind: str
@@ -52,6 +55,7 @@ class Tap:
     use_kernel: bool = False
     use_bias: bool = False
     nested: bool = False
+    tied: bool = False
 
     @property
     def active(self) -> bool:
@@ -61,7 +65,7 @@ class Tap:
         """Whether the kernel's norm takes the outer form, which forms each example's
         gradient G_b: it is then kept (:meth:`grads`) and the clipped sum is Σ f_b·G_b,
         Kx·Ko multiply-adds an example instead of the contraction (S·Kx·Ko) again."""
-        if not self.use_kernel or self.kind == "embedding":
+        if not self.use_kernel or self.kind == "embedding" or self.tied:
             return False
         if self.kind == "conv":
             return gc.outer_form(self.spec, x, g)
@@ -136,6 +140,35 @@ class Tap:
             t, d = math.prod(self.out.shape[:-1]), self.out.shape[-1]
             return min(gn.embedding_costs(t, d)), t * d + math.prod(self.kernel_shape)
         return 0, 0
+
+
+def cross_terms(taps, xs, gs) -> jax.Array | None:
+    """2·⟨A_b, R_b⟩ per example (float32 [B]), summed over the tied tables: A_b a
+    table's gradient through its lookup (the "embedding" tap), R_b through its reversed
+    read (the "einsum" tap, :func:`keras_dp.ghost_norms.ties`). Added to the two taps'
+    own squared norms it makes ‖A_b + R_b‖², the table's per-example norm; None when no
+    table is tied."""
+    reads = {}
+    for t, x, g in zip(taps, xs, gs):
+        if t.tied and t.use_kernel:
+            reads.setdefault(t.kernel, {})[t.kind] = (t, x, g)
+    total = None
+    for pair in reads.values():
+        _, ids, g = pair["embedding"]
+        tap, h, delta = pair["einsum"]
+        cross = 2 * gn.tied_cross(ids, g, tap.spec, h, delta)
+        total = cross if total is None else total + cross
+    return total
+
+
+def tied_cost(reads) -> int:
+    """Multiply-adds per example of :func:`cross_terms` for a table's two ``reads``
+    (its taps; 0 unless they are a lookup and a reversed read): T·S·d."""
+    kinds = {t.kind: t for t in reads}
+    if len(reads) != 2 or set(kinds) != {"embedding", "einsum"}:
+        return 0
+    lookup, logits = kinds["embedding"].out.shape, kinds["einsum"].out.shape
+    return math.prod(lookup[:-1]) * math.prod(logits[:-1]) * lookup[-1]
 
 
 def _x_shape(spec: gn.Einsum, out_shape, kernel_shape) -> tuple:

@@ -10,6 +10,7 @@ themselves are checked against ``jax.grad`` of each example alone.
 import dataclasses
 import logging
 import math
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -270,6 +271,45 @@ def test_embedding_norms_and_sums_equal_brute_force(length, vocab, dim):
     )
 
 
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(
+    length=st.integers(1, 9),
+    positions=st.integers(1, 9),
+    vocab=st.integers(1, 6),
+    dim=st.integers(1, 4),
+    rows=st.integers(1, 5),
+)
+def test_a_tied_tables_norm_equals_brute_force(length, positions, vocab, dim, rows):
+    """A table read by a lookup (ids, g) and in reverse as logits (h, δ): the two taps'
+    norms plus 2·tied_cross are ‖A_b + R_b‖², the norm of the table's whole gradient
+    formed per example; also in chunks of rows."""
+    rng = np.random.default_rng([length, positions, vocab, dim, rows])
+    batch = 5
+    ids = jnp.asarray(rng.integers(0, vocab, (batch, 1, length)), jnp.int32)  # repeats
+    g = jnp.asarray(rng.normal(size=(batch, 1, length, dim)), jnp.float32)
+    h = jnp.asarray(rng.normal(size=(batch, 1, positions, dim)), jnp.float32)
+    delta = jnp.asarray(rng.normal(size=(batch, 1, positions, vocab)), jnp.float32)
+    spec = gn.parse("...d,vd->...v", 3)
+    assert gn.ties(spec) and not gn.ties(gn.parse("...d,dv->...v", 3))
+
+    def per_example(b):
+        def loss(t):
+            lookup = jnp.sum(jnp.take(t, ids[b], axis=0) * g[b])
+            return lookup + jnp.sum(jnp.einsum("...d,vd->...v", h[b], t) * delta[b])
+
+        return np.asarray(jax.grad(loss)(jnp.zeros((vocab, dim))), np.float64)
+
+    want = [float(np.sum(per_example(b) ** 2)) for b in range(batch)]
+    own = gn.embedding_sq_norms(ids, g) + gn.kernel_sq_norms(spec, h, delta)
+    with (
+        mock.patch.object(gn, "NORM_PASS_NUMBERS", 0),
+        mock.patch.object(gn, "NORM_CHUNK_NUMBERS", rows * 2 * length * positions),
+    ):
+        chunked = gn.tied_cross(ids, g, spec, h, delta)
+    for cross in (gn.tied_cross(ids, g, spec, h, delta), chunked):
+        np.testing.assert_allclose(own + 2 * cross, want, rtol=1e-5, atol=1e-5)
+
+
 def _grouped_sums_squared(ids, g, vocab):
     """Σ_v ‖Σ_{t: id_t = v} g_t‖² per example, by a loop over the vocabulary (float64)."""
     ids, g = np.asarray(ids), np.asarray(g, np.float64)
@@ -451,6 +491,20 @@ def long_sequence_model():
     return model
 
 
+def tied_lm_model(tie_weights=True, soft_cap=None):
+    """A language model's head: a ReversibleEmbedding read as a lookup and, tied, in
+    reverse as the logits (the table's two taps), the logits averaged over positions."""
+    inputs = keras.Input((8,), dtype="int32")
+    embed = keras.layers.ReversibleEmbedding(7, 4, tie_weights=tie_weights, logit_soft_cap=soft_cap)
+    h = keras.layers.Dense(4, activation="tanh")(embed(inputs))
+    logits = embed(h, reverse=True)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(logits))
+
+
+def untied_lm_model():  # reverse_embeddings: a second table, read once
+    return tied_lm_model(tie_weights=False, soft_cap=3.0)
+
+
 def conv_model():  # a 1-D convolution, and a causal one (not covered: per-example)
     inputs = keras.Input((6, 2))
     h = keras.layers.Conv1D(3, 2, activation="relu")(inputs)
@@ -579,6 +633,8 @@ def data(kind, n=9, seed=0):
         x = rng.integers(0, 5, (n, 8)).astype("int32")
         x[:, 5:] = 0  # padding tokens
         return x, y
+    if kind in ("tied_lm", "untied_lm"):  # 8 tokens of 7: repeated ids
+        return rng.integers(0, 7, (n, 8)).astype("int32"), y
     if kind in TEXT_LENGTHS:
         return rng.integers(0, 7, (n, TEXT_LENGTHS[kind])).astype("int32"), y
     if kind == "negative_ids":  # -1 reads row 6 as 6 does (NumPy's wrap): one row
@@ -611,6 +667,8 @@ MODELS = {
     "long_conv": long_conv_model,
     "shared": shared_model,
     "tied": tied_model,
+    "tied_lm": tied_lm_model,
+    "untied_lm": untied_lm_model,
     "regularized": regularized_model,
     "subclass": subclass_model,
     "subclassed": Subclassed,
@@ -722,6 +780,8 @@ def test_what_falls_back():
     assert len(shared) == 2 and all("dense" in p for p in shared)
     tied = fallback_of(tied_model, x["tied"])
     assert any(p.endswith("kernel") for p in tied)
+    assert fallback_of(tied_lm_model, x["tied_lm"]) == set()  # lookup and logits: one table
+    assert fallback_of(untied_lm_model, x["untied_lm"]) == set()
     assert any("kernel" in p for p in fallback_of(regularized_model, x["regularized"]))
     assert len(fallback_of(subclass_model, x["subclass"])) == 2  # the subclass' kernel, bias
     assert fallback_of(Subclassed, x["subclassed"]) == set()

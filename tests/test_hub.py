@@ -11,7 +11,7 @@ import pytest
 import keras_dp
 from keras_dp import offline
 
-from .helpers import whole_batch_update
+from .helpers import ghost_plan, whole_batch_update
 from .test_ghost import assert_same_sums, clipped_sum, fallback_of
 
 
@@ -180,10 +180,18 @@ def _gemma_clipped_sum(clipping: str, lora: bool):
 
 
 def test_ghost_equals_per_example_on_gemma3_lora_and_full():
-    """keras-hub's EinsumDense layers (with LoRA), its tied ReversibleEmbedding (two
-    uses: per-example gradients) and RMS norms, on padded sequences with weights."""
+    """keras-hub's EinsumDense layers (with LoRA), its tied ReversibleEmbedding (the
+    lookup and the logits: two taps of one table) and RMS norms, on padded sequences
+    with weights. Fully fine-tuned, only the RMS norms' scales get per-example
+    gradients."""
     for lora in (True, False):
         assert_same_sums(_gemma_clipped_sum("per_example", lora), _gemma_clipped_sum("ghost", lora))
+    x = {"token_ids": np.ones((1, 8), "int32"), "padding_mask": np.ones((1, 8), bool)}
+    plan = ghost_plan(tiny_gemma(), x)
+    assert plan.fallback and all(path.endswith("scale") for path in plan.fallback)
+    tied = [t for t in plan.active if t.tied]
+    assert sorted(t.kind for t in tied) == ["einsum", "embedding"]
+    assert all(t.layer.endswith("token_embedding") for t in tied)
 
 
 HUB_BACKBONES = {  # other families' layers: Keras' attention, LayerNorm offsets, GQA
