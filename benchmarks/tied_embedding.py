@@ -8,7 +8,7 @@ one table twice: as a lookup and in reverse as the logits. keras_dp's ghost clip
 takes that table's per-example norm from the two reads (each one's ghost norm and
 their cross term, :func:`keras_dp.ghost_norms.tied_cross`); the previous release gave
 the table per-example gradients ([V, d] for every example of a chunk). Both are run
-here on the same model, a Gemma3 (2 layers, hidden 128, 64 tokens, batch 16, random
+here on the same model, a Gemma3 (by default 2 layers, hidden 128; 64 tokens, batch 16, random
 weights) fully fine-tuned, for each vocabulary size, beside plain Keras' step on the
 same 16 rows:
 
@@ -20,7 +20,9 @@ same 16 rows:
 
 Each keras_dp step is one compiled train step over its physical batch with 16 real
 rows (its chunks as fit would run them); XLA's peak temporary memory and the median
-time of the compiled step, the kinds alternated. Not a test: nothing asserts a time.
+time of the compiled step, the kinds alternated. Then each DP kind's memory with the
+whole physical batch in one chunk, as keras_dp runs it on a GPU or TPU. Not a test:
+nothing asserts a time.
 """
 
 import os
@@ -50,12 +52,15 @@ KINDS = ("plain", "ghost", "table per-example", "per_example")
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+HIDDEN, LAYERS = 128, 2  # --hidden, --layers
+
+
 def lm(vocab: int) -> keras.Model:
     import keras_hub
 
     keras.utils.set_random_seed(0)
     backbone = offline.gemma3_backbone(
-        vocabulary_size=vocab, num_layers=2, hidden_dim=128, sequence_length=LENGTH
+        vocabulary_size=vocab, num_layers=LAYERS, hidden_dim=HIDDEN, sequence_length=LENGTH
     )
     task = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
     return keras.Model(task.inputs, task.outputs)
@@ -70,8 +75,9 @@ def tokens(vocab: int, n: int = 4 * BATCH):
     return x, rng.integers(1, vocab, (n, LENGTH)).astype("int32")
 
 
-def compiled(kind: str, vocab: int):
-    """(compiled step, state, batch) of ``kind`` on ``BATCH`` real rows."""
+def compiled(kind: str, vocab: int, microbatch: int | None = None):
+    """(compiled step, state, batch) of ``kind`` on ``BATCH`` real rows, keras_dp's in
+    chunks of ``microbatch`` rows (None: the platform's choice)."""
     x, y = tokens(vocab)
     model = lm(vocab)
     if kind == "plain":
@@ -85,6 +91,7 @@ def compiled(kind: str, vocab: int):
             steps=10,
             dataset_size=len(y),
             seed=0,
+            microbatch_size=microbatch,
             clipping="per_example" if kind == "per_example" else "ghost",
         ).calibrate()
         model = keras_dp.make_private(model, config)
@@ -104,6 +111,17 @@ def compiled(kind: str, vocab: int):
     with untied if kind == "table per-example" else contextlib.nullcontext():
         step = jax.jit(model.train_step).lower(state, batch).compile()
     return step, state, batch
+
+
+def one_pass_mib(vocab: int) -> dict:
+    """Peak temporary memory (MiB) of each DP kind's step with its whole physical batch
+    in one chunk, as on an accelerator (:func:`keras_dp.step.chunk_size`)."""
+    out = {}
+    for kind in KINDS[1:]:
+        step, _, batch = compiled(kind, vocab, 1 << 16)
+        out[kind] = step.memory_analysis().temp_size_in_bytes / 2**20
+        out["rows"] = len(batch[1])
+    return out
 
 
 def seconds(step, state, batch) -> float:
@@ -130,30 +148,50 @@ def measure(vocab: int, repeats: int) -> dict:
 
 
 def main() -> None:
+    global HIDDEN, LAYERS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", nargs="+", type=int, default=[1024, 8192, 32768])
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--memory-only", action="store_true", help="one chunk's memory alone")
     args = parser.parse_args()
+    HIDDEN, LAYERS = args.hidden, args.layers
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {jax.default_backend()}; "
         f"jax {jax.__version__}, keras {keras.__version__}\n\n"
         "    python benchmarks/tied_embedding.py "
-        f"--vocab {' '.join(map(str, args.vocab))} --repeats {args.repeats}\n"
+        f"--vocab {' '.join(map(str, args.vocab))} --hidden {HIDDEN} --layers {LAYERS} "
+        f"--repeats {args.repeats}{' --memory-only' if args.memory_only else ''}\n"
     )
-    print("| vocabulary | " + " | ".join(f"{k} ms (× plain)" for k in KINDS[1:]) + " | plain ms |")
-    print("|---" * len(KINDS) + "|---|")
-    memory = []
+    if not args.memory_only:
+        print(
+            "| vocabulary | " + " | ".join(f"{k} ms (× plain)" for k in KINDS[1:]) + " | plain ms |"
+        )
+        print("|---" * len(KINDS) + "|---|")
+        memory = []
+        for vocab in args.vocab:
+            r = measure(vocab, args.repeats)
+            plain = r["plain"]["ms"]
+            cells = [f"{r[k]['ms']:.0f} ({r[k]['ms'] / plain:.2f}×)" for k in KINDS[1:]]
+            print(f"| {vocab:,} | " + " | ".join(cells) + f" | {plain:.0f} |", flush=True)
+            memory.append((vocab, r))
+        print("\nPeak temporary memory of the compiled step (above), MiB:\n")
+        print("| vocabulary | " + " | ".join(KINDS) + " |")
+        print("|---" * (len(KINDS) + 1) + "|")
+        for vocab, r in memory:
+            cells = [f"{r[k]['temp_mib']:.0f}" for k in KINDS]
+            print(f"| {vocab:,} | " + " | ".join(cells) + " |")
+    print("\nThe same, the whole physical batch in one chunk (as on an accelerator), MiB:\n")
+    print("| vocabulary | rows | " + " | ".join(KINDS[1:]) + " | ghost / table per-example |")
+    print("|---" * (len(KINDS) + 2) + "|")
     for vocab in args.vocab:
-        r = measure(vocab, args.repeats)
-        plain = r["plain"]["ms"]
-        cells = [f"{r[k]['ms']:.0f} ({r[k]['ms'] / plain:.2f}×)" for k in KINDS[1:]]
-        print(f"| {vocab:,} | " + " | ".join(cells) + f" | {plain:.0f} |", flush=True)
-        memory.append((vocab, r))
-    print("\nPeak temporary memory of the compiled step, MiB:\n")
-    print("| vocabulary | " + " | ".join(KINDS) + " |")
-    print("|---" * (len(KINDS) + 1) + "|")
-    for vocab, r in memory:
-        print(f"| {vocab:,} | " + " | ".join(f"{r[k]['temp_mib']:.0f}" for k in KINDS) + " |")
+        r = one_pass_mib(vocab)
+        cells = [f"{r[k]:.0f}" for k in KINDS[1:]]
+        ratio = r["ghost"] / r["table per-example"]
+        print(
+            f"| {vocab:,} | {r['rows']} | " + " | ".join(cells) + f" | {ratio:.2f}× |", flush=True
+        )
 
 
 if __name__ == "__main__":

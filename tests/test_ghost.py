@@ -495,7 +495,9 @@ def tied_lm_model(tie_weights=True, soft_cap=None):
     """A language model's head: a ReversibleEmbedding read as a lookup and, tied, in
     reverse as the logits (the table's two taps), the logits averaged over positions."""
     inputs = keras.Input((8,), dtype="int32")
-    embed = keras.layers.ReversibleEmbedding(7, 4, tie_weights=tie_weights, logit_soft_cap=soft_cap)
+    embed = keras.layers.ReversibleEmbedding(
+        7, 4, tie_weights=tie_weights, logit_soft_cap=soft_cap, name="table"
+    )
     h = keras.layers.Dense(4, activation="tanh")(embed(inputs))
     logits = embed(h, reverse=True)
     return keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(logits))
@@ -781,6 +783,8 @@ def test_what_falls_back():
     tied = fallback_of(tied_model, x["tied"])
     assert any(p.endswith("kernel") for p in tied)
     assert fallback_of(tied_lm_model, x["tied_lm"]) == set()  # lookup and logits: one table
+    # auto on a CPU: the table's norm costs more than twice its size (ghost._cheaper)
+    assert fallback_of(tied_lm_model, x["tied_lm"], "auto") == {"table/embeddings"}
     assert fallback_of(untied_lm_model, x["untied_lm"]) == set()
     assert any("kernel" in p for p in fallback_of(regularized_model, x["regularized"]))
     assert len(fallback_of(subclass_model, x["subclass"])) == 2  # the subclass' kernel, bias

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import keras_dp
-from keras_dp import offline
+from keras_dp import ghost, offline
 
 from .helpers import ghost_plan, whole_batch_update
 from .test_ghost import assert_same_sums, clipped_sum, fallback_of
@@ -187,8 +187,11 @@ def test_ghost_equals_per_example_on_gemma3_lora_and_full():
     for lora in (True, False):
         assert_same_sums(_gemma_clipped_sum("per_example", lora), _gemma_clipped_sum("ghost", lora))
     x = {"token_ids": np.ones((1, 8), "int32"), "padding_mask": np.ones((1, 8), bool)}
-    plan = ghost_plan(tiny_gemma(), x)
+    lm = tiny_gemma()
+    plan = ghost_plan(lm, x)
     assert plan.fallback and all(path.endswith("scale") for path in plan.fallback)
+    # What sizes an accelerator's chunks, before any trace: the same variables.
+    assert ghost.likely_per_example_size(lm) == plan.fallback_size
     tied = [t for t in plan.active if t.tied]
     assert sorted(t.kind for t in tied) == ["einsum", "embedding"]
     assert all(t.layer.endswith("token_embedding") for t in tied)
