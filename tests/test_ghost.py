@@ -815,10 +815,14 @@ def test_nonfinite_example_contributes_nothing():
         assert_same_sums(clipped_sum(mlp, x[keep], y[keep], clipping), got)
 
 
-@pytest.mark.parametrize("kind", ["sequence", "long_sequence"])  # Gram forms; outer, kept
+@pytest.mark.parametrize(  # Gram forms; outer, kept; a per-example LayerNorm; tied; untied
+    "kind", ["sequence", "long_sequence", "mlp", "tied_lm", "untied_lm"]
+)
 def test_mixed_bfloat16_never_exceeds_the_clip_norm(kind):
-    """Under mixed_bfloat16 the norms and the clipped sum are float32: one example's
-    contribution (a batch of one) is at most C, and ghost agrees with per-example."""
+    """Under mixed_bfloat16 the norms and the clipped sum are float32 and read one
+    stored copy of each bfloat16 gradient (clipping.stored: the MLP reached 1.00003 C,
+    the LM heads 1.0007 C without it): one example's contribution (a batch of one) is
+    at most C, and ghost agrees with per-example."""
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         x, y = data(kind, n=4)
