@@ -131,8 +131,9 @@ def uneven_fixed_batch():
     results["uneven_physical"] = physical_rows(model, x, y)
 
 
-def gemma_lora():
-    """LoRA on a tiny keras-hub Gemma3 under ModelParallel (its own layout map)."""
+def gemma(lora: bool):
+    """A tiny keras-hub Gemma3 under ModelParallel (its own layout map): with LoRA, or
+    fully fine-tuned with ghost norms (its tied embedding's table sharded over "model")."""
     import keras_hub
 
     from keras_dp import offline
@@ -160,7 +161,8 @@ def gemma_lora():
         num_key_value_heads=2,
     )
     lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
-    lm.backbone.enable_lora(rank=2)
+    if lora:
+        lm.backbone.enable_lora(rank=2)
     rng = np.random.default_rng(0)
     n, length = 64, 8
     x = {
@@ -168,17 +170,23 @@ def gemma_lora():
         "padding_mask": np.ones((n, length), bool),
     }
     y = rng.integers(1, 64, (n, length)).astype("int32")
-    config = keras_dp.DPConfig(target_epsilon=8.0, batch_size=8, steps=6, seed=3)
+    if lora:
+        config = keras_dp.DPConfig(target_epsilon=8.0, batch_size=8, steps=6, seed=3)
+    else:  # C small enough that every example is clipped
+        config = keras_dp.DPConfig(
+            target_epsilon=8.0, batch_size=8, steps=4, seed=3, clipping="ghost", l2_clip_norm=0.05
+        )
     lm = keras_dp.make_private(lm, config)
     lm.compile(optimizer=keras.optimizers.Adam(1e-2), loss=LOSS)
     lm.fit(x, y, verbose=0)
-    results["gemma_weights"] = flat(lm)
-    results["gemma_sharded_on_model"] = sum(
+    name = "gemma" if lora else "gemma_full"
+    results[f"{name}_weights"] = flat(lm)
+    results[f"{name}_sharded_on_model"] = sum(
         "model" in str(getattr(v.value.sharding, "spec", ""))
         for v in lm.weights
         if hasattr(v.value, "sharding")
     )
-    results["gemma_epsilon"] = lm.privacy_spent().epsilon
+    results[f"{name}_epsilon"] = lm.privacy_spent().epsilon
 
 
 data_parallel()
@@ -186,6 +194,7 @@ mlp_with_dropout()
 zero_loss_noise()
 uneven_fixed_batch()
 if len(sys.argv) == 3:
-    gemma_lora()
+    gemma(lora=True)
+    gemma(lora=False)
 results["devices"] = jax.device_count()
 np.savez(out.replace(".npz", f".{jax.process_index()}.npz"), **results)

@@ -77,11 +77,12 @@ def test_a_batch_that_does_not_divide_the_devices_is_padded_not_dropped(runs):
     np.testing.assert_allclose(four["uneven_loss"], one["uneven_loss"], rtol=1e-6)
 
 
-def test_gemma3_lora_under_model_parallel_matches_one_device(runs):
+@pytest.mark.parametrize("name", ["gemma", "gemma_full"])  # LoRA; full, ghost (tied table)
+def test_gemma3_under_model_parallel_matches_one_device(runs, name):
     one, four, _ = runs
-    assert four["gemma_sharded_on_model"] > 0  # the layout map really sharded weights
-    np.testing.assert_allclose(four["gemma_weights"], one["gemma_weights"], atol=1e-6)
-    assert four["gemma_epsilon"] == one["gemma_epsilon"]
+    assert four[f"{name}_sharded_on_model"] > 0  # the layout map really sharded weights
+    np.testing.assert_allclose(four[f"{name}_weights"], one[f"{name}_weights"], atol=1e-6)
+    assert four[f"{name}_epsilon"] == one[f"{name}_epsilon"]
 
 
 def test_two_processes_draw_one_global_sample_and_match_one_process(runs):
