@@ -304,7 +304,7 @@ def _cheaper(taps, index: int) -> bool:
     only its square and its weighted sum (twice the size). Measured with
     ``benchmarks/tied_embedding.py`` (Gemma3, 2 layers, hidden 128, 64 tokens, batch
     16, fully fine-tuned; ghost / the table per-example, ms a step): vocabulary 1,024
-    59 / 55, 8,192 163 / 153, 32,768 557 / 446. On accelerators it stays ghost: its
+    59 / 56, 8,192 135 / 126, 32,768 556 / 436. On accelerators it stays ghost: its
     per-example gradients hold the vocabulary times the width for every example."""
     reads = [t for t in taps if t.kernel == index]
     if not reads:
