@@ -113,7 +113,8 @@ class DPConfig:
         C and ε are the same whichever is used. "per_example": every per-example
         gradient is formed (``jax.vmap``), in chunks of ``microbatch_size``.
         "ghost": the kernels and biases of Dense, EinsumDense (LoRA included),
-        Embedding and Conv1D/2D/3D layers get their norms from each layer's input and output
+        Embedding (a tied ReversibleEmbedding's table through its lookup and its
+        logits) and Conv1D/2D/3D layers get their norms from each layer's input and output
         gradient, and their clipped sum from one contraction over the examples
         (Goodfellow 2015, Li et al. 2022): no per-example gradient of them is formed
         but where it is their norm's cheaper form (then it is kept for the sum);
@@ -124,7 +125,7 @@ class DPConfig:
         with user-level "uls" (a unit is a block of examples), and on a CPU where
         ghost norms cost as much as the per-example gradients they replace
         (:func:`keras_dp.ghost_cost.ghost_pays`: a chunked step's LoRA adapters or
-        dense layers over sequences; convolutions over many positions).
+        dense layers over sequences; convolutions over many positions; a tied table).
     """
 
     target_epsilon: float
