@@ -8,10 +8,12 @@
 # Parts, in this order by default, each under its own time limit so that one that
 # overruns leaves the others' results: run (keras_dp vs plain Keras vs jax-privacy:
 # MLP, Gemma3 LoRA and full; 280 s), clipping (per_example/ghost/auto vs plain: MLP, CNN,
-# text classifier, Gemma3 LoRA; 220 s), host (host work per update; 60 s). Results land
+# text classifier, Gemma3 LoRA; 220 s), host (host work per update; 60 s); on request
+# only, tied (a tied embedding's ghost norm against its per-example gradients, 240 s:
+# `bash benchmarks/gpu.sh tied`). Results land
 # in $OUT (the device tool brings them back; at most 8 files): <part>-*.md, <part>-*.json
-# and gpu.log (the card, versions and every part's output). RUN_S, CLIPPING_S and HOST_S
-# override the limits. Checked here in a venv holding only the image's packages (no
+# and gpu.log (the card, versions and every part's output). RUN_S, CLIPPING_S, HOST_S
+# and TIED_S override the limits. Checked here in a venv holding only the image's packages (no
 # TensorFlow) with the same wheels for Python 3.11: every part starts and writes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +44,9 @@ for part in "${parts[@]}"; do
            --models mlp cnn text gemma-lora --repeats 2 --memory-models mlp cnn text \
            --out "$dir" >>"$log" 2>&1 ;;
     host) timeout "${HOST_S:-60}" python3 benchmarks/host.py --repeats 3 --out "$dir" >>"$log" 2>&1 ;;
-    *) echo "unknown part $part (run, clipping, host)" >>"$log"; continue ;;
+    tied) mkdir -p "$dir" && timeout "${TIED_S:-240}" python3 benchmarks/tied_embedding.py \
+           --repeats 5 >"$dir/tied_embedding.md" 2>>"$log" ;;
+    *) echo "unknown part $part (run, clipping, host, tied)" >>"$log"; continue ;;
   esac
   echo "== $part exited $? $(date -u +%T)" >>"$log"
   for f in "$dir"/*.md "$dir"/*.json; do
