@@ -57,9 +57,10 @@ def stored(tree):
     XLA copies cheap operations into each fused loop that reads their result, and with
     excess precision allowed (its default) a copy may skip rounding to bfloat16: the
     norm and the sum then saw different gradients, and under ``mixed_bfloat16`` an
-    example's clipped contribution reached 1.0007·C (a tied LM head with ghost norms;
-    1.00003·C an MLP with a LayerNormalization). An optimisation barrier keeps one
-    stored copy (float32 leaves are left as they are: no rounding to skip).
+    example's clipped contribution reached 1.0007·C (an LM head whose logits read a
+    ReversibleEmbedding, with ghost norms; 1.00003·C an MLP with a LayerNormalization).
+    An optimisation barrier keeps one stored copy (float32 leaves are left as they
+    are: no rounding to skip).
     """
     leaves, treedef = jax.tree.flatten(tree)
     low = [i for i, a in enumerate(leaves) if jnp.dtype(a.dtype) in (jnp.bfloat16, jnp.float16)]
