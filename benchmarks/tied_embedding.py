@@ -34,18 +34,16 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 from unittest import mock  # noqa: E402
 
 import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from profile_step import dp_batch, seconds  # noqa: E402
 from run import train_state  # noqa: E402
 
 import keras_dp  # noqa: E402
-from keras_dp import data as dp_data  # noqa: E402
-from keras_dp import ghost, noise, offline, sampling  # noqa: E402
-from keras_dp import step as dp_step  # noqa: E402
+from keras_dp import ghost, offline, sampling  # noqa: E402
 
 BATCH, LENGTH = 16, 64
 KINDS = ("plain", "ghost", "table per-example", "per_example")
@@ -99,12 +97,7 @@ def compiled(kind: str, vocab: int, microbatch: int | None = None):
         source = sampling.ExampleSource(x, y)
         model._symbolic_build(data_batch=source.gather(np.arange(2)))
         model._dp_seed = 0
-        chunk = dp_step.chunk_size(config, 1, model)
-        physical = dp_data.DPBatches(model, source, config, chunk, 1).physical
-        padded, mask = sampling.shard_layout(np.arange(BATCH), physical, 1)
-        xs, ys, _ = source.gather(padded)
-        key = np.repeat(noise.step_key_data(0, [0]), len(mask), axis=0)
-        batch = ({"dp_x": xs, "dp_mask": mask, "dp_key": key}, ys)
+        batch = dp_batch(model, x, y, BATCH)
     batch = jax.tree.map(jax.numpy.asarray, batch)
     state = train_state(model)
     untied = mock.patch.object(ghost, "_tied", lambda taps, i: False)
@@ -122,12 +115,6 @@ def one_pass_mib(vocab: int) -> dict:
         out[kind] = step.memory_analysis().temp_size_in_bytes / 2**20
         out["rows"] = len(batch[1])
     return out
-
-
-def seconds(step, state, batch) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(step(state, batch))
-    return time.perf_counter() - start
 
 
 def measure(vocab: int, repeats: int) -> dict:
