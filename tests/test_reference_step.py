@@ -12,7 +12,10 @@ float32 and bfloat16, sample weights, dropout, several layers and losses (one mo
 mixes ghost layers with every kind of fallback), the three ``clipping`` modes:
 ghost norms, per-example gradients and their mix, kernels whose norm's outer form keeps
 each example's gradient for the sum, and the embedding and convolution norms taken a
-chunk of rows at a time, as a large batch takes them).
+chunk of rows at a time, as a large batch takes them). A second test draws language
+models: a loss on every token weighted per token (0 on padding), through a tied
+``ReversibleEmbedding`` (one table read as the lookup and as the logits) or an untied
+one with a logit soft cap.
 """
 
 import math
@@ -45,6 +48,11 @@ EMBEDDINGS = {"embedding": (LENGTH, 4), "long_embedding": (LONG_LENGTH, LONG_FEA
 # norm takes the outer form, whose per-example gradients are kept for the clipped sum
 # (ghost_tap.Tap.grads) under clipping="ghost".
 CONV_LENGTHS = {"conv": LENGTH, "long_conv": 66, "long_dense": 66}
+# Language models: a ReversibleEmbedding read as the token lookup and in reverse as the
+# logits, a loss on every token. Tied, its table has two taps (ghost_norms.tied_cross
+# adds their cross term); untied, reverse_embeddings is a kernel, and the logits (at
+# most 0.2 here) are soft-capped at 0.1, so that the cap bends them.
+LMS = {"tied_lm": True, "untied_lm": False}
 
 
 def mixed(inputs, dtype):
@@ -64,8 +72,11 @@ def mixed(inputs, dtype):
 
 
 def build(kind: str, dropout: bool, dtype: str | None):
-    """A small functional model of one layer family, then a Dense head."""
+    """A small functional model of one layer family, then a Dense head (a language
+    model: its logits)."""
     keras.utils.set_random_seed(0)
+    if kind in LMS:
+        return language_model(LMS[kind], dropout, dtype)
     if kind == "mlp":
         inputs = keras.Input((FEATURES,))
         h = keras.layers.Dense(5, activation="tanh", dtype=dtype)(inputs)
@@ -96,8 +107,26 @@ def build(kind: str, dropout: bool, dtype: str | None):
     return keras.Model(inputs, outputs)
 
 
+def language_model(tied: bool, dropout: bool, dtype: str | None):
+    """Logits for every token: the table read forwards, a Dense, then the table read in
+    reverse (with a soft cap when untied)."""
+    inputs = keras.Input((LENGTH,), dtype="int32")
+    table = keras.layers.ReversibleEmbedding(
+        VOCAB, 4, tie_weights=tied, logit_soft_cap=None if tied else 0.1, dtype=dtype,
+        name="table",
+    )  # fmt: skip
+    h = keras.layers.Dense(4, activation="tanh", dtype=dtype)(table(inputs))
+    if dropout:
+        h = keras.layers.Dropout(0.3)(h)
+    return keras.Model(inputs, table(h, reverse=True))
+
+
 def make_data(kind: str, n: int, loss: str, seed: int):
     rng = np.random.default_rng(seed)
+    if kind in LMS:  # next tokens: one label per position, ids repeating
+        assert loss == "sparse_ce"
+        x = rng.integers(0, VOCAB, (n, LENGTH)).astype("int32")
+        return x, rng.integers(0, VOCAB, (n, LENGTH))
     if kind == "mlp":
         x = (rng.normal(size=(n, FEATURES)) * 2).astype("float32")
     elif kind == "embedding":  # negative ids read rows V-k, as Keras' take wraps them
@@ -224,30 +253,30 @@ def test_the_mixed_model_has_ghost_variables_and_each_kind_of_fallback():
     }
 
 
-plans = st.fixed_dictionaries(
-    {
-        "kind": st.sampled_from(
-            ["mlp", "embedding", "long_embedding", "conv", "mixed", "long_dense", "long_conv"]
-        ),
-        "loss": st.sampled_from(["sparse_ce", "mse", "binary_ce"]),
-        "sampling": st.sampled_from(["poisson", "fixed"]),
-        "batch": st.integers(1, 300),
-        "extra": st.integers(0, 120),  # N = batch + extra
-        "microbatch": st.one_of(st.none(), st.integers(1, 128)),
-        "devices": st.sampled_from([1, 1, 2, 4]),
-        "dtype": st.sampled_from(["float32", "float32", "bfloat16"]),
-        "weighted": st.booleans(),
-        "dropout": st.booleans(),
-        "sigma": st.sampled_from([0.0, 0.7]),
-        "clip": st.sampled_from([0.05, 0.5, 100.0]),
-        "steps": st.integers(1, 2),
-        "bands": st.sampled_from([1, 1, 1, 2, 3]),  # > 1: BandMF (Poisson only), 3 steps
-        "clipping": st.sampled_from(["auto", "ghost", "per_example"]),
-        # Embedding and convolution norms in chunks of rows (ghost_norms.by_row_chunks),
-        # as a large one-pass batch takes them: the chunk's numbers forced down.
-        "norm_chunk": st.sampled_from([None, None, 64, 2000]),
-    }
-)
+def plans(kinds: list[str], losses: list[str]) -> st.SearchStrategy:
+    """Random plans for models of ``kinds`` trained with one of ``losses``."""
+    return st.fixed_dictionaries(
+        {
+            "kind": st.sampled_from(kinds),
+            "loss": st.sampled_from(losses),
+            "sampling": st.sampled_from(["poisson", "fixed"]),
+            "batch": st.integers(1, 300),
+            "extra": st.integers(0, 120),  # N = batch + extra
+            "microbatch": st.one_of(st.none(), st.integers(1, 128)),
+            "devices": st.sampled_from([1, 1, 2, 4]),
+            "dtype": st.sampled_from(["float32", "float32", "bfloat16"]),
+            "weighted": st.booleans(),
+            "dropout": st.booleans(),
+            "sigma": st.sampled_from([0.0, 0.7]),
+            "clip": st.sampled_from([0.05, 0.5, 100.0]),
+            "steps": st.integers(1, 2),
+            "bands": st.sampled_from([1, 1, 1, 2, 3]),  # > 1: BandMF (Poisson only), 3 steps
+            "clipping": st.sampled_from(["auto", "ghost", "per_example"]),
+            # Embedding and convolution norms in chunks of rows (ghost_norms.by_row_chunks),
+            # as a large one-pass batch takes them: the chunk's numbers forced down.
+            "norm_chunk": st.sampled_from([None, None, 64, 2000]),
+        }
+    )
 
 
 @settings(
@@ -256,7 +285,12 @@ plans = st.fixed_dictionaries(
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(plan=plans)
+@given(
+    plan=plans(
+        ["mlp", "embedding", "long_embedding", "conv", "mixed", "long_dense", "long_conv"],
+        ["sparse_ce", "mse", "binary_ce"],
+    )
+)
 # The review's failing case: fixed B = 199 at the CPU default microbatch (50) summed two
 # rows twice on every step.
 @example(
@@ -334,6 +368,34 @@ plans = st.fixed_dictionaries(
               sigma=0.0, clip=100.0, steps=2, bands=1, clipping="auto")
 )  # fmt: skip
 def test_train_step_equals_the_reference(plan):
+    check_train_step(plan)
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(plan=plans(list(LMS), ["sparse_ce"]))
+@example(  # the tied table ghost (forced: auto keeps it per-example on a CPU), in chunks
+    plan=dict(kind="tied_lm", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=None, devices=2, dtype="float32", weighted=True, dropout=True,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", norm_chunk=64)
+)  # fmt: skip
+@example(
+    plan=dict(kind="tied_lm", loss="sparse_ce", sampling="fixed", batch=23, extra=5,
+              microbatch=7, devices=1, dtype="bfloat16", weighted=False, dropout=False,
+              sigma=0.0, clip=0.05, steps=2, clipping="ghost")
+)  # fmt: skip
+def test_a_language_models_train_step_equals_the_reference(plan):
+    """A loss on every token through a tied (or untied, soft-capped) table."""
+    check_train_step(plan)
+
+
+def check_train_step(plan: dict) -> None:
+    """Train ``plan``'s model with keras_dp's fit and compare every weight with
+    ``reference_updates``."""
     devices = plan["devices"]
     assert len(jax.devices()) >= devices, "conftest.py sets XLA_FLAGS for 4 CPU devices"
     bands = plan.get("bands", 1) if plan["sampling"] == "poisson" else 1
@@ -348,7 +410,13 @@ def test_train_step_equals_the_reference(plan):
         x, y = make_data(plan["kind"], n, plan["loss"], seed=plan["batch"])
         sample_weight = None
         if plan["weighted"]:
-            sample_weight = np.random.default_rng(1).uniform(0.2, 2.0, n).astype("float32")
+            rng = np.random.default_rng(1)
+            if plan["kind"] in LMS:  # a weight per token, 0 on padding (keras-hub's form)
+                shape = (n, LENGTH)
+                sample_weight = rng.uniform(0.2, 2.0, shape) * (rng.random(shape) < 0.75)
+            else:
+                sample_weight = rng.uniform(0.2, 2.0, n)
+            sample_weight = sample_weight.astype("float32")
         config = DPConfig(
             target_epsilon=math.inf if sigma == 0 else 1e6,
             noise_multiplier=sigma,
