@@ -504,7 +504,7 @@ def tied_lm_model(tie_weights=True, soft_cap=None):
 
 
 def untied_lm_model():  # reverse_embeddings: a second table, read once
-    return tied_lm_model(tie_weights=False, soft_cap=3.0)
+    return tied_lm_model(tie_weights=False, soft_cap=0.1)
 
 
 def conv_model():  # a 1-D convolution, and a causal one (not covered: per-example)
