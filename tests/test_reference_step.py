@@ -14,8 +14,8 @@ ghost norms, per-example gradients and their mix, kernels whose norm's outer for
 each example's gradient for the sum, and the embedding and convolution norms taken a
 chunk of rows at a time, as a large batch takes them). A second test draws language
 models: a loss on every token weighted per token (0 on padding), through a tied
-``ReversibleEmbedding`` (one table read as the lookup and as the logits) or an untied
-one with a logit soft cap.
+``ReversibleEmbedding`` (one table read as the lookup and as the logits), an untied
+one with a logit soft cap, or LoRA adapters over the table frozen.
 """
 
 import math
@@ -51,8 +51,10 @@ CONV_LENGTHS = {"conv": LENGTH, "long_conv": 66, "long_dense": 66}
 # Language models: a ReversibleEmbedding read as the token lookup and in reverse as the
 # logits, a loss on every token. Tied, its table has two taps (ghost_norms.tied_cross
 # adds their cross term); untied, reverse_embeddings is a kernel, and the logits (at
-# most 0.2 here) are soft-capped at 0.1, so that the cap bends them.
-LMS = {"tied_lm": True, "untied_lm": False}
+# most 0.2 here) are soft-capped at 0.1, so that the cap bends them. "lora_lm" is the
+# flagship's LoRA fine-tuning: the tied table frozen, an EinsumDense's rank-2 adapters
+# the only trainable variables besides its bias.
+LMS = ("tied_lm", "untied_lm", "lora_lm")
 
 
 def mixed(inputs, dtype):
@@ -76,7 +78,7 @@ def build(kind: str, dropout: bool, dtype: str | None):
     model: its logits)."""
     keras.utils.set_random_seed(0)
     if kind in LMS:
-        return language_model(LMS[kind], dropout, dtype)
+        return language_model(kind, dropout, dtype)
     if kind == "mlp":
         inputs = keras.Input((FEATURES,))
         h = keras.layers.Dense(5, activation="tanh", dtype=dtype)(inputs)
@@ -107,15 +109,24 @@ def build(kind: str, dropout: bool, dtype: str | None):
     return keras.Model(inputs, outputs)
 
 
-def language_model(tied: bool, dropout: bool, dtype: str | None):
-    """Logits for every token: the table read forwards, a Dense, then the table read in
-    reverse (with a soft cap when untied)."""
+def language_model(kind: str, dropout: bool, dtype: str | None):
+    """Logits for every token: the table read forwards, an EinsumDense, then the table
+    read in reverse (see ``LMS``)."""
     inputs = keras.Input((LENGTH,), dtype="int32")
+    tied = kind != "untied_lm"
     table = keras.layers.ReversibleEmbedding(
         VOCAB, 4, tie_weights=tied, logit_soft_cap=None if tied else 0.1, dtype=dtype,
         name="table",
     )  # fmt: skip
-    h = keras.layers.Dense(4, activation="tanh", dtype=dtype)(table(inputs))
+    dense = keras.layers.EinsumDense(
+        "btd,de->bte", (LENGTH, 4), bias_axes="e", activation="tanh", dtype=dtype
+    )
+    h = dense(table(inputs))
+    if kind == "lora_lm":
+        table.trainable = False
+        dense.enable_lora(2)
+        b = dense.lora_kernel_b  # B starts at zero, which would hide A's gradient
+        b.assign(np.random.default_rng(6).normal(size=b.shape).astype("float32"))
     if dropout:
         h = keras.layers.Dropout(0.3)(h)
     return keras.Model(inputs, table(h, reverse=True))
@@ -388,8 +399,13 @@ def test_train_step_equals_the_reference(plan):
               microbatch=7, devices=1, dtype="bfloat16", weighted=False, dropout=False,
               sigma=0.0, clip=0.05, steps=2, clipping="ghost")
 )  # fmt: skip
+@example(
+    plan=dict(kind="lora_lm", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=19, devices=4, dtype="float32", weighted=True, dropout=True,
+              sigma=0.7, clip=0.05, steps=2, clipping="auto")
+)  # fmt: skip
 def test_a_language_models_train_step_equals_the_reference(plan):
-    """A loss on every token through a tied (or untied, soft-capped) table."""
+    """A loss on every token through a tied (or untied, soft-capped) table, or LoRA."""
     check_train_step(plan)
 
 
