@@ -321,6 +321,14 @@ class DPModel:
 
     # The train step ---------------------------------------------------------------
 
+    def make_train_function(self, force=False):
+        """Keras' train function, its first call (the DP step's trace and compile) run
+        with the garbage collector paused (:func:`keras_dp.step.paused_gc_on_first_call`)."""
+        if self.train_function is not None and not force:
+            return
+        super().make_train_function(force)
+        self.train_function = step.paused_gc_on_first_call(self.train_function)
+
     def train_step(self, state, data):
         """One DP-SGD update (see :mod:`keras_dp.step`)."""
         return step.train_step(self, state, data)

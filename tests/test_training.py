@@ -443,3 +443,47 @@ def test_per_step_hooks_read_no_device_value(monkeypatch):
         0, {"loss": loss, "nonfinite_examples": Unread()}
     )
     assert handed == [{"loss": loss}]
+
+
+def test_the_dp_steps_trace_runs_with_the_collector_paused_and_restores_it(monkeypatch):
+    """Keras' first train call (the DP step's trace and compile) runs with Python's
+    cyclic collector paused; later calls, and the collector afterwards, run as before."""
+    import gc
+
+    from keras_dp import step
+
+    seen = []
+    traced = step.train_step
+
+    def recording(model, state, data):  # runs while jit traces the step
+        seen.append(gc.isenabled())
+        return traced(model, state, data)
+
+    monkeypatch.setattr(step, "train_step", recording)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    config = DPConfig(target_epsilon=1e6, noise_multiplier=1.0, batch_size=8, steps=3)
+    model = keras_dp.make_private(model, config)
+    model.compile(optimizer="sgd", loss="mse")
+    assert gc.isenabled()
+    model.fit(np.ones((32, 3), "float32"), np.zeros((32, 2), "float32"), verbose=0)
+    assert seen[0] is False  # the first trace (a draw above the usual size adds one)
+    assert gc.isenabled()
+
+    calls = []
+    paused = step.paused_gc_on_first_call(lambda: calls.append(gc.isenabled()))
+    paused(), paused()
+    assert calls == [False, True] and gc.isenabled()
+
+    def failing():
+        raise RuntimeError("trace failed")
+
+    with pytest.raises(RuntimeError):
+        step.paused_gc_on_first_call(failing)()
+    assert gc.isenabled()  # restored after an error
+    gc.disable()
+    try:  # a collector the user turned off stays off
+        step.paused_gc_on_first_call(lambda: None)()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
