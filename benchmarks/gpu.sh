@@ -6,21 +6,25 @@
 #     run(command="bash benchmarks/gpu.sh clipping", ...)     # one part only
 #
 # Parts, in this order by default, each under its own time limit so that one that
-# overruns leaves the others' results: run (keras_dp vs plain Keras vs jax-privacy:
+# overruns leaves the others' results: probe (where a small model's fixed cost per
+# step goes: fit against the jitted step alone, and per-step device-to-host transfers;
+# 60 s), run (keras_dp vs plain Keras vs jax-privacy:
 # MLP, Gemma3 LoRA and full; 280 s), clipping (per_example/ghost/auto vs plain: MLP, CNN,
 # text classifier, Gemma3 LoRA; 220 s), host (host work per update; 60 s); on request
 # only, tied (a tied embedding's ghost norm against its per-example gradients, 240 s:
 # `bash benchmarks/gpu.sh tied`). Results land
 # in $OUT (the device tool brings them back; at most 8 files): <part>-*.md, <part>-*.json
-# and gpu.log (the card, versions and every part's output). RUN_S, CLIPPING_S, HOST_S
-# and TIED_S override the limits. Checked here in a venv holding only the image's packages (no
-# TensorFlow) with the same wheels for Python 3.11: every part starts and writes.
+# and gpu.log (the card, versions and every part's output). PROBE_S, RUN_S, CLIPPING_S,
+# HOST_S and TIED_S override the limits (run, clipping and host together took 430 s on
+# 2026-12-04, the probe 40 s alone). Checked here in a venv holding only the image's
+# packages (no TensorFlow) with the same wheels for Python 3.11: every part starts and
+# writes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/keras_dp_gpu}"
 mkdir -p "$out"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(run clipping host)
+[ ${#parts[@]} -eq 0 ] && parts=(probe run clipping host)
 log="$out/gpu.log"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -38,6 +42,7 @@ for part in "${parts[@]}"; do
   dir="$out/tmp_$part"
   echo "== $part $(date -u +%T)" >>"$log"
   case "$part" in
+    probe) timeout "${PROBE_S:-60}" python3 benchmarks/gpu_probe.py --out "$dir" >>"$log" 2>&1 ;;
     run) timeout "${RUN_S:-280}" python3 benchmarks/run.py --repeats 2 --sweep --sections overhead memory \
            --memory-models mlp gemma-lora --out "$dir" >>"$log" 2>&1 ;;
     clipping) timeout "${CLIPPING_S:-220}" python3 benchmarks/clipping.py \
@@ -46,7 +51,7 @@ for part in "${parts[@]}"; do
     host) timeout "${HOST_S:-60}" python3 benchmarks/host.py --repeats 3 --out "$dir" >>"$log" 2>&1 ;;
     tied) mkdir -p "$dir" && timeout "${TIED_S:-240}" python3 benchmarks/tied_embedding.py \
            --repeats 5 >"$dir/tied_embedding.md" 2>>"$log" ;;
-    *) echo "unknown part $part (run, clipping, host, tied)" >>"$log"; continue ;;
+    *) echo "unknown part $part (probe, run, clipping, host, tied)" >>"$log"; continue ;;
   esac
   echo "== $part exited $? $(date -u +%T)" >>"$log"
   for f in "$dir"/*.md "$dir"/*.json; do

@@ -1,0 +1,248 @@
+"""Where a small model's fixed cost per DP step goes on an accelerator.
+
+    python benchmarks/gpu_probe.py [--out benchmarks/results]
+
+On the H200 a DP fit step of the MLP took 1.4-1.6 ms against 0.8 ms plain, with
+the sampler's work taken out (``host.py``'s "one cached batch"), while on this
+CPU the same comparison is 1.08x. For the logistic regression of ``host.py``
+and the MLP of ``run.py``, plain and keras_dp, this prints:
+
+- ``fit``: ms per update through ``fit`` (epochs after the first, median);
+- ``async``: ms per call of the jitted ``train_step`` alone, 300 calls on one
+  device-resident batch, waited for at the end (the device's time when it is
+  the bound);
+- ``sync``: the same, waited for after every call (dispatch plus device latency);
+- the compiled step's operations that the device runs (fusions, library calls,
+  copies, loops, conditionals: each loop or conditional reads its predicate on
+  the host on a GPU);
+- the first device-to-host transfer in the main thread during updates 2-5 of a fit
+  (``jax.transfer_guard_device_to_host("disallow_explicit")``): one there is a
+  wait on every step.
+
+Writes ``gpu_probe.md`` to --out. Not a test: nothing here asserts a time.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import run  # noqa: E402
+from host import logistic  # noqa: E402
+from run import LOSS, EpochTimer, train_state  # noqa: E402
+from step_time import digits_data, mlp  # noqa: E402
+
+import keras_dp  # noqa: E402
+from keras_dp import data as dp_data  # noqa: E402
+from keras_dp import noise  # noqa: E402
+
+logging.getLogger("keras_dp").setLevel(logging.ERROR)
+BATCH, EPOCHS, CALLS = 64, 6, 300
+MODELS = {"logistic": logistic, "mlp": mlp}
+KINDS = {"logistic": ("plain", "keras_dp"), "mlp": ("plain", "keras_dp", "jax_privacy")}
+
+
+def build(kind: str, name: str, n: int) -> keras.Model:
+    if kind == "jax_privacy":  # run.py's, for n examples (the MLP's B and epochs there)
+        return run.build(kind, name, n)
+    model = MODELS[name]()
+    if kind == "keras_dp":
+        config = keras_dp.DPConfig(target_epsilon=8.0, batch_size=BATCH, epochs=EPOCHS + 4)
+        model = keras_dp.make_private(model, config)
+    model.compile(optimizer="adam", loss=LOSS)
+    return model
+
+
+def fit(model, kind: str, x, y, epochs: int, callbacks=()) -> list:
+    # keras_dp: the config's batch; jax-privacy's fit takes batches of B (its plan's)
+    kwargs = {} if kind == "keras_dp" else {"batch_size": BATCH}
+    model.fit(x, y, epochs=epochs, verbose=0, callbacks=list(callbacks), **kwargs)
+
+
+def first_batch(model, x, y):
+    """The first batch keras_dp's fit feeds its step (or plain's: B rows)."""
+    if not isinstance(model, keras_dp.DPModel):
+        return (x[:BATCH], y[:BATCH])
+    made, init = [], dp_data.DPBatches.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    dp_data.DPBatches.__init__ = keep
+    try:
+        model.fit(x, y, epochs=1, verbose=0)
+    finally:
+        dp_data.DPBatches.__init__ = init
+    return made[0][0]
+
+
+def step_times(model, batch) -> tuple[float, float]:
+    """ms per call of the jitted train_step: (waited for at the end, after each)."""
+    step = jax.jit(model.train_step, donate_argnums=0)
+    state = jax.tree.map(lambda a: a.copy(), train_state(model))  # donated below
+    data = jax.device_put(batch)
+    logs, state = step(state, data)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(CALLS):
+        logs, state = step(state, data)
+    jax.block_until_ready((logs, state))
+    waited_at_end = (time.perf_counter() - start) / CALLS
+    start = time.perf_counter()
+    for _ in range(CALLS):
+        logs, state = step(state, data)
+        jax.block_until_ready((logs, state))
+    waited_each = (time.perf_counter() - start) / CALLS
+    return waited_at_end * 1e3, waited_each * 1e3
+
+
+def noise_ms(model) -> float:
+    """ms per call of the Gaussian noise alone (a tree like the weights), async."""
+    draw = jax.jit(lambda key, i, tree: noise.gaussian_like(jax.random.fold_in(key, i), tree, 1))
+    tree, key = [v.value for v in model.trainable_variables], jax.random.key(0)
+    out = jax.block_until_ready(draw(key, 0, tree))
+    start = time.perf_counter()
+    for i in range(CALLS):
+        out = draw(key, i, tree)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / CALLS * 1e3
+
+
+def operations(model, batch) -> dict:
+    """Counts of the compiled step's device operations (all computations)."""
+    state = train_state(model)
+    text = jax.jit(model.train_step).lower(state, batch).compile().as_text()
+    counts = collections.Counter()
+    for op in (
+        "fusion",
+        "custom-call",
+        "dot",
+        "copy",
+        "while",
+        "conditional",
+        "all-reduce",
+        "sort",
+    ):
+        counts[op] = len(re.findall(rf"= [^ ]+ {op}\(", text))
+    counts["instructions"] = len(re.findall(r"^\s+\S+ = ", text, re.M))
+    return dict(counts)
+
+
+class GuardedSteps(keras.callbacks.Callback):
+    """Disallows device-to-host transfers (implicit and explicit) in the main thread
+    from the start of update 2 to the start of update 6 of the first epoch: a
+    transfer there is made on every step."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 2:
+            self.guard = jax.transfer_guard_device_to_host("disallow_explicit")
+            self.guard.__enter__()
+        if batch == 6:
+            self.guard.__exit__(None, None, None)
+
+
+def first_transfer(model, kind: str, x, y) -> str:
+    """Where the first device-to-host transfer of a fit's updates 2-5 is (main thread)."""
+    try:
+        fit(model, kind, x, y, epochs=1, callbacks=[GuardedSteps()])
+    except Exception as error:  # noqa: BLE001 - we report where it came from
+        frames = traceback.extract_tb(error.__traceback__)
+        where = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames]
+        message = " ".join(str(error).split())[:160]
+        return f"{' <- '.join(reversed(where[-6:]))}: {type(error).__name__}: {message}"
+    return "none in the main thread"
+
+
+def probe(name: str, x, y) -> dict:
+    result = {}
+    for kind in KINDS[name]:
+        model = build(kind, name, len(y))
+        timer = EpochTimer()
+        fit(model, kind, x, y, EPOCHS, [timer])
+        batch = first_batch(model, x, y)
+        at_end, each = step_times(model, batch)
+        result[kind] = {
+            "fit_ms": statistics.median(timer.per_step) * 1e3,
+            "async_ms": at_end,
+            "sync_ms": each,
+            "ops": operations(model, batch),
+            "noise_ms": noise_ms(model) if kind == "keras_dp" else None,
+            "transfer": "not checked"
+            if kind == "jax_privacy"
+            else first_transfer(model, kind, x, y),
+        }
+        print(name, kind, result[kind], flush=True)
+    return result
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{jax.devices()[0].device_kind}; jax {jax.__version__}, keras {keras.__version__}",
+        "",
+        "    python benchmarks/gpu_probe.py",
+        "",
+        "ms per update: through fit; the jitted train_step alone waited for at the end "
+        f"(async) and after each call (sync), {CALLS} calls on one device-resident batch.",
+        "",
+        "| model | kind | fit | async | sync | fusions | library calls | dots | copies | loops "
+        "| conditionals | instructions |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, kinds in results.items():
+        for kind, r in kinds.items():
+            o = r["ops"]
+            lines.append(
+                f"| {name} | {kind} | {r['fit_ms']:.3f} | {r['async_ms']:.3f} | "
+                f"{r['sync_ms']:.3f} | {o['fusion']} | {o['custom-call']} | {o['dot']} | "
+                f"{o['copy']} | "
+                f"{o['while']} | {o['conditional']} | {o['instructions']} |"
+            )
+    noise_line = ", ".join(
+        f"{name} {r['noise_ms']:.3f}"
+        for name, kinds in results.items()
+        for r in kinds.values()
+        if r["noise_ms"] is not None
+    )
+    lines += ["", f"The Gaussian noise alone (a key fold and the draw, async), ms: {noise_line}"]
+    lines += [
+        "",
+        "First device-to-host transfer in the main thread, updates 2-5 of a fit (innermost first):",
+        "",
+    ]
+    for name, kinds in results.items():
+        for kind, r in kinds.items():
+            lines.append(f"- {name}, {kind}: {r['transfer']}")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    args = parser.parse_args()
+    x, y = digits_data()
+    n = len(y) - len(y) % BATCH
+    x, y = x[:n], y[:n]
+    results = {name: probe(name, x, y) for name in args.models}
+    os.makedirs(args.out, exist_ok=True)
+    text = markdown(results)
+    with open(os.path.join(args.out, "gpu_probe.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
