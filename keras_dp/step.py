@@ -32,6 +32,7 @@ from keras_dp import (
     metrics,
     noise,
     noise_state,
+    step_logs,
     units,
 )
 from keras_dp.config import DPConfig
@@ -213,6 +214,8 @@ def train_step(model, state, data):
         nonfinite,
         clipped,
     )
+    # One transfer to read them all on the host (step_logs: Keras reads each value).
+    logs = step_logs.StepLogs.of(logs)
     return logs, (trainable, non_trainable, optimizer_vars, metrics_vars)
 
 

@@ -2,6 +2,8 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
@@ -487,3 +489,60 @@ def test_the_dp_steps_trace_runs_with_the_collector_paused_and_restores_it(monke
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_steps_logs_reach_the_host_in_one_transfer(monkeypatch):
+    """Keras converts each logged value of each step to a float (one device-to-host
+    transfer per value: 0.25 ms each on the H200 machine). A DP step's float32 logs
+    arrive stacked: one fetch per step, no value converted alone, and the floats are
+    the metrics' own (the last step's equal the epoch's, read from the variables)."""
+    import keras.src.backend as keras_backend
+
+    from keras_dp import step_logs
+
+    fetches, alone, in_step = [], [], [False]
+    host = step_logs._Fetched.host
+
+    def counted_host(self):
+        if self._host is None:
+            fetches.append(self)
+        return host(self)
+
+    convert = keras_backend.convert_to_numpy
+
+    def counted_convert(x):
+        if in_step[0]:  # from a batch's begin to its end hook (the epoch's logs are not)
+            alone.append(x)
+        return convert(x)
+
+    monkeypatch.setattr(step_logs._Fetched, "host", counted_host)
+    monkeypatch.setattr(keras_backend, "convert_to_numpy", counted_convert)
+
+    class Recorder(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.logs = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            in_step[0] = True
+
+        def on_train_batch_end(self, batch, logs=None):  # Keras converted the logs before
+            in_step[0] = False
+            self.logs.append(dict(logs))
+
+    recorder = Recorder()
+    x, y = data(40)
+    model = private(mlp(), lr=0.1, batch_size=10, epochs=1, target_epsilon=10.0, seed=0)
+    history = model.fit(x, y, verbose=0, callbacks=[recorder])
+    steps = model.privacy_spent().steps
+    assert len(recorder.logs) == steps == 4
+    assert len(fetches) == steps and alone == []
+    for logs in recorder.logs:
+        assert set(logs) == {"loss", "clipped_fraction", "nonfinite_examples"}
+        assert all(type(v) is float and np.isfinite(v) for v in logs.values())
+    for key, values in history.history.items():
+        assert recorder.logs[-1][key] == values[-1], key
+
+    # Inside a traced step (a subclass's train_step) the values are the traced scalars.
+    doubled = jax.jit(lambda v: step_logs.StepLogs.of({"loss": v, "n": jnp.int32(2)})["loss"] * 2)
+    assert float(doubled(jnp.float32(1.5))) == 3.0
