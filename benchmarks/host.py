@@ -125,7 +125,7 @@ def alone(x, y) -> dict:
     return {
         "draw_us": best_us(lambda i: dp_data.draw_indices(config, seed, i)),
         "batch_us": best_us(lambda i: batches[i]),
-        "rows": len(batches[0][0]["dp_mask"]),
+        "rows": len(batches[0][0]["dp_mask_key"]),
     }
 
 

@@ -57,8 +57,8 @@ def dp_batch(model, x, y, real: int):
     physical = dp_data.DPBatches(model, source, config, chunk, 1).physical
     padded, mask = sampling.shard_layout(np.arange(real), physical, 1)
     xs, ys, _ = source.gather(padded)
-    key = np.repeat(noise.step_key_data(model._dp_seed, [0]), len(mask), axis=0)
-    return {"dp_x": xs, "dp_mask": mask, "dp_key": key}, ys
+    key = noise.step_key_data(model._dp_seed, [0])[0]
+    return {"dp_x": xs, "dp_mask_key": dp_data.pack_mask_key(mask, key)}, ys
 
 
 def compiled_step(model, batch):

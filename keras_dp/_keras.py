@@ -150,7 +150,7 @@ def symbolic_build(model, data_batch) -> None:
 
     A ``compute_loss`` override that never calls the compiled loss leaves it unbuilt,
     and Keras' ``fit`` would then build it again from the first batch it is fed: ours
-    packs x with the DP rows (``dp_x``, ``dp_mask``, ...). So it is built here."""
+    packs x with the DP rows (``dp_x``, ``dp_mask_key``). So it is built here."""
     model._symbolic_build(data_batch=data_batch)
     compile_loss = getattr(model, "_compile_loss", None)
     if compile_loss is None or compile_loss.built:

@@ -61,12 +61,27 @@ def preprocess_all(preprocessor, validation_data):
     return tuple(a for a in (x, y, sw) if a is not None)
 
 
-class DPBatches(keras.utils.PyDataset):
-    """Batches drawn by the config's sampler: (({"dp_x", "dp_mask", "dp_key"}, y, w)).
+def pack_mask_key(mask: np.ndarray, key_data: np.ndarray) -> np.ndarray:
+    """The ``dp_mask_key`` leaf of a batch: one uint32 row per batch row, the row's
+    mask (1 real, 0 padding) then the update's noise key data (the same in every row,
+    so it shards like the rows). One leaf, not two: on a GPU each leaf is one more
+    host-to-device copy a step (65-80 µs on the H200 machine)."""
+    key_rows = np.broadcast_to(np.asarray(key_data, np.uint32), (len(mask), len(key_data)))
+    return np.concatenate([np.asarray(mask, np.uint32)[:, None], key_rows], axis=1)
 
-    ``dp_key`` (the data of the update's noise key, :func:`keras_dp.noise.step_key_data`
-    of the secret seed and the update's number in the ledger; one copy per row so that
-    it shards like the rows) keys the update's noise.
+
+def split_mask_key(mask_key):
+    """(the rows' bool mask, the rows' key data) of a ``dp_mask_key`` leaf (numpy or
+    traced)."""
+    return mask_key[:, 0].astype(bool), mask_key[:, 1:]
+
+
+class DPBatches(keras.utils.PyDataset):
+    """Batches drawn by the config's sampler: (({"dp_x", "dp_mask_key"}, y, w)).
+
+    ``dp_mask_key`` (:func:`pack_mask_key`) holds each row's mask and the data of the
+    update's noise key (:func:`keras_dp.noise.step_key_data` of the secret seed and the
+    update's number in the ledger), which keys the update's noise.
 
     Every batch has ``physical`` rows (the truncation bound's, padded), or, with
     ``usual`` (:func:`keras_dp.step.usual_rows`), ``usual_physical`` rows whenever
@@ -144,11 +159,7 @@ class DPBatches(keras.utils.PyDataset):
         rows = len(mask)
         if not getattr(self._source, "in_memory", False):  # items read one at a time
             _check_rows((x, y, sw), rows)
-        packed = {
-            "dp_x": x,
-            "dp_mask": mask,
-            "dp_key": np.repeat(self._key_data(seed, step)[None], rows, axis=0),
-        }
+        packed = {"dp_x": x, "dp_mask_key": pack_mask_key(mask, self._key_data(seed, step))}
         if inner is not None:
             packed["dp_inner"] = inner
         if sw is not None:

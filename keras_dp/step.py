@@ -36,6 +36,7 @@ from keras_dp import (
     units,
 )
 from keras_dp.config import DPConfig
+from keras_dp.data import split_mask_key
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ def paused_gc_on_first_call(fn):
     promoted them to the oldest generation, whose count then set off a full collection
     of the whole heap inside the first epoch (0.31-0.37 s in 4 of 22 of the MLP's first
     epochs of ~1 s, ``benchmarks/first_epoch_gc.py``; none of 22 paused). Paused, they
-    are freed by reference counting as the trace ends. The pause
-    lasts one call (the trace and compile, about a second); later calls, and the
-    collector's state before it, are untouched.
+    are freed by reference counting as the trace ends. The pause lasts one call (the
+    trace and compile, about a second); later calls, and the collector's state before
+    it, are untouched.
     """
     first = True
 
@@ -81,7 +82,8 @@ def train_step(model, state, data):
     config = model._dp_config
     trainable, non_trainable, optimizer_vars, metrics_vars = state
     packed, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    x, mask = packed["dp_x"], packed["dp_mask"]
+    x = packed["dp_x"]
+    mask, key_rows = split_mask_key(packed["dp_mask_key"])
     seed_slots = [
         i for i, v in enumerate(model.non_trainable_variables) if ledger.SEED_STATE in v.path
     ]
@@ -152,7 +154,7 @@ def train_step(model, state, data):
     # secret seed folded with the ledger's count of this update (on the host,
     # noise.step_key_data), unique along the weights' history; a new seed is drawn
     # whenever loaded weights go back.
-    key = noise.wrap_step_key(packed["dp_key"][0])
+    key = noise.wrap_step_key(key_rows[0])
     if clip_slot is not None:  # adaptive clipping: the count's noise, its own stream
         key, count_key = jax.random.split(key)
     noise_slots = noise_state.slots(model)

@@ -180,7 +180,7 @@ def test_fixed_sampling_feeds_exactly_b_distinct_real_rows():
     seen = []
     for i in range(5):
         (packed, yb) = batches[i]
-        mask = packed["dp_mask"]
+        mask, _ = data.split_mask_key(packed["dp_mask_key"])
         assert mask.sum() == 8 and mask[:8].all()  # real rows first, exactly B
         rows = {tuple(r) for r in packed["dp_x"][:8]}
         assert len(rows) == 8  # without replacement
@@ -235,9 +235,9 @@ def test_noise_keys_follow_the_ledger_across_hash_blocks(monkeypatch):
         for step in range(start, stop):
             if step == 9:  # a restored checkpoint can bring a new secret seed
                 model._dp_seed = seed = seed ^ 0x5A5A5A5A5A
-            packed = batches[0][0]
+            mask, key = data.split_mask_key(batches[0][0]["dp_mask_key"])
             np.testing.assert_array_equal(
-                packed["dp_key"], np.tile(fold_in_key_data(seed, step), (len(packed["dp_mask"]), 1))
+                key, np.tile(fold_in_key_data(seed, step), (len(mask), 1))
             )
 
 
@@ -299,14 +299,15 @@ def test_usual_size_batches_hold_the_same_draws(batch, extra, usual, seed):
     assert smaller == (usual < bound.physical)  # rows are not rounded to chunks of 4
     for i in range(6):
         (a, ya), (b, yb) = bound[i], ladder[i]
-        real = int(a["dp_mask"].sum())
-        assert int(b["dp_mask"].sum()) == real
+        (mask_a, key_a), (mask_b, key_b) = (data.split_mask_key(p["dp_mask_key"]) for p in (a, b))
+        real = int(mask_a.sum())
+        assert int(mask_b.sum()) == real
         rows = usual if smaller and real <= usual else bound.physical
-        assert len(b["dp_mask"]) == len(yb) == rows
-        assert b["dp_mask"][:real].all()  # one shard: real rows first
+        assert len(mask_b) == len(yb) == rows
+        assert mask_b[:real].all()  # one shard: real rows first
         np.testing.assert_array_equal(b["dp_x"][:real], a["dp_x"][:real])
         np.testing.assert_array_equal(yb[:real], ya[:real])
-        assert (b["dp_key"] == a["dp_key"][0]).all()
+        assert (key_b == key_a[0]).all()
 
 
 def test_a_fit_over_both_batch_shapes_trains_as_one_over_the_bound(monkeypatch):
@@ -418,13 +419,14 @@ def test_each_batch_is_its_draw_laid_out(n, batch, shards, usual, sampler, form,
             fed = batches[step - 5]
             packed, labels = fed[0], fed[1]
             indices = data.draw_indices(config, seed, step)
-            rows = len(packed["dp_mask"])
+            fed_mask, fed_key = data.split_mask_key(packed["dp_mask_key"])
+            rows = len(fed_mask)
             if batches.usual is not None and len(indices) <= batches.usual:
                 assert rows == batches.usual_physical
             else:
                 assert rows == batches.physical
             padded, mask = _laid_out(indices, rows, shards)
-            np.testing.assert_array_equal(packed["dp_mask"], mask)
+            np.testing.assert_array_equal(fed_mask, mask)
             x_fed = packed["dp_x"]["a"] if form == "dict" else packed["dp_x"]
             np.testing.assert_array_equal(x_fed, x[padded])
             np.testing.assert_array_equal(labels, y[padded])
@@ -433,8 +435,8 @@ def test_each_batch_is_its_draw_laid_out(n, batch, shards, usual, sampler, form,
             else:
                 assert len(fed) == 2
             words = fold_in_key_data(seed, step)
-            np.testing.assert_array_equal(packed["dp_key"], np.tile(words, (rows, 1)))
-            assert packed["dp_key"].dtype == np.uint32
+            np.testing.assert_array_equal(fed_key, np.tile(words, (rows, 1)))
+            assert packed["dp_mask_key"].dtype == np.uint32
 
 
 def test_the_adapter_feeds_the_batches_in_order_as_they_are():

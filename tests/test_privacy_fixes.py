@@ -390,7 +390,8 @@ def test_the_secret_seed_is_not_compiled_into_the_program():
     )
     text = jax.jit(model.train_step).lower(state, batch).as_text()
     assert str(hi) not in text and str(lo) not in text
-    key_words = [int(w) for w in batch[0]["dp_key"][0]]  # the update's key: data too
+    _, key_rows = data.split_mask_key(batch[0]["dp_mask_key"])
+    key_words = [int(w) for w in key_rows[0]]  # the update's key: data too
     assert key_words == [int(w) for w in noise.step_key_data(seed, [model.dp_steps])[0]]
     assert not any(str(w) in text or str(w - 2**32) in text for w in key_words)
     # The search can fail: a step that closes over the key shows its words.
