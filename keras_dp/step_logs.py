@@ -74,9 +74,7 @@ class StepLogs(dict):
     @classmethod
     def of(cls, logs: dict) -> StepLogs:
         """``logs`` (inside the step) with their float32 scalars stacked."""
-        keys = tuple(
-            k for k, v in logs.items() if jnp.ndim(v) == 0 and jnp.result_type(v) == jnp.float32
-        )
+        keys = tuple(k for k, v in logs.items() if _float32_scalar(v))
         stacked = jnp.stack([jnp.asarray(logs[k]) for k in keys]) if keys else None
         return cls(dict(logs), stacked, keys)
 
@@ -97,6 +95,10 @@ class StepLogs(dict):
             else:  # traced, or a tree operation's placeholder leaves
                 values.update((k, _item(stacked, i)) for i, k in enumerate(stacked_keys))
         return cls({k: values[k] for k in order}, stacked, stacked_keys)
+
+
+def _float32_scalar(value) -> bool:
+    return getattr(value, "shape", None) == () and getattr(value, "dtype", None) == jnp.float32
 
 
 def _item(stacked, index: int):

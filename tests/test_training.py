@@ -497,6 +497,7 @@ def test_a_steps_logs_reach_the_host_in_one_transfer(monkeypatch):
     arrive stacked: one fetch per step, no value converted alone, and the floats are
     the metrics' own (the last step's equal the epoch's, read from the variables)."""
     import keras.src.backend as keras_backend
+    from keras.src.utils import python_utils
 
     from keras_dp import step_logs
 
@@ -544,5 +545,9 @@ def test_a_steps_logs_reach_the_host_in_one_transfer(monkeypatch):
         assert recorder.logs[-1][key] == values[-1], key
 
     # Inside a traced step (a subclass's train_step) the values are the traced scalars.
-    doubled = jax.jit(lambda v: step_logs.StepLogs.of({"loss": v, "n": jnp.int32(2)})["loss"] * 2)
-    assert float(doubled(jnp.float32(1.5))) == 3.0
+    logs = {"loss": jnp.float32(1.5), "n": jnp.int32(2), "per_class": {"a": jnp.float32(1)}}
+    doubled = jax.jit(lambda logs: step_logs.StepLogs.of(logs)["loss"] * 2)
+    assert float(doubled(logs)) == 3.0
+    out = jax.jit(step_logs.StepLogs.of)(logs)  # an int and a nested dict travel as they are
+    assert out._stacked_keys == ("loss",)
+    assert python_utils.pythonify_logs(out) == {"loss": 1.5, "n": 2.0, "a": 1.0}
