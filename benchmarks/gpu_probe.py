@@ -39,12 +39,11 @@ import traceback  # noqa: E402
 import jax  # noqa: E402
 import keras  # noqa: E402
 import run  # noqa: E402
-from host import logistic  # noqa: E402
+from host import fitted_batches, logistic  # noqa: E402
 from run import LOSS, EpochTimer, train_state  # noqa: E402
 from step_time import digits_data, mlp  # noqa: E402
 
 import keras_dp  # noqa: E402
-from keras_dp import data as dp_data  # noqa: E402
 from keras_dp import noise  # noqa: E402
 
 logging.getLogger("keras_dp").setLevel(logging.ERROR)
@@ -74,18 +73,7 @@ def first_batch(model, x, y):
     """The first batch keras_dp's fit feeds its step (or plain's: B rows)."""
     if not isinstance(model, keras_dp.DPModel):
         return (x[:BATCH], y[:BATCH])
-    made, init = [], dp_data.DPBatches.__init__
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        made.append(self)
-
-    dp_data.DPBatches.__init__ = keep
-    try:
-        model.fit(x, y, epochs=1, verbose=0)
-    finally:
-        dp_data.DPBatches.__init__ = init
-    return made[0][0]
+    return fitted_batches(model, x, y)[0]
 
 
 def step_times(model, batch) -> tuple[float, float]:

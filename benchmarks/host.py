@@ -138,9 +138,8 @@ def best_us(fn, calls: int = 2000) -> float:
     return best * 1e6
 
 
-def alone(x, y) -> dict:
-    """The sampler's draw and one whole batch, timed alone."""
-    model = build("keras_dp")
+def fitted_batches(model, x, y) -> dp_data.DPBatches:
+    """The ``DPBatches`` that one epoch of ``model``'s DP fit drew from."""
     made = []
     init = dp_data.DPBatches.__init__
 
@@ -153,7 +152,13 @@ def alone(x, y) -> dict:
         model.fit(x, y, verbose=0, epochs=1)
     finally:
         dp_data.DPBatches.__init__ = init
-    batches, config, seed = made[0], model.dp_config, model._dp_seed
+    return made[0]
+
+
+def alone(x, y) -> dict:
+    """The sampler's draw and one whole batch, timed alone."""
+    model = build("keras_dp")
+    batches, config, seed = fitted_batches(model, x, y), model.dp_config, model._dp_seed
     return {
         "draw_us": best_us(lambda i: dp_data.draw_indices(config, seed, i)),
         "batch_us": best_us(lambda i: batches[i]),
