@@ -64,37 +64,45 @@ class StepLogs(dict):
 
     On the host (the jitted step's result) its stacked values are :class:`LogValue`
     objects: converting the first one (Keras' ``pythonify_logs``) copies all of them
-    from the device in one transfer. Under tracing they are the traced scalars.
+    from the device in one transfer. Under tracing they are the traced scalars, and a
+    value set anew (a subclass's ``train_step`` changing ``logs["loss"]``) or added
+    travels as it was set.
     """
 
-    def __init__(self, values: dict, stacked=None, stacked_keys: tuple = ()):
+    def __init__(self, values: dict, stacked=None, positions: tuple = ()):
         super().__init__(values)
-        self._stacked, self._stacked_keys = stacked, stacked_keys
+        # (key, index in ``stacked``) of the values that ``stacked`` holds, and those
+        # values as they were: a key set anew afterwards travels as its own leaf.
+        self._stacked, self._positions = stacked, positions
+        self._as_stacked = {k: values[k] for k, _ in positions}
 
     @classmethod
     def of(cls, logs: dict) -> StepLogs:
         """``logs`` (inside the step) with their float32 scalars stacked."""
-        keys = tuple(k for k, v in logs.items() if _float32_scalar(v))
+        keys = [k for k, v in logs.items() if _float32_scalar(v)]
         stacked = jnp.stack([jnp.asarray(logs[k]) for k in keys]) if keys else None
-        return cls(dict(logs), stacked, keys)
+        return cls(dict(logs), stacked, tuple((k, i) for i, k in enumerate(keys)))
 
     def _flatten(self):
-        others = tuple(k for k in self if k not in self._stacked_keys)
-        children = (self._stacked, tuple(self[k] for k in others))
-        return children, (tuple(self), self._stacked_keys, others)
+        same = self._as_stacked
+        positions = tuple((k, i) for k, i in self._positions if k in self and self[k] is same[k])
+        held = {k for k, _ in positions}
+        others = tuple(k for k in self if k not in held)
+        children = (self._stacked if positions else None, tuple(self[k] for k in others))
+        return children, (tuple(self), positions, others)
 
     @classmethod
     def _unflatten(cls, aux, children) -> StepLogs:
-        order, stacked_keys, others = aux
+        order, positions, others = aux
         stacked, other_values = children
         values = dict(zip(others, other_values))
-        if stacked_keys:
+        if positions:
             if isinstance(stacked, jax.Array) and not isinstance(stacked, _TRACER):
                 fetched = _Fetched(stacked)
-                values.update((k, LogValue(fetched, i)) for i, k in enumerate(stacked_keys))
+                values.update((k, LogValue(fetched, i)) for k, i in positions)
             else:  # traced, or a tree operation's placeholder leaves
-                values.update((k, _item(stacked, i)) for i, k in enumerate(stacked_keys))
-        return cls({k: values[k] for k in order}, stacked, stacked_keys)
+                values.update((k, _item(stacked, i)) for k, i in positions)
+        return cls({k: values[k] for k in order}, stacked, positions)
 
 
 def _float32_scalar(value) -> bool:

@@ -549,5 +549,17 @@ def test_a_steps_logs_reach_the_host_in_one_transfer(monkeypatch):
     doubled = jax.jit(lambda logs: step_logs.StepLogs.of(logs)["loss"] * 2)
     assert float(doubled(logs)) == 3.0
     out = jax.jit(step_logs.StepLogs.of)(logs)  # an int and a nested dict travel as they are
-    assert out._stacked_keys == ("loss",)
+    assert out._positions == (("loss", 0),)
     assert python_utils.pythonify_logs(out) == {"loss": 1.5, "n": 2.0, "a": 1.0}
+
+    def changed(logs):  # a subclass's train_step changing its parent's logs
+        logs = step_logs.StepLogs.of(logs)
+        logs["loss"], logs["extra"] = logs["loss"] * 3, logs["loss"] + 1
+        del logs["n"]
+        return logs
+
+    assert python_utils.pythonify_logs(jax.jit(changed)(logs)) == {
+        "loss": 4.5,
+        "extra": 2.5,
+        "a": 1.0,
+    }
