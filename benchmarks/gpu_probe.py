@@ -57,13 +57,14 @@ def build(kind: str, name: str, n: int) -> keras.Model:
         return run.build(kind, name, n)
     model = MODELS[name]()
     if kind == "keras_dp":
+        # Budget for the timed fit and the two one-epoch fits after it (batch, guard).
         config = keras_dp.DPConfig(target_epsilon=8.0, batch_size=BATCH, epochs=EPOCHS + 4)
         model = keras_dp.make_private(model, config)
     model.compile(optimizer="adam", loss=LOSS)
     return model
 
 
-def fit(model, kind: str, x, y, epochs: int, callbacks=()) -> list:
+def fit(model, kind: str, x, y, epochs: int, callbacks=()) -> None:
     # keras_dp: the config's batch; jax-privacy's fit takes batches of B (its plan's)
     kwargs = {} if kind == "keras_dp" else {"batch_size": BATCH}
     model.fit(x, y, epochs=epochs, verbose=0, callbacks=list(callbacks), **kwargs)
