@@ -16,6 +16,8 @@ a GPU is like this one (benchmarks/README.md, H200). Fits alternate:
 - ``keras_dp, made ahead on a thread``: the batches made in order on one worker thread,
   two ahead (a candidate for a GPU host; slower on this 2-core CPU: 1.76-2.27x plain
   against 1.41-1.68x for keras_dp as shipped, three alternated pairs).
+- ``plain, verbose=1`` and ``keras_dp, verbose=1``: the two fits with the progress bar
+  (written to a buffer), as a notebook runs them; the others are ``verbose=0``.
 
 A step's time is (epoch wall time / updates) for every epoch after the first, median
 over epochs and repeats. Also timed alone (best of 5 × 2,000 calls): the sampler's draw
@@ -31,6 +33,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import concurrent.futures  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
@@ -55,6 +59,8 @@ KINDS = (
     "keras_dp, Keras' adapter",
     "keras_dp, one cached batch",
     "keras_dp, made ahead on a thread",
+    "plain, verbose=1",
+    "keras_dp, verbose=1",
 )
 
 
@@ -120,11 +126,12 @@ class _Swapped:
 
 
 def one_fit(kind: str, x, y) -> list:
-    model = build(kind)
+    base, _, shown = kind.partition(", verbose=")
+    model = build("plain" if base == "plain" else kind)
     timer = EpochTimer()
-    kwargs = {"batch_size": BATCH, "epochs": EPOCHS} if kind == "plain" else {}
-    with _Swapped(kind):
-        model.fit(x, y, verbose=0, callbacks=[timer], **kwargs)
+    kwargs = {"batch_size": BATCH, "epochs": EPOCHS} if base == "plain" else {}
+    with _Swapped(kind), contextlib.redirect_stdout(io.StringIO()):
+        model.fit(x, y, verbose=int(shown or 0), callbacks=[timer], **kwargs)
     return [s / k for s, k in zip(timer.seconds[1:], timer.steps[1:])]
 
 

@@ -37,6 +37,9 @@ the range.
   ghost clipping's view of Dense, EinsumDense, Embedding and Conv layers
   (``keras_dp.ghost``).
   ``Layer.__call__`` looks ``self.call`` up on the instance; classes are never patched.
+- ``python_utils.pythonify_logs``: a step's logs as Keras hands them to batch-end hooks
+  (floats, nested dicts flattened, keys sorted), for the DP progress bar, which reads
+  them only when it redraws (:class:`keras_dp.callbacks.DPProgbarLogger`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from keras.src.backend import (
 from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.trainers.data_adapters.array_slicing import train_validation_split
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+from keras.src.utils.python_utils import pythonify_logs
 
 __all__ = [
     "KerasSaveable",
@@ -72,6 +76,7 @@ __all__ = [
     "set_keras_mask",
     "losses_override",
     "metric_groups",
+    "pythonify_logs",
     "sublayers",
     "symbolic_build",
     "track_after_build",

@@ -27,7 +27,7 @@ from keras_dp import (
     step,
     user_data,
 )
-from keras_dp.callbacks import DPProgbarLogger, PrivacyBudget
+from keras_dp.callbacks import DPProgbarLogger, FitCallbacks, PrivacyBudget
 from keras_dp.config import DPConfig
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ def fit(
     checks.check_model(model)
     checks.check_loss_reads_weights(model, first)
     checks.check_class_labels(model, source, first)
+    if isinstance(callbacks, keras.callbacks.CallbackList):  # its callbacks, in DP fit's list
+        callbacks = callbacks.callbacks
     callbacks = list(callbacks or [])
     # With BackupAndRestore, Keras resumes the epochs of the whole plan after it has
     # restored a checkpoint (and its ledger): epochs count from the plan's start.
@@ -153,6 +155,17 @@ def fit(
     callbacks = [counting(stop_at, per_epoch, batches, budget), *callbacks]
     if verbose != 0 and not any(isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks):
         callbacks.append(DPProgbarLogger())
+    # The list Keras' fit would make, except that a step's logs are read only by the
+    # callbacks that read them (FitCallbacks: none at verbose=0).
+    callbacks = FitCallbacks(
+        callbacks,
+        add_history=True,
+        add_progbar=verbose != 0,
+        verbose=verbose,
+        epochs=initial_epoch + epochs_to_run,
+        steps=batches.num_batches,
+        model=model,
+    )
     return keras.Model.fit(
         model,
         data.adapter(batches),

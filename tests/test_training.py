@@ -491,6 +491,51 @@ def test_the_dp_steps_trace_runs_with_the_collector_paused_and_restores_it(monke
         gc.enable()
 
 
+def test_a_steps_logs_are_read_only_by_callbacks_that_read_them(monkeypatch, capsys):
+    """Keras converts every step's logs for the batch-end hooks, whether or not any
+    callback has one (a transfer, and on a GPU a wait for the step). DP fit reads no
+    step at ``verbose=0`` with epoch-level callbacks; at ``verbose=1`` its bar reads a
+    step only when it redraws; a batch-end hook (``LambdaCallback`` sets it on the
+    instance) gets every step's floats, as in Keras."""
+    from keras_dp import step_logs
+
+    fetches = []
+    host = step_logs._Fetched.host
+
+    def counted_host(self):
+        if self._host is None:
+            fetches.append(self)
+        return host(self)
+
+    monkeypatch.setattr(step_logs._Fetched, "host", counted_host)
+    x, y = data(300)
+
+    def fit(verbose, callbacks=()):
+        fetches.clear()
+        model = private(mlp(), lr=0.1, batch_size=10, epochs=1, target_epsilon=10.0, seed=0)
+        history = model.fit(x, y, verbose=verbose, callbacks=list(callbacks))
+        return model.privacy_spent().steps, history
+
+    quiet = [keras.callbacks.EarlyStopping(monitor="loss"), keras_dp.callbacks.PrivacyBudget()]
+    steps, history = fit(0, quiet)
+    assert steps >= 20 and fetches == []
+    assert np.isfinite(history.history["loss"][0]) and history.history["epsilon"][0] > 0
+
+    capsys.readouterr()
+    steps, history = fit(1)
+    out = capsys.readouterr().out
+    redraws = out.count("\r") - 1  # each redraw returns to the line's start; less the epoch's
+    assert 1 <= redraws < steps and len(fetches) == redraws
+    assert f"{steps}/{steps}" in out and f"loss: {history.history['loss'][0]:.4f}" in out
+
+    seen = []
+    hook = keras.callbacks.LambdaCallback(on_batch_end=lambda batch, logs: seen.append(logs))
+    steps, history = fit(0, [hook])
+    assert len(seen) == len(fetches) == steps
+    assert all(type(v) is float for logs in seen for v in logs.values())
+    assert seen[-1]["loss"] == history.history["loss"][0]
+
+
 def test_a_steps_logs_reach_the_host_in_one_transfer(monkeypatch):
     """Keras converts each logged value of each step to a float (one device-to-host
     transfer per value: 0.25 ms each on the H200 machine). A DP step's float32 logs
