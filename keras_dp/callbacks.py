@@ -141,6 +141,8 @@ class FitCallbacks(keras.callbacks.CallbackList):
     all are safe there).
     """
 
+    _hooked, _unread = (), False  # until on_train_begin: Keras' own dispatch
+
     def on_train_begin(self, logs=None):
         self._hooked = [c for c in self.callbacks if _has_batch_end_hook(c)]
         self._unread = all(getattr(c, "reads_logs_when_shown", False) for c in self._hooked)
