@@ -11,8 +11,12 @@ A second table says where the draw's time goes and what the alternatives cost, i
 same alternation: keras_dp's Threefry hash alone (the random bits, no transform), the
 bits made uniforms, and XLA's own generator (``lax.rng_bit_generator``, Philox, the
 bits alone, and ``jax.random.normal`` of an "rbg" key, which draws with it). They are
-timed, not used: keras_dp keeps ``jax.random.normal``'s exact values. Not a test:
-nothing here asserts a time.
+timed, not used: keras_dp keeps ``jax.random.normal``'s exact values.
+
+A third table times the two exact transforms of uniforms into normals alone, from
+uniforms already in memory: ``jax.random.normal``'s ``√2·erf⁻¹(u)`` of N uniforms, and
+Box–Muller's ``√(−2 ln u₁)·(cos, sin)(2π u₂)`` of N/2 pairs (two normals a pair, so half
+the hashing too). Not a test: nothing here asserts a time.
 """
 
 import os
@@ -63,6 +67,17 @@ def rbg_normal(key, size: int):
     return jax.random.normal(rbg, (size,))
 
 
+def erf_inv_normals(u):
+    """√2·erf⁻¹ of ``u`` (uniforms on [0, 1)) moved to (−1, 1)."""
+    return np.float32(np.sqrt(2)) * jax.lax.erf_inv(2 * u - 1)
+
+
+def box_muller(pairs):
+    radius = jnp.sqrt(np.float32(-2) * jnp.log(pairs[0]))
+    angle = np.float32(2 * np.pi) * pairs[1]
+    return radius * jnp.cos(angle), radius * jnp.sin(angle)
+
+
 def median_ms(draws: dict, key, repeats: int) -> dict:
     times = {name: [] for name in draws}
     for fn in draws.values():
@@ -80,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     key = noise.step_key(noise.root_key(0), jnp.int32(0))
     print(f"{jax.default_backend()}, {os.cpu_count()} cores, jax {jax.__version__}\n")
-    rows, parts = [], []
+    rows, parts, transforms = [], [], []
     for size in args.sizes:
         draws = {
             "keras_dp": lambda k, n=size: noise.gaussian_like(k, [jnp.zeros(n)], 1.0),
@@ -92,6 +107,16 @@ def main() -> None:
         }
         ms = median_ms({name: jax.jit(fn) for name, fn in draws.items()}, key, args.repeats)
         ours = ms["keras_dp"]
+        u = jax.random.uniform(key, (2, (size + 1) // 2), minval=1e-6, maxval=1.0)
+        alone = median_ms(
+            {"erf_inv": lambda _, u=u: _erf(u), "box_muller": lambda _, u=u: _bm(u)},
+            key,
+            args.repeats,
+        )
+        transforms.append(
+            f"| {size:,} | {alone['erf_inv']:.3f} | {alone['box_muller']:.3f} | "
+            f"{alone['box_muller'] / alone['erf_inv']:.2f}× |"
+        )
         rows.append(f"| {size:,} | {ours:.3f} | {ms['jax']:.3f} | {ours / ms['jax']:.2f}× |")
         parts.append(
             f"| {size:,} | {ours:.3f} | {ms['bits']:.3f} ({ms['bits'] / ours:.0%}) | "
@@ -107,6 +132,13 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     print("\n".join(parts))
+    print("\nThe transforms alone, from uniforms in memory, ms:\n")
+    print("| normals | erf⁻¹ (jax.random.normal's) | Box–Muller | Box–Muller / erf⁻¹ |")
+    print("|---|---|---|---|")
+    print("\n".join(transforms))
+
+
+_erf, _bm = jax.jit(erf_inv_normals), jax.jit(box_muller)
 
 
 if __name__ == "__main__":
