@@ -12,6 +12,8 @@ and the MLP of ``run.py``, plain and keras_dp, this prints:
   device-resident batch, waited for at the end (the device's time when it is
   the bound);
 - ``sync``: the same, waited for after every call (dispatch plus device latency);
+- plain Keras' step alone on as many rows as keras_dp's physical batch (its padding
+  rows are computed too), so that the two steps compare on equal work;
 - the compiled step's operations that the device runs (fusions, library calls,
   copies, loops, conditionals: each loop or conditional reads its predicate on
   the host on a GPU);
@@ -173,6 +175,11 @@ def probe(name: str, x, y) -> dict:
             else first_transfer(model, kind, x, y),
         }
         print(name, kind, result[kind], flush=True)
+        if kind == "keras_dp" and "plain" in result:  # plain's step on as many rows
+            rows = len(batch[0]["dp_x"])
+            plain = build("plain", name, len(y))
+            fit(plain, "plain", x, y, 1)
+            result["plain"]["async_ms_dp_rows"] = (rows, step_times(plain, (x[:rows], y[:rows]))[0])
     return result
 
 
@@ -206,6 +213,17 @@ def markdown(results: dict) -> str:
         if r["noise_ms"] is not None
     )
     lines += ["", f"The Gaussian noise alone (a key fold and the draw, async), ms: {noise_line}"]
+    same_rows = ", ".join(
+        f"{name} {r['async_ms_dp_rows'][1]:.3f} ms on {r['async_ms_dp_rows'][0]} rows"
+        for name, kinds in results.items()
+        for r in kinds.values()
+        if "async_ms_dp_rows" in r
+    )
+    if same_rows:
+        lines += [
+            "",
+            f"Plain Keras' step on keras_dp's physical batch (its rows), async: {same_rows}",
+        ]
     lines += [
         "",
         "First device-to-host transfer in the main thread, updates 2-5 of a fit (innermost first):",
