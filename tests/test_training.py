@@ -496,7 +496,7 @@ def test_a_steps_logs_are_read_only_by_callbacks_that_read_them(monkeypatch, cap
     callback has one (a transfer, and on a GPU a wait for the step). DP fit reads no
     step at ``verbose=0`` with epoch-level callbacks; at ``verbose=1`` its bar reads a
     step only when it redraws; a batch-end hook (``LambdaCallback`` sets it on the
-    instance) gets every step's floats, as in Keras."""
+    instance) gets every step's floats, as in Keras, also from a CallbackList."""
     from keras_dp import step_logs
 
     fetches = []
@@ -513,7 +513,7 @@ def test_a_steps_logs_are_read_only_by_callbacks_that_read_them(monkeypatch, cap
     def fit(verbose, callbacks=()):
         fetches.clear()
         model = private(mlp(), lr=0.1, batch_size=10, epochs=1, target_epsilon=10.0, seed=0)
-        history = model.fit(x, y, verbose=verbose, callbacks=list(callbacks))
+        history = model.fit(x, y, verbose=verbose, callbacks=callbacks)
         return model.privacy_spent().steps, history
 
     quiet = [keras.callbacks.EarlyStopping(monitor="loss"), keras_dp.callbacks.PrivacyBudget()]
@@ -530,7 +530,7 @@ def test_a_steps_logs_are_read_only_by_callbacks_that_read_them(monkeypatch, cap
 
     seen = []
     hook = keras.callbacks.LambdaCallback(on_batch_end=lambda batch, logs: seen.append(logs))
-    steps, history = fit(0, [hook])
+    steps, history = fit(0, keras.callbacks.CallbackList([hook]))  # Keras' list is taken too
     assert len(seen) == len(fetches) == steps
     assert all(type(v) is float for logs in seen for v in logs.values())
     assert seen[-1]["loss"] == history.history["loss"][0]
