@@ -11,7 +11,7 @@
 # 60 s), run (keras_dp vs plain Keras vs jax-privacy:
 # MLP, Gemma3 LoRA and full; 280 s), clipping (per_example/ghost/auto vs plain: MLP, CNN,
 # text classifier, Gemma3 LoRA; 220 s), host (host work per update, also with the
-# progress bar: seven kinds of fit; 100 s); on request
+# progress bar: eight kinds of fit; 120 s); on request
 # only, tied (a tied embedding's ghost norm against its per-example gradients, 240 s:
 # `bash benchmarks/gpu.sh tied`). Results land
 # in $OUT (the device tool brings them back; at most 8 files): <part>-*.md, <part>-*.json
@@ -49,7 +49,7 @@ for part in "${parts[@]}"; do
     clipping) timeout "${CLIPPING_S:-220}" python3 benchmarks/clipping.py \
            --models mlp cnn text gemma-lora --repeats 2 --memory-models mlp cnn text \
            --out "$dir" >>"$log" 2>&1 ;;
-    host) timeout "${HOST_S:-100}" python3 benchmarks/host.py --repeats 3 --out "$dir" >>"$log" 2>&1 ;;
+    host) timeout "${HOST_S:-120}" python3 benchmarks/host.py --repeats 3 --out "$dir" >>"$log" 2>&1 ;;
     tied) mkdir -p "$dir" && timeout "${TIED_S:-240}" python3 benchmarks/tied_embedding.py \
            --repeats 5 >"$dir/tied_embedding.md" 2>>"$log" ;;
     *) echo "unknown part $part (probe, run, clipping, host, tied)" >>"$log"; continue ;;

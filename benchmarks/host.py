@@ -16,6 +16,10 @@ a GPU is like this one (benchmarks/README.md, H200). Fits alternate:
 - ``keras_dp, made ahead on a thread``: the batches made in order on one worker thread,
   two ahead (a candidate for a GPU host; slower on this 2-core CPU: 1.76-2.27x plain
   against 1.41-1.68x for keras_dp as shipped, three alternated pairs).
+- ``keras_dp, one device_put a batch``: each batch put on the device in one
+  ``jax.device_put`` call of the whole batch (Keras' JAX loop on a GPU puts each leaf
+  in a call of its own, 65-80 us a leaf on the H200 machine; one already there is
+  passed through). In the benchmark only, to be measured on a GPU host before it ships.
 - ``plain, verbose=1`` and ``keras_dp, verbose=1``: the two fits with the progress bar
   (written to a buffer), as a notebook runs them; the others are ``verbose=0``.
 
@@ -59,6 +63,7 @@ KINDS = (
     "keras_dp, Keras' adapter",
     "keras_dp, one cached batch",
     "keras_dp, made ahead on a thread",
+    "keras_dp, one device_put a batch",
     "plain, verbose=1",
     "keras_dp, verbose=1",
 )
@@ -97,6 +102,14 @@ class _AheadAdapter(_keras.BatchesAdapter):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+class _PutAdapter(_keras.BatchesAdapter):
+    """keras_dp's adapter whose batches go to the device in one call each."""
+
+    def get_jax_iterator(self):
+        for batch in super().get_jax_iterator():
+            yield jax.device_put(batch)
+
+
 class _Swapped:
     """Within the block, ``kind``'s change to keras_dp's data path."""
 
@@ -107,6 +120,8 @@ class _Swapped:
         self.saved = dp_data.adapter, dp_data.DPBatches.__getitem__
         if self.kind == "keras_dp, made ahead on a thread":
             dp_data.adapter = lambda b: _AheadAdapter(b, shuffle=False)
+        if self.kind == "keras_dp, one device_put a batch":
+            dp_data.adapter = lambda b: _PutAdapter(b, shuffle=False)
         if self.kind == "keras_dp, Keras' adapter":
             dp_data.adapter = lambda b: _keras.PyDatasetAdapter(b, shuffle=False)
         if self.kind == "keras_dp, one cached batch":
