@@ -106,14 +106,14 @@ class DPProgbarLogger(keras.callbacks.ProgbarLogger):
     def on_train_batch_end(self, batch, logs=None):
         self.seen = batch + 1
         interval = getattr(self.progbar, "interval", 0.05)
-        if self.verbose != 1 or time.time() - self._shown < interval:
+        if self.verbose != 1 or time.monotonic() - self._shown < interval:
             return  # the bar would not redraw: the values are not read
         # Reading the count would show it on every step: the per-step bar leaves it
         # out; the epoch's line and History show it when it is not 0.
         logs = _keras.pythonify_logs(logs or {})
         logs = {k: v for k, v in logs.items() if k != "nonfinite_examples"}
         super().on_train_batch_end(batch, logs)
-        self._shown = time.time()
+        self._shown = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         # The plan's last epoch may stop early (its remaining updates): show what ran,
