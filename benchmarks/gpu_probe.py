@@ -18,8 +18,8 @@ and the MLP of ``run.py``, plain and keras_dp, this prints:
   copies, loops, conditionals: each loop or conditional reads its predicate on
   the host on a GPU);
 - the first device-to-host transfer in the main thread during updates 2-5 of a fit
-  (``jax.transfer_guard_device_to_host("disallow_explicit")``): one there is a
-  wait on every step.
+  (``jax.transfer_guard_device_to_host("disallow_explicit")``), at ``verbose=0`` and
+  with the progress bar: one there is a wait on every step.
 
 Writes ``gpu_probe.md`` to --out. Not a test: nothing here asserts a time.
 """
@@ -31,6 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -59,17 +61,19 @@ def build(kind: str, name: str, n: int) -> keras.Model:
         return run.build(kind, name, n)
     model = MODELS[name]()
     if kind == "keras_dp":
-        # Budget for the timed fit and the two one-epoch fits after it (batch, guard).
+        # Budget for the timed fit and the three one-epoch fits after it (the batch, and
+        # the guard at verbose=0 and 1), with one epoch to spare.
         config = keras_dp.DPConfig(target_epsilon=8.0, batch_size=BATCH, epochs=EPOCHS + 4)
         model = keras_dp.make_private(model, config)
     model.compile(optimizer="adam", loss=LOSS)
     return model
 
 
-def fit(model, kind: str, x, y, epochs: int, callbacks=()) -> None:
+def fit(model, kind: str, x, y, epochs: int, callbacks=(), verbose: int = 0) -> None:
     # keras_dp: the config's batch; jax-privacy's fit takes batches of B (its plan's)
     kwargs = {} if kind == "keras_dp" else {"batch_size": BATCH}
-    model.fit(x, y, epochs=epochs, verbose=0, callbacks=list(callbacks), **kwargs)
+    with contextlib.redirect_stdout(io.StringIO()):  # the progress bar, when verbose
+        model.fit(x, y, epochs=epochs, verbose=verbose, callbacks=list(callbacks), **kwargs)
 
 
 def first_batch(model, x, y):
@@ -144,10 +148,10 @@ class GuardedSteps(keras.callbacks.Callback):
             self.guard.__exit__(None, None, None)
 
 
-def first_transfer(model, kind: str, x, y) -> str:
+def first_transfer(model, kind: str, x, y, verbose: int = 0) -> str:
     """Where the first device-to-host transfer of a fit's updates 2-5 is (main thread)."""
     try:
-        fit(model, kind, x, y, epochs=1, callbacks=[GuardedSteps()])
+        fit(model, kind, x, y, epochs=1, callbacks=[GuardedSteps()], verbose=verbose)
     except Exception as error:  # noqa: BLE001 - we report where it came from
         frames = traceback.extract_tb(error.__traceback__)
         where = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames]
@@ -173,6 +177,9 @@ def probe(name: str, x, y) -> dict:
             "transfer": "not checked"
             if kind == "jax_privacy"
             else first_transfer(model, kind, x, y),
+            "transfer_bar": "not checked"
+            if kind == "jax_privacy"
+            else first_transfer(model, kind, x, y, verbose=1),
         }
         print(name, kind, result[kind], flush=True)
         if kind == "keras_dp" and "plain" in result:  # plain's step on as many rows
@@ -231,7 +238,7 @@ def markdown(results: dict) -> str:
     ]
     for name, kinds in results.items():
         for kind, r in kinds.items():
-            lines.append(f"- {name}, {kind}: {r['transfer']}")
+            lines.append(f"- {name}, {kind}: {r['transfer']}; verbose=1: {r['transfer_bar']}")
     return "\n".join(lines) + "\n"
 
 
