@@ -1,6 +1,7 @@
 """Ghost vs per-example clipping: step time, first epoch and memory, as ratios in one run.
 
-    python benchmarks/clipping.py [--models mlp cnn cnn32 text bert-lora gemma-lora gemma-full]
+    python benchmarks/clipping.py [--models mlp tabular cnn cnn32 text bert-lora gemma-lora
+                                            gemma-full]
                                   [--repeats 3] [--out benchmarks/results]
                                   [--microbatch-size K]
 
@@ -18,15 +19,16 @@ too. Memory is XLA's peak temporary memory of one compiled step at logical batch
 on the logical batch and on as many rows as keras_dp computes (the Poisson bound's).
 ``--models`` with no name measures memory only.
 
-The models: an MLP 64-256-256-10 on digits (batch 64), a CNN (two 3x3 convolutions
-and a Dense head, digits as 8x8 images, batch 64), a CNN on 32x32x3 images (four 3x3
-convolutions, two strided; random data of CIFAR-10's shape, batch 64), an Embedding
-text classifier (vocabulary 5,000, 64 tokens, average pooling, two Dense layers,
-batch 64), a tiny
-keras-hub BERT classifier with LoRA rank 4 (2 layers, hidden 64, 64 tokens, batch 32),
-and the Gemma3 of ``run.py`` (4 layers, hidden 256, 128 tokens, batch 16) with LoRA
-and fully fine-tuned. Every model is a plain functional ``keras.Model`` so that every
-side runs Keras' own ``fit`` on the same arrays.
+The models: an MLP 64-256-256-10 on digits (batch 64), a binary classifier
+30-256-256-1 on random tabular data (batch 64; 73,985 parameters, an odd count), a CNN
+(two 3x3 convolutions and a Dense head, digits as 8x8 images, batch 64), a CNN on
+32x32x3 images (four 3x3 convolutions, two strided; random data of CIFAR-10's shape,
+batch 64), an Embedding text classifier (vocabulary 5,000, 64 tokens, average pooling,
+two Dense layers, batch 64), a tiny keras-hub BERT classifier with LoRA rank 4 (2
+layers, hidden 64, 64 tokens, batch 32), and the Gemma3 of ``run.py`` (4 layers, hidden
+256, 128 tokens, batch 16) with LoRA and fully fine-tuned. Every model is a plain
+functional ``keras.Model`` so that every side runs Keras' own ``fit`` on the same
+arrays.
 """
 
 import os
@@ -62,6 +64,25 @@ KINDS = ("plain", "per_example", "ghost", "auto")
 # of 5-10% between clipping modes of independent draws. A fixed seed makes a fit not
 # private; a benchmark needs no privacy.
 SEED = 1000
+
+
+def tabular():
+    """A binary classifier on 30 features: 30-256-256-1, an odd parameter count."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((30,)),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(256, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+def tabular_data(n=2048):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 30)).astype("float32")
+    return x, (x @ rng.normal(size=(30, 1)) > 0).astype("float32")
 
 
 def cnn():
@@ -153,6 +174,7 @@ def bert_data(n=512):
 
 MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "mlp": (mlp, digits_data, 64, 6),
+    "tabular": (tabular, tabular_data, 64, 4),
     "cnn": (cnn, image_data, 64, 6),
     "cnn32": (cnn32, cifar_like_data, 64, 3),
     "text": (text, text_data, 64, 4),
@@ -160,6 +182,9 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "gemma-lora": STEP_MODELS["gemma-lora"],
     "gemma-full": STEP_MODELS["gemma-full"],
 }
+
+
+LOSSES = {"tabular": keras.losses.BinaryCrossentropy(from_logits=True)}
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -195,7 +220,7 @@ def build(kind: str, name: str, n: int, seed: int | None = None) -> keras.Model:
             seed=seed,
         )
         model = keras_dp.make_private(model, config)
-    model.compile(optimizer="adam", loss=LOSS)
+    model.compile(optimizer="adam", loss=LOSSES.get(name, LOSS))
     return model
 
 

@@ -16,7 +16,12 @@ timed, not used: keras_dp keeps ``jax.random.normal``'s exact values.
 A third table times the two exact transforms of uniforms into normals alone, from
 uniforms already in memory: ``jax.random.normal``'s ``√2·erf⁻¹(u)`` of N uniforms, and
 Box–Muller's ``√(−2 ln u₁)·(cos, sin)(2π u₂)`` of N/2 pairs (two normals a pair, so half
-the hashing too). Not a test: nothing here asserts a time.
+the hashing too).
+
+A fourth table times odd lengths: keras_dp's draw of N + 1 normals (an odd count; it
+draws whole blocks of ``noise.BLOCK`` and leaves the rest unread) against one stored
+draw of exactly N + 1 and of N, the way keras_dp drew before it drew whole blocks. Not
+a test: nothing here asserts a time.
 """
 
 import os
@@ -78,6 +83,11 @@ def box_muller(pairs):
     return radius * jnp.cos(angle), radius * jnp.sin(angle)
 
 
+def exact_draw(key, size: int):
+    """One stored draw of exactly ``size`` normals (keras_dp's before whole blocks)."""
+    return noise._drawn_once(lambda: noise._normals(jax.random.key_data(key), size), key)
+
+
 def median_ms(draws: dict, key, repeats: int) -> dict:
     times = {name: [] for name in draws}
     for fn in draws.values():
@@ -95,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     key = noise.step_key(noise.root_key(0), jnp.int32(0))
     print(f"{jax.default_backend()}, {os.cpu_count()} cores, jax {jax.__version__}\n")
-    rows, parts, transforms = [], [], []
+    rows, parts, transforms, odd = [], [], [], []
     for size in args.sizes:
         draws = {
             "keras_dp": lambda k, n=size: noise.gaussian_like(k, [jnp.zeros(n)], 1.0),
@@ -118,6 +128,16 @@ def main() -> None:
             f"{alone['box_muller'] / alone['erf_inv']:.2f}× |"
         )
         rows.append(f"| {size:,} | {ours:.3f} | {ms['jax']:.3f} | {ours / ms['jax']:.2f}× |")
+        lengths = {
+            "keras_dp": lambda k, n=size + 1: noise.gaussian_like(k, [jnp.zeros(n)], 1.0),
+            "exact odd": lambda k, n=size + 1: exact_draw(k, n),
+            "exact even": lambda k, n=size: exact_draw(k, n),
+        }
+        at = median_ms({name: jax.jit(fn) for name, fn in lengths.items()}, key, args.repeats)
+        odd.append(
+            f"| {size + 1:,} | {at['keras_dp']:.3f} | {at['exact odd']:.3f} | "
+            f"{at['exact even']:.3f} | {at['exact odd'] / at['keras_dp']:.2f}× |"
+        )
         parts.append(
             f"| {size:,} | {ours:.3f} | {ms['bits']:.3f} ({ms['bits'] / ours:.0%}) | "
             f"{ms['uniforms']:.3f} | {ms['philox']:.3f} | {ms['rbg']:.3f} |"
@@ -136,6 +156,13 @@ def main() -> None:
     print("| normals | erf⁻¹ (jax.random.normal's) | Box–Muller | Box–Muller / erf⁻¹ |")
     print("|---|---|---|---|")
     print("\n".join(transforms))
+    print("\nAn odd number of draws, ms:\n")
+    print(
+        "| draws | keras_dp (whole blocks) | one draw of exactly N + 1 | "
+        "one draw of N | exact / keras_dp |"
+    )
+    print("|---|---|---|---|---|")
+    print("\n".join(odd))
 
 
 _erf, _bm = jax.jit(erf_inv_normals), jax.jit(box_muller)

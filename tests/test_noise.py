@@ -1,5 +1,7 @@
 """The noise generator against JAX's own: the same draws, bit for bit, and Gaussian."""
 
+import re
+
 import jax
 import jax.extend.random
 import jax.numpy as jnp
@@ -107,6 +109,20 @@ def test_other_generators_are_drawn_by_jax(impl):
     draws = noise.gaussian_like(key, [jnp.zeros((3, 5)), jnp.zeros(4)], 1.0)
     flat = jnp.concatenate([d.reshape(-1) for d in draws])
     np.testing.assert_array_equal(flat, jax.random.normal(key, (19,)))
+
+
+@pytest.mark.parametrize("shapes", [[(73_985,)], [(7, 3)], [(256, 256), (256,), (256, 1), (1,)]])
+def test_the_generator_draws_whole_blocks(shapes):
+    """XLA's CPU compiler runs an elementwise loop over an odd length about 6x slower
+    than over an even one, and parameter counts are often odd: the generator draws a
+    whole number of blocks (the leaves read their part of it, as the tests above check
+    bit for bit)."""
+    tree = [jnp.zeros(s) for s in shapes]
+    jaxpr = jax.make_jaxpr(lambda k: noise.gaussian_like(k, tree, 1.0))(noise.root_key(1))
+    lengths = {int(n) for n in re.findall(r"iota\[[^\]]*shape=\((\d+),\)", str(jaxpr))}
+    total = sum(int(np.prod(s)) for s in shapes)
+    assert lengths == {-(-total // noise.BLOCK) * noise.BLOCK}
+    assert noise.BLOCK % 8 == 0
 
 
 def test_a_non_partitionable_threefry_is_drawn_by_jax():
