@@ -292,11 +292,13 @@ def _tied(taps, index: int) -> bool:
 def _cheaper(taps, index: int) -> bool:
     """auto: a tapped kernel is ghost unless its norm costs more than forming its
     per-example gradient (:meth:`Tap.costs`, summed over a tied table's two reads with
-    their cross term): an embedding over sequences long against its vocabulary. (A
-    cost model that also charged each per-example gradient's memory traffic sent
-    Gemma3's LoRA adapters to per-example gradients, and measured 10% slower than
-    ghost norms there: benchmarks/clipping.py. Running the whole step as per-example
-    clipping is faster there on a CPU: :func:`ghost_cost.ghost_pays`.)
+    their cross term): an embedding over sequences long against its table (whose
+    per-example gradient is a zeroed V×d table an example: its memory traffic is
+    charged, :data:`keras_dp.ghost_norms.TABLE_COST`). (A cost model that also charged
+    every einsum's per-example gradient its memory traffic sent Gemma3's LoRA adapters
+    to per-example gradients, and measured 10% slower than ghost norms there:
+    benchmarks/clipping.py. Running the whole step as per-example clipping is faster
+    there on a CPU: :func:`ghost_cost.ghost_pays`.)
 
     A tied table on a CPU is ghost only when its norm costs at most twice its size:
     beside the norm, the ghost sum contracts the logits' gradient with the hidden

@@ -126,7 +126,8 @@ class Tap:
         never costs more; an embedding's gradient is a scatter of its T rows into a
         table of V rows, against the cheapest of the T² products of the Gram form, the
         T² comparisons of the first-position form and sorting the T ids
-        (:func:`keras_dp.ghost_norms.embedding_costs`).
+        (:func:`keras_dp.ghost_norms.embedding_costs`); each number of that table
+        costs :data:`keras_dp.ghost_norms.TABLE_COST` multiply-adds.
         """
         if self.kind == "einsum" and self.spec is not None:
             x_shape = _x_shape(self.spec, self.out.shape, self.kernel_shape)
@@ -138,7 +139,8 @@ class Tap:
             return min(outer, gram), outer
         if self.kind == "embedding":
             t, d = math.prod(self.out.shape[:-1]), self.out.shape[-1]
-            return min(gn.embedding_costs(t, d)), t * d + math.prod(self.kernel_shape)
+            table = gn.TABLE_COST * math.prod(self.kernel_shape)
+            return min(gn.embedding_costs(t, d)), t * d + table
         return 0, 0
 
 

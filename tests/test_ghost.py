@@ -919,6 +919,43 @@ def test_tap_costs_count_the_kernel_axes_from_x():
     assert got == want
 
 
+def embedding_classifier(tokens: int, vocab: int, dim: int):
+    def build():
+        return keras.Sequential(
+            [
+                keras.Input((tokens,), dtype="int32"),
+                keras.layers.Embedding(vocab, dim, name="table"),
+                keras.layers.GlobalAveragePooling1D(),
+                keras.layers.Dense(2),
+            ]
+        )
+
+    return build
+
+
+@pytest.mark.parametrize(
+    "tokens, vocab, dim, per_example",
+    [
+        (64, 1000, 64, False),
+        (128, 1000, 32, False),
+        (256, 5000, 32, False),
+        (256, 1000, 16, True),
+        (512, 256, 32, True),
+        (128, 200, 32, True),
+    ],
+)
+def test_auto_gives_a_table_per_example_gradients_where_they_cost_less(
+    tokens, vocab, dim, per_example
+):
+    """auto's choice for an Embedding's table, as timed through fit on 2 CPU cores
+    (benchmarks/embedding_table.py): its per-example gradient is a zeroed V×d table an
+    example, which cost far more than its numbers counted alone (64 tokens of a 1,000 ×
+    64 table: 15.9 ms a step per-example, 0.87 ms ghost)."""
+    ids = np.random.default_rng(0).integers(0, vocab, (2, tokens)).astype("int32")
+    fallback = fallback_of(embedding_classifier(tokens, vocab, dim), ids, "auto")
+    assert [p.endswith("table/embeddings") for p in fallback] == ([True] if per_example else [])
+
+
 def test_auto_takes_per_example_gradients_where_ghost_norms_cost_as_much(caplog):
     """A chunked step on a CPU: LoRA adapters over a sequence (each norm costs more
     multiply-adds than the adapter holds numbers) run clipping="per_example" under
