@@ -23,9 +23,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # On a CPU, the whole shard in one pass when one example's forward pass is at most
-# this many FLOPs and its per-example gradients (fallback variables, float32) fit in
-# _ONE_PASS_BYTES; otherwise the chunks of :func:`keras_dp.step.chunk_size`.
+# this many FLOPs and the shard's per-example gradients (fallback variables, float32)
+# fit in _ONE_PASS_FALLBACK_BYTES; otherwise the chunks of
+# :func:`keras_dp.step.chunk_size`. Measured through fit on 2 CPU cores (batch 64, 88
+# rows; an MLP 64-w-w-10 whose middle layer has no ghost rule, w×w per-example; one
+# pass against chunks of 16, ms a step; benchmarks/fallback_pass.py): w = 64 (1.5 MB)
+# 0.68 / 0.60, w = 96 (3.3 MB) 0.96 / 1.00, w = 128 (5.8 MB) 1.42 / 1.14 and
+# 1.52 / 1.30, w = 256 (23 MB) 4.15 / 3.25, w = 512 (92 MB) 41.7 / 16.8.
 _ONE_PASS_FLOPS = 10**6
+_ONE_PASS_FALLBACK_BYTES = 2**22
+# clipping="auto" keeps ghost norms where all per-example gradients of a whole expected
+# batch would exceed this (memory, not speed).
 _ONE_PASS_BYTES = 2**28
 # clipping="auto" on a CPU: a model with a ghost convolution takes per-example
 # gradients when its ghost norms cost this many times its kernels' sizes (ghost_pays).
@@ -59,11 +67,14 @@ def one_pass(plan_: Plan | None, config, rows: int) -> bool:
     MFLOP) 1.9 ms both (4.6 → 3.7 before its convolutions' canonical layouts,
     :mod:`keras_dp.ghost_conv`); a 2-layer BERT (~10 MFLOP), a CNN on 32×32×3 images
     (~12 MFLOP: 68–80 ms in chunks, 219 ms in one pass) or Gemma3 keeps its chunks,
-    where the padding rows would cost more than the loop.
+    where the padding rows would cost more than the loop. So does a step whose
+    per-example gradients (variables without a ghost rule) would exceed 4 MiB in one
+    pass: out of the caches, they cost more than the loop (``_ONE_PASS_FALLBACK_BYTES``).
     """
     if plan_ is None or not _may_pass_once(config):
         return False
-    return plan_.flops <= _ONE_PASS_FLOPS and 4 * rows * plan_.fallback_size <= _ONE_PASS_BYTES
+    fallback_bytes = 4 * rows * plan_.fallback_size
+    return plan_.flops <= _ONE_PASS_FLOPS and fallback_bytes <= _ONE_PASS_FALLBACK_BYTES
 
 
 def likely_one_pass(model, config, row) -> bool:
