@@ -159,7 +159,8 @@ def gaussian_like(key: jax.Array, tree, stddev: float):
     jax.random.normal(key, (total,))`` bit for bit: one draw cut into the leaves.
     For a Threefry key (JAX's default, partitionable) the draw is computed by
     :func:`_normals`, with :func:`threefry2x32` written out (JAX's CPU lowering is a
-    loop of small XLA passes), once per step (:func:`_drawn_once`). Its cost is the
+    loop of small XLA passes), once per step (:func:`_drawn_once`), in whole blocks
+    (:func:`whole_blocks`: an odd length runs 6× slower on a CPU). Its cost is the
     floor of a DP step's overhead on a CPU: 84k normals take 0.3 ms here (0.7 ms
     through ``jax.random.normal``), half a plain Keras step of that MLP.
     """
