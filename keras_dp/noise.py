@@ -124,7 +124,7 @@ def whole_blocks(size: int) -> int:
     84,170 or 84,224; ``benchmarks/noise.py``), and a model's parameter count is odd
     as often as not: a ``Dense(1)`` head on an even width makes it so. Draw ``i`` of a
     partitionable Threefry key depends on ``i`` alone, so drawing a few more and
-    leaving them unread changes none of the others.
+    leaving them unread changes none of the others' random bits.
     """
     return -(-size // BLOCK) * BLOCK
 
@@ -156,10 +156,14 @@ def gaussian_like(key: jax.Array, tree, stddev: float):
     """A pytree shaped like ``tree`` of independent N(0, stddev²) draws (float32).
 
     The leaves, flattened and laid end to end, hold ``stddev ·
-    jax.random.normal(key, (total,))`` bit for bit: one draw cut into the leaves.
-    For a Threefry key (JAX's default, partitionable) the draw is computed by
-    :func:`_normals`, with :func:`threefry2x32` written out (JAX's CPU lowering is a
-    loop of small XLA passes), once per step (:func:`_drawn_once`), in whole blocks
+    jax.random.normal(key, (total,))``: one draw cut into the leaves. For a partitionable
+    Threefry key (JAX's default) it is bit for bit the first ``total`` of ``jax.random.normal(key,
+    (whole_blocks(total),))``, the same random bits as the draw of ``total``, whose
+    float transform XLA may round apart by an ulp (a loop's vector body and its
+    remainder); for another key, the draw of ``total``. For that Threefry key the draw
+    is computed by :func:`_normals`, with
+    :func:`threefry2x32` written out (JAX's CPU lowering is a loop of small XLA
+    passes), once per step (:func:`_drawn_once`), in whole blocks
     (:func:`whole_blocks`: an odd length runs 6× slower on a CPU). Its cost is the
     floor of a DP step's overhead on a CPU: 84k normals take 0.3 ms here (0.7 ms
     through ``jax.random.normal``), half a plain Keras step of that MLP.

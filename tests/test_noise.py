@@ -79,15 +79,26 @@ def test_other_default_generators_keep_jax_fold_in():
     np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(expected))
 
 
+def jax_draws(key, size: int) -> jax.Array:
+    """The first ``size`` of ``jax.random.normal(key, (whole blocks,))``: what
+    gaussian_like lays over the leaves, bit for bit."""
+    return jax.random.normal(key, (noise.whole_blocks(size),), jnp.float32)[:size]
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**64 - 1), step=st.integers(0, 10**6), shapes=shapes)
 def test_leaves_hold_jax_random_normal_of_the_total_size(seed, step, shapes):
+    """The leaves hold JAX's draw: bit for bit that of the whole blocks drawn, and that
+    of the total size to the float transform's rounding (XLA may round a vectorised
+    loop and its scalar remainder apart: 1 ulp in one of 402 draws with jax 0.8)."""
     key = noise.step_key(noise.root_key(seed), jnp.int32(step))
     tree = {f"leaf{i}": jnp.zeros(s) for i, s in enumerate(shapes)}
     draws, scaled = jax.jit(lambda k: [noise.gaussian_like(k, tree, s) for s in (1.0, 2.5)])(key)
     flat = jnp.concatenate([d.reshape(-1) for d in jax.tree.leaves(draws)])  # tree order
-    expected = jax.random.normal(key, (flat.size,), jnp.float32)
+    expected = jax_draws(key, flat.size)
     np.testing.assert_array_equal(flat, expected)
+    total = jax.random.normal(key, (flat.size,), jnp.float32)
+    np.testing.assert_allclose(flat, total, rtol=1e-6, atol=0)
     assert all(draws[name].shape == scaled[name].shape == tree[name].shape for name in tree)
     # ×2.5 may be folded into the transform's ×√2 by XLA: equal to an ulp.
     scaled = jnp.concatenate([d.reshape(-1) for d in jax.tree.leaves(scaled)])
@@ -100,7 +111,7 @@ def test_many_leaves_hold_the_same_draw(leaves):
     tree = [jnp.zeros((i % 5, 3)) for i in range(leaves)]
     draws = jax.jit(lambda k: noise.gaussian_like(k, tree, 1.0))(key)
     flat = jnp.concatenate([d.reshape(-1) for d in draws])
-    np.testing.assert_array_equal(flat, jax.random.normal(key, (flat.size,)))
+    np.testing.assert_array_equal(flat, jax_draws(key, flat.size))
 
 
 @pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
