@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Smoke-tests keras_dp against the oldest and the newest tested Keras and JAX, each in a
 # fresh virtual environment (keras-hub left out, jax-privacy in for BandMF: the smoke subset is the
-# DP step, its reference tests and the privacy fixes; TensorFlow is in, as keras-hub
+# DP step, its reference tests, the privacy fixes and the noise; TensorFlow is in, as keras-hub
 # brings it, and keras 3.12.0 imports it through optree).
 #
 #   scripts/version_range.sh oldest|newest     (about 4-8 min each on 2 cores)
@@ -29,6 +29,6 @@ cd "$root"
 start=$SECONDS
 KERAS_BACKEND=jax "$venv/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_training.py tests/test_clipping.py tests/test_reference_step.py \
-  tests/test_privacy_fixes.py tests/test_config.py -k "not audit"
+  tests/test_privacy_fixes.py tests/test_config.py tests/test_noise.py -k "not audit"
 echo "version_range $which: tests took $((SECONDS - start)) s"
 rm -rf "$venv"
