@@ -156,12 +156,12 @@ def gaussian_like(key: jax.Array, tree, stddev: float):
     """A pytree shaped like ``tree`` of independent N(0, stddev²) draws (float32).
 
     The leaves, flattened and laid end to end, hold ``stddev ·
-    jax.random.normal(key, (total,))``: one draw cut into the leaves. For a partitionable
-    Threefry key (JAX's default) it is bit for bit the first ``total`` of ``jax.random.normal(key,
-    (whole_blocks(total),))``, the same random bits as the draw of ``total``, whose
-    float transform XLA may round apart by an ulp (a loop's vector body and its
-    remainder); for another key, the draw of ``total``. For that Threefry key the draw
-    is computed by :func:`_normals`, with
+    jax.random.normal(key, (total,))``: one draw cut into the leaves. For a
+    partitionable Threefry key (JAX's default) they are bit for bit the first
+    ``total`` of ``jax.random.normal(key, (whole_blocks(total),))``: the same random
+    bits as the draw of ``total``, whose float transform XLA may round an ulp apart (a
+    loop's vector body and its remainder). For another key they are the draw of
+    ``total``. The Threefry draw is computed by :func:`_normals`, with
     :func:`threefry2x32` written out (JAX's CPU lowering is a loop of small XLA
     passes), once per step (:func:`_drawn_once`), in whole blocks
     (:func:`whole_blocks`: an odd length runs 6× slower on a CPU). Its cost is the
