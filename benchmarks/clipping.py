@@ -68,15 +68,7 @@ SEED = 1000
 
 def tabular():
     """A binary classifier on 30 features: 30-256-256-1, an odd parameter count."""
-    keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((30,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(1),
-        ]
-    )
+    return mlp(features=30, outputs=1)
 
 
 def tabular_data(n=2048):
@@ -202,6 +194,20 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
         self.steps.append(self._steps)
 
+    def per_step(self) -> list:
+        """Seconds an update in each epoch after the first (which compiles)."""
+        return [s / k for s, k in zip(self.seconds[1:], self.steps[1:])]
+
+
+def timed_fit(model, x, y, batch: int, epochs: int) -> EpochTimer:
+    """``model.fit`` at ``verbose=0``, timed by epoch: a keras_dp model runs its
+    config's plan, a plain one ``epochs`` epochs of ``batch``."""
+    timer = EpochTimer()
+    plain = not isinstance(model, keras_dp.DPModel)
+    kwargs = {"batch_size": batch, "epochs": epochs} if plain else {}
+    model.fit(x, y, verbose=0, callbacks=[timer], **kwargs)
+    return timer
+
 
 MICROBATCH_SIZE = None  # --microbatch-size
 
@@ -227,15 +233,12 @@ def build(kind: str, name: str, n: int, seed: int | None = None) -> keras.Model:
 def one_fit(kind: str, name: str, x, y, seed: int | None = None) -> dict:
     _, _, batch, epochs = MODELS[name]
     model = build(kind, name, len(y), seed)
-    timer = EpochTimer()
-    kwargs = {} if kind != "plain" else {"batch_size": batch, "epochs": epochs}
     start = time.perf_counter()
-    model.fit(x, y, verbose=0, callbacks=[timer], **kwargs)
-    per_step = [s / k for s, k in zip(timer.seconds[1:], timer.steps[1:])]
+    timer = timed_fit(model, x, y, batch, epochs)
     return {
         "fit_seconds": time.perf_counter() - start,
         "first_epoch": timer.seconds[0],
-        "per_step": per_step,
+        "per_step": timer.per_step(),
     }
 
 

@@ -24,6 +24,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -32,7 +33,7 @@ from unittest import mock  # noqa: E402
 import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from clipping import EpochTimer  # noqa: E402
+from clipping import timed_fit  # noqa: E402
 
 import keras_dp  # noqa: E402
 from keras_dp import ghost  # noqa: E402
@@ -67,9 +68,9 @@ def classifier(tokens: int, vocab: int, dim: int) -> keras.Model:
 
 
 def table_choice(kind: str):
-    """A patch of ``ghost._cheaper`` that forces the table's choice (None: auto's)."""
+    """A patch of ``ghost._cheaper`` that forces the table's choice (none: auto's)."""
     if kind not in ("table ghost", "table per-example"):
-        return mock.patch.object(ghost, "_cheaper", ghost._cheaper)
+        return contextlib.nullcontext()
     chosen = kind == "table ghost"
     cheaper = ghost._cheaper
 
@@ -92,7 +93,7 @@ class TableLog(logging.Handler):
         self.per_example |= "embedding" in record.getMessage()
 
 
-def one_fit(kind: str, case, x, y) -> float:
+def one_fit(kind: str, case, x, y) -> list:
     model = classifier(*case)
     if kind != "plain":
         config = keras_dp.DPConfig(
@@ -102,11 +103,8 @@ def one_fit(kind: str, case, x, y) -> float:
     model.compile(
         optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
-    timer = EpochTimer()
-    kwargs = {} if kind != "plain" else {"batch_size": BATCH, "epochs": EPOCHS}
     with table_choice(kind):
-        model.fit(x, y, verbose=0, callbacks=[timer], **kwargs)
-    return [s / k for s, k in zip(timer.seconds[1:], timer.steps[1:])]
+        return timed_fit(model, x, y, BATCH, EPOCHS).per_step()
 
 
 def measure(case, repeats: int) -> tuple[dict, bool]:

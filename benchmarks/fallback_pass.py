@@ -26,7 +26,7 @@ import statistics  # noqa: E402
 import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from clipping import EpochTimer  # noqa: E402
+from clipping import timed_fit  # noqa: E402
 
 import keras_dp  # noqa: E402
 
@@ -84,10 +84,7 @@ def one_fit(kind: str, width: int, x, y) -> list:
     model.compile(
         optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     )
-    timer = EpochTimer()
-    kwargs = {} if clipping is not None else {"batch_size": BATCH, "epochs": EPOCHS}
-    model.fit(x, y, verbose=0, callbacks=[timer], **kwargs)
-    return [s / k for s, k in zip(timer.seconds[1:], timer.steps[1:])]
+    return timed_fit(model, x, y, BATCH, EPOCHS).per_step()
 
 
 def main() -> None:

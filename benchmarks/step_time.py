@@ -51,14 +51,15 @@ class _StepTimer(keras.callbacks.Callback):
         self._last = now
 
 
-def mlp():
+def mlp(features: int = 64, outputs: int = 10):
+    """The suite's MLP, features-256-256-outputs (64-256-256-10: digits)."""
     keras.utils.set_random_seed(0)
     return keras.Sequential(
         [
-            keras.Input((64,)),
+            keras.Input((features,)),
             keras.layers.Dense(256, activation="relu"),
             keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(10),
+            keras.layers.Dense(outputs),
         ]
     )
 

@@ -34,7 +34,7 @@ _ONE_PASS_FLOPS = 10**6
 _ONE_PASS_FALLBACK_BYTES = 2**22
 # clipping="auto" keeps ghost norms where all per-example gradients of a whole expected
 # batch would exceed this (memory, not speed).
-_ONE_PASS_BYTES = 2**28
+_PER_EXAMPLE_BYTES = 2**28
 # clipping="auto" on a CPU: a model with a ghost convolution takes per-example
 # gradients when its ghost norms cost this many times its kernels' sizes (ghost_pays).
 _CONV_RATIO = 32
@@ -131,7 +131,7 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
         reads.setdefault(t.kernel, []).append(t)
     norms = sum(t.costs()[0] for t in kernels) + sum(map(tied_cost, reads.values()))
     sizes = sum(math.prod(ts[0].kernel_shape) for ts in reads.values())
-    if 4 * sizes * config.batch_size > _ONE_PASS_BYTES:  # their gradients would be large
+    if 4 * sizes * config.batch_size > _PER_EXAMPLE_BYTES:  # their gradients would be large
         return True
     if any(t.kind == "conv" for t in kernels):
         return norms < _CONV_RATIO * sizes
