@@ -7,11 +7,13 @@
 
 Writes ``clipping.md`` and ``clipping.json`` to --out. Not a test: nothing here asserts
 a time. Fits alternate (plain Keras, then keras_dp with ``clipping="per_example"``,
-``"ghost"`` and ``"auto"``, then again; a repeat's DP fits share one fixed seed, so
-they draw the same batches); a step's time is (epoch wall time / updates)
-for every epoch after the first, median over the epochs and the repeats, so sampling,
-dispatch and callbacks count. The first epoch (which compiles) is reported apart:
-its wall time from ``on_epoch_begin`` to ``on_epoch_end`` of a fresh model.
+``"ghost"`` and ``"auto"``, then the same in reverse order, and so on: no kind always
+runs first or last in a repeat, where a drift of the machine would favour it; a
+repeat's DP fits share one fixed seed, so they draw the same batches); a step's time
+is (epoch wall time / updates) for every epoch after the first, median over the
+epochs and the repeats, so sampling, dispatch and callbacks count. The first epoch
+(which compiles) is reported apart: its wall time from ``on_epoch_begin`` to
+``on_epoch_end`` of a fresh model.
 ``--microbatch-size`` fixes keras_dp's chunk (default: the platform's choice). σ is
 calibrated once per plan and process (an in-process cache), so it is reported apart
 too. Memory is XLA's peak temporary memory of one compiled step at logical batch
@@ -250,7 +252,8 @@ def speed(name: str, repeats: int) -> dict:
     x, y = keras.tree.map_structure(lambda a: a[:n], x), y[:n]
     runs = {kind: [] for kind in KINDS}
     for repeat in range(repeats):
-        for kind in KINDS:  # a repeat's DP fits draw the same batches
+        order = KINDS if repeat % 2 == 0 else KINDS[::-1]  # ABBA: no kind always last
+        for kind in order:  # a repeat's DP fits draw the same batches
             runs[kind].append(one_fit(kind, name, x, y, seed=SEED + repeat))
             r = runs[kind][-1]
             log(
