@@ -123,9 +123,9 @@ class DPConfig:
         and one log line names them. "auto" (default): "ghost" for the variables
         where its norm costs no more than their per-example gradient; "per_example"
         with user-level "uls" (a unit is a block of examples), and on a CPU where
-        ghost norms cost as much as the per-example gradients they replace
-        (:func:`keras_dp.ghost_cost.ghost_pays`: a chunked step's LoRA adapters or
-        dense layers over sequences; convolutions over many positions; a tied table).
+        ghost norms cost more than the per-example gradients they replace (a CNN
+        whose convolutions run over many positions,
+        :func:`keras_dp.ghost_cost.ghost_pays`; a tied table).
     """
 
     target_epsilon: float

@@ -208,9 +208,8 @@ def clipping(model, config, unit, trainable, rows) -> tuple:
             model._dp_ghost_logged = "per_example"
             logger.info(
                 "clipping='auto': per-example gradients for every variable (ghost norms "
-                "would cost as much as the per-example gradients here, on a CPU: "
-                "sequences or LoRA adapters in chunks, convolutions over many positions). "
-                "clipping='ghost' forces them."
+                "of convolutions over many positions cost more than the per-example "
+                "gradients here, on a CPU). clipping='ghost' forces them."
             )
         return per_example_fn(model, unit), None, None
     if made.fallback != getattr(model, "_dp_ghost_logged", None):
@@ -297,8 +296,8 @@ def _cheaper(taps, index: int) -> bool:
     charged, :data:`keras_dp.ghost_norms.TABLE_COST`). (A cost model that also charged
     every einsum's per-example gradient its memory traffic sent Gemma3's LoRA adapters
     to per-example gradients, and measured 10% slower than ghost norms there:
-    benchmarks/clipping.py. Running the whole step as per-example clipping is faster
-    there on a CPU: :func:`ghost_cost.ghost_pays`.)
+    benchmarks/clipping.py. So did the whole step run as per-example clipping, since
+    the outer form's gradients are kept for the sum: :func:`ghost_cost.ghost_pays`.)
 
     A tied table on a CPU is ghost only when its norm costs at most twice its size:
     beside the norm, the ghost sum contracts the logits' gradient with the hidden

@@ -99,25 +99,24 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     """``clipping="auto"``: whether a step computes ghost norms at all (True), or
     every per-example gradient as ``clipping="per_example"`` does (False).
 
-    Decided on a CPU from the ghost kernels' norm costs an example (Σ of
-    :meth:`keras_dp.ghost_tap.Tap.costs`' norm, multiply-adds) against Σ of their sizes
-    (the numbers their per-example gradients hold). Where a norm costs as much as the
-    gradient, the ghost step's clipped sum is a second contraction of that size, which
-    per-example gradients save (a kernel whose norm takes the outer form keeps its
-    gradients for the sum, :meth:`keras_dp.ghost_tap.Tap.grads`; the decisions below
-    were measured before it did, BERT's adapters included):
+    Only a model with a ghost convolution on a CPU runs per-example gradients: when its
+    norms (Σ of :meth:`keras_dp.ghost_tap.Tap.costs`' norm, multiply-adds an example)
+    cost at least ``_CONV_RATIO`` (32) times its kernels' sizes (the numbers their
+    per-example gradients hold), one pass or chunked. Measured on 2 CPU cores, batch
+    64, ms a step (per-example / ghost): a CNN on 32×32×3 images (ratio 85) 42 / 70; on
+    16×16×3 (47) 3.9 / 8.4 (one pass; 5.0 in chunks of 16); the small CNN on 8×8
+    digits (5) 2.7 / 2.1 (one pass; 2.8–3.8 / 1.9 in chunks).
 
-    - a model with a ghost convolution: per-example when its norms cost at least
-      ``_CONV_RATIO`` (32) times its sizes, one pass or chunked. Measured on 2 CPU
-      cores, batch 64, ms a step (per-example / ghost): a CNN on 32×32×3 images (ratio
-      85) 42 / 70; on 16×16×3 (47) 3.9 / 8.4 (one pass; 5.0 in chunks of 16); the
-      small CNN on 8×8 digits (5) 2.7 / 2.1 (one pass; 2.8–3.8 / 1.9 in chunks).
-    - otherwise, only a chunked step (not :func:`one_pass`), per-example when the
-      norms cost at least the sizes: LoRA adapters and dense layers over sequences
-      (a dense layer's norm over S positions costs min(S·Kx·Ko, S²·(Kx + Ko)) against
-      its Kx·Ko numbers). A tiny BERT with LoRA 29.1 / 32.5 (first epoch 5.9 / 6.7 s);
-      Gemma3 (4 layers, 128 tokens) with LoRA 269 / 262 and fully fine-tuned 473 / 465
-      (first epoch 10.1 / 10.8 s): within this machine's noise between fits.
+    Dense and EinsumDense layers keep ghost norms, also where a norm costs more than
+    the kernel holds numbers (LoRA adapters and dense layers over sequences): such a
+    norm takes the outer form, whose per-example gradients are kept for the sum
+    (:meth:`keras_dp.ghost_tap.Tap.grads`), so ghost does the per-example work there
+    and less elsewhere. Until it kept them, the sum contracted x and g again, and a
+    chunked step with such layers ran per-example gradients. With them kept
+    (``benchmarks/clipping.py``, two runs of 4 and 6 paired repeats, ms a step, ghost
+    against the per-example program): a tiny BERT with LoRA 24.8 / 27.7 and 24.0 /
+    26.7–27.2, faster in 16 of 20 paired fits; Gemma3 (4 layers, 128 tokens) with LoRA
+    269 / 279–307 and 246 / 252–257, faster in 15 of 20.
 
     Ghost norms are kept on an accelerator (not measured there), and where the new
     per-example gradients (float32, for a whole expected batch) would exceed 256 MiB:
@@ -126,6 +125,8 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     if jax.default_backend() != "cpu" or plan_ is None:
         return True
     kernels = [t for t in plan_.active if t.use_kernel]
+    if not any(t.kind == "conv" for t in kernels):
+        return True
     reads = {}  # a tied table has two taps: one size, and their cross term
     for t in kernels:
         reads.setdefault(t.kernel, []).append(t)
@@ -133,11 +134,7 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     sizes = sum(math.prod(ts[0].kernel_shape) for ts in reads.values())
     if 4 * sizes * config.batch_size > _PER_EXAMPLE_BYTES:  # their gradients would be large
         return True
-    if any(t.kind == "conv" for t in kernels):
-        return norms < _CONV_RATIO * sizes
-    if _may_pass_once(config) and plan_.flops <= _ONE_PASS_FLOPS:
-        return True
-    return norms < sizes
+    return norms < _CONV_RATIO * sizes
 
 
 def flops(jaxpr) -> int:
