@@ -296,8 +296,9 @@ def _cheaper(taps, index: int) -> bool:
     charged, :data:`keras_dp.ghost_norms.TABLE_COST`). (A cost model that also charged
     every einsum's per-example gradient its memory traffic sent Gemma3's LoRA adapters
     to per-example gradients, and measured 10% slower than ghost norms there:
-    benchmarks/clipping.py. So did the whole step run as per-example clipping, since
-    the outer form's gradients are kept for the sum: :func:`ghost_cost.ghost_pays`.)
+    benchmarks/clipping.py. Running the whole step as per-example clipping there also
+    measured slower, once the outer form's gradients were kept for the sum:
+    :func:`ghost_cost.ghost_pays`.)
 
     A tied table on a CPU is ghost only when its norm costs at most twice its size:
     beside the norm, the ghost sum contracts the logits' gradient with the hidden
