@@ -37,6 +37,11 @@ the range.
   ghost clipping's view of Dense, EinsumDense, Embedding and Conv layers
   (``keras_dp.ghost``).
   ``Layer.__call__`` looks ``self.call`` up on the instance; classes are never patched.
+- ``Trainer._make_function``, ``_get_state_sharding_spec``, ``_get_jax_state`` and
+  ``backend.config.is_nnx_enabled``: fit's train function is built as the JAX trainer's
+  ``make_train_function`` builds it, with one more input to the jitted step (the noise
+  multiplier), and compiled ahead of Keras' loop from the state Keras will pass
+  (:func:`dp_train_function`, :func:`compile_ahead`).
 - ``python_utils.pythonify_logs``: a step's logs as Keras hands them to batch-end hooks
   (floats, nested dicts flattened, keys sorted), for the DP progress bar, which reads
   them only when it redraws (:class:`keras_dp.callbacks.DPProgbarLogger`).
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 
+import jax
 import keras
 from keras.src.backend import (
     compute_output_spec,
@@ -53,6 +59,7 @@ from keras.src.backend import (
     get_stateless_scope,
     set_keras_mask,
 )
+from keras.src.backend.config import is_nnx_enabled
 from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.trainers.data_adapters.array_slicing import train_validation_split
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
@@ -240,3 +247,41 @@ def installed_calls(calls: dict):
     finally:
         for layer in done:
             object.__delattr__(layer, "call")
+
+
+def dp_train_function(model, noised_step):
+    """(fit's train function, its jitted step) built as Keras' JAX trainer builds them
+    (``make_train_function``: the step jitted with the state donated and, under a
+    ``keras.distribution``, the state's shardings out; ``_make_function`` runs
+    ``steps_per_execution`` of them a call), except that the jitted step is
+    ``noised_step(state, data, noise_multiplier)``, the multiplier read from
+    ``model._dp_noise_input`` at each call. None where Keras' own function is kept
+    (run eagerly, ``jit_compile=False``, Flax NNX's ``nnx.jit``): its step then reads
+    the plan's σ."""
+    if model.run_eagerly or not model.jit_compile or is_nnx_enabled():
+        return None
+    out_shardings = None
+    if keras.distribution.distribution() is not None:
+        out_shardings = (None, model._get_state_sharding_spec())
+    jitted = jax.jit(noised_step, donate_argnums=0, out_shardings=out_shardings)
+
+    def step_function(state, data):
+        return jitted(state, data, model._dp_noise_input)
+
+    return model._make_function(step_function), jitted
+
+
+def compile_ahead(model, jitted, batch, multiplier) -> None:
+    """Traces and compiles ``jitted`` (:func:`dp_train_function`'s) for ``batch`` and the
+    model's state as Keras' fit will pass them, so that fit's first call finds it
+    compiled. ``batch`` as the JAX trainer feeds it without a distribution (numpy
+    arrays, or the same device_put: one compiled program), ``multiplier`` a float32
+    scalar (its value is not read)."""
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+        purge_model_variables=False,
+    )
+    jitted.trace(state, batch, multiplier).lower().compile()

@@ -253,6 +253,11 @@ _CALIBRATED: dict[Hashable, float] = {}
 _CALIBRATED_MAX = 256
 
 
+def remembered(key: Hashable) -> float | None:
+    """σ already calibrated in this process for the plan ``key``, or None."""
+    return _CALIBRATED.get(key)
+
+
 def remembered_noise_multiplier(
     key: Hashable, make_event: Callable[[float], dp_accounting.DpEvent], *args
 ) -> float:

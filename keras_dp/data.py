@@ -119,6 +119,14 @@ class DPBatches(keras.utils.PyDataset):
         per_shard = -(-rows // self._shards)
         return sampling.physical_batch_size(rows, min(self._chunk, per_shard), self._shards)
 
+    def padding_batch(self):
+        """A batch of the usual shape (the bound's without ``usual``) holding padding
+        rows only, and a zero noise key: what fit compiles its step for ahead of Keras'
+        loop. Nothing is drawn: only its shapes and dtypes are read."""
+        step = self._next_step
+        key_data = np.zeros_like(self._key_data(self._model._dp_seed, step))
+        return self._batch(step, np.zeros(0, np.int64), key_data)
+
     def resume_at(self, step: int) -> None:
         """Draws the next batch for update ``step`` (after a checkpoint was restored)."""
         self._next_step = step
@@ -136,12 +144,16 @@ class DPBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         step = self._next_step
         self._next_step += 1
-        model = self._model
-        seed = model._dp_seed
+        seed = self._model._dp_seed
         if self._streams is None or self._streams.seed != seed:
             self._streams = sampling.StepStreams(seed)
-        partition = model._dp_ledger.partition_seed
+        partition = self._model._dp_ledger.partition_seed
         indices = draw_indices(self._config, seed, step, partition, self._streams.at(step))
+        return self._batch(step, indices, self._key_data(seed, step))
+
+    def _batch(self, step: int, indices: np.ndarray, key_data: np.ndarray):
+        """Update ``step``'s batch of the examples ``indices``, keyed by ``key_data``."""
+        seed = self._model._dp_seed
         physical = self._rows_for(len(indices), step)
         padded, mask = sampling.shard_layout(indices, physical, self._shards)
         mine = distribute.local_rows(physical)  # all rows, unless several processes
@@ -159,7 +171,7 @@ class DPBatches(keras.utils.PyDataset):
         rows = len(mask)
         if not getattr(self._source, "in_memory", False):  # items read one at a time
             _check_rows((x, y, sw), rows)
-        packed = {"dp_x": x, "dp_mask_key": pack_mask_key(mask, self._key_data(seed, step))}
+        packed = {"dp_x": x, "dp_mask_key": pack_mask_key(mask, key_data)}
         if inner is not None:
             packed["dp_inner"] = inner
         if sw is not None:

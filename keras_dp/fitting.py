@@ -10,18 +10,22 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import threading
 
+import jax
 import keras
 import numpy as np
 
 from keras_dp import (
     _keras,
+    accounting,
     bandmf,
     checks,
     data,
     distribute,
     ledger,
     metrics,
+    noise,
     noise_state,
     sampling,
     step,
@@ -75,8 +79,9 @@ def fit(
         raise ValueError("fit got no training examples (x is empty).")
     users = user_data.users_of(config, user_ids, source.size)
     held_out = " after validation_split held out the last rows" if validation_split else ""
-    config = calibrate(model, config, user_data.unit_count(config, users, source.size), held_out)
-    checks.check_plan_within_target(config)
+    size = user_data.unit_count(config, users, source.size)
+    calibration = Calibration(model, config, size, held_out)
+    config = calibration.plan  # σ, if still being calibrated, is not read until then
     model._dp_ledger.check_plan()
     first = source.gather(np.arange(min(2, source.size)))
     checks.check_examples(first, labels_needed=_keras.has_compiled_loss(model))
@@ -134,6 +139,9 @@ def fit(
         example = source.gather(np.arange(1))[0]
         usual = step.usual_rows(model, config, example)
     batches = data.DPBatches(model, source, config, chunk, per_epoch, usual)
+    metrics.add_counters(model)
+    config = calibration.result(model, batches)
+    checks.check_plan_within_target(config)
     stop_at = model._dp_steps + batches.steps_this_fit(epochs_to_run)
     if restartable:
         stop_at = config.steps
@@ -149,7 +157,7 @@ def fit(
             "exceed its stop_at_epsilon. Nothing was trained; raise stop_at_epsilon or "
             "stop here."
         )
-    metrics.add_counters(model)
+    model._dp_noise_input = jax.device_put(noise.multiplier_input(config.gradient_noise_multiplier))
     budget = next((c for c in callbacks if isinstance(c, PrivacyBudget)), None)
     counting = ledger.PerStepLedgerCallback if budget and budget.per_step else ledger.LedgerCallback
     callbacks = [counting(stop_at, per_epoch, batches, budget), *callbacks]
@@ -180,9 +188,80 @@ def fit(
     )
 
 
-def calibrate(model, config: DPConfig, size: int, held_out: str = "") -> DPConfig:
-    """The plan calibrated for ``size`` units (σ from the target ε); the model keeps it.
-    ``held_out`` says, in the errors, why ``size`` is smaller than the data passed."""
+class Calibration:
+    """The plan calibrated for ``size`` units (σ from the target ε), the search run in a
+    thread while ``fit`` checks and prepares, and compiles the DP step.
+
+    dp_accounting's search (0.5 s for the README's MLP, 0.8 s for Gemma3 LoRA) and
+    XLA's compile of the step (which releases the GIL) then overlap: fit's step takes
+    σ as an input (:func:`keras_dp.step.with_noise`), so its program does not depend
+    on it. Where σ is known (given, or calibrated for this plan before in this
+    process), or the search fails at once on the plan's fields, nothing runs in a
+    thread. Until :meth:`result` returns, the model's plan is ``plan``: the config for
+    ``size`` units without σ. Nothing is trained before it returns and fit has checked
+    the calibrated plan (:func:`keras_dp.checks.check_plan_within_target`); a search
+    that fails raises there, before any noise is spent.
+    """
+
+    def __init__(self, model, config: DPConfig, size: int, held_out: str = ""):
+        _check_size(model, config, size, held_out)
+        sized = config if config.dataset_size == size else config._replace(dataset_size=size)
+        self._thread, self._calibrated, self._error = None, None, None
+        if sized.noise_multiplier is not None or _remembered(sized):
+            self.plan = calibrate(model, config, size, held_out)
+            return
+        self.plan = sized
+        model._dp_set_plan(sized)
+        self._thread = threading.Thread(
+            target=self._search, args=(sized,), name="keras_dp-calibration", daemon=True
+        )
+        self._thread.start()
+
+    def _search(self, config: DPConfig) -> None:
+        try:
+            self._calibrated = config.calibrate()
+        except BaseException as err:  # raised in fit's thread, by result()
+            self._error = err
+
+    def result(self, model, batches: data.DPBatches) -> DPConfig:
+        """The calibrated plan, once the search is done; the model keeps it. While it
+        runs, fit's train function is traced and compiled for ``batches``' usual shape
+        (without a ``keras.distribution``: with one, Keras shards the batch itself)."""
+        if self._thread is None:
+            return self.plan
+        if keras.distribution.distribution() is None:
+            model.make_train_function()
+            if model._dp_jitted_step is not None:
+                with step.paused_gc():
+                    _keras.compile_ahead(
+                        model,
+                        model._dp_jitted_step,
+                        batches.padding_batch(),
+                        jax.device_put(noise.multiplier_input(1.0)),
+                    )
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        calibrated = self._calibrated
+        logger.info(
+            "Calibrated noise_multiplier=%.4f for %s", calibrated.noise_multiplier, calibrated
+        )
+        model._dp_set_noise(calibrated)
+        return calibrated
+
+
+def _remembered(config: DPConfig) -> bool:
+    """Whether σ is known for ``config``'s plan in this process, or its fields are
+    refused before any search (the search then runs where fit can raise at once)."""
+    try:
+        config._require("calibrate")
+        return accounting.remembered(config._plan_key()) is not None
+    except ValueError:
+        return True
+
+
+def _check_size(model, config: DPConfig, size: int, held_out: str) -> None:
+    """Refuses data of another size than the plan's."""
     if config.dataset_size is not None and config.dataset_size != size:
         if config._calibrated_for is not None and model._dp_steps:
             raise ValueError(
@@ -196,6 +275,12 @@ def calibrate(model, config: DPConfig, size: int, held_out: str = "") -> DPConfi
             f"{config.dataset_size}; pass the data the plan was made for, or "
             "dataset_size=None."
         )
+
+
+def calibrate(model, config: DPConfig, size: int, held_out: str = "") -> DPConfig:
+    """The plan calibrated for ``size`` units (σ from the target ε); the model keeps it.
+    ``held_out`` says, in the errors, why ``size`` is smaller than the data passed."""
+    _check_size(model, config, size, held_out)
     calibrated = config.calibrate(size)  # a given σ is checked against the target
     if calibrated is not config:
         if config.noise_multiplier is None:

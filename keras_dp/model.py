@@ -73,6 +73,8 @@ class DPModel:
         self._dp_config = None
         self._dp_ledger = ledger.Ledger(self)
         self._dp_seed = None
+        self._dp_noise_input = None  # σ, the jitted step's input (set by fit)
+        self._dp_jitted_step = None
         if config is not None:
             self.set_dp_config(config)
 
@@ -115,12 +117,25 @@ class DPModel:
     def _dp_set_plan(self, config: DPConfig | None) -> None:
         self._dp_config = config
         self.train_function = None  # the traced step reads the config
+        self._dp_jitted_step = self._dp_noise_input = None
         if config is not None and config.clip_quantile is not None:
             if getattr(self, "_dp_clip_norm", None) is None:  # adaptive C: saved with weights
                 variable = keras.Variable(
                     float(config.l2_clip_norm), trainable=False, name=ADAPTIVE_CLIP_NORM
                 )
                 _keras.track_after_build(self, "_dp_clip_norm", variable)
+
+    def _dp_set_noise(self, config: DPConfig) -> None:
+        """The plan ``config``: the current one with σ calibrated. Fit's train function
+        is kept (its step takes σ as an input); any other change makes a new one."""
+        current = self._dp_config
+        names = [f.name for f in dataclasses.fields(DPConfig) if f.compare]
+        if current is None or any(
+            getattr(config, n) != getattr(current, n) for n in names if n != "noise_multiplier"
+        ):
+            self._dp_set_plan(config)
+            return
+        self._dp_config = config
 
     def erase_dp_secrets(self) -> None:
         """Erases the secret state of a correlated-noise run (``noise="bandmf"``): the
@@ -322,12 +337,25 @@ class DPModel:
     # The train step ---------------------------------------------------------------
 
     def make_train_function(self, force=False):
-        """Keras' train function, its first call (the DP step's trace and compile) run
-        with the garbage collector paused (:func:`keras_dp.step.paused_gc_on_first_call`)."""
+        """Keras' train function, but its jitted step takes the noise multiplier as an
+        input (``fit`` compiles it while σ is calibrated: :mod:`keras_dp.fitting`); its
+        first call (the DP step's trace and compile, unless ``fit`` compiled it ahead)
+        runs with the garbage collector paused
+        (:func:`keras_dp.step.paused_gc_on_first_call`)."""
         if self.train_function is not None and not force:
             return
-        super().make_train_function(force)
+        built = _keras.dp_train_function(self, self._dp_noised_train_step)
+        if built is None:  # run eagerly, or not jitted: the step reads the plan's σ
+            super().make_train_function(force)
+            self._dp_jitted_step = None
+        else:
+            self.train_function, self._dp_jitted_step = built
         self.train_function = step.paused_gc_on_first_call(self.train_function)
+
+    def _dp_noised_train_step(self, state, data, noise_multiplier):
+        """``train_step`` on ``data`` with the noise multiplier as an input of the batch
+        (:func:`keras_dp.step.with_noise`): what fit's train function jits."""
+        return self.train_step(state, step.with_noise(data, noise_multiplier))
 
     def train_step(self, state, data):
         """One DP-SGD update (see :mod:`keras_dp.step`)."""

@@ -70,6 +70,21 @@ def wrap_step_key(data: jax.Array) -> jax.Array:
     return jax.random.wrap_key_data(data, impl=jax.config.jax_default_prng_impl)
 
 
+def multiplier_input(noise_multiplier: float) -> np.ndarray:
+    """The noise multiplier as the train step's input: a float32 scalar, rounded up.
+
+    Fit's compiled step takes σ (or adaptive clipping's σ_Δ) as an input instead of a
+    constant of its program, so it compiles while σ is still being calibrated (see
+    :func:`keras_dp.fitting.fit`). Rounding up keeps the noise at or above the
+    accounted σ·C: float32 is the precision the noise is drawn in.
+    """
+    value = float(noise_multiplier)
+    rounded = np.float32(value)
+    if float(rounded) < value:
+        rounded = np.nextafter(rounded, np.float32(np.inf))
+    return np.asarray(rounded, np.float32)
+
+
 def _is_threefry(key: jax.Array) -> bool:
     impl = jax.random.key_impl(key)
     return getattr(impl, "name", impl) == "threefry2x32"

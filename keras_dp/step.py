@@ -11,6 +11,7 @@ rows and rows whose gradient is not finite contribute nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -44,18 +45,30 @@ logger = logging.getLogger(__name__)
 _GOLDEN = np.uint32(0x9E3779B1)
 
 
-def paused_gc_on_first_call(fn):
-    """``fn``, whose first call runs with Python's cyclic garbage collector paused.
+@contextlib.contextmanager
+def paused_gc():
+    """Python's cyclic garbage collector paused for the block (a trace of the DP step).
 
-    Keras' train function traces and compiles the DP step on its first call. The trace
-    makes hundreds of thousands of short-lived Python objects; collections during it
-    promoted them to the oldest generation, whose count then set off a full collection
-    of the whole heap inside the first epoch (0.31-0.37 s in 4 of 22 of the MLP's first
-    epochs of ~1 s, ``benchmarks/first_epoch_gc.py``; none of 22 paused). Paused, they
-    are freed by reference counting as the trace ends. The pause lasts one call (the
-    trace and compile, about a second); later calls, and the collector's state before
-    it, are untouched.
+    A trace makes hundreds of thousands of short-lived Python objects; collections
+    during it promoted them to the oldest generation, whose count then set off a full
+    collection of the whole heap inside the first epoch (0.31-0.37 s in 4 of 22 of the
+    MLP's first epochs of ~1 s, ``benchmarks/first_epoch_gc.py``; none of 22 paused).
+    Paused, they are freed by reference counting as the trace ends. The collector's
+    state before the block is restored after it.
     """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def paused_gc_on_first_call(fn):
+    """``fn``, whose first call runs with Python's cyclic garbage collector paused
+    (:func:`paused_gc`): Keras' train function traces and compiles the DP step on its
+    first call, unless ``fit`` compiled it ahead. Later calls are untouched."""
     first = True
 
     @functools.wraps(fn)
@@ -64,15 +77,34 @@ def paused_gc_on_first_call(fn):
         if not first:
             return fn(*args, **kwargs)
         first = False
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with paused_gc():
             return fn(*args, **kwargs)
-        finally:
-            if was_enabled:
-                gc.enable()
 
     return call
+
+
+def noise_multiplier(config: DPConfig, packed: dict):
+    """The noise multiplier on the clipped sum (σ, or σ_Δ with adaptive clipping;
+    ``DPConfig.gradient_noise_multiplier``): the batch's ``dp_noise`` input when fit's
+    train function added it (:func:`with_noise`), else the plan's, as the same float32
+    value (:func:`keras_dp.noise.multiplier_input`)."""
+    if "dp_noise" in packed:
+        return packed["dp_noise"]
+    if config.gradient_noise_multiplier is None:
+        raise ValueError(
+            "train_step needs a calibrated plan: call model.fit, or set "
+            "model.set_dp_config(config.calibrate(dataset_size=N)) first."
+        )
+    return noise.multiplier_input(config.gradient_noise_multiplier)
+
+
+def with_noise(data, multiplier):
+    """``data`` (a DPBatches batch) with the noise multiplier added to its packed x as
+    ``dp_noise``: an input of the compiled step, never a constant of its program."""
+    if isinstance(data, dict):  # x alone
+        return {**data, "dp_noise": multiplier}
+    packed, *rest = data
+    return ({**packed, "dp_noise": multiplier}, *rest)
 
 
 def train_step(model, state, data):
@@ -157,17 +189,16 @@ def train_step(model, state, data):
     key = noise.wrap_step_key(key_rows[0])
     if clip_slot is not None:  # adaptive clipping: the count's noise, its own stream
         key, count_key = jax.random.split(key)
+    multiplier = noise_multiplier(config, packed)
     noise_slots = noise_state.slots(model)
     if noise_slots is None:
-        grads = noise.privatize(
-            grad_sum, key, config.gradient_noise_multiplier, clip_norm, config.batch_size
-        )
+        grads = noise.privatize(grad_sum, key, multiplier, clip_norm, config.batch_size)
     else:  # correlated noise (BandMF): the noise history is part of the state
         strategy_slot, history_slots = noise_slots
         grads, history = noise.privatize_correlated(
             grad_sum,
             key,
-            config.noise_multiplier,
+            multiplier,
             clip_norm,
             config.batch_size,
             non_trainable[strategy_slot],

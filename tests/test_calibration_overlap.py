@@ -1,0 +1,118 @@
+"""σ's calibration runs while fit compiles the DP step: the step takes σ as an input.
+
+Checked end to end through ``fit``: the noise has the calibrated σ (not the value the
+step was compiled with), the step is compiled once and while the search runs, and a
+search that fails raises its error before any update.
+"""
+
+import logging
+import math
+import threading
+
+import jax
+import keras
+import numpy as np
+import pytest
+from scipy import stats
+
+import keras_dp
+from keras_dp import DPConfig, _keras, accounting
+
+ZERO_LOSS = lambda y_true, y_pred: 0.0 * keras.ops.mean(y_pred)  # noqa: E731
+
+
+def data(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 5)).astype("float32"), rng.normal(size=(n, 1)).astype("float32")
+
+
+def zero_loss_model(units, **config):
+    """Dense(units) on a zero loss with SGD(1): an update is the noise alone."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(units)])
+    model = keras_dp.make_private(model, DPConfig(**config))
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=ZERO_LOSS)
+    return model
+
+
+@pytest.fixture
+def fresh_calibrations(monkeypatch):
+    """No σ remembered from other tests: every plan is searched (in fit's thread)."""
+    monkeypatch.setattr(accounting, "_CALIBRATED", {})
+
+
+def test_the_noise_has_the_calibrated_sigma_not_the_one_compiled_with(fresh_calibrations):
+    clip, batch = 3.0, 8
+    model = zero_loss_model(
+        400, target_epsilon=0.5, batch_size=batch, steps=2, l2_clip_norm=clip, seed=5
+    )
+    model.build((None, 5))
+    w0 = np.array(model.trainable_variables[0].value)
+    model.fit(*data(16), epochs=1, verbose=0)
+    w1 = np.array(model.trainable_variables[0].value)
+    sigma = model.dp_config.noise_multiplier
+    assert sigma > 2.5  # far from the 1.0 the step was compiled with
+    assert model.privacy_spent().epsilon <= 0.5
+    update = (w1 - w0).ravel() / math.sqrt(model.privacy_spent().steps)
+    expected_std = sigma * clip / batch
+    assert stats.kstest(update, "norm", args=(0, expected_std)).pvalue > 0.01
+    # The compiled-with value (σ = 1) is rejected by the same test.
+    assert stats.kstest(update, "norm", args=(0, clip / batch)).pvalue < 1e-6
+
+
+def test_fit_compiles_its_step_once_while_sigma_is_searched(fresh_calibrations, monkeypatch):
+    compiled = threading.Event()
+    seen = []
+    compile_ahead = _keras.compile_ahead
+    search = accounting.calibrate_noise_multiplier
+
+    def compile_then_signal(*args):
+        compile_ahead(*args)
+        compiled.set()
+
+    def search_after_the_compile(*args):
+        seen.append(compiled.wait(timeout=60))  # the compile runs meanwhile, or never
+        return search(*args)
+
+    monkeypatch.setattr(_keras, "compile_ahead", compile_then_signal)
+    monkeypatch.setattr(accounting, "calibrate_noise_multiplier", search_after_the_compile)
+    # microbatch_size: one physical shape (no usual-rows step beside the bound's).
+    model = zero_loss_model(
+        20, target_epsilon=2.0, batch_size=8, epochs=2, microbatch_size=4, seed=1
+    )
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    dispatch = logging.getLogger("jax._src.dispatch")
+    dispatch.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            model.fit(*data(40), verbose=0)
+    finally:
+        dispatch.removeHandler(handler)
+    assert seen == [True]  # the search waited for the compile: they overlapped
+    compiles = [
+        r.getMessage()
+        for r in records
+        if "XLA compilation" in r.getMessage() and "_dp_noised_train_step" in r.getMessage()
+    ]
+    assert len(compiles) == 1, compiles
+    assert model.privacy_spent().steps == model.dp_config.steps == 10
+    assert model.privacy_spent().epsilon <= 2.0
+
+
+def test_a_search_that_fails_in_its_thread_raises_before_any_update(
+    fresh_calibrations, monkeypatch
+):
+    def unreachable(*args):
+        raise accounting.UnreachableEpsilon("No noise multiplier in (1e-4, 1e6) gives it.")
+
+    monkeypatch.setattr(accounting, "calibrate_noise_multiplier", unreachable)
+    model = zero_loss_model(20, target_epsilon=2.0, batch_size=8, epochs=1, seed=1)
+    model.build((None, 5))
+    w0 = [np.array(v) for v in model.get_weights()]
+    with pytest.raises(ValueError, match="target_epsilon=2.0.*No noise multiplier"):
+        model.fit(*data(40), verbose=0)
+    assert model.privacy_spent().steps == 0
+    assert all(np.array_equal(a, b) for a, b in zip(w0, model.get_weights()))
+    assert model.dp_config.noise_multiplier is None
