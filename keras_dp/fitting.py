@@ -1,12 +1,15 @@
 """What ``DPModel.fit`` does before Keras' own ``fit`` runs: check, calibrate, sample.
 
-Everything that can be refused is refused here, before any noise is spent. Keras'
-``fit`` then runs on :class:`keras_dp.data.DPBatches` (batches drawn by the config's
-sampler, so the accountant's assumption holds) with the ledger's callback first.
+σ's calibration runs in a thread while the rest is checked and the DP step compiles
+(:class:`Calibration`). Everything that can be refused is refused here, before any
+noise is spent. Keras' ``fit`` then runs on :class:`keras_dp.data.DPBatches`
+(batches drawn by the config's sampler, so the accountant's assumption holds) with the
+ledger's callback first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -246,8 +249,21 @@ class Calibration:
         logger.info(
             "Calibrated noise_multiplier=%.4f for %s", calibrated.noise_multiplier, calibrated
         )
-        model._dp_set_noise(calibrated)
+        _set_calibrated(model, calibrated)
         return calibrated
+
+
+def _set_calibrated(model, config: DPConfig) -> None:
+    """The model's plan becomes ``config``, its current one with σ calibrated. Its train
+    function is kept (the step takes σ as an input); any other change makes a new one."""
+    current = model._dp_config
+    names = [f.name for f in dataclasses.fields(DPConfig) if f.compare]
+    if current is None or any(
+        getattr(config, n) != getattr(current, n) for n in names if n != "noise_multiplier"
+    ):
+        model._dp_set_plan(config)
+    else:
+        model._dp_config = config
 
 
 def _remembered(config: DPConfig) -> bool:

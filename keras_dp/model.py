@@ -125,18 +125,6 @@ class DPModel:
                 )
                 _keras.track_after_build(self, "_dp_clip_norm", variable)
 
-    def _dp_set_noise(self, config: DPConfig) -> None:
-        """The plan ``config``: the current one with σ calibrated. Fit's train function
-        is kept (its step takes σ as an input); any other change makes a new one."""
-        current = self._dp_config
-        names = [f.name for f in dataclasses.fields(DPConfig) if f.compare]
-        if current is None or any(
-            getattr(config, n) != getattr(current, n) for n in names if n != "noise_multiplier"
-        ):
-            self._dp_set_plan(config)
-            return
-        self._dp_config = config
-
     def erase_dp_secrets(self) -> None:
         """Erases the secret state of a correlated-noise run (``noise="bandmf"``): the
         last b − 1 noise vectors and the partition's seed, kept with the weights so
@@ -337,10 +325,8 @@ class DPModel:
     # The train step ---------------------------------------------------------------
 
     def make_train_function(self, force=False):
-        """Keras' train function, but its jitted step takes the noise multiplier as an
-        input (``fit`` compiles it while σ is calibrated: :mod:`keras_dp.fitting`); its
-        first call (the DP step's trace and compile, unless ``fit`` compiled it ahead)
-        runs with the garbage collector paused
+        """Keras' train function, its jitted step taking σ as an input (fit compiles it
+        while σ is calibrated), its first call run with the garbage collector paused
         (:func:`keras_dp.step.paused_gc_on_first_call`)."""
         if self.train_function is not None and not force:
             return
