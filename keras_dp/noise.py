@@ -75,8 +75,9 @@ def multiplier_input(noise_multiplier: float) -> np.ndarray:
 
     Fit's compiled step takes σ (or adaptive clipping's σ_Δ) as an input instead of a
     constant of its program, so it compiles while σ is still being calibrated (see
-    :func:`keras_dp.fitting.fit`). Rounding up keeps the noise at or above the
-    accounted σ·C: float32 is the precision the noise is drawn in.
+    :class:`keras_dp.fitting.Calibration`). Rounded up, the input is never below the
+    accounted σ; the noise's std σ·C is then a float32 product, as the noise is a
+    float32 draw (within float32 rounding, a relative 6e-8, of the accounted σ·C).
     """
     value = float(noise_multiplier)
     rounded = np.float32(value)
@@ -167,7 +168,7 @@ def _drawn_once(draw, key: jax.Array) -> jax.Array:
     return jax.lax.cond(words[0] % 2 == 0, draw, draw)
 
 
-def gaussian_like(key: jax.Array, tree, stddev: float):
+def gaussian_like(key: jax.Array, tree, stddev: float | jax.Array):
     """A pytree shaped like ``tree`` of independent N(0, stddev²) draws (float32).
 
     The leaves, flattened and laid end to end, hold ``stddev ·
@@ -202,8 +203,8 @@ def gaussian_like(key: jax.Array, tree, stddev: float):
 def privatize(
     clipped_sum,
     key: jax.Array,
-    noise_multiplier: float,
-    l2_clip_norm: float,
+    noise_multiplier: float | jax.Array,
+    l2_clip_norm: float | jax.Array,
     expected_batch_size: int,
 ):
     """(Σ clip(g_i) + N(0, (σ·C)²)) / B: the DP-SGD gradient estimate.
@@ -250,8 +251,8 @@ def correlated_noise(key: jax.Array, tree, strategy: jax.Array, history):
 def privatize_correlated(
     clipped_sum,
     key: jax.Array,
-    noise_multiplier: float,
-    l2_clip_norm: float,
+    noise_multiplier: float | jax.Array,
+    l2_clip_norm: float | jax.Array,
     expected_batch_size: int,
     strategy: jax.Array,
     history,

@@ -16,7 +16,7 @@ import pytest
 from scipy import stats
 
 import keras_dp
-from keras_dp import DPConfig, _keras, accounting
+from keras_dp import DPConfig, _keras, accounting, noise
 
 ZERO_LOSS = lambda y_true, y_pred: 0.0 * keras.ops.mean(y_pred)  # noqa: E731
 
@@ -116,3 +116,15 @@ def test_a_search_that_fails_in_its_thread_raises_before_any_update(
     assert model.privacy_spent().steps == 0
     assert all(np.array_equal(a, b) for a, b in zip(w0, model.get_weights()))
     assert model.dp_config.noise_multiplier is None
+
+
+def test_the_step_input_is_the_smallest_float32_not_below_sigma():
+    rng = np.random.default_rng(0)
+    sigmas = np.concatenate([rng.uniform(0.3, 20.0, 2000), [1.0, 0.5, 2.0**-20]])
+    for sigma in sigmas:
+        value = noise.multiplier_input(sigma)
+        assert value.dtype == np.float32 and value.shape == ()
+        assert float(value) >= sigma
+        below = np.nextafter(value, np.float32(0))
+        assert float(below) < sigma  # the next float32 down would under-noise
+    assert float(noise.multiplier_input(1.0)) == 1.0  # exact values stay
