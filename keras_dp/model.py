@@ -120,8 +120,11 @@ class DPModel:
         self._dp_jitted_step = self._dp_noise_input = None
         if config is not None and config.clip_quantile is not None:
             if getattr(self, "_dp_clip_norm", None) is None:  # adaptive C: saved with weights
-                variable = keras.Variable(
-                    float(config.l2_clip_norm), trainable=False, name=ADAPTIVE_CLIP_NORM
+                variable = keras.Variable(  # float32, not weak: as the step returns it
+                    float(config.l2_clip_norm),
+                    dtype="float32",
+                    trainable=False,
+                    name=ADAPTIVE_CLIP_NORM,
                 )
                 _keras.track_after_build(self, "_dp_clip_norm", variable)
 

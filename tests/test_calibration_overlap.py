@@ -60,7 +60,18 @@ def test_the_noise_has_the_calibrated_sigma_not_the_one_compiled_with(fresh_cali
     assert stats.kstest(update, "norm", args=(0, clip / batch)).pvalue < 1e-6
 
 
-def test_fit_compiles_its_step_once_while_sigma_is_searched(fresh_calibrations, monkeypatch):
+@pytest.mark.parametrize(
+    "plan",
+    [
+        {},
+        # Adaptive clipping: its clip norm, a state variable, was a weak-typed float
+        # until the first step returned it, and the second step compiled again.
+        {"clip_quantile": 0.5, "clip_count_noise": 2.0},
+        {"privacy_unit": "user", "examples_per_user": 2},
+    ],
+    ids=["examples", "adaptive", "users"],
+)
+def test_fit_compiles_its_step_once_while_sigma_is_searched(plan, fresh_calibrations, monkeypatch):
     compiled = threading.Event()
     seen = []
     compile_ahead = _keras.compile_ahead
@@ -78,8 +89,9 @@ def test_fit_compiles_its_step_once_while_sigma_is_searched(fresh_calibrations, 
     monkeypatch.setattr(accounting, "calibrate_noise_multiplier", search_after_the_compile)
     # microbatch_size: one physical shape (no usual-rows step beside the bound's).
     model = zero_loss_model(
-        20, target_epsilon=2.0, batch_size=8, epochs=2, microbatch_size=4, seed=1
+        20, target_epsilon=2.0, batch_size=8, epochs=2, microbatch_size=4, seed=1, **plan
     )
+    users = {"user_ids": np.arange(40) // 2} if "privacy_unit" in plan else {}
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -87,7 +99,7 @@ def test_fit_compiles_its_step_once_while_sigma_is_searched(fresh_calibrations, 
     dispatch.addHandler(handler)
     try:
         with jax.log_compiles():
-            model.fit(*data(40), verbose=0)
+            model.fit(*data(40), verbose=0, **users)
     finally:
         dispatch.removeHandler(handler)
     assert seen == [True]  # the search waited for the compile: they overlapped
@@ -97,7 +109,7 @@ def test_fit_compiles_its_step_once_while_sigma_is_searched(fresh_calibrations, 
         if "XLA compilation" in r.getMessage() and "_dp_noised_train_step" in r.getMessage()
     ]
     assert len(compiles) == 1, compiles
-    assert model.privacy_spent().steps == model.dp_config.steps == 10
+    assert model.privacy_spent().steps == model.dp_config.steps > 1
     assert model.privacy_spent().epsilon <= 2.0
 
 
