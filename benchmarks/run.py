@@ -47,6 +47,7 @@ from step_time import MODELS, TASKS  # noqa: E402
 import keras_dp  # noqa: E402
 from keras_dp import data as dp_data  # noqa: E402
 from keras_dp import sampling  # noqa: E402
+from keras_dp._keras import train_state  # noqa: E402  (re-exported to the other benchmarks)
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -132,16 +133,6 @@ def build(kind: str, name: str, n: int, microbatch=None, seed=0) -> keras.Model:
             model = keras_api.make_private(model, params)
     model.compile(optimizer="adam", loss=LOSS)
     return model
-
-
-def train_state(model) -> tuple:
-    """The JAX trainer's ``state`` argument of ``train_step``, from the model's variables."""
-    return (
-        [v.value for v in model.trainable_variables],
-        [v.value for v in model.non_trainable_variables],
-        [v.value for v in model.optimizer.variables],
-        [v.value for v in model.metrics_variables],
-    )
 
 
 def timed_rows(model, epochs: int) -> float:

@@ -37,11 +37,11 @@ the range.
   ghost clipping's view of Dense, EinsumDense, Embedding and Conv layers
   (``keras_dp.ghost``).
   ``Layer.__call__`` looks ``self.call`` up on the instance; classes are never patched.
-- ``Trainer._make_function``, ``_get_state_sharding_spec``, ``_get_jax_state`` and
+- ``Trainer._make_function``, ``_get_state_sharding_spec`` and
   ``backend.config.is_nnx_enabled``: fit's train function is built as the JAX trainer's
   ``make_train_function`` builds it, with one more input to the jitted step (the noise
   multiplier), and compiled ahead of Keras' loop from the state Keras will pass
-  (:func:`dp_train_function`, :func:`compile_ahead`).
+  (:func:`dp_train_function`, :func:`compile_ahead`, :func:`train_state`).
 - ``python_utils.pythonify_logs``: a step's logs as Keras hands them to batch-end hooks
   (floats, nested dicts flattened, keys sorted), for the DP progress bar, which reads
   them only when it redraws (:class:`keras_dp.callbacks.DPProgbarLogger`).
@@ -277,11 +277,15 @@ def compile_ahead(model, jitted, batch, multiplier) -> None:
     compiled. ``batch`` as the JAX trainer feeds it without a distribution (numpy
     arrays, or the same device_put: one compiled program), ``multiplier`` a float32
     scalar (its value is not read)."""
-    state = model._get_jax_state(
-        trainable_variables=True,
-        non_trainable_variables=True,
-        optimizer_variables=True,
-        metrics_variables=True,
-        purge_model_variables=False,
+    jitted.trace(train_state(model), batch, multiplier).lower().compile()
+
+
+def train_state(model) -> tuple:
+    """The JAX trainer's ``state`` argument of ``train_step``, from the model's variables:
+    what Keras' fit passes (its ``_get_jax_state`` of all four kinds)."""
+    return (
+        [v.value for v in model.trainable_variables],
+        [v.value for v in model.non_trainable_variables],
+        [v.value for v in model.optimizer.variables],
+        [v.value for v in model.metrics_variables],
     )
-    jitted.trace(state, batch, multiplier).lower().compile()
