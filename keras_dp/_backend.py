@@ -44,3 +44,13 @@ def import_quietly(name: str):
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def on_cpu() -> bool:
+    """Whether JAX's default backend is a CPU. keras_dp shapes some programs for it
+    (chunk sizes, the convolutions' layout, the noise stored once, which clipping
+    ``"auto"`` picks) and others for accelerators. The values are the same either way
+    (``tests/test_reference_step.py`` builds both on a CPU through this one question)."""
+    import jax
+
+    return jax.default_backend() == "cpu"

@@ -48,7 +48,7 @@ try:
 except ImportError:  # jax 0.7-0.8 have it only internally (the same function)
     from jax._src.core import get_opaque_trace_state
 
-from keras_dp import _keras, ghost_cost, ghost_layers
+from keras_dp import _backend, _keras, ghost_cost, ghost_layers
 from keras_dp import ghost_norms as gn
 from keras_dp.ghost_tap import Tap, tied_cost
 
@@ -181,7 +181,7 @@ def per_example_fn(model, unit):
     canonical convolution, each example's kernel gradient a batched matrix product:
     autodiff's are a grouped convolution, and slow in a chunk loop). The same values;
     a CNN on 32×32×3 images in chunks of 16 on 2 CPU cores: 964 → 44 ms a step."""
-    if jax.default_backend() != "cpu" or not any(
+    if not _backend.on_cpu() or not any(
         ghost_layers.rule(layer) in _Untapped.layers for layer in _keras.sublayers(model)
     ):
         return unit
@@ -313,7 +313,7 @@ def _cheaper(taps, index: int) -> bool:
         return True  # a bias: its norm is its gradient
     costs = [t.costs() for t in reads]
     norm = sum(c[0] for c in costs) + tied_cost(reads)
-    if len(reads) == 2 and jax.default_backend() == "cpu":
+    if len(reads) == 2 and _backend.on_cpu():
         return norm <= 2 * math.prod(reads[0].kernel_shape)
     return norm <= sum(c[1] for c in costs)
 

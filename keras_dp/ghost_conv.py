@@ -26,6 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from keras_dp import _backend
 from keras_dp import ghost_norms as gn
 
 
@@ -52,7 +53,7 @@ def conv(spec: Conv, x, kernel, canonical: bool | None = None) -> jnp.ndarray:
     (under ``jax.vmap``, each example's: a batched matrix product)."""
     x = x.astype(kernel.dtype)
     if canonical is None:
-        canonical = jax.default_backend() == "cpu"
+        canonical = _backend.on_cpu()
     return _canonical_conv(spec, x, kernel) if canonical else _forward(spec, x, kernel)
 
 
@@ -134,7 +135,7 @@ def conv_sum(spec: Conv, x, g, factor, kernel_shape, canonical: bool | None = No
     g = g.reshape(g.shape[0], *g.shape[2:]).astype(jnp.float32)
     g = g * factor.reshape((-1,) + (1,) * (g.ndim - 1))
     if canonical is None:
-        canonical = jax.default_backend() == "cpu"
+        canonical = _backend.on_cpu()
     if canonical:
         return _kernel_grad(spec, x, g)
     _, pullback = jax.vjp(lambda k: _forward(spec, x, k), jnp.zeros(kernel_shape, jnp.float32))

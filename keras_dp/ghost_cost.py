@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import jax
 
-from keras_dp import _keras
+from keras_dp import _backend, _keras
 from keras_dp.ghost_tap import tied_cost
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def likely_one_pass(model, config, row) -> bool:
 
 
 def _may_pass_once(config) -> bool:
-    return config.microbatch_size is None and jax.default_backend() == "cpu"
+    return config.microbatch_size is None and _backend.on_cpu()
 
 
 def ghost_pays(plan_: Plan | None, config) -> bool:
@@ -122,7 +122,7 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     per-example gradients (float32, for a whole expected batch) would exceed 256 MiB:
     memory follows the activations with ghost norms, the parameters without.
     """
-    if jax.default_backend() != "cpu" or plan_ is None:
+    if not _backend.on_cpu() or plan_ is None:
         return True
     kernels = [t for t in plan_.active if t.use_kernel]
     if not any(t.kind == "conv" for t in kernels):

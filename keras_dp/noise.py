@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keras_dp import _backend
+
 
 def seed_words(seed: int) -> np.ndarray:
     """``seed``'s 64 bits as two uint32 words (high, low), as :func:`root_key` folds them.
@@ -162,7 +164,7 @@ def _drawn_once(draw, key: jax.Array) -> jax.Array:
     conditional would read its predicate on the host) the draw is left to the
     compiler.
     """
-    if jax.default_backend() != "cpu":
+    if not _backend.on_cpu():
         return draw()
     words = jax.random.key_data(key).reshape(-1)
     return jax.lax.cond(words[0] % 2 == 0, draw, draw)

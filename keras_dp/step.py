@@ -23,6 +23,7 @@ import keras
 import numpy as np
 
 from keras_dp import (
+    _backend,
     _keras,
     adaptive,
     clipping,
@@ -351,7 +352,7 @@ def chunk_size(config: DPConfig, num_shards: int, model: keras.Model) -> int:
     if config.microbatch_size is not None:
         return config.microbatch_size
     per_device = math.ceil(config.batch_size / num_shards)
-    if jax.default_backend() == "cpu":
+    if _backend.on_cpu():
         return max(1, min(128, math.ceil(per_device / 4)))
     if config.ghost_clipping:
         params = ghost.likely_per_example_size(model)  # ghost: most need none

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import DPConfig, data, noise, sampling
+from keras_dp import DPConfig, _backend, data, noise, sampling
 
 from .test_training import LOSS, mlp
 
@@ -358,7 +358,7 @@ def test_usual_rows_only_where_a_one_pass_step_computes_its_padding(monkeypatch)
     assert dp_step.usual_rows(wide, config, example) is None  # 1.2 MFLOP: chunked
     unbuilt = keras.Sequential([keras.layers.Dense(3)])
     assert dp_step.usual_rows(unbuilt, config, example) is None and not unbuilt.built
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(_backend, "on_cpu", lambda: False)
     assert dp_step.usual_rows(small, config, example) is None
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from keras_dp import noise
+from keras_dp import _backend, noise
 
 shapes = st.lists(
     st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple), min_size=1, max_size=6
@@ -105,8 +105,11 @@ def test_leaves_hold_jax_random_normal_of_the_total_size(seed, step, shapes):
     np.testing.assert_allclose(scaled, 2.5 * expected, rtol=2e-7, atol=0)
 
 
+@pytest.mark.parametrize("on_cpu", [True, False], ids=["cpu", "accelerator"])
 @pytest.mark.parametrize("leaves", [16, 17, 40])
-def test_many_leaves_hold_the_same_draw(leaves):
+def test_many_leaves_hold_the_same_draw(leaves, on_cpu, monkeypatch):
+    """Also as built for an accelerator (no conditional: the draw is left to XLA)."""
+    monkeypatch.setattr(_backend, "on_cpu", lambda: on_cpu)
     key = noise.step_key(noise.root_key(11), jnp.int32(2))
     tree = [jnp.zeros((i % 5, 3)) for i in range(leaves)]
     draws = jax.jit(lambda k: noise.gaussian_like(k, tree, 1.0))(key)

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import DPConfig, bandmf, data, ghost_cost, ghost_norms, noise, noise_state
+from keras_dp import DPConfig, _backend, bandmf, data, ghost_cost, ghost_norms, noise, noise_state
 from keras_dp import step as dp_step
 
 from .helpers import DenseCell, gaussian_like, ghost_plan, on_devices
@@ -406,6 +406,45 @@ def test_train_step_equals_the_reference(plan):
 )  # fmt: skip
 def test_a_language_models_train_step_equals_the_reference(plan):
     """A loss on every token through a tied (or untied, soft-capped) table, or LoRA."""
+    check_train_step(plan)
+
+
+# The programs keras_dp builds for accelerators (GPU/TPU), built here on a CPU: the
+# noise left to the compiler, ghost norms in one pass with per-example chunks sized by
+# bytes, convolutions in their direct layout, ghost norms wherever they are exact (a
+# convolution over many positions, a tied table). A GPU session is the only other place
+# they run, and it is rare.
+ACCELERATOR_PLANS = [
+    dict(kind="mlp", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+         microbatch=None, devices=2, dtype="float32", weighted=True, dropout=True,
+         sigma=0.7, clip=0.05, steps=2, clipping="auto"),
+    dict(kind="conv", loss="mse", sampling="poisson", batch=41, extra=13,
+         microbatch=None, devices=1, dtype="float32", weighted=True, dropout=True,
+         sigma=0.7, clip=0.5, steps=2, clipping="ghost"),
+    dict(kind="long_conv", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+         microbatch=None, devices=2, dtype="float32", weighted=True, dropout=True,
+         sigma=0.7, clip=0.05, steps=2, clipping="auto"),
+    dict(kind="long_conv", loss="mse", sampling="fixed", batch=23, extra=5,
+         microbatch=None, devices=1, dtype="float32", weighted=False, dropout=False,
+         sigma=0.7, clip=0.05, steps=2, clipping="per_example"),
+    dict(kind="embedding", loss="binary_ce", sampling="poisson", batch=41, extra=13,
+         microbatch=None, devices=1, dtype="bfloat16", weighted=True, dropout=False,
+         sigma=0.7, clip=0.05, steps=2, clipping="per_example"),
+    dict(kind="mixed", loss="mse", sampling="poisson", batch=41, extra=13,
+         microbatch=None, devices=2, dtype="float32", weighted=True, dropout=True,
+         sigma=0.7, clip=0.05, steps=2, bands=3, clipping="auto"),
+    dict(kind="tied_lm", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+         microbatch=None, devices=2, dtype="float32", weighted=True, dropout=True,
+         sigma=0.7, clip=0.05, steps=2, clipping="auto"),
+    dict(kind="lora_lm", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+         microbatch=19, devices=4, dtype="float32", weighted=True, dropout=True,
+         sigma=0.7, clip=0.05, steps=2, clipping="auto"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("plan", ACCELERATOR_PLANS, ids=lambda p: f"{p['kind']}-{p['clipping']}")
+def test_the_accelerators_train_step_equals_the_reference(plan, monkeypatch):
+    monkeypatch.setattr(_backend, "on_cpu", lambda: False)
     check_train_step(plan)
 
 
