@@ -57,6 +57,10 @@ MAX_TARGET_EPSILON = 1000.0
 # whose support grows with the composition): 10⁶ updates take 15–40 s on 2 CPU cores,
 # 10⁷ minutes, 10³⁰⁰ forever. Longer plans are refused (RDP's bound stays instant).
 MAX_PLD_STEPS = 10**6
+# Where σ is searched, and where a user's σ must lie: above 10⁶ no plan needs more noise,
+# and far above it σ² overflows dp_accounting's float arithmetic (σ = 1e300: an
+# OverflowError) and σ·C the step's float32.
+NOISE_MULTIPLIER_RANGE = (1e-4, 1e6)
 _PLD_FINEST = 1e-4
 _PLD_REL_TOL = 0.005
 
@@ -366,11 +370,12 @@ def _bracket(
     while True:
         nxt = sigma * factor if too_little_noise else sigma / factor
         factor = factor * factor
-        if not 1e-4 < nxt < 1e6:
+        low, high = NOISE_MULTIPLIER_RANGE
+        if not low < nxt < high:
             raise UnreachableEpsilon(
-                f"No noise multiplier in (1e-4, 1e6) gives ε={target} for this plan with this "
-                "accountant (RDP cannot certify an ε below about log(1/δ)/255, whatever the "
-                "noise). Raise target_epsilon, or use sampling='poisson' with "
+                f"No noise multiplier in ({low:g}, {high:g}) gives ε={target} for this plan "
+                "with this accountant (RDP cannot certify an ε below about log(1/δ)/255, "
+                "whatever the noise). Raise target_epsilon, or use sampling='poisson' with "
                 "accountant='pld'."
             )
         if (eps_of(nxt) > target) != too_little_noise:

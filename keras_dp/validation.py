@@ -257,6 +257,14 @@ def check_noise(config) -> None:
     sigma = config.noise_multiplier
     if sigma is not None and (not is_real(sigma) or not math.isfinite(sigma) or sigma < 0):
         raise bad("noise_multiplier", sigma, "pass a positive number, or None to calibrate it.")
+    if sigma is not None and sigma > accounting.NOISE_MULTIPLIER_RANGE[1]:
+        raise bad(
+            "noise_multiplier",
+            sigma,
+            f"no plan needs more noise than σ={accounting.NOISE_MULTIPLIER_RANGE[1]:g} "
+            "(the calibration searches below it, and the accountant cannot compute far "
+            "above it); pass a smaller σ, or None to calibrate it for target_epsilon.",
+        )
     if math.isinf(config.target_epsilon):
         if sigma is None:
             raise bad(
@@ -302,11 +310,51 @@ def planned_steps(config) -> int:
 
 def check_user_noise(config) -> None:
     """A user-given σ must keep the whole plan within ``target_epsilon``; the error
-    names the σ that would, and the most steps this σ allows."""
-    spent = config.epsilon()
-    if spent <= config.target_epsilon:
-        return
-    fits = config._replace(noise_multiplier=None).calibrate().noise_multiplier
+    names the σ that would, and the most steps this σ allows.
+
+    ε falls as σ grows (more noise is a post-processing of less). So a σ below half
+    the σ the plan needs is refused from ε at that half, which costs what the search's
+    own evaluations cost: the PLD of a tiny σ itself is never built (σ = 1e-3 took
+    minutes, 1e-5 asked for 37 GiB, 1e-300 overflowed). RDP's fast bound tells which
+    case a σ is in; a σ near or above the plan's needs is accounted as it is.
+    """
+    target, sigma = config.target_epsilon, config.noise_multiplier
+    bound = accounting.rdp_estimate(config.dp_event(), config.delta, config.neighboring_relation)
+    if bound <= 2 * target:  # near or above the σ needed: its own ε is cheap
+        spent = config.epsilon()
+        if spent <= target:
+            return
+        _refuse_user_noise(config, spent, _needed_noise(config))
+    needed = _needed_noise(config)
+    if sigma >= needed / 2:
+        spent = config.epsilon()
+        if spent <= target:
+            return
+        _refuse_user_noise(config, spent, needed)
+    half = config._replace(noise_multiplier=needed / 2)
+    spent = half.epsilon()
+    if spent > target:
+        one = " (even one step spends more)" if half.epsilon(1) > target else ""
+        raise bad(
+            "noise_multiplier",
+            sigma,
+            f"this plan needs noise_multiplier >= {needed:.4g} for target_epsilon="
+            f"{target} (δ={config.delta:.3g}); at {needed / 2:.4g} it already spends "
+            f"ε={spent:.4g}, and less noise spends more. Pass noise_multiplier >= "
+            f"{needed:.4g}, or None to calibrate it{one}, or raise target_epsilon.",
+        )
+    spent = config.epsilon()  # not seen: the search's σ is within ~0.1% of the least
+    if spent > target:
+        _refuse_user_noise(config, spent, needed)
+
+
+def _needed_noise(config) -> float:
+    """The σ calibrated for ``config``'s plan (the smallest that fits its target)."""
+    return config._replace(noise_multiplier=None).calibrate().noise_multiplier
+
+
+def _refuse_user_noise(config, spent: float, needed: float) -> None:
+    """Raises: σ (near the σ needed) spends ``spent`` > the target over the plan."""
     steps_ok = config.max_steps_within(config.target_epsilon)
     per_epoch = config.dataset_size / config.batch_size
     fewer = (
@@ -319,7 +367,7 @@ def check_user_noise(config) -> None:
         config.noise_multiplier,
         f"over {config.steps} steps it spends ε={spent:.4g} > target_epsilon="
         f"{config.target_epsilon} (δ={config.delta:.3g}). Pass noise_multiplier >= "
-        f"{fits:.4g}, or noise_multiplier=None to calibrate it{fewer}, or raise "
+        f"{needed:.4g}, or noise_multiplier=None to calibrate it{fewer}, or raise "
         "target_epsilon.",
     )
 

@@ -80,6 +80,17 @@ plans = st.one_of(valid, corrupted)
 @example(
     {"target_epsilon": 28.585606885201653, "batch_size": 415, "dataset_size": 9436, "epochs": 1e300}
 )
+# Found by scripts/soak.py: σ = 1e300 overflowed dp_accounting (σ²) with an
+# OverflowError instead of a refusal naming noise_multiplier.
+@example(
+    {
+        "target_epsilon": 1.0,
+        "batch_size": 8,
+        "dataset_size": 500,
+        "epochs": 1.0,
+        "noise_multiplier": 1e300,
+    }
+)
 def test_a_config_is_either_refused_or_calibrated_within_its_target(fields):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -122,3 +133,27 @@ def test_a_user_noise_multiplier_that_overspends_is_refused_not_trusted(sigma):
         )
         return
     assert config.epsilon() <= 1.0
+
+
+@pytest.mark.parametrize("sigma", [1e-300, 1e-30, 1e-5, 1e-3, 0.2])
+def test_a_tiny_user_noise_multiplier_is_refused_from_half_the_sigma_needed(sigma, monkeypatch):
+    """Its own ε is never computed (σ = 1e-3 took minutes, 1e-5 asked for 37 GiB and
+    1e-300 overflowed): ε at half the calibrated σ already exceeds the target, and ε
+    grows as σ falls. The refusal names the σ the plan needs."""
+    fields = dict(target_epsilon=1.0, batch_size=8, dataset_size=500, epochs=1.0)
+    needed = DPConfig(**fields).calibrate().noise_multiplier
+    assert DPConfig(noise_multiplier=needed / 2, **fields).epsilon() > 1.0
+    evaluated = []
+    epsilon = DPConfig.epsilon
+
+    def recorded(self, *args, **kwargs):
+        evaluated.append(self.noise_multiplier)
+        return epsilon(self, *args, **kwargs)
+
+    monkeypatch.setattr(DPConfig, "epsilon", recorded)
+    with pytest.raises(
+        ValueError, match=r"noise_multiplier=.* needs noise_multiplier >= "
+    ) as error:
+        DPConfig(noise_multiplier=sigma, **fields).calibrate()
+    assert f"{needed:.4g}" in str(error.value)
+    assert evaluated and min(evaluated) >= needed / 2, evaluated
