@@ -17,6 +17,9 @@ and the MLP of ``run.py``, plain and keras_dp, this prints:
 - the compiled step's operations that the device runs (fusions, library calls,
   copies, loops, conditionals: each loop or conditional reads its predicate on
   the host on a GPU);
+- keras_dp's first fit: how many times XLA compiled its train step, and in how many
+  seconds (once, ahead of Keras' loop while σ is searched; a second compile is the
+  Poisson bound's program, made only when a draw first needs it);
 - the first device-to-host transfer in the main thread during updates 2-5 of a fit
   (``jax.transfer_guard_device_to_host("disallow_explicit")``), at ``verbose=0`` and
   with the progress bar: one there is a wait on every step.
@@ -74,6 +77,27 @@ def fit(model, kind: str, x, y, epochs: int, callbacks=(), verbose: int = 0) -> 
     kwargs = {} if kind == "keras_dp" else {"batch_size": BATCH}
     with contextlib.redirect_stdout(io.StringIO()):  # the progress bar, when verbose
         model.fit(x, y, epochs=epochs, verbose=verbose, callbacks=list(callbacks), **kwargs)
+
+
+def step_compiles(fn, *args) -> list[float]:
+    """Seconds of each XLA compilation of keras_dp's train step while ``fn(*args)`` runs."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    dispatch = logging.getLogger("jax._src.dispatch")
+    dispatch.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            fn(*args)
+    finally:
+        dispatch.removeHandler(handler)
+    seconds = []
+    for record in records:
+        message = record.getMessage()
+        if "XLA compilation" in message and "_dp_noised_train_step" in message:
+            found = re.search(r"in ([0-9.e-]+) sec", message)
+            seconds.append(float(found.group(1)) if found else float("nan"))
+    return seconds
 
 
 def first_batch(model, x, y):
@@ -165,7 +189,7 @@ def probe(name: str, x, y) -> dict:
     for kind in KINDS[name]:  # jax-privacy's MLP step is ~34 ms on a CPU: the probe is for GPUs
         model = models[kind] = build(kind, name, len(y))
         timer = EpochTimer()
-        fit(model, kind, x, y, EPOCHS, [timer])
+        compiles = step_compiles(fit, model, kind, x, y, EPOCHS, [timer])
         batch = first_batch(model, x, y)
         at_end, each = step_times(model, batch)
         result[kind] = {
@@ -174,6 +198,7 @@ def probe(name: str, x, y) -> dict:
             "sync_ms": each,
             "ops": operations(model, batch),
             "noise_ms": noise_ms(model) if kind == "keras_dp" else None,
+            "compiles": compiles if kind == "keras_dp" else None,
             "transfer": "not checked"
             if kind == "jax_privacy"
             else first_transfer(model, kind, x, y),
@@ -219,6 +244,18 @@ def markdown(results: dict) -> str:
         if r["noise_ms"] is not None
     )
     lines += ["", f"The Gaussian noise alone (a key fold and the draw, async), ms: {noise_line}"]
+    compile_line = "; ".join(
+        f"{name} {len(r['compiles'])} ({', '.join(f'{s:.2f} s' for s in r['compiles'])})"
+        for name, kinds in results.items()
+        for r in kinds.values()
+        if r.get("compiles") is not None
+    )
+    lines += [
+        "",
+        "keras_dp's train step compiled during its first fit (XLA compilations, each's "
+        f"seconds; a second is the Poisson bound's program, made when a draw needs it): "
+        f"{compile_line}",
+    ]
     same_rows = ", ".join(
         f"{name} {r['async_ms_dp_rows'][1]:.3f} ms on {r['async_ms_dp_rows'][0]} rows"
         for name, kinds in results.items()
