@@ -53,6 +53,10 @@ _PLD_COARSEST = 1.0  # dp_accounting computes expm1(discretization)
 # (PLD) or orders (RDP) are not built for them. A non-private run says so explicitly:
 # target_epsilon=math.inf with noise_multiplier=0.
 MAX_TARGET_EPSILON = 1000.0
+# A δ below this guards against nothing more (it is far below 1/N for any dataset), and
+# the Poisson truncation's tail bound (1% of δ per step) underflows with it: at δ = 5e-324
+# dp_accounting raised "Sampling probability is not in (0,1]".
+MIN_TARGET_DELTA = 1e-100
 # The PLD accountant composes every update (by repeated squaring of a distribution
 # whose support grows with the composition): 10⁶ updates take 15–40 s on 2 CPU cores,
 # 10⁷ minutes, 10³⁰⁰ forever. Longer plans are refused (RDP's bound stays instant).
@@ -320,7 +324,31 @@ def calibrate_noise_multiplier(
         sigma = root(d, lo, hi, 2e-4 * coarse)
     while epsilon(make_event(sigma), delta, accountant, relation) > target_epsilon:
         sigma *= 1.001
+    if accountant == "pld":
+        _check_pld_resolves(make_event(sigma), sigma, target_epsilon, delta, relation)
     return sigma
+
+
+def _check_pld_resolves(event, sigma: float, target: float, delta: float, relation) -> None:
+    """PLD's σ against RDP's bound at it (computed already, by :func:`epsilon`).
+
+    RDP's ε is the looser bound, so where it is below the target at PLD's σ, the PLD is
+    not resolving δ: dp_accounting truncates each step's tails at mass e⁻⁵⁰, which a δ
+    near 1e-14 starts to feel. At δ = 1e-15 its ε is ∞ until σ is enormous (a plan
+    that RDP certifies at σ = 1.3 calibrated to σ = 18,659): refused, naming
+    ``accountant="rdp"``. Between half the target and the target it only warns.
+    """
+    bound = rdp_estimate(event, delta, relation)
+    if bound >= target:
+        return
+    advice = (
+        f"dp_accounting's PLD does not resolve δ={delta:.3g} for this plan: it needs σ="
+        f"{sigma:.4g}, at which RDP already certifies ε={bound:.3g} < target {target:g}."
+        " Pass accountant='rdp' (less noise for the same target), or a larger target_delta."
+    )
+    if bound < target / 2:
+        raise UnresolvedDelta(advice)
+    logging.getLogger(__name__).warning(advice)
 
 
 def most_steps_within(epsilon_after: Callable[[int], float], steps: int, limit: float) -> int:
@@ -337,6 +365,10 @@ def most_steps_within(epsilon_after: Callable[[int], float], steps: int, limit: 
 
 class UnreachableEpsilon(ValueError):
     """No noise multiplier in (1e-4, 1e6) gives the target ε for the plan."""
+
+
+class UnresolvedDelta(ValueError):
+    """dp_accounting's PLD does not resolve the plan's δ (its σ is far above RDP's)."""
 
 
 def _bracket_start(make_event: Callable[[float], dp_accounting.DpEvent]) -> float:

@@ -12,7 +12,7 @@ import jax
 import keras
 import numpy as np
 
-from keras_dp import _keras, ghost, sampling, step
+from keras_dp import _keras, accounting, ghost, sampling, step
 
 
 def _mixes_examples(layer) -> bool:
@@ -203,8 +203,10 @@ def check_plan_within_target(config) -> float:
 def check_delta(where: str, delta, config) -> None:
     """Refuses a δ outside (0, 1/N): a δ of 1/N or more allows releasing an example."""
     n = None if config is None else config.dataset_size
-    if not isinstance(delta, (int, float)) or not 0 < delta < 1:
-        raise ValueError(f"{where}: δ={delta!r} must be in (0, 1), e.g. 1e-5.")
+    if not isinstance(delta, (int, float)) or not accounting.MIN_TARGET_DELTA <= delta < 1:
+        raise ValueError(
+            f"{where}: δ={delta!r} must be in [{accounting.MIN_TARGET_DELTA:g}, 1), e.g. 1e-5."
+        )
     if n is not None and delta >= 1 / n:
         raise ValueError(
             f"{where}: δ={delta:.3g} is not below 1/dataset_size = {1 / n:.3g} (a δ that "

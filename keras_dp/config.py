@@ -372,6 +372,8 @@ class DPConfig:
             )
         except accounting.UnreachableEpsilon as err:  # name the field
             raise validation.bad("target_epsilon", config.target_epsilon, str(err)) from err
+        except accounting.UnresolvedDelta as err:
+            raise validation.bad("target_delta", config.delta, str(err)) from err
         return config._replace(noise_multiplier=sigma, _calibrated_for=(key, sigma))
 
     def _replace(self, **changes) -> DPConfig:

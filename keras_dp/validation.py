@@ -14,6 +14,10 @@ from typing import Any
 
 from keras_dp import accounting
 
+# C's range: the step clips and adds σ·C·N(0, 1) in float32 (σ up to 1e6), so σ·C stays
+# finite and C above float32's smallest normal number.
+L2_CLIP_NORM_RANGE = (1e-30, 1e30)
+
 
 def bad(field: str, value: Any, fix: str) -> ValueError:
     """The error for ``DPConfig.<field>=value``, ending with what to pass instead."""
@@ -163,6 +167,14 @@ def check_numbers(config) -> None:
     clip = config.l2_clip_norm
     if not is_real(clip) or not math.isfinite(clip) or clip <= 0:
         raise bad("l2_clip_norm", clip, "pass a positive finite number such as 1.0.")
+    if not L2_CLIP_NORM_RANGE[0] <= clip <= L2_CLIP_NORM_RANGE[1]:
+        raise bad(
+            "l2_clip_norm",
+            clip,
+            f"pass a number in [{L2_CLIP_NORM_RANGE[0]:g}, {L2_CLIP_NORM_RANGE[1]:g}] such "
+            "as 1.0: the step clips and adds the noise σ·C in float32, where a larger C "
+            "overflows (NaN weights) and a smaller one rounds to 0 (nothing trains).",
+        )
     if not is_int(config.batch_size) or config.batch_size < 1:
         raise bad("batch_size", config.batch_size, "pass a positive integer such as 256.")
     if config.epochs is not None and (
@@ -198,6 +210,13 @@ def check_numbers(config) -> None:
     if delta is not None:
         if not is_real(delta) or math.isnan(delta) or not 0 < delta < 1:
             raise bad("target_delta", delta, "pass a number in (0, 1), e.g. 1e-5, or None.")
+        if delta < accounting.MIN_TARGET_DELTA:
+            raise bad(
+                "target_delta",
+                delta,
+                f"a δ below {accounting.MIN_TARGET_DELTA:g} guards against nothing more and "
+                "underflows the accounting; pass e.g. 1e-5, or None.",
+            )
         if n is not None and delta >= 1 / n:
             raise bad(
                 "target_delta",

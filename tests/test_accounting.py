@@ -303,3 +303,32 @@ def test_the_pld_grid_starts_on_one_ladder_no_coarser_than_its_rule(guess):
     assert 1e-4 <= start <= min(1.0, max(1e-4, rule))
     if 1e-4 < start < 1.0:
         assert math.log2(start / 4e-3) == round(math.log2(start / 4e-3))
+
+
+def test_a_delta_the_pld_does_not_resolve_is_refused_naming_rdp():
+    """At δ = 1e-15 dp_accounting's PLD gives ε = ∞ for this plan until σ is enormous
+    (it calibrated σ = 18,659, where RDP certifies the target at σ = 1.31): refused,
+    naming target_delta and accountant='rdp', whose σ then fits the target."""
+    fields = dict(target_epsilon=2.0, batch_size=64, dataset_size=10_000, epochs=1.0)
+    with pytest.raises(ValueError, match=r"target_delta=1e-15 .*accountant='rdp'"):
+        DPConfig(target_delta=1e-15, **fields).calibrate()
+    with pytest.raises(ValueError, match=r"target_delta=1e-15 .*accountant='rdp'"):
+        DPConfig(target_delta=1e-15, noise_multiplier=1.5, **fields).calibrate()
+    rdp = DPConfig(target_delta=1e-15, accountant="rdp", **fields).calibrate()
+    assert rdp.noise_multiplier < 1.5 and rdp.epsilon() <= 2.0
+
+
+def test_a_pld_looser_than_rdp_warns(caplog):
+    """At δ = 1e-14 the PLD's σ is one at which RDP's bound is below the target: the
+    σ is valid (ε ≤ target) but more than RDP needs, which the log says."""
+    fields = dict(target_epsilon=2.0, batch_size=64, dataset_size=10_000, epochs=1.0)
+    with caplog.at_level(logging.WARNING, logger="keras_dp.accounting"):
+        config = DPConfig(target_delta=1e-14, **fields).calibrate()
+    assert config.epsilon() <= 2.0
+    bound = accounting.rdp_estimate(config.dp_event(), config.delta, config.neighboring_relation)
+    assert bound < 2.0
+    assert any("accountant='rdp'" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="keras_dp.accounting"):
+        DPConfig(target_delta=1e-10, **fields).calibrate()
+    assert not caplog.records  # a δ the PLD resolves: RDP's bound is above the target

@@ -157,3 +157,23 @@ def test_a_tiny_user_noise_multiplier_is_refused_from_half_the_sigma_needed(sigm
         DPConfig(noise_multiplier=sigma, **fields).calibrate()
     assert f"{needed:.4g}" in str(error.value)
     assert evaluated and min(evaluated) >= needed / 2, evaluated
+
+
+@pytest.mark.parametrize(
+    "field, value, accepted",
+    [
+        ("l2_clip_norm", 1e300, False),  # σ·C overflows the step's float32: NaN weights
+        ("l2_clip_norm", 1e-300, False),  # rounds to 0 in float32: nothing trains
+        ("l2_clip_norm", 1e30, True),
+        ("l2_clip_norm", 1e-30, True),
+        ("target_delta", 5e-324, False),  # failed inside dp_accounting, unnamed
+        ("target_delta", 1e-101, False),
+    ],
+)
+def test_values_the_step_or_the_accountant_cannot_hold_are_refused(field, value, accepted):
+    fields = dict(target_epsilon=2.0, batch_size=64, dataset_size=10_000, epochs=1.0)
+    if accepted:
+        assert DPConfig(**{field: value}, **fields).calibrate().epsilon() <= 2.0
+        return
+    with pytest.raises(ValueError, match=rf"DPConfig\.{field}="):
+        DPConfig(**{field: value}, **fields).calibrate()
