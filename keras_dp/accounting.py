@@ -399,10 +399,10 @@ def _bracket(
     """
     sigma = start
     too_little_noise = eps_of(sigma) > target
+    low, high = NOISE_MULTIPLIER_RANGE
     while True:
         nxt = sigma * factor if too_little_noise else sigma / factor
         factor = factor * factor
-        low, high = NOISE_MULTIPLIER_RANGE
         if not low < nxt < high:
             raise UnreachableEpsilon(
                 f"No noise multiplier in ({low:g}, {high:g}) gives ε={target} for this plan "

@@ -339,32 +339,25 @@ def check_user_noise(config) -> None:
     """
     target, sigma = config.target_epsilon, config.noise_multiplier
     bound = accounting.rdp_estimate(config.dp_event(), config.delta, config.neighboring_relation)
-    if bound <= 2 * target:  # near or above the σ needed: its own ε is cheap
-        spent = config.epsilon()
-        if spent <= target:
-            return
-        _refuse_user_noise(config, spent, _needed_noise(config))
-    needed = _needed_noise(config)
-    if sigma >= needed / 2:
-        spent = config.epsilon()
-        if spent <= target:
-            return
-        _refuse_user_noise(config, spent, needed)
-    half = config._replace(noise_multiplier=needed / 2)
-    spent = half.epsilon()
+    # RDP near the target: σ's own ε is cheap, and the σ needed only names the fix.
+    needed = None if bound <= 2 * target else _needed_noise(config)
+    if needed is not None and sigma < needed / 2:
+        half = config._replace(noise_multiplier=needed / 2)
+        spent = half.epsilon()
+        if spent > target:
+            one = " (even one step spends more)" if half.epsilon(1) > target else ""
+            raise bad(
+                "noise_multiplier",
+                sigma,
+                f"this plan needs noise_multiplier >= {needed:.4g} for target_epsilon="
+                f"{target} (δ={config.delta:.3g}); at {needed / 2:.4g} it already spends "
+                f"ε={spent:.4g}, and less noise spends more. Pass noise_multiplier >= "
+                f"{needed:.4g}, or None to calibrate it{one}, or raise target_epsilon.",
+            )
+        # not seen: the search's σ is within ~0.1% of the least; σ's own ε decides
+    spent = config.epsilon()
     if spent > target:
-        one = " (even one step spends more)" if half.epsilon(1) > target else ""
-        raise bad(
-            "noise_multiplier",
-            sigma,
-            f"this plan needs noise_multiplier >= {needed:.4g} for target_epsilon="
-            f"{target} (δ={config.delta:.3g}); at {needed / 2:.4g} it already spends "
-            f"ε={spent:.4g}, and less noise spends more. Pass noise_multiplier >= "
-            f"{needed:.4g}, or None to calibrate it{one}, or raise target_epsilon.",
-        )
-    spent = config.epsilon()  # not seen: the search's σ is within ~0.1% of the least
-    if spent > target:
-        _refuse_user_noise(config, spent, needed)
+        _refuse_user_noise(config, spent, needed if needed is not None else _needed_noise(config))
 
 
 def _needed_noise(config) -> float:
