@@ -18,6 +18,7 @@ user-fixed (public) seed was used. Loading weights:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -33,6 +34,26 @@ from keras_dp.config import DPConfig
 logger = logging.getLogger(__name__)
 
 SEED_STATE = "seed_generator_state"  # in the path of every Keras seed-generator state
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacySpent:
+    """What a model's training has spent so far: ε at δ after ``steps`` updates.
+
+    Attributes:
+      epsilon: ε of ``steps`` updates of the plan, at ``delta``.
+      delta: The δ of the guarantee.
+      steps: Accounted updates: those in the weights' lineage, plus any computed
+        after them in this process and thrown away (see :mod:`keras_dp.ledger`).
+      private: False when the noise came from a user-fixed ``DPConfig.seed``: the
+        noise can then be regenerated and removed, so ``epsilon`` holds only for
+        someone who does not know the seed, i.e. the weights are NOT private.
+    """
+
+    epsilon: float
+    delta: float | None
+    steps: int
+    private: bool = True
 
 
 # Per run (one id per secret seed's lineage), the most updates any model of that run

@@ -15,7 +15,6 @@ The update itself is :mod:`keras_dp.step`; what ``fit`` checks and feeds it is
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 
 import keras
@@ -32,28 +31,9 @@ from keras_dp import (
     step,
 )
 from keras_dp.config import DPConfig
+from keras_dp.ledger import PrivacySpent
 
 ADAPTIVE_CLIP_NORM = "dp_adaptive_clip_norm"
-
-
-@dataclasses.dataclass(frozen=True)
-class PrivacySpent:
-    """What a model's training has spent so far: ε at δ after ``steps`` updates.
-
-    Attributes:
-      epsilon: ε of ``steps`` updates of the plan, at ``delta``.
-      delta: The δ of the guarantee.
-      steps: Accounted updates: those in the weights' lineage, plus any computed
-        after them in this process and thrown away (see :mod:`keras_dp.ledger`).
-      private: False when the noise came from a user-fixed ``DPConfig.seed``: the
-        noise can then be regenerated and removed, so ``epsilon`` holds only for
-        someone who does not know the seed, i.e. the weights are NOT private.
-    """
-
-    epsilon: float
-    delta: float | None
-    steps: int
-    private: bool = True
 
 
 class DPModel:
