@@ -13,10 +13,12 @@
 # text classifier, Gemma3 LoRA; 220 s), host (host work per update, also with the
 # progress bar: eight kinds of fit; 120 s); on request
 # only, tied (a tied embedding's ghost norm against its per-example gradients, 240 s:
-# `bash benchmarks/gpu.sh tied`). Results land
+# `bash benchmarks/gpu.sh tied`) and probe-lm (the probe on Gemma3 LoRA: is its DP
+# step or the host's work around it the gap; 150 s: `bash benchmarks/gpu.sh probe-lm`).
+# Results land
 # in $OUT (the device tool brings them back; at most 8 files): <part>-*.md, <part>-*.json
 # and gpu.log (the card, versions and every part's output). PROBE_S, RUN_S, CLIPPING_S,
-# HOST_S and TIED_S override the limits (run, clipping and host together took 430 s on
+# HOST_S, TIED_S and PROBE_LM_S override the limits (run, clipping and host together took 430 s on
 # 2026-12-04, the probe 40 s alone). Checked here in a venv holding only the image's
 # packages (no TensorFlow) with the same wheels for Python 3.11: every part starts and
 # writes.
@@ -44,6 +46,8 @@ for part in "${parts[@]}"; do
   echo "== $part $(date -u +%T)" >>"$log"
   case "$part" in
     probe) timeout "${PROBE_S:-75}" python3 benchmarks/gpu_probe.py --out "$dir" >>"$log" 2>&1 ;;
+    probe-lm) timeout "${PROBE_LM_S:-150}" python3 benchmarks/gpu_probe.py --models gemma-lora \
+           --out "$dir" >>"$log" 2>&1 ;;
     run) timeout "${RUN_S:-280}" python3 benchmarks/run.py --repeats 2 --sweep --sections overhead memory \
            --memory-models mlp gemma-lora --out "$dir" >>"$log" 2>&1 ;;
     clipping) timeout "${CLIPPING_S:-220}" python3 benchmarks/clipping.py \
@@ -52,7 +56,7 @@ for part in "${parts[@]}"; do
     host) timeout "${HOST_S:-120}" python3 benchmarks/host.py --repeats 3 --out "$dir" >>"$log" 2>&1 ;;
     tied) mkdir -p "$dir" && timeout "${TIED_S:-240}" python3 benchmarks/tied_embedding.py \
            --repeats 5 >"$dir/tied_embedding.md" 2>>"$log" ;;
-    *) echo "unknown part $part (probe, run, clipping, host, tied)" >>"$log"; continue ;;
+    *) echo "unknown part $part (probe, run, clipping, host, tied, probe-lm)" >>"$log"; continue ;;
   esac
   echo "== $part exited $? $(date -u +%T)" >>"$log"
   for f in "$dir"/*.md "$dir"/*.json; do

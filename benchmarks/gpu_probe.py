@@ -5,7 +5,9 @@
 On the H200 a DP fit step of the MLP took 1.4-1.6 ms against 0.8 ms plain, with
 the sampler's work taken out (``host.py``'s "one cached batch"), while on this
 CPU the same comparison is 1.08x. For the logistic regression of ``host.py``
-and the MLP of ``run.py``, plain and keras_dp, this prints:
+and the MLP of ``run.py``, plain and keras_dp (and, with ``--models gemma-lora``,
+``run.py``'s Gemma3 LoRA at B = 16, whose DP fit step took 2.1x plain's there),
+this prints:
 
 - ``fit``: ms per update through ``fit`` (epochs after the first, median);
 - ``async``: ms per call of the jitted ``train_step`` alone, 300 calls on one
@@ -25,6 +27,7 @@ and the MLP of ``run.py``, plain and keras_dp, this prints:
   with the progress bar: one there is a wait on every step.
 
 Writes ``gpu_probe.md`` to --out. Not a test: nothing here asserts a time.
+``PROBE_CALLS`` (default 300) sets the calls timed (fewer for a dry run on a CPU).
 """
 
 import os
@@ -48,25 +51,36 @@ import keras  # noqa: E402
 import run  # noqa: E402
 from host import fitted_batches, logistic  # noqa: E402
 from run import LOSS, EpochTimer, train_state  # noqa: E402
-from step_time import digits_data, mlp  # noqa: E402
+from step_time import MODELS as STEP_MODELS  # noqa: E402
+from step_time import digits_data, mlp, token_data  # noqa: E402
 
 import keras_dp  # noqa: E402
 from keras_dp import noise  # noqa: E402
 
 logging.getLogger("keras_dp").setLevel(logging.ERROR)
-BATCH, EPOCHS, CALLS = 64, 6, 300
-MODELS = {"logistic": logistic, "mlp": mlp}
-KINDS = {"logistic": ("plain", "keras_dp"), "mlp": ("plain", "keras_dp", "jax_privacy")}
+EPOCHS, CALLS = 6, int(os.environ.get("PROBE_CALLS", 300))
+MODELS = {  # name: (model_fn, data_fn, batch)
+    "logistic": (logistic, digits_data, 64),
+    "mlp": (mlp, digits_data, 64),
+    "gemma-lora": (STEP_MODELS["gemma-lora"][0], token_data, 16),
+}
+KINDS = {
+    "logistic": ("plain", "keras_dp"),
+    "mlp": ("plain", "keras_dp", "jax_privacy"),
+    "gemma-lora": ("plain", "keras_dp"),
+}
+DEFAULT_MODELS = ["logistic", "mlp"]  # gemma-lora: gpu.sh's part probe-lm
 
 
 def build(kind: str, name: str, n: int) -> keras.Model:
     if kind == "jax_privacy":  # run.py's, for n examples (the MLP's B and epochs there)
         return run.build(kind, name, n)
-    model = MODELS[name]()
+    model_fn, _, batch = MODELS[name]
+    model = model_fn()
     if kind == "keras_dp":
         # Budget for the timed fit and the three one-epoch fits after it (the batch, and
         # the guard at verbose=0 and 1), with one epoch to spare.
-        config = keras_dp.DPConfig(target_epsilon=8.0, batch_size=BATCH, epochs=EPOCHS + 4)
+        config = keras_dp.DPConfig(target_epsilon=8.0, batch_size=batch, epochs=EPOCHS + 4)
         model = keras_dp.make_private(model, config)
     model.compile(optimizer="adam", loss=LOSS)
     return model
@@ -74,7 +88,7 @@ def build(kind: str, name: str, n: int) -> keras.Model:
 
 def fit(model, kind: str, x, y, epochs: int, callbacks=(), verbose: int = 0) -> None:
     # keras_dp: the config's batch; jax-privacy's fit takes batches of B (its plan's)
-    kwargs = {} if kind == "keras_dp" else {"batch_size": BATCH}
+    kwargs = {} if kind == "keras_dp" else {"batch_size": model.probe_batch}
     with contextlib.redirect_stdout(io.StringIO()):  # the progress bar, when verbose
         model.fit(x, y, epochs=epochs, verbose=verbose, callbacks=list(callbacks), **kwargs)
 
@@ -100,10 +114,14 @@ def step_compiles(fn, *args) -> list[float]:
     return seconds
 
 
+def rows_of(x, y, rows: int):
+    return jax.tree.map(lambda a: a[:rows], (x, y))
+
+
 def first_batch(model, x, y):
     """The first batch keras_dp's fit feeds its step (or plain's: B rows)."""
     if not isinstance(model, keras_dp.DPModel):
-        return (x[:BATCH], y[:BATCH])
+        return rows_of(x, y, model.probe_batch)
     return fitted_batches(model, x, y)[0]
 
 
@@ -188,6 +206,7 @@ def probe(name: str, x, y) -> dict:
     result, models = {}, {}
     for kind in KINDS[name]:  # jax-privacy's MLP step is ~34 ms on a CPU: the probe is for GPUs
         model = models[kind] = build(kind, name, len(y))
+        model.probe_batch = MODELS[name][2]
         timer = EpochTimer()
         compiles = step_compiles(fit, model, kind, x, y, EPOCHS, [timer])
         batch = first_batch(model, x, y)
@@ -208,8 +227,8 @@ def probe(name: str, x, y) -> dict:
         }
         print(name, kind, result[kind], flush=True)
         if kind == "keras_dp" and "plain" in result:  # plain's step on as many rows
-            rows = len(batch[0]["dp_x"])
-            plain_rows = step_times(models["plain"], (x[:rows], y[:rows]))[0]
+            rows = len(batch[0]["dp_mask_key"])
+            plain_rows = step_times(models["plain"], rows_of(x, y, rows))[0]
             result["plain"]["async_ms_dp_rows"] = (rows, plain_rows)
     return result
 
@@ -281,15 +300,15 @@ def markdown(results: dict) -> str:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     args = parser.parse_args()
-    x, y = digits_data()
-    n = len(y) - len(y) % BATCH
-    x, y = x[:n], y[:n]
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for name in args.models:  # the table is written after each model (a run cut off keeps it)
-        results[name] = probe(name, x, y)
+        _, data_fn, batch = MODELS[name]
+        x, y = data_fn()
+        n = len(y) - len(y) % batch
+        results[name] = probe(name, *rows_of(x, y, n))
         text = markdown(results)
         with open(os.path.join(args.out, "gpu_probe.md"), "w") as f:
             f.write(text)
