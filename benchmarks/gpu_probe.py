@@ -86,9 +86,9 @@ def build(kind: str, name: str, n: int) -> keras.Model:
     return model
 
 
-def fit(model, kind: str, x, y, epochs: int, callbacks=(), verbose: int = 0) -> None:
-    # keras_dp: the config's batch; jax-privacy's fit takes batches of B (its plan's)
-    kwargs = {} if kind == "keras_dp" else {"batch_size": model.probe_batch}
+def fit(model, kind: str, x, y, size: int, epochs: int, callbacks=(), verbose: int = 0) -> None:
+    # keras_dp: the config's batch; plain and jax-privacy fits take batches of B = size
+    kwargs = {} if kind == "keras_dp" else {"batch_size": size}
     with contextlib.redirect_stdout(io.StringIO()):  # the progress bar, when verbose
         model.fit(x, y, epochs=epochs, verbose=verbose, callbacks=list(callbacks), **kwargs)
 
@@ -118,10 +118,10 @@ def rows_of(x, y, rows: int):
     return jax.tree.map(lambda a: a[:rows], (x, y))
 
 
-def first_batch(model, x, y):
-    """The first batch keras_dp's fit feeds its step (or plain's: B rows)."""
+def first_batch(model, x, y, size: int):
+    """The first batch keras_dp's fit feeds its step (or plain's: B = ``size`` rows)."""
     if not isinstance(model, keras_dp.DPModel):
-        return rows_of(x, y, model.probe_batch)
+        return rows_of(x, y, size)
     return fitted_batches(model, x, y)[0]
 
 
@@ -190,10 +190,10 @@ class GuardedSteps(keras.callbacks.Callback):
             self.guard.__exit__(None, None, None)
 
 
-def first_transfer(model, kind: str, x, y, verbose: int = 0) -> str:
+def first_transfer(model, kind: str, x, y, size: int, verbose: int = 0) -> str:
     """Where the first device-to-host transfer of a fit's updates 2-5 is (main thread)."""
     try:
-        fit(model, kind, x, y, epochs=1, callbacks=[GuardedSteps()], verbose=verbose)
+        fit(model, kind, x, y, size, epochs=1, callbacks=[GuardedSteps()], verbose=verbose)
     except Exception as error:  # noqa: BLE001 - we report where it came from
         frames = traceback.extract_tb(error.__traceback__)
         where = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames]
@@ -204,12 +204,12 @@ def first_transfer(model, kind: str, x, y, verbose: int = 0) -> str:
 
 def probe(name: str, x, y) -> dict:
     result, models = {}, {}
+    size = MODELS[name][2]  # B
     for kind in KINDS[name]:  # jax-privacy's MLP step is ~34 ms on a CPU: the probe is for GPUs
         model = models[kind] = build(kind, name, len(y))
-        model.probe_batch = MODELS[name][2]
         timer = EpochTimer()
-        compiles = step_compiles(fit, model, kind, x, y, EPOCHS, [timer])
-        batch = first_batch(model, x, y)
+        compiles = step_compiles(fit, model, kind, x, y, size, EPOCHS, [timer])
+        batch = first_batch(model, x, y, size)
         at_end, each = step_times(model, batch)
         result[kind] = {
             "fit_ms": statistics.median(timer.per_step) * 1e3,
@@ -220,10 +220,10 @@ def probe(name: str, x, y) -> dict:
             "compiles": compiles if kind == "keras_dp" else None,
             "transfer": "not checked"
             if kind == "jax_privacy"
-            else first_transfer(model, kind, x, y),
+            else first_transfer(model, kind, x, y, size),
             "transfer_bar": "not checked"
             if kind == "jax_privacy"
-            else first_transfer(model, kind, x, y, verbose=1),
+            else first_transfer(model, kind, x, y, size, verbose=1),
         }
         print(name, kind, result[kind], flush=True)
         if kind == "keras_dp" and "plain" in result:  # plain's step on as many rows
