@@ -387,6 +387,32 @@ def test_validation_split_holds_out_the_last_rows_as_keras_does(monkeypatch):
     assert history.history["val_accuracy"][-1] == pytest.approx(held_out["accuracy"])
 
 
+@pytest.mark.parametrize("compiled", [dict(run_eagerly=True), dict(jit_compile=False)])
+def test_an_eager_or_unjitted_fit_takes_the_jitted_fits_updates(compiled):
+    """Keras' debugging modes keep Keras' own train function (no σ input, no compile
+    ahead): the step reads the calibrated σ from the plan, and the same seed gives the
+    same draws, dropout masks, noise and so the same weights and logs."""
+    x, y = data(120)
+
+    def fit(**compile_args):
+        model = keras_dp.make_private(
+            mlp(dropout=0.2), DPConfig(target_epsilon=3.0, batch_size=16, epochs=2, seed=5)
+        )
+        model.compile(optimizer="sgd", loss=LOSS, metrics=["accuracy"], **compile_args)
+        return model, model.fit(x, y, verbose=0).history
+
+    jitted, jitted_logs = fit()
+    other, other_logs = fit(**compiled)
+    assert other._dp_jitted_step is None  # Keras' own train function ran
+    assert jitted.dp_config.noise_multiplier == other.dp_config.noise_multiplier > 0.5
+    for a, b in zip(jitted.get_weights(), other.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert other_logs.keys() == jitted_logs.keys()
+    for key, values in jitted_logs.items():
+        np.testing.assert_allclose(other_logs[key], values, rtol=1e-5)
+    assert other.privacy_spent() == jitted.privacy_spent()
+
+
 def test_mixin_subclass_and_make_private_keep_keras_behaviour():
     class Mine(keras_dp.DPModel, keras.Model):
         def __init__(self, **kwargs):
