@@ -59,7 +59,9 @@ def test_raw_strings_are_preprocessed_once_then_sampled(tmp_path):
     from keras_dp import data, sampling
 
     lm = offline.tiny_gemma3(sequence_length=64, num_layers=1, hidden_dim=32, pretrain_epochs=0)
-    raw = offline.as_prompts_and_responses(offline.synthetic_dialogues(40))
+    pairs = offline.synthetic_dialogues(48)
+    raw = offline.as_prompts_and_responses(pairs[:40])
+    held_out = offline.as_prompts_and_responses(pairs[40:])  # raw too: fit preprocesses it
     # The whole-set preprocessing equals the preprocessor's own output, row for row.
     source = data.preprocess(lm.preprocessor, sampling.ExampleSource(raw), chunk=16)
     x, y, sw = source.gather(np.array([3, 39]))
@@ -76,11 +78,13 @@ def test_raw_strings_are_preprocessed_once_then_sampled(tmp_path):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     before = {v.path: np.array(v.value) for v in lm.weights}
-    lm.fit(raw, verbose=0)
+    history = lm.fit(raw, validation_data=held_out, verbose=0).history
     changed = {v.path for v in lm.weights if not np.array_equal(before[v.path], np.array(v.value))}
     assert changed and all("lora_kernel" in path for path in changed)
     assert lm.dp_config.dataset_size == 40 and lm.dp_steps == 5
     assert lm.privacy_spent().epsilon <= 8.0
+    held_out_loss = lm.evaluate(held_out, verbose=0, return_dict=True)["loss"]
+    assert history["val_loss"][-1] == pytest.approx(held_out_loss, rel=1e-5)
     assert isinstance(lm.generate(raw["prompts"][:1], max_length=64)[0], str)
 
     # keras-hub's own preset format keeps the DP class, the plan and the ledger (Keras
