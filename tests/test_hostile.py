@@ -178,6 +178,16 @@ CATALOGUE = [
     ("zero epochs", lambda: fit(epochs=0), "runs no epoch"),
     # The budget.
     ("budget spent", lambda: fit(spent()), "budget of this plan is spent"),
+    (
+        "PrivacyBudget stop_at_epsilon not positive",
+        lambda: (None, lambda: keras_dp.callbacks.PrivacyBudget(stop_at_epsilon=0.0)),
+        r"stop_at_epsilon=0.0\) must be positive.*None for the config's target_epsilon",
+    ),
+    (
+        "PrivacyBudget delta outside (0, 1)",
+        lambda: (None, lambda: keras_dp.callbacks.PrivacyBudget(delta=1.5)),
+        r"delta=1.5\) must be in \(0, 1\)",
+    ),
     ("another plan after training", replanned, "another plan"),
 ]
 
