@@ -43,6 +43,12 @@ def fit(model=None, x=None, y=None, **kwargs):
 NONE = object()  # passes None for x or y
 
 
+def tf_batches():
+    import tensorflow as tf  # keras-hub's dependency, in the test extras
+
+    return tf.data.Dataset.from_tensor_slices(data(40)).batch(8)
+
+
 def config(**fields):
     return None, lambda: DPConfig(**{**PLAN, **fields})
 
@@ -140,6 +146,12 @@ CATALOGUE = [
     ("wrong feature size", lambda: fit(x=x40[:, :4]), "expected axis -1 .* value 5"),
     ("a PyDataset stream", lambda: fit(x=Batches(), y=NONE), "PyDataset.*random-access"),
     ("a generator", lambda: fit(x=(i for i in range(3)), y=NONE), "generator.*random-access"),
+    ("a tf.data.Dataset", lambda: fit(x=tf_batches(), y=NONE), r"tf\.data\.Dataset.*data_source"),
+    (
+        "labels beside examples that hold their own",
+        lambda: fit(x=[(a, b) for a, b in zip(x40, y40)]),
+        r"each item must hold its own label.*pass y=None",
+    ),
     # The model and its compilation.
     ("BatchNormalization", lambda: fit(private(batch_norm())), "'bn'.*mixes examples"),
     ("no trainable variables", lambda: fit(private(frozen())), "no trainable variables"),
