@@ -69,6 +69,28 @@ def test_round_trip_keeps_weights_plan_and_ledger(make, tmp_path):
         loaded.fit(x, y, verbose=0)
 
 
+class Unregistered(keras.Model):  # a user's model class Keras has not been told about
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def test_an_unregistered_model_class_is_named_on_load_and_loads_from_custom_objects(tmp_path):
+    model = trained(Unregistered())
+    path = tmp_path / "m.keras"
+    model.save(path)
+    with pytest.raises(TypeError, match=r"Unregistered of this DP model.*custom_objects"):
+        keras.models.load_model(path)
+    loaded = keras.models.load_model(path, custom_objects={"Unregistered": Unregistered})
+    assert isinstance(loaded, Unregistered) and isinstance(loaded, keras_dp.DPModel)
+    assert loaded.dp_steps == 10 and loaded.privacy_spent() == model.privacy_spent()
+    x, _ = data()
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
 @pytest.mark.parametrize("copy_", ["pickle", "deepcopy"])
 def test_pickle_and_deepcopy_keep_weights_plan_and_ledger(copy_):
     import copy
