@@ -50,6 +50,23 @@ def test_privacy_statement_names_everything_a_reader_needs():
     assert text.count("ε = ") == 3  # the target δ and two others
 
 
+def test_privacy_statement_of_fixed_batches_names_replace_one_and_its_accountant():
+    config = DPConfig(
+        target_epsilon=3.0,
+        batch_size=256,
+        epochs=3,
+        dataset_size=60_000,
+        sampling="fixed",
+        accountant="rdp",
+    ).calibrate()
+    text = keras_dp.privacy_statement(config)
+    assert "exactly 256 of N = 60000 examples, without replacement" in text
+    assert "replace-one example" in text and "sensitivity is 2C" in text
+    assert "Poisson" not in text and "add-or-remove" not in text
+    assert "RDP (SampledWithoutReplacementDpEvent)" in text
+    assert f"ε = {config.epsilon():.4g} at δ = {config.delta:.3g}" in text
+
+
 def test_privacy_statement_assumes_what_the_privacy_unit_protects():
     """The statement's assumption matches the unit: one example per person at example
     level; at user level, ids that name people (it once said "each privacy unit is one
