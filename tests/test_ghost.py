@@ -476,6 +476,19 @@ def lora_model():
     return model
 
 
+def embedding_lora_model():
+    """An Embedding with LoRA adapters (the table frozen, its A and B trained): no ghost
+    rule reads them, so they fall back to per-example gradients beside the ghost head."""
+    inputs = keras.Input((8,), dtype="int32")
+    embed = keras.layers.Embedding(5, 4, name="table")
+    h = keras.layers.GlobalAveragePooling1D()(embed(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(h))
+    embed.enable_lora(2)
+    b = embed.lora_embeddings_b  # B starts at zero, which would hide A's gradient
+    b.assign(np.random.default_rng(7).normal(size=b.shape).astype("float32"))
+    return model
+
+
 def long_sequence_model():
     """Narrow layers over 16 positions, where each norm takes the outer form (each
     example's gradient formed and kept for the sum): a Dense 4 → 3 with its bias, and
@@ -631,7 +644,7 @@ def spectral_model():  # assigns its kernel in call (normalised), then reads it
 def data(kind, n=9, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n)
-    if kind in ("text", "subclassed"):
+    if kind in ("text", "subclassed", "embedding_lora"):
         x = rng.integers(0, 5, (n, 8)).astype("int32")
         x[:, 5:] = 0  # padding tokens
         return x, y
@@ -663,6 +676,7 @@ MODELS = {
     "negative_ids": mid_text_model,
     "long_text": long_text_model,
     "lora": lora_model,
+    "embedding_lora": embedding_lora_model,
     "long_sequence": long_sequence_model,
     "conv": conv_model,
     "conv2d": conv2d_model,
@@ -776,6 +790,8 @@ def test_what_falls_back():
     assert fallback_of(sequence_model, x["sequence"]) == set()
     assert fallback_of(text_model, x["text"]) == set()
     assert fallback_of(lora_model, x["lora"]) == set()
+    adapters = fallback_of(embedding_lora_model, x["embedding_lora"])
+    assert adapters == {"table/lora_embeddings_a", "table/lora_embeddings_b"}
     assert fallback_of(conv_model, x["conv"]) == {"causal/kernel", "causal/bias"}
     assert fallback_of(conv2d_model, x["conv2d"]) == set()
     shared = fallback_of(shared_model, x["shared"])  # the shared Dense, not the head
