@@ -99,6 +99,18 @@ def test_class_weight_becomes_a_per_example_weight():
     two.fit(x, y, sample_weight=np.asarray([weights[int(c)] for c in y], "float32"), verbose=0)
     for a, b in zip(one.get_weights(), two.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # One-hot labels weigh by their class, as Keras reads them (the argmax).
+    hot = private(batch_size=30, steps=1, target_epsilon=math.inf, noise_multiplier=0.0,
+                  l2_clip_norm=1e6, seed=1)  # fmt: skip
+    hot.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
+    hot.fit(x, np.eye(3, dtype="float32")[y], class_weight=weights, verbose=0)
+    for a, b in zip(hot.get_weights(), two.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="labels y as one array.*sample_weight="):
+        private().fit({"x": x}, {"y": y}, class_weight=weights, verbose=0)
 
 
 def test_offline_is_reachable_as_an_attribute():
