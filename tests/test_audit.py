@@ -154,3 +154,20 @@ def test_user_level_audit_with_canary_users_and_a_user_not_clipped_as_a_whole(di
     broken = run()
     assert broken.accounted_epsilon <= claimed
     assert not broken.consistent, broken
+
+
+def test_the_roc_limit_holds_the_gaussian_mechanisms_roc_and_is_tight():
+    """No membership test beats (ε, δ)-DP's limit: the exact ROC of the Gaussian mechanism
+    (noise 1, sensitivity 1: TPR = Φ(Φ⁻¹(FPR) + 1)) stays under ``dp_roc_limit`` at
+    dp_accounting's ε for it, and crosses the limit of an ε 3% smaller or of δ dropped."""
+    import dp_accounting
+    from scipy import stats
+
+    delta = 1e-3
+    accountant = dp_accounting.pld.PLDAccountant()
+    epsilon = accountant.compose(dp_accounting.GaussianDpEvent(1.0)).get_epsilon(delta)
+    fpr = np.logspace(-10, 0, 4001)
+    tpr = stats.norm.cdf(stats.norm.ppf(fpr) + 1.0)
+    assert np.all(tpr <= audit.dp_roc_limit(fpr, epsilon, delta) + 1e-12)
+    assert np.max(tpr - audit.dp_roc_limit(fpr, 0.97 * epsilon, delta)) > 1e-4
+    assert np.max(tpr - audit.dp_roc_limit(fpr, epsilon, 0.0)) > 0.5 * delta
