@@ -87,9 +87,6 @@ class UserSource:
         shape = lambda a: a.reshape(indices.shape + a.shape[1:])  # noqa: E731
         return tuple(None if a is None else keras.tree.map_structure(shape, a) for a in flat), inner
 
-    def labels(self):
-        return self.examples.labels()
-
 
 def bound_examples(users: list[np.ndarray], k: int, seed: int) -> tuple[np.ndarray, int]:
     """Example-level sampling at user level: at most k examples of each user, chosen at
@@ -113,10 +110,6 @@ class Subset:
 
     def gather(self, indices: np.ndarray):
         return self.examples.gather(self.kept[indices])
-
-    def labels(self):
-        labels = self.examples.labels()
-        return None if labels is None else keras.tree.map_structure(lambda a: a[self.kept], labels)
 
 
 def users_of(config: DPConfig, user_ids, size: int) -> list[np.ndarray] | None:
