@@ -122,6 +122,45 @@ def test_a_compute_loss_override_is_the_loss_each_example_clips(clipping):
         np.testing.assert_allclose(np.array(v.value) - b, e, rtol=1e-4, atol=1e-6)
 
 
+class Reconstructs(keras.Model):
+    """An autoencoder: its loss reads x alone, and fit gets no labels."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.encode, self.decode = keras.layers.Dense(2, activation="tanh"), keras.layers.Dense(5)
+
+    def call(self, x):
+        return self.decode(self.encode(x))
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return keras.ops.mean((y_pred - x) ** 2)
+
+
+@pytest.mark.parametrize("clipping", ["per_example", "ghost"])
+def test_a_fit_without_labels_clips_each_examples_own_loss(clipping):
+    import jax.numpy as jnp
+
+    x, _ = data(10)
+    keras.utils.set_random_seed(4)
+    model = keras_dp.make_private(
+        Reconstructs(),
+        DPConfig(batch_size=10, steps=1, l2_clip_norm=0.5, clipping=clipping, **DEBUG),
+    )
+    model.compile(optimizer=keras.optimizers.SGD(1.0))
+    model(x[:1])  # builds it
+
+    def own_loss(w, xi, _):  # the loss written out for one example
+        decoded = jnp.tanh(xi[None] @ w[0] + w[1]) @ w[2] + w[3]
+        return jnp.mean((decoded - xi[None]) ** 2)
+
+    before = [np.array(v.value) for v in model.trainable_variables]
+    expected = naive_clipped_mean(model, x, np.zeros(len(x)), 0.5, own_loss)
+    history = model.fit(x, verbose=0)  # q = 1: every example in the one step
+    for b, v, e in zip(before, model.trainable_variables, expected):
+        np.testing.assert_allclose(np.array(v.value) - b, e, rtol=1e-4, atol=1e-6)
+    assert history.history["clipped_fraction"][0] > 0  # clipping was active
+
+
 def test_a_frozen_batch_normalization_is_per_example_and_keeps_its_statistics():
     """Keras' transfer-learning recipe: a frozen BatchNormalization normalises with its
     moving statistics (one example at a time), so it is accepted; a trainable one is
