@@ -91,17 +91,16 @@ def test_errors_name_the_real_cause():
 def test_class_weight_becomes_a_per_example_weight():
     x, y = data(30)
     weights = {0: 0.5, 1: 2.0, 2: 1.0}
-    one = private(batch_size=30, steps=1, target_epsilon=math.inf, noise_multiplier=0.0,
-                  l2_clip_norm=1e6, seed=1)  # fmt: skip
+    plan = dict(batch_size=30, steps=1, target_epsilon=math.inf, noise_multiplier=0.0,
+                l2_clip_norm=1e6, seed=1)  # fmt: skip
+    one = private(**plan)
     one.fit(x, y, class_weight=weights, verbose=0)
-    two = private(batch_size=30, steps=1, target_epsilon=math.inf, noise_multiplier=0.0,
-                  l2_clip_norm=1e6, seed=1)  # fmt: skip
+    two = private(**plan)
     two.fit(x, y, sample_weight=np.asarray([weights[int(c)] for c in y], "float32"), verbose=0)
     for a, b in zip(one.get_weights(), two.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # One-hot labels weigh by their class, as Keras reads them (the argmax).
-    hot = private(batch_size=30, steps=1, target_epsilon=math.inf, noise_multiplier=0.0,
-                  l2_clip_norm=1e6, seed=1)  # fmt: skip
+    hot = private(**plan)
     hot.compile(
         optimizer=keras.optimizers.SGD(0.1),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
