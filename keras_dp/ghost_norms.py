@@ -107,15 +107,32 @@ def outer_form(spec: Einsum, x_shape, out_shape) -> bool:
     return 2 * outer + 32 * entries <= gram
 
 
+# A Gram form sums products that cancel where an example's shares of G_b do; float32
+# rounds them by units of 2⁻²⁴ of their gross size, not of ‖G_b‖²: near-cancelling
+# examples (2-128 positions, 1-4,096 features) drawn at random came out up to
+# 3.0·2⁻²⁴·(Σ_s ‖x_s‖‖g_s‖)² below G_b's norm as float32 forms it, some at 0 or below,
+# which would leave them unclipped. Each Gram form adds ROUNDING times its products'
+# gross size, so that its norm is not below G_b's; an example whose shares do not
+# cancel is clipped ROUNDING/2 times its gross-to-norm ratio smaller (about T for T
+# positions in random directions: 3e-5 smaller at 64).
+ROUNDING = 16 * 2.0**-24
+
+
 def kernel_sq_norms(spec: Einsum, x, g) -> jnp.ndarray:
-    """‖G_b‖² for every example b (float32 [B]), by the faster exact form."""
+    """‖G_b‖² for every example b (float32 [B]), by the faster exact form; the Gram form
+    as an upper bound (plus :data:`ROUNDING` times its products' gross size,
+    Σ_p (Σ_s ‖x_sp‖‖g_sp‖)², which float32 rounding does not reach)."""
     xr, gr = _grouped(spec, x, g)
     if outer_form(spec, x.shape[1:], g.shape[1:]):
         per = jnp.einsum("bspa,bspc->bpac", xr, gr)
         return jnp.sum(jnp.square(per), axis=(1, 2, 3))
     xx = jnp.einsum("bspa,btpa->bpst", xr, xr)
     gg = jnp.einsum("bspc,btpc->bpst", gr, gr)
-    return jnp.sum(xx * gg, axis=(1, 2, 3))
+    if xr.shape[1] == 1:  # no positions: ‖x_p‖²‖g_p‖², products that cannot cancel
+        return jnp.sum(xx * gg, axis=(1, 2, 3))
+    sizes = jnp.linalg.norm(xr, axis=-1) * jnp.linalg.norm(gr, axis=-1)  # [B, S, P]
+    gross = jnp.sum(jnp.square(jnp.sum(sizes, axis=1)), axis=1)
+    return jnp.sum(xx * gg, axis=(1, 2, 3)) + ROUNDING * gross
 
 
 def kernel_grads(spec: Einsum, x, g, kernel_shape) -> jnp.ndarray:
@@ -240,10 +257,15 @@ def embedding_sq_norms(ids, g) -> jnp.ndarray:
 
 def gram_sq_norms(ids, g) -> jnp.ndarray:
     """Σ_{s,t: id_s = id_t} ⟨g_s, g_t⟩ per example (ids [B, T], g [B, T, d]): the T×T
-    Gram products of g, kept where the ids are equal."""
+    Gram products of g, kept where the ids are equal; plus :data:`ROUNDING` times their
+    gross size, Σ_{s,t: id_s = id_t} ‖g_s‖‖g_t‖ (an upper bound, as
+    :func:`kernel_sq_norms`'s; added term by term, in the same pass: as a second sum it
+    took 25% longer)."""
     same = ids[:, :, None] == ids[:, None, :]
     gg = jnp.einsum("bsd,btd->bst", g, g)
-    return jnp.sum(jnp.where(same, gg, 0.0), axis=(1, 2))
+    size = jnp.linalg.norm(g, axis=-1)
+    margin = ROUNDING * size[:, :, None] * size[:, None, :]
+    return jnp.sum(jnp.where(same, gg + margin, 0.0), axis=(1, 2))
 
 
 def chunk_rows(numbers_per_row: int, batch: int) -> int:
@@ -284,7 +306,7 @@ def first_position_sq_norms(ids, g) -> jnp.ndarray:
     first position of each token's id found by T×T comparisons, g summed into it (a
     segment sum per example), the sums squared. T² comparisons and T·d additions
     against the Gram form's T²·d multiply-adds; the same value (each row of the
-    table's gradient is one such sum)."""
+    table's gradient is one such sum), plus :func:`_row_norms`' rounding margin."""
     length = ids.shape[1]
     position = jax.lax.broadcasted_iota(jnp.int32, (*ids.shape, length), 2)
     same = ids[:, :, None] == ids[:, None, :]
@@ -293,25 +315,39 @@ def first_position_sq_norms(ids, g) -> jnp.ndarray:
     def sums(rows, to):
         return jax.ops.segment_sum(rows, to, num_segments=length)
 
-    return jnp.sum(jnp.square(jax.vmap(sums)(g.astype(jnp.float32), first)), axis=(1, 2))
+    g = g.astype(jnp.float32)
+    return _row_norms(jax.vmap(sums)(g, first), jax.vmap(sums)(jnp.linalg.norm(g, axis=-1), first))
+
+
+def _row_norms(rows, sizes) -> jnp.ndarray:
+    """Σ_v ‖Σ_{t: id_t = v} g_t‖² from the rows' sums of g [B, V', d], plus :data:`ROUNDING`
+    times their gross size Σ_v (Σ_{t: id_t = v} ‖g_t‖)² from the sums ``sizes`` [B, V'] of
+    the positions' norms. The clipped sum (:func:`embedding_sum`) adds each share f_b·g_t
+    into the table one by one, among other examples', rounded by units of 2⁻²⁴ of its
+    size: a crafted example (64 tokens, each id twice with opposite gradients of size
+    10⁴) added 1.004·C among 7 others without the margin, which bounds f_b·(the shares'
+    size) by C/(4·2⁻¹²)."""
+    return jnp.sum(jnp.square(rows), axis=(1, 2)) + ROUNDING * jnp.sum(jnp.square(sizes), axis=1)
 
 
 def sorted_sq_norms(ids, g) -> jnp.ndarray:
     """Σ_v ‖Σ_{t: id_t = v} g_t‖² per example (ids [B, T], g [B, T, d]): the tokens
     sorted by id, g summed over each run of equal ids, the sums squared. O(T log T + T·d)
     against the Gram form's T²·d; the same value (each row of the table's gradient is
-    one such sum)."""
+    one such sum), plus :func:`_row_norms`' rounding margin."""
     batch, length = ids.shape
     order = jnp.argsort(ids, axis=1)
     ids = jnp.take_along_axis(ids, order, axis=1)
-    g = jnp.take_along_axis(g.astype(jnp.float32), order[..., None], axis=1)
+    g = g.astype(jnp.float32)
+    norms = jnp.take_along_axis(jnp.linalg.norm(g, axis=-1), order, axis=1)  # before g's
+    g = jnp.take_along_axis(g, order[..., None], axis=1)  # gather: 2.3× slower after it
     starts = jnp.concatenate([jnp.ones((batch, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
     runs = jnp.cumsum(starts, axis=1) - 1  # each token's run of equal ids, in [0, T)
 
     def run_sums(rows, run):
         return jax.ops.segment_sum(rows, run, num_segments=length, indices_are_sorted=True)
 
-    return jnp.sum(jnp.square(jax.vmap(run_sums)(g, runs)), axis=(1, 2))
+    return _row_norms(jax.vmap(run_sums)(g, runs), jax.vmap(run_sums)(norms, runs))
 
 
 def embedding_sum(ids, g, factor, table_shape) -> jnp.ndarray:
@@ -328,12 +364,17 @@ def ties(spec: Einsum) -> bool:
     return not spec.shared and len(spec.kx) == 1 and spec.k == spec.ko + spec.kx
 
 
-def tied_cross(ids, g, spec: Einsum, h, delta) -> jnp.ndarray:
+def tied_cross(ids, g, spec: Einsum, h, delta) -> tuple[jnp.ndarray, jnp.ndarray]:
     """⟨A_b, R_b⟩ per example (float32 [B]) for a table read twice: A_b its lookup's
     gradient, Σ_t onehot(id_t) ⊗ g_t (ids [B, T], g [B, T, d]), and R_b its reversed
     read's, Σ_s δ_s ⊗ h_s (:func:`ties`: h [B, S, d] in, δ [B, S, V] at the logits).
     Σ_{s,t} δ_s[id_t]·⟨g_t, h_s⟩: S·T·d multiply-adds an example, the two [V, d]
-    gradients never formed; ‖A_b + R_b‖² = ‖A_b‖² + ‖R_b‖² + 2·⟨A_b, R_b⟩."""
+    gradients never formed; ‖A_b + R_b‖² = ‖A_b‖² + ‖R_b‖² + 2·⟨A_b, R_b⟩.
+
+    Also the products' gross size, Σ_{s,t} |δ_s[id_t]|·‖g_t‖‖h_s‖ (float32 [B]): where
+    A_b ≈ -R_b the norm's three terms cancel, and :data:`ROUNDING` times 4 gross sizes
+    bounds what float32 rounding takes from it (:func:`keras_dp.ghost_tap.cross_terms`).
+    """
     ids = ids.reshape(ids.shape[0], -1)
     g = g.reshape(ids.shape[0], ids.shape[1], -1).astype(jnp.float32)
     xr, gr = _grouped(spec, h, delta)
@@ -342,10 +383,28 @@ def tied_cross(ids, g, spec: Einsum, h, delta) -> jnp.ndarray:
     def cross(ids, g, xr, gr):
         at = jnp.broadcast_to(ids[:, None, :], (ids.shape[0], gr.shape[1], ids.shape[1]))
         picked = jnp.take_along_axis(gr, at, axis=2)  # δ_s[id_t], [B, S, T]
-        return jnp.sum(picked * jnp.einsum("btd,bsd->bst", g, xr), axis=(1, 2))
+        sizes = jnp.linalg.norm(xr, axis=2)[:, :, None] * jnp.linalg.norm(g, axis=2)[:, None]
+        return jnp.stack(
+            [
+                jnp.sum(picked * jnp.einsum("btd,bsd->bst", g, xr), axis=(1, 2)),
+                jnp.sum(jnp.abs(picked) * sizes, axis=(1, 2)),
+            ],
+            axis=1,
+        )
 
-    rows = chunk_rows(2 * ids.shape[1] * xr.shape[1], ids.shape[0])
-    return by_row_chunks(cross, rows, ids, g, xr, gr)
+    rows = chunk_rows(3 * ids.shape[1] * xr.shape[1], ids.shape[0])
+    both = by_row_chunks(cross, rows, ids, g, xr, gr)
+    return both[:, 0], both[:, 1]
+
+
+def tied_term(ids, g, spec: Einsum, h, delta) -> jnp.ndarray:
+    """2·⟨A_b, R_b⟩ (:func:`tied_cross`) plus :data:`ROUNDING` times 4 of its products'
+    gross sizes (float32 [B]): added to the two reads' own squared norms, an upper bound
+    on ‖A_b + R_b‖². Where A_b ≈ -R_b the three terms, each about 2·|⟨A_b, R_b⟩| (at
+    most twice the gross size), cancel: a soak drew ‖A_b‖² = 14.8, ‖R_b‖² = 15.2 whose
+    ‖A_b + R_b‖² = 0.0034 came out 1.1e-5 low, 3 units of 2⁻²⁴ of the terms' 60."""
+    inner, gross = tied_cross(ids, g, spec, h, delta)
+    return 2 * inner + 4 * ROUNDING * gross
 
 
 DENSE = Einsum("ab", "bc", "ac", "", "b", "c", "a")  # rows × features → rows × units

@@ -148,7 +148,8 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
     """2·⟨A_b, R_b⟩ per example (float32 [B]), summed over the tied tables: A_b a
     table's gradient through its lookup (the "embedding" tap), R_b through its reversed
     read (the "einsum" tap, :func:`keras_dp.ghost_norms.ties`). Added to the two taps'
-    own squared norms it makes ‖A_b + R_b‖², the table's per-example norm; None when no
+    own squared norms it makes ‖A_b + R_b‖², the table's per-example norm, from above
+    (with a rounding margin, :func:`keras_dp.ghost_norms.tied_term`); None when no
     table is tied."""
     reads = {}
     for t, x, g in zip(taps, xs, gs):
@@ -158,7 +159,7 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
     for pair in reads.values():
         _, ids, g = pair["embedding"]
         tap, h, delta = pair["einsum"]
-        cross = 2 * gn.tied_cross(ids, g, tap.spec, h, delta)
+        cross = gn.tied_term(ids, g, tap.spec, h, delta)
         total = cross if total is None else total + cross
     return total
 

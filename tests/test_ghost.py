@@ -59,6 +59,15 @@ def assert_same_sums(a, b, rtol=1e-5):
         np.testing.assert_allclose(s, t, rtol=0, atol=rtol * scale)
 
 
+def assert_norm_bound(got, want, gross):
+    """``got`` is the squared norm ``want`` (float64) from above, by no more than the
+    Gram forms' rounding margin: want·(1 - 1e-6) ≤ got ≤ want·(1 + 1e-5) + 2·ROUNDING·gross,
+    ``gross`` a bound on the products' gross size."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.all(got >= want * (1 - 1e-6)), (got, want)
+    assert np.all(got <= want * (1 + 1e-5) + 2 * gn.ROUNDING * gross + 1e-12), (got, want)
+
+
 def fallback_of(model_fn, x, clipping="ghost"):
     """Paths of the trainable variables that ghost.plan leaves to per-example gradients."""
     return set(plan_of(model_fn, x, clipping).fallback)
@@ -101,7 +110,10 @@ def test_einsum_norms_and_sums_equal_brute_force(equation, x_shape, k_shape):
 
     grads = [np.asarray(per_example(b), np.float64) for b in range(batch)]
     want_sq = [float(np.sum(G * G)) for G in grads]
-    np.testing.assert_allclose(gn.kernel_sq_norms(spec, x, g), want_sq, rtol=1e-5)
+    sizes = np.sum(np.square(x), axis=tuple(range(1, x.ndim))) * np.sum(
+        np.square(g), axis=tuple(range(1, g.ndim))
+    )  # ‖x_b‖²‖g_b‖², at least the Gram products' gross size once x's own letters are summed
+    assert_norm_bound(gn.kernel_sq_norms(spec, x, g), want_sq, np.prod(x_shape) * sizes)
     formed = gn.kernel_grads(spec, x, g, k_shape)  # the outer form's, kept when it is taken
     np.testing.assert_allclose(formed, np.stack(grads), rtol=1e-5, atol=1e-5)
     half = gn.kernel_grads(spec, x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), k_shape)
@@ -262,9 +274,8 @@ def test_embedding_norms_and_sums_equal_brute_force(length, vocab, dim):
         return jax.grad(lambda t: jnp.sum(jnp.take(t, ids[b], axis=0) * g[b]))(table)
 
     grads = [np.asarray(per_example(b), np.float64) for b in range(batch)]
-    np.testing.assert_allclose(
-        gn.embedding_sq_norms(ids, g), [np.sum(G * G) for G in grads], rtol=1e-5, atol=1e-6
-    )
+    gross = length * np.sum(np.square(g), axis=(1, 2, 3))  # (Σ_t ‖g_t‖)² at most
+    assert_norm_bound(gn.embedding_sq_norms(ids, g), [np.sum(G * G) for G in grads], gross)
     want = sum(float(f) * G for f, G in zip(factor, grads))
     np.testing.assert_allclose(
         gn.embedding_sum(ids, g, factor, (vocab, dim)), want, rtol=1e-5, atol=1e-6
@@ -281,8 +292,8 @@ def test_embedding_norms_and_sums_equal_brute_force(length, vocab, dim):
 )
 def test_a_tied_tables_norm_equals_brute_force(length, positions, vocab, dim, rows):
     """A table read by a lookup (ids, g) and in reverse as logits (h, δ): the two taps'
-    norms plus 2·tied_cross are ‖A_b + R_b‖², the norm of the table's whole gradient
-    formed per example; also in chunks of rows."""
+    norms plus 2·tied_cross, and its rounding margin, are ‖A_b + R_b‖² from above, the
+    norm of the table's whole gradient formed per example; also in chunks of rows."""
     rng = np.random.default_rng([length, positions, vocab, dim, rows])
     batch = 5
     ids = jnp.asarray(rng.integers(0, vocab, (batch, 1, length)), jnp.int32)  # repeats
@@ -306,14 +317,21 @@ def test_a_tied_tables_norm_equals_brute_force(length, positions, vocab, dim, ro
         mock.patch.object(gn, "NORM_CHUNK_NUMBERS", rows * 2 * length * positions),
     ):
         chunked = gn.tied_cross(ids, g, spec, h, delta)
-    for cross in (gn.tied_cross(ids, g, spec, h, delta), chunked):
-        # float32 against float64: the two reads can nearly cancel (A_b ≈ -R_b), so the
-        # error is bounded by the parts' size, not the result's (a soak drew ‖A‖² = 14.8,
-        # ‖R‖² = 15.2, 2⟨A, R⟩ = -30.0 for ‖A + R‖² = 0.0034, 1.1e-5 off: 3 ulps of 30).
-        gross = own + 2 * np.abs(cross)
-        np.testing.assert_array_less(
-            np.abs(own + 2 * cross - want), 1e-5 * np.abs(want) + 1e-6 * gross
-        )
+    picked = np.take_along_axis(  # δ_s[id_t] [B, S, T]
+        np.asarray(delta[:, 0], np.float64), np.asarray(ids[:, 0])[:, None, :], 2
+    )
+    sizes = np.linalg.norm(h[:, 0], axis=-1)[:, :, None] * np.linalg.norm(g[:, 0], axis=-1)[:, None]
+    want_gross = np.sum(np.abs(picked) * sizes, axis=(1, 2))
+    reads = (  # the gross sizes of the two reads' own norms, where a Gram form takes them
+        np.sum(np.linalg.norm(g[:, 0], axis=-1), 1) ** 2
+        + np.sum(np.linalg.norm(h[:, 0], axis=-1) * np.linalg.norm(delta[:, 0], axis=-1), 1) ** 2
+    )
+    # The two reads can nearly cancel (A_b ≈ -R_b): see the test of cancelling shares.
+    for inner, gross in (gn.tied_cross(ids, g, spec, h, delta), chunked):
+        np.testing.assert_allclose(gross, want_gross, rtol=1e-5)
+        bound = own + 2 * inner + 4 * gn.ROUNDING * gross
+        assert_norm_bound(bound, want, 2 * want_gross + reads)
+    assert_norm_bound(own + gn.tied_term(ids, g, spec, h, delta), want, 2 * want_gross + reads)
 
 
 def _grouped_sums_squared(ids, g, vocab):
@@ -325,13 +343,21 @@ def _grouped_sums_squared(ids, g, vocab):
     ]
 
 
+def _grouped_gross(ids, g, vocab):
+    """Σ_v (Σ_{t: id_t = v} ‖g_t‖)² per example (float64): the rows' gross sizes."""
+    ids, norms = np.asarray(ids), np.linalg.norm(np.asarray(g, np.float64), axis=-1)
+    return np.array(
+        [sum(np.sum(norms[b][ids[b] == v]) ** 2 for v in range(vocab)) for b in range(len(ids))]
+    )
+
+
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(length=st.integers(1, 40), vocab=st.integers(1, 6), dim=st.integers(1, 4))
 def test_sorted_and_first_position_embedding_norms_equal_brute_force(length, vocab, dim):
     rng = np.random.default_rng(length * 100 + vocab * 10 + dim)
     ids = jnp.asarray(rng.integers(0, vocab, (3, length)), jnp.int32)  # runs of repeats
     g = jnp.asarray(rng.normal(size=(3, length, dim)), jnp.float32)
-    want = _grouped_sums_squared(ids, g, vocab)
+    want = _grouped_sums_squared(ids, g, vocab) + gn.ROUNDING * _grouped_gross(ids, g, vocab)
     np.testing.assert_allclose(gn.sorted_sq_norms(ids, g), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gn.first_position_sq_norms(ids, g), want, rtol=1e-5, atol=1e-6)
 
@@ -387,7 +413,8 @@ def test_embedding_norms_in_row_chunks_equal_brute_force(batch, length, numbers)
         got = jax.jit(gn.embedding_sq_norms)(ids, g)
     finally:
         gn.NORM_CHUNK_NUMBERS, gn.NORM_PASS_NUMBERS = saved
-    np.testing.assert_allclose(got, _grouped_sums_squared(ids, g, vocab), rtol=1e-5, atol=1e-6)
+    gross = length * np.sum(np.square(g), axis=(1, 2))
+    assert_norm_bound(got, _grouped_sums_squared(ids, g, vocab), gross)
 
 
 @pytest.mark.parametrize(
@@ -406,7 +433,7 @@ def test_each_embedding_norm_form_is_taken_where_cheapest(length, vocab, dim, fo
         for b in range(2)
     ]
     want = [float(np.sum(np.asarray(G, np.float64) ** 2)) for G in grads]
-    np.testing.assert_allclose(gn.embedding_sq_norms(ids, g), want, rtol=1e-5)
+    assert_norm_bound(gn.embedding_sq_norms(ids, g), want, _grouped_gross(ids, g, vocab))
 
 
 # Whole models: ghost == per-example ---------------------------------------------------
@@ -859,6 +886,127 @@ def test_mixed_bfloat16_never_exceeds_the_clip_norm(kind):
         assert_same_sums(want, got, rtol=3e-2)  # per-example's gradients are bfloat16
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def _cancelling_pairs(rng, batch, length, x_dim, g_dim, scale=100.0):
+    """Examples of ``length`` positions whose inputs come in equal pairs (a token read
+    twice) with nearly opposite gradients: each pair's shares of G_b = Σ_t x_t ⊗ g_t
+    cancel to a fraction η (1e-6 to 1e-2) of either."""
+    half = length // 2
+    x = rng.normal(size=(batch, half, x_dim)) * scale
+    g = rng.normal(size=(batch, half, g_dim))
+    eta = 10.0 ** rng.uniform(-6, -2, size=(batch, half, 1))
+    x, g = np.concatenate([x, x], 1), np.concatenate([g, -g * (1 - eta)], 1)
+    return x.astype(np.float32), g.astype(np.float32)
+
+
+def test_gram_norms_bound_examples_whose_shares_cancel(monkeypatch):
+    """Where an example's shares cancel, a Gram form's float32 rounding (units of 2⁻²⁴
+    of the products, not of the norm) would be most of its norm or all of it. With
+    ROUNDING's margin the norm is never below the example's gradient, neither its exact
+    one nor the one float32 forms; without it, some draws fall below (so the draw
+    exercises the margin)."""
+    rng = np.random.default_rng(7)
+    x, g = _cancelling_pairs(rng, 64, 8, 48, 24)
+    assert not gn.outer_form(gn.DENSE, x.shape[1:], g.shape[1:])  # the Gram form
+    x64, g64 = x.astype(np.float64), g.astype(np.float64)
+    exact = np.sum(np.square(np.einsum("bta,btc->bac", x64, g64)), axis=(1, 2))
+    formed = np.asarray(gn.kernel_grads(gn.DENSE, x, g, (48, 24)), np.float64)
+    formed = np.sum(np.square(formed), axis=(1, 2))
+    # Embeddings: ids in equal pairs, their g nearly opposite (the Gram form).
+    ids = np.tile(rng.permutation(40)[:4].reshape(1, 4), (64, 2))
+    _, e = _cancelling_pairs(rng, 64, 8, 1, 64, scale=1.0)
+    e64 = e.astype(np.float64)
+    table = np.sum(np.square(e64[:, :4] + e64[:, 4:]), axis=(1, 2))  # each id's row, squared
+    # A tied table: the lookup's gradient A_b nearly -R_b, its reversed read's.
+    vocab, dim, positions = 6, 16, 5
+    h = rng.normal(size=(64, positions, dim)).astype(np.float32) * 10
+    delta = rng.normal(size=(64, positions, vocab)).astype(np.float32)
+    reverse = np.einsum("bsv,bsd->bvd", delta, h)  # R_b, float32
+    eta = 10.0 ** rng.uniform(-6, -2, size=(64, vocab, 1))
+    lookup = (-reverse * (1 - eta)).astype(np.float32)  # g_t for ids 0…V-1: A_b
+    tied_ids = np.tile(np.arange(vocab), (64, 1))
+    spec = gn.parse("...d,vd->...v", 2)
+    tied_exact = np.sum(
+        np.square(
+            lookup.astype(np.float64) + np.einsum("bsv,bsd->bvd", *map(np.float64, (delta, h)))
+        ),
+        axis=(1, 2),
+    )
+    tied_formed = np.sum(np.square((lookup + reverse).astype(np.float64)), axis=(1, 2))
+
+    def norms():
+        own = gn.embedding_sq_norms(tied_ids, lookup) + gn.kernel_sq_norms(spec, h, delta)
+        return (
+            np.asarray(gn.kernel_sq_norms(gn.DENSE, x, g), np.float64),
+            np.asarray(gn.gram_sq_norms(jnp.asarray(ids), e), np.float64),
+            np.asarray(own + gn.tied_term(tied_ids, lookup, spec, h, delta), np.float64),
+        )
+
+    wants = (np.maximum(exact, formed), table, np.maximum(tied_exact, tied_formed))
+    for got, want in zip(norms(), wants):
+        assert np.all(got >= want), np.min(got / want)
+    # The sorted and first-position forms sum each row as the table's gradient does, so
+    # the norm is the rows'; their margin bounds the clipped sum's rounding (below).
+    margin = gn.ROUNDING * _grouped_gross(ids, e, 40)
+    for form in (gn.sorted_sq_norms, gn.first_position_sq_norms):
+        np.testing.assert_allclose(form(jnp.asarray(ids), e), table + margin, rtol=1e-3)
+    monkeypatch.setattr(gn, "ROUNDING", 0.0)
+    for got, want in zip(norms(), wants):
+        assert np.any(got < want)
+
+
+def test_an_example_whose_shares_cancel_never_exceeds_the_clip_norm():
+    """A token read twice with nearly opposite gradients at a Dense layer (the Gram
+    form), its gradient 2·C: its contribution is at most C. Without the Gram forms'
+    rounding margin its norm came out below C and it contributed 2.0·C, unclipped."""
+
+    def model():
+        return keras.Sequential([keras.Input((8, 48)), keras.layers.Dense(24, use_bias=False)])
+
+    def loss(y_true, y_pred):  # the gradient at the outputs is y itself
+        return keras.ops.sum(y_true * y_pred, axis=(1, 2))
+
+    for seed in (83, 359):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(4, 48)) * 100
+        g = rng.normal(size=(4, 24))
+        eta = 10 ** np.random.default_rng(seed + 999).uniform(-6, -3)
+        g = np.concatenate([g, -g * (1 - eta * rng.uniform(0.5, 2, size=(4, 1)))])
+        x, g = np.concatenate([x, x]).astype(np.float32), g.astype(np.float32)
+        norm = math.sqrt(np.sum(np.square(x.astype(np.float64).T @ g.astype(np.float64))))
+        clip = norm / 2
+        for clipping in ("ghost", "per_example"):
+            one = clipped_sum(model, x[None], g[None], clipping, clip, loss=loss)
+            got = math.sqrt(sum(float(np.sum(t * t)) for t in one))
+            assert 0 < got <= clip * (1 + 1e-5), (seed, clipping, got / clip)
+
+
+def test_an_embeddings_cancelling_shares_never_exceed_the_clip_norm():
+    """An example of 64 tokens, each id twice with nearly opposite gradients of size 10⁴
+    (the first-position form), among 7 others: what it adds to the clipped sum is at
+    most C. The sum adds each position's share f_b·g_t one by one, rounded by units of
+    2⁻²⁴ of the shares' size: without the norm's margin on that size it added 1.004·C."""
+
+    def model():
+        return keras.Sequential([keras.Input((64,), dtype="int32"), keras.layers.Embedding(40, 64)])
+
+    def loss(y_true, y_pred):  # the gradient at the outputs is y itself
+        return keras.ops.sum(y_true * y_pred, axis=(1, 2))
+
+    assert gn.embedding_form(64, 64) == "first"
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 40, size=(8, 64)).astype("int32")
+    y = rng.normal(size=(8, 64, 64)).astype("float32")
+    ids[-1] = np.tile(np.arange(32), 2)
+    big = rng.normal(size=(32, 64)) * 1e4
+    y[-1] = np.concatenate([big, -big * (1 - 1e-6)]).astype("float32")
+    clip = 0.01
+    for clipping in ("ghost", "per_example"):
+        both = clipped_sum(model, ids, y, clipping, clip, loss=loss)
+        others = clipped_sum(model, ids[:-1], y[:-1], clipping, clip, loss=loss)
+        added = math.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in zip(both, others)))
+        assert 0 < added <= clip * (1 + 1e-5), (clipping, added / clip)
 
 
 def test_negative_token_ids_never_exceed_the_clip_norm():
