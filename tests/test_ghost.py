@@ -956,6 +956,30 @@ def test_gram_norms_bound_examples_whose_shares_cancel(monkeypatch):
         assert np.any(got < want)
 
 
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(
+    pairs=st.integers(1, 16),
+    x_dim=st.integers(1, 96),
+    g_dim=st.integers(1, 96),
+    scale=st.floats(-2, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_norms_are_never_below_cancelling_gradients(pairs, x_dim, g_dim, scale, seed):
+    """Over drawn shapes (either form) and magnitudes: 16 examples whose positions come
+    in nearly cancelling pairs get a squared norm at least their gradient's, as float32
+    forms it (what the outer form keeps and sums) and, for the Gram form, exactly."""
+    rng = np.random.default_rng(seed)
+    x, g = _cancelling_pairs(rng, 16, 2 * pairs, x_dim, g_dim, scale=10.0**scale)
+    formed = np.asarray(gn.kernel_grads(gn.DENSE, x, g, (x_dim, g_dim)), np.float64)
+    formed = np.sum(np.square(formed), axis=(1, 2))
+    got = np.asarray(gn.kernel_sq_norms(gn.DENSE, x, g), np.float64)
+    assert np.all(got >= formed * (1 - 1e-6)), np.min(got / formed)
+    if not gn.outer_form(gn.DENSE, x.shape[1:], g.shape[1:]):
+        x64, g64 = x.astype(np.float64), g.astype(np.float64)
+        exact = np.sum(np.square(np.einsum("bta,btc->bac", x64, g64)), axis=(1, 2))
+        assert np.all(got >= exact), np.min(got / exact)
+
+
 def test_an_example_whose_shares_cancel_never_exceeds_the_clip_norm():
     """A token read twice with nearly opposite gradients at a Dense layer (the Gram
     form), its gradient 2·C: its contribution is at most C. Without the Gram forms'
