@@ -980,6 +980,11 @@ def test_kernel_norms_are_never_below_cancelling_gradients(pairs, x_dim, g_dim, 
         assert np.all(got >= exact), np.min(got / exact)
 
 
+def given_gradient(y_true, y_pred):
+    """A loss whose gradient at the outputs [B, T, d] is y itself (the label chooses it)."""
+    return keras.ops.sum(y_true * y_pred, axis=(1, 2))
+
+
 def test_an_example_whose_shares_cancel_never_exceeds_the_clip_norm():
     """A token read twice with nearly opposite gradients at a Dense layer (the Gram
     form), its gradient 2·C: its contribution is at most C. Without the Gram forms'
@@ -987,9 +992,6 @@ def test_an_example_whose_shares_cancel_never_exceeds_the_clip_norm():
 
     def model():
         return keras.Sequential([keras.Input((8, 48)), keras.layers.Dense(24, use_bias=False)])
-
-    def loss(y_true, y_pred):  # the gradient at the outputs is y itself
-        return keras.ops.sum(y_true * y_pred, axis=(1, 2))
 
     for seed in (83, 359):
         rng = np.random.default_rng(seed)
@@ -1001,7 +1003,7 @@ def test_an_example_whose_shares_cancel_never_exceeds_the_clip_norm():
         norm = math.sqrt(np.sum(np.square(x.astype(np.float64).T @ g.astype(np.float64))))
         clip = norm / 2
         for clipping in ("ghost", "per_example"):
-            one = clipped_sum(model, x[None], g[None], clipping, clip, loss=loss)
+            one = clipped_sum(model, x[None], g[None], clipping, clip, loss=given_gradient)
             got = math.sqrt(sum(float(np.sum(t * t)) for t in one))
             assert 0 < got <= clip * (1 + 1e-5), (seed, clipping, got / clip)
 
@@ -1015,9 +1017,6 @@ def test_an_embeddings_cancelling_shares_never_exceed_the_clip_norm():
     def model():
         return keras.Sequential([keras.Input((64,), dtype="int32"), keras.layers.Embedding(40, 64)])
 
-    def loss(y_true, y_pred):  # the gradient at the outputs is y itself
-        return keras.ops.sum(y_true * y_pred, axis=(1, 2))
-
     assert gn.embedding_form(64, 64) == "first"
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 40, size=(8, 64)).astype("int32")
@@ -1027,8 +1026,8 @@ def test_an_embeddings_cancelling_shares_never_exceed_the_clip_norm():
     y[-1] = np.concatenate([big, -big * (1 - 1e-6)]).astype("float32")
     clip = 0.01
     for clipping in ("ghost", "per_example"):
-        both = clipped_sum(model, ids, y, clipping, clip, loss=loss)
-        others = clipped_sum(model, ids[:-1], y[:-1], clipping, clip, loss=loss)
+        both = clipped_sum(model, ids, y, clipping, clip, loss=given_gradient)
+        others = clipped_sum(model, ids[:-1], y[:-1], clipping, clip, loss=given_gradient)
         added = math.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in zip(both, others)))
         assert 0 < added <= clip * (1 + 1e-5), (clipping, added / clip)
 
