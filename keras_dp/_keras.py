@@ -258,7 +258,7 @@ def dp_train_function(model, noised_step):
     ``model._dp_noise_input`` at each call. None where Keras' own function is kept
     (run eagerly, ``jit_compile=False``, Flax NNX's ``nnx.jit``): its step then reads
     the plan's σ."""
-    if model.run_eagerly or not model.jit_compile or is_nnx_enabled():
+    if not jits_its_step(model):
         return None
     out_shardings = None
     if keras.distribution.distribution() is not None:
@@ -271,13 +271,23 @@ def dp_train_function(model, noised_step):
     return model._make_function(step_function), jitted
 
 
-def compile_ahead(model, jitted, batch, multiplier) -> None:
+def jits_its_step(model) -> bool:
+    """Whether fit's train function is :func:`dp_train_function`'s jitted step (not
+    Keras' own: run eagerly, ``jit_compile=False``, Flax NNX)."""
+    return not (model.run_eagerly or not model.jit_compile or is_nnx_enabled())
+
+
+def compile_ahead(model, jitted, batch, multiplier, lowered=None) -> None:
     """Traces and compiles ``jitted`` (:func:`dp_train_function`'s) for ``batch`` and the
     model's state as Keras' fit will pass them, so that fit's first call finds it
     compiled. ``batch`` as the JAX trainer feeds it without a distribution (numpy
     arrays, or the same device_put: one compiled program), ``multiplier`` a float32
-    scalar (its value is not read)."""
-    jitted.trace(train_state(model), batch, multiplier).lower().compile()
+    scalar (its value is not read). ``lowered()``, if given, is called between the
+    trace and lowering (Python) and XLA's compile (which releases the GIL)."""
+    program = jitted.trace(train_state(model), batch, multiplier).lower()
+    if lowered is not None:
+        lowered()
+    program.compile()
 
 
 def train_state(model) -> tuple:

@@ -1,8 +1,9 @@
 """σ's calibration runs while fit compiles the DP step: the step takes σ as an input.
 
 Checked end to end through ``fit``: the noise has the calibrated σ (not the value the
-step was compiled with), the step is compiled once and while the search runs, and a
-search that fails raises its error before any update.
+step was compiled with), the step is compiled once and while the search runs, the search
+starts once the step is lowered, and a search that fails raises its error before any
+update.
 """
 
 import logging
@@ -77,8 +78,8 @@ def test_fit_compiles_its_step_once_while_sigma_is_searched(plan, fresh_calibrat
     compile_ahead = _keras.compile_ahead
     search = accounting.calibrate_noise_multiplier
 
-    def compile_then_signal(*args):
-        compile_ahead(*args)
+    def compile_then_signal(*args, **kwargs):
+        compile_ahead(*args, **kwargs)
         compiled.set()
 
     def search_after_the_compile(*args):
@@ -110,6 +111,36 @@ def test_fit_compiles_its_step_once_while_sigma_is_searched(plan, fresh_calibrat
     ]
     assert len(compiles) == 1, compiles
     assert model.privacy_spent().steps == model.dp_config.steps > 1
+    assert model.privacy_spent().epsilon <= 2.0
+
+
+def test_the_search_starts_after_the_step_is_traced_and_lowered(fresh_calibrations, monkeypatch):
+    """Tracing and lowering are Python, as the search mostly is: beside each other they
+    only take turns for the GIL. The search starts between the lowering and XLA's
+    compile, and runs beside the compile (which releases the GIL)."""
+    events = []
+    compile_ahead = _keras.compile_ahead
+    search = accounting.calibrate_noise_multiplier
+
+    def traced_then_lowered(model, jitted, batch, multiplier, lowered):
+        events.append("trace")
+
+        def then():
+            events.append("lowered")
+            lowered()
+
+        compile_ahead(model, jitted, batch, multiplier, lowered=then)
+        events.append("compiled")
+
+    def searched(*args):
+        events.append("search")
+        return search(*args)
+
+    monkeypatch.setattr(_keras, "compile_ahead", traced_then_lowered)
+    monkeypatch.setattr(accounting, "calibrate_noise_multiplier", searched)
+    model = zero_loss_model(20, target_epsilon=2.0, batch_size=8, epochs=1, seed=1)
+    model.fit(*data(40), verbose=0)
+    assert events[:2] == ["trace", "lowered"] and "search" in events[2:], events
     assert model.privacy_spent().epsilon <= 2.0
 
 
