@@ -199,10 +199,10 @@ class Calibration:
     XLA's compile of the step (which releases the GIL) then overlap: fit's step takes
     σ as an input (:func:`keras_dp.step.with_noise`), so its program does not depend
     on it. The search starts once the step is traced and lowered: both are Python, and
-    a search beside them only took turns with them for the GIL (alternated first fits:
-    BERT-LoRA 6.16 → 5.78 s, MLP 1.29 → 1.23 s). Where fit does not compile ahead (a
-    ``keras.distribution``, a step run eagerly), it starts at once, beside fit's
-    checks. Where σ is known (given, or calibrated for this plan before in this
+    a search beside them only took turns with them for the GIL (first fits, alternated
+    versions: the MLP's 2.27–2.34× plain Keras' → 2.10–2.18×). Where fit does not
+    compile ahead (a ``keras.distribution``, a step run eagerly), it starts at once,
+    beside fit's checks. Where σ is known (given, or calibrated for this plan before in this
     process), or the search fails at once on the plan's fields, nothing runs in a
     thread. Until :meth:`result` returns, the model's plan is ``plan``: the config for
     ``size`` units without σ. Nothing is trained before it returns and fit has checked
