@@ -200,7 +200,7 @@ class Calibration:
     σ as an input (:func:`keras_dp.step.with_noise`), so its program does not depend
     on it. The search starts once the step is traced and lowered: both are Python, and
     a search beside them only took turns with them for the GIL (first fits, alternated
-    versions: the MLP's 2.27–2.34× plain Keras' → 2.10–2.18×). Where fit does not
+    versions: the text classifier's 2.07–2.08× plain Keras' → 1.93–1.96×). Where fit does not
     compile ahead (a ``keras.distribution``, a step run eagerly), it starts at once,
     beside fit's checks. Where σ is known (given, or calibrated for this plan before in this
     process), or the search fails at once on the plan's fields, nothing runs in a
