@@ -200,11 +200,11 @@ class Calibration:
     σ as an input (:func:`keras_dp.step.with_noise`), so its program does not depend
     on it. The search starts once the step is traced and lowered: both are Python, and
     a search beside them only took turns with them for the GIL (first fits, alternated
-    versions: the text classifier's 2.07–2.08× plain Keras' → 1.93–1.96×). Where fit does not
-    compile ahead (a ``keras.distribution``, a step run eagerly), it starts at once,
-    beside fit's checks. Where σ is known (given, or calibrated for this plan before in this
-    process), or the search fails at once on the plan's fields, nothing runs in a
-    thread. Until :meth:`result` returns, the model's plan is ``plan``: the config for
+    versions: the text classifier's 2.07–2.08× plain Keras' → 1.93–1.96×). Where fit
+    does not compile ahead (a ``keras.distribution``, a step run eagerly), it starts at
+    once, beside fit's checks. Where σ is known (given, or calibrated for this plan
+    before in this process), or the search fails at once on the plan's fields, nothing
+    runs in a thread. Until :meth:`result` returns, the model's plan is ``plan``: the config for
     ``size`` units without σ. Nothing is trained before it returns and fit has checked
     the calibrated plan (:func:`keras_dp.checks.check_plan_within_target`); a search
     that fails raises there, before any noise is spent.
