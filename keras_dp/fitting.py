@@ -1,10 +1,9 @@
 """What ``DPModel.fit`` does before Keras' own ``fit`` runs: check, calibrate, sample.
 
-σ's calibration runs in a thread while the rest is checked and the DP step compiles
-(:class:`Calibration`). Everything that can be refused is refused here, before any
-noise is spent. Keras' ``fit`` then runs on :class:`keras_dp.data.DPBatches`
-(batches drawn by the config's sampler, so the accountant's assumption holds) with the
-ledger's callback first.
+σ's calibration runs in a thread while XLA compiles the DP step (:class:`Calibration`).
+Everything that can be refused is refused here, before any noise is spent. Keras'
+``fit`` then runs on :class:`keras_dp.data.DPBatches` (batches drawn by the config's
+sampler, so the accountant's assumption holds) with the ledger's callback first.
 """
 
 from __future__ import annotations
@@ -232,9 +231,10 @@ class Calibration:
             self._error = err
 
     def result(self, model, batches: data.DPBatches) -> DPConfig:
-        """The calibrated plan, once the search is done; the model keeps it. While it
-        runs, fit's train function is traced and compiled for ``batches``' usual shape
-        (without a ``keras.distribution``: with one, Keras shards the batch itself)."""
+        """The calibrated plan, once the search is done; the model keeps it. Fit's train
+        function is first traced and lowered for ``batches``' usual shape, then the search
+        starts and runs while XLA compiles it (without a ``keras.distribution``: with
+        one, Keras shards the batch itself, and the search started with fit's checks)."""
         if self._thread is None:
             return self.plan
         if _compiles_ahead(model):
