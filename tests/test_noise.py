@@ -177,3 +177,16 @@ def test_the_generator_runs_once_however_many_leaves_and_readers():
     one = rounds(1, 1)
     assert one > 0
     assert rounds(12, 2) == rounds(3, 3) == one
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU compiler decision")
+def test_the_uniforms_are_stored_before_the_normal_transform():
+    """XLA's CPU compiler runs the Threefry hash and erf⁻¹ fused in one loop slower
+    than as two (``benchmarks/noise.py``): no compiled loop does both."""
+    tree = [jnp.zeros((64, 32)), jnp.zeros(7)]
+    hlo = jax.jit(lambda k: noise.gaussian_like(k, tree, 0.5)).lower(noise.root_key(5))
+    computations = hlo.compile().as_text().split("\n\n")
+    hashing = [c for c in computations if " xor(" in c]
+    transforming = [c for c in computations if " log-plus-one(" in c]
+    assert hashing and transforming
+    assert not set(hashing) & set(transforming)
