@@ -194,10 +194,10 @@ def gaussian_like(key: jax.Array, tree, stddev: float | jax.Array):
     loop's vector body and its remainder). For another key they are the draw of
     ``total``. The Threefry draw is computed by :func:`_normals`, with
     :func:`threefry2x32` written out (JAX's CPU lowering is a loop of small XLA
-    passes), once per step (:func:`_drawn_once`), in whole blocks
-    (:func:`whole_blocks`: an odd length runs 6× slower on a CPU). Its cost is the
-    floor of a DP step's overhead on a CPU: 84k normals take 0.3 ms here (0.7 ms
-    through ``jax.random.normal``), half a plain Keras step of that MLP.
+    passes), stored once per step (its uniforms, then its normals: :func:`_stored`),
+    in whole blocks (:func:`whole_blocks`: an odd length runs 6× slower on a CPU). Its
+    cost is the floor of a DP step's overhead on a CPU: 84k normals take 0.3 ms here
+    (0.7 ms through ``jax.random.normal``), half a plain Keras step of that MLP.
     """
     leaves, treedef = jax.tree.flatten(tree)
     sizes = [math.prod(jnp.shape(leaf)) for leaf in leaves]
