@@ -76,7 +76,7 @@ def rbg_normal(key, size: int):
 
 def erf_inv_normals(u):
     """√2·erf⁻¹ of ``u`` (uniforms on [0, 1)) moved to (−1, 1)."""
-    return np.float32(np.sqrt(2)) * jax.lax.erf_inv(2 * u - 1)
+    return noise._to_normal(2 * u - 1)
 
 
 def box_muller(pairs):
@@ -95,7 +95,7 @@ def fused_draw(key, size: int, stddev: float = 1.0):
     uniforms: the hash and erf⁻¹ of whole blocks in one stored loop."""
     words = jax.random.key_data(key)
     uniform = lambda: noise._uniforms(words, noise.whole_blocks(size))  # noqa: E731
-    flat = noise._drawn_once(lambda: np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform()), key)
+    flat = noise._drawn_once(lambda: noise._to_normal(uniform()), key)
     return stddev * flat[:size]
 
 

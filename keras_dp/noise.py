@@ -128,7 +128,12 @@ def _normals(words: jax.Array, size: int) -> jax.Array:
     The same bits either way.
     """
     uniform = _stored(lambda: _uniforms(words, size), words)
-    return _stored(lambda: np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform), words)
+    return _stored(lambda: _to_normal(uniform), words)
+
+
+def _to_normal(uniform: jax.Array) -> jax.Array:
+    """``√2·erf⁻¹(u)``: N(0, 1) draws from uniforms on (−1, 1), as ``jax.random.normal``."""
+    return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
 
 
 def _uniforms(words: jax.Array, size: int) -> jax.Array:
