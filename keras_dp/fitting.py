@@ -203,10 +203,10 @@ class Calibration:
     does not compile ahead (a ``keras.distribution``, a step run eagerly), it starts at
     once, beside fit's checks. Where σ is known (given, or calibrated for this plan
     before in this process), or the search fails at once on the plan's fields, nothing
-    runs in a thread. Until :meth:`result` returns, the model's plan is ``plan``: the config for
-    ``size`` units without σ. Nothing is trained before it returns and fit has checked
-    the calibrated plan (:func:`keras_dp.checks.check_plan_within_target`); a search
-    that fails raises there, before any noise is spent.
+    runs in a thread. Until :meth:`result` returns, the model's plan is ``plan``: the
+    config for ``size`` units without σ. Nothing is trained before it returns and fit
+    has checked the calibrated plan (:func:`keras_dp.checks.check_plan_within_target`);
+    a search that fails raises there, before any noise is spent.
     """
 
     def __init__(self, model, config: DPConfig, size: int, held_out: str = ""):
