@@ -13,12 +13,14 @@
 # text classifier, Gemma3 LoRA; 220 s), host (host work per update, also with the
 # progress bar: eight kinds of fit; 120 s); on request
 # only, tied (a tied embedding's ghost norm against its per-example gradients, 240 s:
-# `bash benchmarks/gpu.sh tied`) and probe-lm (the probe on Gemma3 LoRA: is its DP
-# step or the host's work around it the gap; 150 s: `bash benchmarks/gpu.sh probe-lm`).
+# `bash benchmarks/gpu.sh tied`), probe-lm (the probe on Gemma3 LoRA: is its DP
+# step or the host's work around it the gap; 150 s: `bash benchmarks/gpu.sh probe-lm`)
+# and parts (a DP step split into clipping, padding rows and noise: MLP and text
+# classifier; 120 s: `bash benchmarks/gpu.sh parts`).
 # Results land
 # in $OUT (the device tool brings them back; at most 8 files): <part>-*.md, <part>-*.json
 # and gpu.log (the card, versions and every part's output). PROBE_S, RUN_S, CLIPPING_S,
-# HOST_S, TIED_S and PROBE_LM_S override the limits (run, clipping and host together took 430 s on
+# HOST_S, TIED_S, PROBE_LM_S and PARTS_S override the limits (run, clipping and host together took 430 s on
 # 2026-12-04, the probe 40 s alone). Checked here in a venv holding only the image's
 # packages (no TensorFlow) with the same wheels for Python 3.11: every part starts and
 # writes.
@@ -56,7 +58,9 @@ for part in "${parts[@]}"; do
     host) timeout "${HOST_S:-120}" python3 benchmarks/host.py --repeats 3 --out "$dir" >>"$log" 2>&1 ;;
     tied) mkdir -p "$dir" && timeout "${TIED_S:-240}" python3 benchmarks/tied_embedding.py \
            --repeats 5 >"$dir/tied_embedding.md" 2>>"$log" ;;
-    *) echo "unknown part $part (probe, run, clipping, host, tied, probe-lm)" >>"$log"; continue ;;
+    parts) timeout "${PARTS_S:-120}" python3 benchmarks/step_parts.py --models mlp text \
+           --repeats 31 --calls 30 --out "$dir" >>"$log" 2>&1 ;;
+    *) echo "unknown part $part (probe, run, clipping, host, tied, probe-lm, parts)" >>"$log"; continue ;;
   esac
   echo "== $part exited $? $(date -u +%T)" >>"$log"
   for f in "$dir"/*.md "$dir"/*.json; do
