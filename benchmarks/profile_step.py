@@ -49,12 +49,14 @@ def trained(kind: str, name: str, x, y):
     return model
 
 
-def dp_batch(model, x, y, real: int):
-    """keras_dp's physical batch with the first ``real`` examples as its real rows."""
+def dp_batch(model, x, y, real: int, physical: int | None = None):
+    """keras_dp's physical batch (or ``physical`` rows) with the first ``real``
+    examples as its real rows."""
     config = model.dp_config
-    chunk = dp_step.chunk_size(config, 1, model)
     source = sampling.ExampleSource(x, y)
-    physical = dp_data.DPBatches(model, source, config, chunk, 1).physical
+    if physical is None:
+        chunk = dp_step.chunk_size(config, 1, model)
+        physical = dp_data.DPBatches(model, source, config, chunk, 1).physical
     padded, mask = sampling.shard_layout(np.arange(real), physical, 1)
     xs, ys, _ = source.gather(padded)
     key = noise.step_key_data(model._dp_seed, [0])[0]

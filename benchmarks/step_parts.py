@@ -44,13 +44,12 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 from clipping import MODELS, build  # noqa: E402
 from host import fitted_batches  # noqa: E402
+from profile_step import dp_batch  # noqa: E402
 from run import log, train_state  # noqa: E402
 
-from keras_dp import data as dp_data  # noqa: E402
-from keras_dp import noise, sampling  # noqa: E402
+from keras_dp import noise  # noqa: E402
 
 PARTS = (
     "plain",
@@ -66,14 +65,12 @@ def first_rows(x, y, rows: int):
     return keras.tree.map_structure(lambda a: a[:rows], (x, y))
 
 
-def dp_batch(model, x, y, b: int) -> tuple:
-    """keras_dp's usual-shape batch with the first ``b`` examples as its real rows."""
+def usual_batch(model, x, y, b: int) -> tuple:
+    """keras_dp's usual-shape batch (the one its fit fed) with the first ``b`` examples
+    as its real rows."""
     batches = fitted_batches(model, x, y)
     physical = batches.usual_physical if batches.usual is not None else batches.physical
-    padded, mask = sampling.shard_layout(np.arange(b), physical, 1)
-    xs, ys, _ = sampling.ExampleSource(x, y).gather(padded)
-    key = noise.step_key_data(model._dp_seed, [0])[0]
-    return {"dp_x": xs, "dp_mask_key": dp_data.pack_mask_key(mask, key)}, ys
+    return dp_batch(model, x, y, b, physical)
 
 
 @contextlib.contextmanager
@@ -120,10 +117,9 @@ def parts(name: str, repeats: int, calls: int) -> dict:
     plain, dp = build("plain", name, n), build("auto", name, n, seed=0)
     with contextlib.redirect_stdout(io.StringIO()):
         plain.fit(x, y, batch_size=b, epochs=1, verbose=0)
-    batch = dp_batch(dp, x, y, b)  # fits dp one epoch
+    batch = usual_batch(dp, x, y, b)  # fits dp one epoch
     p = len(batch[1])
     exact = first_rows(*batch, b)  # its B real rows only
-    models = {}
     steps = {
         "plain": compiled(plain, first_rows(x, y, b)),
         "plain, P rows": compiled(plain, first_rows(x, y, p)),
@@ -132,9 +128,10 @@ def parts(name: str, repeats: int, calls: int) -> dict:
         "keras_dp, P rows": compiled(dp, batch),
         "keras_dp, B rows": compiled(dp, exact),
     }
-    for part in steps:
-        models[part] = plain if part.startswith("plain") else dp
-    states = {part: jax.tree.map(jnp.copy, train_state(models[part])) for part in steps}
+    states = {
+        part: jax.tree.map(jnp.copy, train_state(plain if part.startswith("plain") else dp))
+        for part in steps
+    }
     timed(steps, states, 1, 3)  # warm
     times = timed(steps, states, repeats, calls)
     ms = {part: statistics.median(t) for part, t in times.items()}
