@@ -1,7 +1,7 @@
 """What a DP step costs beyond plain Keras', part by part: compiled steps, alternated.
 
     python benchmarks/step_parts.py [--models mlp text] [--repeats 9] [--calls 100]
-                                    [--out benchmarks/results/step-parts]
+                                    [--rows 64 72 88] [--out benchmarks/results/step-parts]
 
 For each model (``clipping.py``'s, at its batch B), after one epoch of fit has built
 everything, six train steps are compiled and then timed in alternation (each round
@@ -22,6 +22,10 @@ times ``--calls`` calls of each, waited for at the end; the median over
 - ``keras_dp, B rows``: noise and no padding, as a sampler of exactly B examples
   would cost (``sampling="fixed"``, which needs about 2.5× the noise for the same
   ε: its neighbours differ by a replaced example, accounted with RDP).
+
+With ``--rows R ...`` it times instead plain Keras' step on R rows and keras_dp's
+without noise on R physical rows (min(R, B) real), for each R, alternated: how each
+grows with the rows it computes. Written to ``rows.md`` and ``rows.json``.
 
 Writes ``step_parts.md`` and ``step_parts.json`` to --out. Not a test: nothing here
 asserts a time. A step called in a loop leaves out fit's host work (sampling,
@@ -109,7 +113,9 @@ def timed(steps: dict, states: dict, repeats: int, calls: int) -> dict:
     return times
 
 
-def parts(name: str, repeats: int, calls: int) -> dict:
+def fitted(name: str) -> tuple:
+    """``(x, y, b, plain, dp, batch)``: both models after one epoch of fit, and
+    keras_dp's usual-shape batch with the first ``b`` examples as its real rows."""
     _, data_fn, b, _ = MODELS[name]
     x, y = data_fn()
     n = len(y) - len(y) % b
@@ -117,7 +123,22 @@ def parts(name: str, repeats: int, calls: int) -> dict:
     plain, dp = build("plain", name, n), build("auto", name, n, seed=0)
     with contextlib.redirect_stdout(io.StringIO()):
         plain.fit(x, y, batch_size=b, epochs=1, verbose=0)
-    batch = usual_batch(dp, x, y, b)  # fits dp one epoch
+    return x, y, b, plain, dp, usual_batch(dp, x, y, b)  # fits dp one epoch
+
+
+def medians(steps: dict, plain, dp, repeats: int, calls: int) -> dict:
+    """Each step's median ms over the alternated rounds, and every round's."""
+    states = {
+        part: jax.tree.map(jnp.copy, train_state(plain if part.startswith("plain") else dp))
+        for part in steps
+    }
+    timed(steps, states, 1, 3)  # warm
+    times = timed(steps, states, repeats, calls)
+    return {part: statistics.median(t) for part, t in times.items()}, times
+
+
+def parts(name: str, repeats: int, calls: int) -> dict:
+    x, y, b, plain, dp, batch = fitted(name)
     p = len(batch[1])
     exact = first_rows(*batch, b)  # its B real rows only
     steps = {
@@ -128,24 +149,60 @@ def parts(name: str, repeats: int, calls: int) -> dict:
         "keras_dp, P rows": compiled(dp, batch),
         "keras_dp, B rows": compiled(dp, exact),
     }
-    states = {
-        part: jax.tree.map(jnp.copy, train_state(plain if part.startswith("plain") else dp))
-        for part in steps
-    }
-    timed(steps, states, 1, 3)  # warm
-    times = timed(steps, states, repeats, calls)
-    ms = {part: statistics.median(t) for part, t in times.items()}
+    ms, times = medians(steps, plain, dp, repeats, calls)
     log(f"{name} (B={b}, P={p}): " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
     return {"batch": b, "physical": p, "ms": ms, "runs": times}
 
 
+def by_rows(name: str, rows: list, repeats: int, calls: int) -> dict:
+    """Plain Keras' step on R rows and keras_dp's without noise on R physical rows."""
+    x, y, b, plain, dp, _ = fitted(name)
+    steps = {}
+    for r in rows:
+        steps[f"plain, {r} rows"] = compiled(plain, first_rows(x, y, r))
+        batch = dp_batch(dp, x, y, min(r, b), r)
+        steps[f"keras_dp, {r} rows, no noise"] = compiled(dp, batch, noiseless=True)
+    ms, times = medians(steps, plain, dp, repeats, calls)
+    log(f"{name} (B={b}): " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+    return {"batch": b, "rows": rows, "ms": ms, "runs": times}
+
+
+def rows_markdown(results: dict, command: str) -> str:
+    lines = [
+        _header(command),
+        "ms per compiled step (median of the rounds), by the rows it computes:",
+        "",
+    ]
+    for name, r in results.items():
+        rows, ms = r["rows"], r["ms"]
+        lines += [
+            f"{name} (B={r['batch']}):",
+            "",
+            "| step | " + " | ".join(f"{n} rows" for n in rows) + " |",
+            "|---" * (len(rows) + 1) + "|",
+        ]
+        for kind, label in (
+            ("plain, {} rows", "plain Keras"),
+            ("keras_dp, {} rows, no noise", "keras_dp, no noise"),
+        ):
+            lines.append(
+                f"| {label} | " + " | ".join(f"{ms[kind.format(n)]:.3f}" for n in rows) + " |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _header(command: str) -> str:
+    return (
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores "
+        f"({len(os.sched_getaffinity(0))} usable), {jax.devices()[0].device_kind}; "
+        f"jax {jax.__version__}, keras {keras.__version__}\n\n    {command}\n"
+    )
+
+
 def markdown(results: dict, command: str) -> str:
     lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{jax.devices()[0].device_kind}; jax {jax.__version__}, keras {keras.__version__}",
-        "",
-        "    " + command,
-        "",
+        _header(command),
         "ms per compiled step (median of the rounds; its ratio to plain Keras' step on B rows):",
         "",
         "| model (B, P) | " + " | ".join(PARTS) + " |",
@@ -183,20 +240,28 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mlp", "text"], choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--rows", nargs="*", type=int, default=[])
     parser.add_argument("--out", default="benchmarks/results/step-parts")
     args = parser.parse_args()
     command = "python benchmarks/step_parts.py " + " ".join(
         f"--models {' '.join(args.models)} --repeats {args.repeats} --calls {args.calls}".split()
     )
+    if args.rows:
+        command += " --rows " + " ".join(map(str, args.rows))
+    run, write, stem = (
+        (lambda n: by_rows(n, args.rows, args.repeats, args.calls), rows_markdown, "rows")
+        if args.rows
+        else (lambda n: parts(n, args.repeats, args.calls), markdown, "step_parts")
+    )
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for name in args.models:  # written after each model: a run cut off keeps the rest
-        results[name] = parts(name, args.repeats, args.calls)
-        with open(os.path.join(args.out, "step_parts.json"), "w") as f:
+        results[name] = run(name)
+        with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
             json.dump(results, f, indent=1)
-        with open(os.path.join(args.out, "step_parts.md"), "w") as f:
-            f.write(markdown(results, command))
-    log(markdown(results, command))
+        with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
+            f.write(write(results, command))
+    log(write(results, command))
 
 
 if __name__ == "__main__":
