@@ -126,7 +126,7 @@ def fitted(name: str) -> tuple:
     return x, y, b, plain, dp, usual_batch(dp, x, y, b)  # fits dp one epoch
 
 
-def medians(steps: dict, plain, dp, repeats: int, calls: int) -> dict:
+def medians(steps: dict, plain, dp, repeats: int, calls: int) -> tuple:
     """Each step's median ms over the alternated rounds, and every round's."""
     states = {
         part: jax.tree.map(jnp.copy, train_state(plain if part.startswith("plain") else dp))
