@@ -49,6 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 from clipping import MODELS, build  # noqa: E402
+from gpu_probe import rows_of  # noqa: E402
 from host import fitted_batches  # noqa: E402
 from profile_step import dp_batch  # noqa: E402
 from run import log, train_state  # noqa: E402
@@ -63,10 +64,6 @@ PARTS = (
     "keras_dp, P rows",
     "keras_dp, B rows",
 )
-
-
-def first_rows(x, y, rows: int):
-    return keras.tree.map_structure(lambda a: a[:rows], (x, y))
 
 
 def usual_batch(model, x, y, b: int) -> tuple:
@@ -119,7 +116,7 @@ def fitted(name: str) -> tuple:
     _, data_fn, b, _ = MODELS[name]
     x, y = data_fn()
     n = len(y) - len(y) % b
-    x, y = first_rows(x, y, n)
+    x, y = rows_of(x, y, n)
     plain, dp = build("plain", name, n), build("auto", name, n, seed=0)
     with contextlib.redirect_stdout(io.StringIO()):
         plain.fit(x, y, batch_size=b, epochs=1, verbose=0)
@@ -140,10 +137,10 @@ def medians(steps: dict, plain, dp, repeats: int, calls: int) -> tuple:
 def parts(name: str, repeats: int, calls: int) -> dict:
     x, y, b, plain, dp, batch = fitted(name)
     p = len(batch[1])
-    exact = first_rows(*batch, b)  # its B real rows only
+    exact = rows_of(*batch, b)  # its B real rows only
     steps = {
-        "plain": compiled(plain, first_rows(x, y, b)),
-        "plain, P rows": compiled(plain, first_rows(x, y, p)),
+        "plain": compiled(plain, rows_of(x, y, b)),
+        "plain, P rows": compiled(plain, rows_of(x, y, p)),
         "keras_dp, B rows, no noise": compiled(dp, exact, noiseless=True),
         "keras_dp, P rows, no noise": compiled(dp, batch, noiseless=True),
         "keras_dp, P rows": compiled(dp, batch),
@@ -159,7 +156,7 @@ def by_rows(name: str, rows: list, repeats: int, calls: int) -> dict:
     x, y, b, plain, dp, _ = fitted(name)
     steps = {}
     for r in rows:
-        steps[f"plain, {r} rows"] = compiled(plain, first_rows(x, y, r))
+        steps[f"plain, {r} rows"] = compiled(plain, rows_of(x, y, r))
         batch = dp_batch(dp, x, y, min(r, b), r)
         steps[f"keras_dp, {r} rows, no noise"] = compiled(dp, batch, noiseless=True)
     ms, times = medians(steps, plain, dp, repeats, calls)
