@@ -73,8 +73,13 @@ def check_fit_args(model, config, batch_size, shuffle, validation_split, steps_p
             "several accounted steps. Drop gradient_accumulation_steps and set "
             "DPConfig(microbatch_size=...) to process a large batch in chunks."
         )
-    if getattr(model, "steps_per_execution", 1) != 1:
-        raise ValueError("DP fit needs compile(steps_per_execution=1).")
+    per_call = getattr(model, "steps_per_execution", 1)
+    if per_call != 1:
+        raise ValueError(
+            f"compile(steps_per_execution={per_call}) would run several updates in one "
+            "call, each on a batch that keras_dp's sampler must draw and the ledger "
+            "count one by one. Compile with steps_per_execution=1 (the default)."
+        )
 
 
 def check_model(model) -> None:
@@ -89,7 +94,11 @@ def check_model(model) -> None:
                 "normalises with its moving statistics, one example at a time)."
             )
     if not model.trainable_variables:
-        raise ValueError("The model has no trainable variables; nothing to train.")
+        raise ValueError(
+            "The model has no trainable variables; nothing to train. Unfreeze the "
+            "layers to train (layer.trainable = True), or enable LoRA on a keras-hub "
+            "backbone (backbone.enable_lora(rank=4)), then compile again."
+        )
 
 
 def check_loss_reads_weights(model, first) -> None:

@@ -78,7 +78,10 @@ def fit(
         if validation_data is not None:
             validation_data = data.preprocess_all(preprocessor, validation_data)
     if source.size == 0:
-        raise ValueError("fit got no training examples (x is empty).")
+        raise ValueError(
+            "fit got no training examples (x is empty); pass at least one example "
+            "(after validation_split, if any, has held out its rows)."
+        )
     users = user_data.users_of(config, user_ids, source.size)
     held_out = " after validation_split held out the last rows" if validation_split else ""
     size = user_data.unit_count(config, users, source.size)
@@ -339,7 +342,11 @@ def plan_epochs(
     epochs_left = math.ceil(remaining / per_epoch)
     to_run = epochs_left if epochs is None else epochs - initial_epoch
     if to_run < 1:
-        raise ValueError(f"fit(epochs={epochs}, initial_epoch={initial_epoch}) runs no epoch.")
+        raise ValueError(
+            f"fit(epochs={epochs}, initial_epoch={initial_epoch}) runs no epoch; pass "
+            "epochs > initial_epoch (epochs is the index of the last epoch, as in Keras), "
+            "or leave epochs out to train what is left of the plan."
+        )
     if to_run > epochs_left:
         raise ValueError(
             f"fit would run {to_run} epochs but only {epochs_left} are left of the plan "

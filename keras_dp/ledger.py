@@ -251,7 +251,9 @@ class LedgerCallback(keras.callbacks.Callback):
         if ledger.spent >= self._stop_at:
             raise ValueError(
                 f"The privacy budget of this plan is spent: the restored weights account "
-                f"for {ledger.spent} DP updates. Nothing was trained."
+                f"for {ledger.spent} DP updates. Nothing was trained. To train more, make "
+                "a new plan (a DPConfig with more epochs) on a new model: training these "
+                "weights under a second plan would spend both plans' ε."
             )
         self._batches.resume_at(ledger.steps)
 

@@ -162,7 +162,10 @@ class ExampleSource:
         arrays = [np.asarray(a) if not hasattr(a, "shape") else a for a in _leaves(data)]
         sizes = {int(a.shape[0]) if np.ndim(a) else -1 for a in arrays}
         if -1 in sizes:
-            raise ValueError("Every input array needs a leading example axis; got a scalar.")
+            raise ValueError(
+                "Every input array needs a leading example axis; got a scalar. Pass "
+                "arrays shaped (N, ...), one row per example."
+            )
         if len(sizes) != 1:
             raise ValueError(
                 f"x, y and sample_weight must have the same number of examples; got sizes "
