@@ -209,6 +209,21 @@ def check_plan_within_target(config) -> float:
     return spent
 
 
+def refuse_next_update(model, budget) -> None:
+    """The error for a fit whose ``PrivacyBudget`` allows not one more update, with the
+    ε that update would reach."""
+    config = model.dp_config
+    limit = config.target_epsilon if budget.stop_at_epsilon is None else budget.stop_at_epsilon
+    delta = config.delta if budget.delta is None else budget.delta
+    taken = model._dp_steps
+    after = config.epsilon(taken + 1, delta)
+    raise ValueError(
+        f"PrivacyBudget allows no further update: {taken} taken, and update {taken + 1} "
+        f"would spend ε={after:.4g} at δ={delta:.3g}, over its stop_at_epsilon={limit:g}. "
+        "Nothing was trained; raise stop_at_epsilon to at least that ε, or stop here."
+    )
+
+
 def check_delta(where: str, delta, config) -> None:
     """Refuses a δ outside (0, 1/N): a δ of 1/N or more allows releasing an example."""
     n = None if config is None else config.dataset_size

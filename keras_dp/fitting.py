@@ -155,13 +155,9 @@ def fit(
             if callback.delta is not None:
                 checks.check_delta("PrivacyBudget(delta=...)", callback.delta, config)
             callback._max_steps = callback.max_steps(model)
+            if callback._max_steps <= model._dp_steps:
+                checks.refuse_next_update(model, callback)
             stop_at = min(stop_at, callback._max_steps)
-    if stop_at <= model._dp_steps:
-        raise ValueError(
-            f"PrivacyBudget allows no further update: {model._dp_steps} taken, ε would "
-            "exceed its stop_at_epsilon. Nothing was trained; raise stop_at_epsilon or "
-            "stop here."
-        )
     model._dp_noise_input = jax.device_put(noise.multiplier_input(config.gradient_noise_multiplier))
     budget = next((c for c in callbacks if isinstance(c, PrivacyBudget)), None)
     counting = ledger.PerStepLedgerCallback if budget and budget.per_step else ledger.LedgerCallback

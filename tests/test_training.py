@@ -1,6 +1,7 @@
 """DP training: checked against naive per-example loops and exact distributions."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -334,7 +335,8 @@ def test_privacy_budget_callback_stops_at_its_limit():
     assert model.privacy_spent().epsilon <= limit
     # At the limit, a further fit is refused before any step runs.
     weights = [np.array(v.value) for v in model.trainable_variables]
-    with pytest.raises(ValueError, match="allows no further update"):
+    tenth = f"ε={config.epsilon(10):.4g}"  # what the refused update would spend
+    with pytest.raises(ValueError, match=f"allows no further update: 9 taken.*{re.escape(tenth)}"):
         model.fit(
             x,
             y,
