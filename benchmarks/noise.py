@@ -5,7 +5,9 @@
 For each size, the median time of one jitted draw of that many float32 normals, the
 two alternated, and their ratio; both give the same values (tests/test_noise.py).
 84,170 is the MLP's parameter count in benchmarks/clipping.py, 324,000 the text
-classifier's.
+classifier's. Its last column is keras_dp's draw compiled with its train step's
+compiler options (``keras_dp._backend.compiler_options()``: 512-bit vectors on a
+CPU), the same values.
 
 A second table says where the draw's time goes and what the alternatives cost, in the
 same alternation: keras_dp's Threefry hash alone (the random bits, no transform), the
@@ -38,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from keras_dp import noise  # noqa: E402
+from keras_dp import _backend, noise  # noqa: E402
 
 
 def seconds(fn, key, calls: int = 200) -> float:
@@ -127,7 +129,10 @@ def main() -> None:
             "philox": lambda k, n=size: philox_bits(k, n),
             "rbg": lambda k, n=size: rbg_normal(k, n),
         }
-        ms = median_ms({name: jax.jit(fn) for name, fn in draws.items()}, key, args.repeats)
+        jitted = {name: jax.jit(fn) for name, fn in draws.items()}
+        # The same draw compiled with the options of keras_dp's train step.
+        jitted["step"] = jax.jit(draws["keras_dp"], compiler_options=_backend.compiler_options())
+        ms = median_ms(jitted, key, args.repeats)
         ours = ms["keras_dp"]
         u = jax.random.uniform(key, (2, (size + 1) // 2), minval=1e-6, maxval=1.0)
         alone = median_ms(
@@ -139,7 +144,10 @@ def main() -> None:
             f"| {size:,} | {alone['erf_inv']:.3f} | {alone['box_muller']:.3f} | "
             f"{alone['box_muller'] / alone['erf_inv']:.2f}× |"
         )
-        rows.append(f"| {size:,} | {ours:.3f} | {ms['jax']:.3f} | {ours / ms['jax']:.2f}× |")
+        rows.append(
+            f"| {size:,} | {ours:.3f} | {ms['jax']:.3f} | {ours / ms['jax']:.2f}× | "
+            f"{ms['step']:.3f} ({ms['step'] / ours:.2f}×) |"
+        )
         lengths = {
             "keras_dp": lambda k, n=size + 1: noise.gaussian_like(k, [jnp.zeros(n)], 1.0),
             "exact odd": lambda k, n=size + 1: exact_draw(k, n),
@@ -155,8 +163,11 @@ def main() -> None:
             f"{ms['uniforms']:.3f} | {ms['fused']:.3f} ({ms['fused'] / ours:.2f}×) | "
             f"{ms['philox']:.3f} | {ms['rbg']:.3f} |"
         )
-    print("| draws | keras_dp ms | jax.random.normal ms | keras_dp / jax |")
-    print("|---|---|---|---|")
+    print(
+        "| draws | keras_dp ms | jax.random.normal ms | keras_dp / jax | "
+        "keras_dp with its step's compiler options (/ without) |"
+    )
+    print("|---|---|---|---|---|")
     print("\n".join(rows))
     print("\nWhere keras_dp's draw goes, and XLA's generator, ms:\n")
     print(

@@ -65,6 +65,8 @@ from keras.src.trainers.data_adapters.array_slicing import train_validation_spli
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 from keras.src.utils.python_utils import pythonify_logs
 
+from keras_dp import _backend
+
 __all__ = [
     "KerasSaveable",
     "BatchesAdapter",
@@ -263,7 +265,12 @@ def dp_train_function(model, noised_step):
     out_shardings = None
     if keras.distribution.distribution() is not None:
         out_shardings = (None, model._get_state_sharding_spec())
-    jitted = jax.jit(noised_step, donate_argnums=0, out_shardings=out_shardings)
+    jitted = jax.jit(
+        noised_step,
+        donate_argnums=0,
+        out_shardings=out_shardings,
+        compiler_options=_backend.compiler_options(),
+    )
 
     def step_function(state, data):
         return jitted(state, data, model._dp_noise_input)

@@ -117,6 +117,19 @@ def test_many_leaves_hold_the_same_draw(leaves, on_cpu, monkeypatch):
     np.testing.assert_array_equal(flat, jax_draws(key, flat.size))
 
 
+def test_the_steps_compiler_options_keep_the_draw_bit_for_bit():
+    """keras_dp's train step is compiled with ``_backend.compiler_options()`` (on a
+    CPU, 512-bit vectors where XLA's default is 256): the draw is still JAX's, bit for
+    bit, in the vectorised loop and in its remainder (an odd-sized leaf)."""
+    options = _backend.compiler_options()
+    assert options == (_backend.CPU_COMPILER_OPTIONS if _backend.on_cpu() else None)
+    key = noise.step_key(noise.root_key(5), jnp.int32(3))
+    tree = [jnp.zeros((84_170,)), jnp.zeros((7, 3)), jnp.zeros(1)]
+    draw = jax.jit(lambda k: noise.gaussian_like(k, tree, 1.0), compiler_options=options)
+    flat = jnp.concatenate([d.reshape(-1) for d in draw(key)])
+    np.testing.assert_array_equal(flat, jax_draws(key, flat.size))
+
+
 @pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
 def test_other_generators_are_drawn_by_jax(impl):
     key = jax.random.key(7, impl=impl)
