@@ -10,8 +10,8 @@ with its options emptied (XLA's defaults, as before) and keras_dp's as shipped, 
 ABBA order (every other repeat in reverse); a repeat's DP fits share one seed, so they
 draw the same batches. Step times are ``clipping.py``'s (ms an update after the first
 epoch, median over epochs and repeats), first epochs from the ``fit`` call. Only a CPU
-with 512-bit vectors (AVX-512) can differ; on others both DP columns compile the same
-program. The noise's values are the same bit for bit (``tests/test_noise.py``).
+with 512-bit vectors (AVX-512) should differ: on others LLVM has none to use. The
+noise's values are the same bit for bit (``tests/test_noise.py``).
 
 Writes ``vector_width.md`` and ``vector_width.json`` to --out. Not a test: nothing
 here asserts a time.

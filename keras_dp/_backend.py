@@ -57,17 +57,19 @@ def on_cpu() -> bool:
 
 
 # XLA's CPU compiler asks LLVM for 256-bit vectors by default, also on CPUs with 512-bit
-# ones (AVX-512). keras_dp's own compiled step asks for 512: its noise draw (a Threefry
-# hash of 32-bit integers, one per parameter) then runs about 40% faster, and the
-# MLP's and the text classifier's whole DP steps 5-9% faster (docs/fast-clipping-
-# measurements.md). A CPU without 512-bit vectors compiles as before. Only keras_dp's
-# step takes it: the user's other programs (plain Keras steps, evaluate, predict) are
-# compiled as XLA's defaults say.
+# ones (AVX-512). keras_dp's own compiled step asks for 512: on an AVX-512 Xeon its
+# noise draw's Threefry hash (32-bit integers, one per parameter) ran about 40% faster,
+# the whole draw 13-15%, and a step through fit up to 10% faster where the noise is a
+# large part of it (benchmarks/vector_width.py; docs/fast-clipping-measurements.md).
+# A CPU without 512-bit vectors has none to use (not measured here). Only keras_dp's
+# step takes it: the user's other programs (plain Keras steps, evaluate, predict) keep
+# XLA's defaults.
 CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
 
 
 def compiler_options() -> dict | None:
     """XLA options for keras_dp's compiled train step: :data:`CPU_COMPILER_OPTIONS` on
-    a CPU, None (XLA's defaults) elsewhere. The values computed do not change: only
-    how wide the vector instructions are."""
+    a CPU, None (XLA's defaults) elsewhere. The noise is the same bit for bit (tested);
+    sums may round differently in their last bits, as any change of vectorisation
+    may make them."""
     return dict(CPU_COMPILER_OPTIONS) if on_cpu() else None
