@@ -158,6 +158,11 @@ def fit(
             if callback._max_steps <= model._dp_steps:
                 checks.refuse_next_update(model, callback)
             stop_at = min(stop_at, callback._max_steps)
+    if stop_at <= model._dp_steps:  # the plan's end is refused earlier, with its reason
+        raise ValueError(
+            f"fit has no update left to run: {model._dp_steps} taken, and this fit stops "
+            f"at {stop_at}. Nothing was trained."
+        )
     model._dp_noise_input = jax.device_put(noise.multiplier_input(config.gradient_noise_multiplier))
     budget = next((c for c in callbacks if isinstance(c, PrivacyBudget)), None)
     counting = ledger.PerStepLedgerCallback if budget and budget.per_step else ledger.LedgerCallback
