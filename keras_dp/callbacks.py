@@ -52,12 +52,15 @@ class PrivacyBudget(keras.callbacks.Callback):
         self.per_step = bool(per_step)
         self._max_steps = None
 
+    def limit(self, config) -> tuple[float, float]:
+        """``(ε, δ)``: the ε this callback stops at, and the δ it is measured at, for
+        ``config``'s plan (its target ε and δ where this callback sets none)."""
+        limit = config.target_epsilon if self.stop_at_epsilon is None else self.stop_at_epsilon
+        return limit, config.delta if self.delta is None else self.delta
+
     def max_steps(self, model) -> int:
         """The most updates of ``model``'s plan whose ε stays within the limit."""
-        config = model.dp_config
-        limit = config.target_epsilon if self.stop_at_epsilon is None else self.stop_at_epsilon
-        delta = config.delta if self.delta is None else self.delta
-        return config.max_steps_within(limit, delta)
+        return model.dp_config.max_steps_within(*self.limit(model.dp_config))
 
     def on_train_begin(self, logs=None):
         if self._max_steps is None:

@@ -213,8 +213,7 @@ def refuse_next_update(model, budget) -> None:
     """The error for a fit whose ``PrivacyBudget`` allows not one more update, with the
     ε that update would reach."""
     config = model.dp_config
-    limit = config.target_epsilon if budget.stop_at_epsilon is None else budget.stop_at_epsilon
-    delta = config.delta if budget.delta is None else budget.delta
+    limit, delta = budget.limit(config)
     taken = model._dp_steps
     after = config.epsilon(taken + 1, delta)
     raise ValueError(
