@@ -21,8 +21,8 @@ class PrivacyBudget(keras.callbacks.Callback):
     Each epoch's ε is dp_accounting's PLD of the updates so far, computed on the host
     when the epoch ends (the first one also builds the step's PLD on a finer grid): on
     a 2-core CPU, 0.06-0.2 s an epoch for a plan of a few hundred updates, which an
-    epoch of a small model (the README's MLP: 0.03 s) waits for. Computed in a thread
-    while the next epoch trained, it slowed that epoch by more than it saved.
+    epoch of a small model (the README's MLP: 0.03 s) waits for. Computed ahead in a
+    thread during training, it slowed that MLP's steps by more than it saved.
 
     Args:
       delta: δ at which ε is reported. Default: the config's δ.
