@@ -49,7 +49,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from run import LOSS, log, train_state  # noqa: E402
+from run import LOSS, jit_step, log, train_state  # noqa: E402
 from step_time import MODELS as STEP_MODELS  # noqa: E402
 from step_time import digits_data, functional, mlp  # noqa: E402
 
@@ -327,7 +327,7 @@ def step_memory(name: str, kind: str, logical_batch: int) -> tuple[int, int]:
 def temp_bytes(model, batch) -> int:
     """XLA's peak temporary bytes of ``model.train_step`` compiled for ``batch``."""
     batch = jax.tree.map(jax.numpy.asarray, batch)
-    compiled = jax.jit(model.train_step).lower(train_state(model), batch).compile()
+    compiled = jit_step(model).lower(train_state(model), batch).compile()
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 

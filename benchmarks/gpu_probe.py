@@ -50,7 +50,7 @@ import jax  # noqa: E402
 import keras  # noqa: E402
 import run  # noqa: E402
 from host import fitted_batches, logistic  # noqa: E402
-from run import LOSS, EpochTimer, train_state  # noqa: E402
+from run import LOSS, EpochTimer, jit_step, train_state  # noqa: E402
 from step_time import MODELS as STEP_MODELS  # noqa: E402
 from step_time import digits_data, mlp, token_data  # noqa: E402
 
@@ -127,7 +127,7 @@ def first_batch(model, x, y, size: int):
 
 def step_times(model, batch) -> tuple[float, float]:
     """ms per call of the jitted train_step: (waited for at the end, after each)."""
-    step = jax.jit(model.train_step, donate_argnums=0)
+    step = jit_step(model, donate_argnums=0)
     state = jax.tree.map(lambda a: a.copy(), train_state(model))  # donated below
     data = jax.device_put(batch)
     logs, state = step(state, data)
@@ -160,7 +160,7 @@ def noise_ms(model) -> float:
 def operations(model, batch) -> dict:
     """Counts of the compiled step's device operations (all computations)."""
     state = train_state(model)
-    text = jax.jit(model.train_step).lower(state, batch).compile().as_text()
+    text = jit_step(model).lower(state, batch).compile().as_text()
     counts = collections.Counter()
     for op in (
         "fusion",

@@ -30,7 +30,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from run import MODELS, build, log, train_state  # noqa: E402
+from run import MODELS, build, jit_step, log, train_state  # noqa: E402
 
 from keras_dp import data as dp_data  # noqa: E402
 from keras_dp import noise, sampling  # noqa: E402
@@ -66,7 +66,7 @@ def dp_batch(model, x, y, real: int, physical: int | None = None):
 def compiled_step(model, batch):
     batch = jax.tree.map(jax.numpy.asarray, batch)
     state = train_state(model)
-    return jax.jit(model.train_step).lower(state, batch).compile(), state, batch
+    return jit_step(model).lower(state, batch).compile(), state, batch
 
 
 def seconds(step, state, batch) -> float:
@@ -106,7 +106,7 @@ def profile(name: str, repeats: int, rows: list) -> None:
         )
     if rows:
         dp = models["keras_dp"]
-        step = jax.jit(dp.train_step)
+        step = jit_step(dp)
         state = train_state(dp)
         batches = {r: dp_batch(dp, x, y, r) for r in rows}
         for r in rows:  # compiles once; each count's loop trip counts are traced values

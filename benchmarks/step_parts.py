@@ -52,7 +52,7 @@ from clipping import MODELS, build  # noqa: E402
 from gpu_probe import rows_of  # noqa: E402
 from host import fitted_batches  # noqa: E402
 from profile_step import dp_batch  # noqa: E402
-from run import log, train_state  # noqa: E402
+from run import jit_step, log, train_state  # noqa: E402
 
 from keras_dp import noise  # noqa: E402
 
@@ -92,7 +92,7 @@ def compiled(model, batch, noiseless: bool = False):
     data = jax.device_put(batch)
     state = train_state(model)
     with no_noise() if noiseless else contextlib.nullcontext():
-        step = jax.jit(model.train_step, donate_argnums=0).lower(state, data).compile()
+        step = jit_step(model, donate_argnums=0).lower(state, data).compile()
     return lambda s: step(s, data)[1]
 
 

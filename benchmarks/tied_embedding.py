@@ -40,7 +40,7 @@ import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from profile_step import dp_batch, seconds  # noqa: E402
-from run import train_state  # noqa: E402
+from run import jit_step, train_state  # noqa: E402
 
 import keras_dp  # noqa: E402
 from keras_dp import ghost, offline, sampling  # noqa: E402
@@ -102,7 +102,7 @@ def compiled(kind: str, vocab: int, microbatch: int | None = None):
     state = train_state(model)
     untied = mock.patch.object(ghost, "_tied", lambda taps, i: False)
     with untied if kind == "table per-example" else contextlib.nullcontext():
-        step = jax.jit(model.train_step).lower(state, batch).compile()
+        step = jit_step(model).lower(state, batch).compile()
     return step, state, batch
 
 
