@@ -240,8 +240,9 @@ def _shard_sum(
         if fold is not None:
             chunk_aux, values = chunk_aux
             acc = fold(acc, chunk_rows, values, chunk_mask & finite)
-        counted = jnp.stack([jnp.sum(chunk_mask & ~finite), jnp.sum(chunk_mask & finite & over)])
-        return part, loss, chunk_aux, counted.astype(jnp.int32), acc
+        flags = jnp.stack([chunk_mask & ~finite, chunk_mask & finite & over], axis=1)
+        counted = jnp.sum(flags.astype(jnp.int32), axis=0)
+        return part, loss, chunk_aux, counted, acc
 
     if num_chunks == 1:  # one vectorised pass: no loop condition to read back, one trace
         part, losses, aux, counts, acc = computed(rows, ids, mask, fold_init)

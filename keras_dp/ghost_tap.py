@@ -108,6 +108,12 @@ class Tap:
         out = {}
         if self.formed(x, g):
             return out
+        both = self.use_kernel and self.use_bias and self.kind == "einsum" and not self.tied
+        if both and folds_bias(self.spec, self.kernel_shape, self.bias_shape):
+            out[self.kernel], out[self.bias] = kernel_and_bias_sum(
+                self.spec, x, g, factor, self.kernel_shape
+            )
+            return out
         if self.use_kernel:
             if self.kind == "embedding":
                 out[self.kernel] = gn.embedding_sum(x, g, factor, self.kernel_shape)
@@ -142,6 +148,32 @@ class Tap:
             table = gn.TABLE_COST * math.prod(self.kernel_shape)
             return min(gn.embedding_costs(t, d)), t * d + table
         return 0, 0
+
+
+def folds_bias(spec: gn.Einsum, kernel_shape, bias_shape) -> bool:
+    """Whether a bias' clipped sum can ride in its kernel's contraction
+    (:func:`kernel_and_bias_sum`): one kernel letter from x, first in the kernel, and a
+    bias over exactly the kernel's other letters, the last of out in their order."""
+    ko = spec.k[1:]
+    return (
+        not spec.shared
+        and len(spec.kx) == 1
+        and spec.k[0] == spec.kx
+        and spec.out.endswith(ko)
+        and tuple(bias_shape) == tuple(kernel_shape[1:])
+    )
+
+
+def kernel_and_bias_sum(spec: gn.Einsum, x, g, factor, kernel_shape):
+    """(Σ_b f_b·G_b, Σ_b f_b·(g_b summed to the bias)) in float32, one contraction: x
+    gains a feature of ones, whose row of the result is the bias' sum. Where
+    :func:`folds_bias`. On a CPU, the bias' own contraction over the examples (a
+    product of a vector) is a loop XLA compiles of its own, slowly."""
+    axis = 1 + spec.x.index(spec.kx)
+    ones = jnp.ones((*x.shape[:axis], 1, *x.shape[axis + 1 :]), jnp.float32)
+    x1 = jnp.concatenate([x.astype(jnp.float32), ones], axis=axis)
+    both = gn.kernel_sum(spec, x1, g, factor, (kernel_shape[0] + 1, *kernel_shape[1:]))
+    return both[:-1], both[-1]
 
 
 def cross_terms(taps, xs, gs) -> jax.Array | None:

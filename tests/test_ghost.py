@@ -21,7 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import ghost, ghost_cost
+from keras_dp import ghost, ghost_cost, ghost_tap
 from keras_dp import ghost_conv as gc
 from keras_dp import ghost_norms as gn
 
@@ -121,6 +121,51 @@ def test_einsum_norms_and_sums_equal_brute_force(equation, x_shape, k_shape):
     want_sum = sum(float(f) * G for f, G in zip(factor, grads))
     got_sum = gn.kernel_sum(spec, x, g, factor, k_shape)
     np.testing.assert_allclose(got_sum, want_sum, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "equation,x_shape,k_shape,bias_shape,folds",
+    [
+        ("ab,bc->ac", (1, 5), (5, 3), (3,), True),  # a Dense
+        ("ab,bc->ac", (9, 2), (2, 2), (2,), True),  # a Dense on a sequence
+        ("abc,cde->abde", (1, 6, 8), (8, 2, 4), (2, 4), True),
+        ("abc,cde->abde", (1, 6, 8), (8, 2, 4), (4,), False),  # a bias over some outputs
+        ("abc,ced->abde", (1, 6, 8), (8, 3, 3), (3, 3), False),  # the bias' order is out's
+        ("abcd,cde->abe", (1, 4, 2, 3), (2, 3, 5), (5,), False),  # two letters from x
+        ("abc,bcd->abd", (1, 3, 4), (3, 4, 2), (2,), False),  # a letter kept apart
+    ],
+)
+def test_a_bias_sum_in_its_kernels_contraction_equals_brute_force(
+    equation, x_shape, k_shape, bias_shape, folds
+):
+    """The bias' clipped sum rides in the kernel's contraction (a feature of ones) only
+    where that is exact: against each example's gradients from jax.grad."""
+    spec = gn.parse(equation, len(x_shape))
+    assert ghost_tap.folds_bias(spec, k_shape, bias_shape) == folds
+    if not folds:
+        return
+    rng = np.random.default_rng(1)
+    batch = 6
+    x = jnp.asarray(rng.normal(size=(batch, *x_shape)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
+    out_shape = jnp.einsum(equation, x[0], kernel).shape
+    g = jnp.asarray(rng.normal(size=(batch, *out_shape)), jnp.float32)
+    factor = jnp.asarray(rng.uniform(0, 1, batch), jnp.float32)
+
+    def per_example(b):  # ∂/∂(K, bias) of <einsum(x_b, K) + bias, g_b>
+        out = lambda k, c: jnp.sum((jnp.einsum(equation, x[b], k) + c) * g[b])  # noqa: E731
+        return jax.grad(out, argnums=(0, 1))(kernel, bias)
+
+    grads = [per_example(b) for b in range(batch)]
+    kernel_sum, bias_sum = ghost_tap.kernel_and_bias_sum(spec, x, g, factor, k_shape)
+    want_kernel = sum(float(f) * np.asarray(k, np.float64) for f, (k, _) in zip(factor, grads))
+    want_bias = sum(float(f) * np.asarray(c, np.float64) for f, (_, c) in zip(factor, grads))
+    np.testing.assert_allclose(kernel_sum, want_kernel, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bias_sum, want_bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        bias_sum, jnp.tensordot(factor, gn.bias_grads(g, bias_shape), 1), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(
