@@ -54,14 +54,19 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 EPSILON, DELTA = 8.0, 1e-5
 
 
-def jit_step(model, **kwargs):
+def jit_step(model, fresh: bool = False, **kwargs):
     """``jax.jit(model.train_step, **kwargs)`` compiled as ``fit`` compiles it: a
     keras_dp model's step with keras_dp's compiler options
     (``_backend.compiler_options()``: 512-bit vectors on a CPU), plain Keras' with
-    XLA's defaults. So that a benchmark times and measures the programs that train."""
+    XLA's defaults. So that a benchmark times and measures the programs that train.
+    ``fresh``: a new function object, which JAX traces and XLA compiles again (JAX
+    keeps a function's trace and program)."""
     if isinstance(model, keras_dp.DPModel):
         kwargs["compiler_options"] = _backend.compiler_options()
-    return jax.jit(model.train_step, **kwargs)
+    step = model.train_step
+    if fresh:
+        step = lambda state, data: model.train_step(state, data)  # noqa: E731
+    return jax.jit(step, **kwargs)
 
 
 class EpochTimer(keras.callbacks.Callback):
