@@ -166,9 +166,9 @@ def folds_bias(spec: gn.Einsum, kernel_shape, bias_shape) -> bool:
 
 def kernel_and_bias_sum(spec: gn.Einsum, x, g, factor, kernel_shape):
     """(Σ_b f_b·G_b, Σ_b f_b·(g_b summed to the bias)) in float32, one contraction: x
-    gains a feature of ones, whose row of the result is the bias' sum. Where
-    :func:`folds_bias`. On a CPU, the bias' own contraction over the examples (a
-    product of a vector) is a loop XLA compiles of its own, slowly."""
+    gains a feature of ones, whose row of the result is the bias' sum; only where
+    :func:`folds_bias` holds. On a CPU the bias' own contraction over the examples (a
+    vector times a matrix) was a loop that XLA generated and compiled on its own."""
     axis = 1 + spec.x.index(spec.kx)
     ones = jnp.ones((*x.shape[:axis], 1, *x.shape[axis + 1 :]), jnp.float32)
     x1 = jnp.concatenate([x.astype(jnp.float32), ones], axis=axis)
