@@ -1,6 +1,8 @@
 """Makes sure Keras runs on JAX before anything else of keras_dp is imported."""
 
+import functools
 import os
+import re
 import sys
 
 
@@ -60,16 +62,41 @@ def on_cpu() -> bool:
 # ones (AVX-512). keras_dp's own compiled step asks for 512: on an AVX-512 Xeon its
 # noise draw's Threefry hash (32-bit integers, one per parameter) ran about 40% faster,
 # the whole draw 13-15%, and a step through fit up to 10% faster where the noise is a
-# large part of it (benchmarks/vector_width.py; docs/fast-clipping-measurements.md).
+# large part of it (benchmarks/compiler_options.py; docs/fast-clipping-measurements.md).
 # A CPU without 512-bit vectors has none to use (not measured here). Only keras_dp's
-# step takes it: the user's other programs (plain Keras steps, evaluate, predict) keep
-# XLA's defaults.
+# step takes these options: the user's other programs (plain Keras steps, evaluate,
+# predict) keep XLA's defaults.
 CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+
+# jaxlib 0.10's XLA sends a CPU program's matrix products and its reductions to YNNPACK.
+# keras_dp's step keeps YNNPACK for the reductions only; its products run in XLA's own
+# (Eigen) kernels. On a 2-core Xeon the MLP's DP step through fit took 1.22 against
+# 1.36 ms (six alternated fits each), five other models' 0.91-1.00x their time
+# (benchmarks/compiler_options.py). jaxlib 0.8.0 has no such option (an unknown option
+# fails the compile), and 0.8.3-0.9 were not measured: they keep XLA's default.
+LIBRARY_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+LIBRARY_FUSIONS_SINCE = (0, 10)
+
+
+def cpu_compiler_options(jaxlib_version: tuple[int, ...]) -> dict:
+    """The options keras_dp's train step is compiled with on a CPU, for this jaxlib."""
+    options = dict(CPU_COMPILER_OPTIONS)
+    if tuple(jaxlib_version[:2]) >= LIBRARY_FUSIONS_SINCE:
+        options.update(LIBRARY_FUSIONS)
+    return options
+
+
+@functools.cache
+def jaxlib_version() -> tuple[int, ...]:
+    """The installed jaxlib's version as integers (``(0, 10, 2)``)."""
+    from jaxlib import version
+
+    return tuple(int(part) for part in re.findall(r"\d+", version.__version__)[:3])
 
 
 def compiler_options() -> dict | None:
-    """XLA options for keras_dp's compiled train step: :data:`CPU_COMPILER_OPTIONS` on
+    """XLA options for keras_dp's compiled train step: :func:`cpu_compiler_options` on
     a CPU, None (XLA's defaults) elsewhere. The noise is the same bit for bit (tested);
-    sums may round differently in their last bits, as any change of vectorisation
-    may make them."""
-    return dict(CPU_COMPILER_OPTIONS) if on_cpu() else None
+    sums may round differently in their last bits, as any change of vectorisation or
+    of the kernel that computes a product may make them."""
+    return cpu_compiler_options(jaxlib_version()) if on_cpu() else None

@@ -122,12 +122,29 @@ def test_the_steps_compiler_options_keep_the_draw_bit_for_bit():
     CPU, 512-bit vectors where XLA's default is 256): the draw is still JAX's, bit for
     bit, in the vectorised loop and in its remainder (an odd-sized leaf)."""
     options = _backend.compiler_options()
-    assert options == (_backend.CPU_COMPILER_OPTIONS if _backend.on_cpu() else None)
+    on_cpu = _backend.cpu_compiler_options(_backend.jaxlib_version())
+    assert options == (on_cpu if _backend.on_cpu() else None)
     key = noise.step_key(noise.root_key(5), jnp.int32(3))
     tree = [jnp.zeros((84_170,)), jnp.zeros((7, 3)), jnp.zeros(1)]
     draw = jax.jit(lambda k: noise.gaussian_like(k, tree, 1.0), compiler_options=options)
     flat = jnp.concatenate([d.reshape(-1) for d in draw(key)])
     np.testing.assert_array_equal(flat, jax_draws(key, flat.size))
+
+
+@pytest.mark.parametrize(
+    ("version", "products_in_xla"),
+    [((0, 8, 0), False), ((0, 9, 2), False), ((0, 10, 0), True), ((0, 10, 2), True)],
+)
+def test_the_steps_products_leave_ynnpack_only_on_a_jaxlib_that_has_the_option(
+    version, products_in_xla
+):
+    """jaxlib 0.8.0 fails a compile with an option it does not know: the step's
+    options name the library fusions only from jaxlib 0.10, where they were measured."""
+    options = _backend.cpu_compiler_options(version)
+    assert options["xla_cpu_prefer_vector_width"] == 512
+    fusions = options.get("xla_cpu_experimental_ynn_fusion_type")
+    assert fusions == ("LIBRARY_FUSION_TYPE_REDUCE" if products_in_xla else None)
+    assert _backend.jaxlib_version() == tuple(int(p) for p in jax.lib.__version__.split(".")[:3])
 
 
 @pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
