@@ -15,9 +15,11 @@ and what the compiled program holds:
   (fusions of kind kLoop, kInput or kOutput; each costs compile time, ~5-7 ms even
   for a tiny one on a 2-core CPU);
 - ``library calls``: fusions handed to a library (kind kCustom: YNNPACK's products
-  and reductions), cheap to compile;
-- ``other products``: ``dot`` instructions outside any fusion; XLA's CPU compiler
-  calls Eigen for some and generates a loop of its own for others (it did for the
+  and reductions in plain Keras' step; in keras_dp's, from jaxlib 0.10, its reductions
+  only, ``_backend.compiler_options``), cheap to compile;
+- ``other products``: ``dot`` instructions outside any fusion (keras_dp's products
+  since jaxlib 0.10); XLA's CPU compiler calls Eigen for some and generates a loop of
+  its own for others (it did for the
   products of a vector by a matrix that keras_dp's bias sums once were).
 
 Counted over the whole module (a conditional's branches included). The first epoch
