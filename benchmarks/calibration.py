@@ -8,7 +8,7 @@ import platform
 import statistics
 import time
 
-from keras_dp import DPConfig, accounting
+from keras_dp import DPConfig, accounting, calibration
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -42,7 +42,7 @@ PLANS = {
 def forget() -> None:
     """Empties keras_dp's in-process memories (σ per plan, ε per event), so that each
     repeat searches from nothing, as a new process would."""
-    accounting._CALIBRATED.clear()
+    calibration._CALIBRATED.clear()
     accounting.epsilon.cache_clear()
     accounting._epsilon_at.cache_clear()
     accounting._step_pld.cache_clear()

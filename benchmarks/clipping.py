@@ -54,7 +54,7 @@ from step_time import MODELS as STEP_MODELS  # noqa: E402
 from step_time import digits_data, functional, mlp  # noqa: E402
 
 import keras_dp  # noqa: E402
-from keras_dp import accounting, sampling  # noqa: E402
+from keras_dp import accounting, calibration, sampling  # noqa: E402
 from keras_dp import data as dp_data  # noqa: E402
 
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -221,7 +221,7 @@ def timed_fit(model, x, y, batch: int, epochs: int) -> EpochTimer:
 
 def forget_calibrations() -> None:
     """Empties keras_dp's in-process memory of σ and of the ε it computed."""
-    accounting._CALIBRATED.clear()
+    calibration._CALIBRATED.clear()
     for cached in (
         accounting._epsilon_at,
         accounting._step_pld,

@@ -1,9 +1,10 @@
-"""Privacy accounting: the ε of a plan's dp_accounting events, and σ calibrated to a target.
+"""Privacy accounting: the ε of a plan's dp_accounting events.
 
 Only dp_accounting does the mathematics. This module asks it for the ε of the event
 that describes the training (built in :mod:`keras_dp.events`, whose names are also
-here: ``accounting.poisson_event``), picks a PLD discretization fine enough to be
-accurate, and calibrates the noise multiplier quickly.
+here: ``accounting.poisson_event``) and picks a PLD discretization fine enough to be
+accurate. :mod:`keras_dp.calibration` searches σ for a target ε with it
+(``accounting.calibrate_noise_multiplier`` is that module's).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Iterator
 
 import dp_accounting
 from dp_accounting import pld, rdp
@@ -175,27 +176,6 @@ def _step_rdp(step: dp_accounting.DpEvent, relation: NeighboringRelation):
     return None if orders is None or per_step is None else (tuple(orders), per_step)
 
 
-class _Remembered:
-    """The accountant that ``calibrate_dp_mechanism`` composes each candidate σ into:
-    dp_accounting's ``accountant`` at ``discretization``, through :func:`_epsilon_at`'s
-    memory (Brent's method re-evaluates its bracket's ends, which the bracket search
-    has just evaluated, and its root)."""
-
-    ledger = dp_accounting.NoOpDpEvent()
-
-    def __init__(self, accountant: str, relation: NeighboringRelation, discretization: float):
-        self._args = (accountant, relation, discretization)
-        self._event = None
-
-    def compose(self, event: dp_accounting.DpEvent, count: int = 1) -> _Remembered:
-        self._event = event if count == 1 else dp_accounting.SelfComposedDpEvent(event, count)
-        return self
-
-    def get_epsilon(self, delta: float) -> float:
-        accountant, relation, discretization = self._args
-        return _epsilon_at(self._event, delta, accountant, relation, discretization)
-
-
 def pld_start(epsilon_guess: float) -> float:
     """The PLD discretization to start from for an ε of about ``epsilon_guess``: at
     most ``_PLD_START_MAX_FRACTION`` of it, so that a small ε is not refined from a
@@ -254,115 +234,6 @@ def epsilon(
     return _epsilon_at(event, delta, accountant, relation)
 
 
-# σ calibrated in this process, by plan (``DPConfig._plan_key``: every field that the
-# plan's dp_accounting event reads). The search is deterministic, so a plan made again
-# (a new model, a notebook cell run twice) gets the same σ without searching again.
-_CALIBRATED: dict[Hashable, float] = {}
-_CALIBRATED_MAX = 256
-
-
-def remembered(key: Hashable) -> float | None:
-    """σ already calibrated in this process for the plan ``key``, or None."""
-    return _CALIBRATED.get(key)
-
-
-def remembered_noise_multiplier(
-    key: Hashable, make_event: Callable[[float], dp_accounting.DpEvent], *args
-) -> float:
-    """:func:`calibrate_noise_multiplier` (``make_event, *args``), searched once per
-    ``key`` in this process (up to 256 plans)."""
-    sigma = _CALIBRATED.get(key)
-    if sigma is None:
-        sigma = calibrate_noise_multiplier(make_event, *args)
-        if len(_CALIBRATED) < _CALIBRATED_MAX:
-            _CALIBRATED[key] = sigma
-    return sigma
-
-
-def calibrate_noise_multiplier(
-    make_event: Callable[[float], dp_accounting.DpEvent],
-    target_epsilon: float,
-    delta: float,
-    accountant: str = "pld",
-    relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE,
-) -> float:
-    """The smallest σ (to ~0.1%) with ``epsilon(make_event(σ), delta) <= target``.
-
-    dp_accounting's ``calibrate_dp_mechanism`` does the search, in three passes so
-    that it is fast: a coarse PLD (or RDP) root on the untruncated proxy event, a
-    fine root at a discretization chosen at that σ, and a final check of the exact
-    event with :func:`epsilon`, the same function that reports ε during training,
-    raising σ by 0.1% steps until it fits. Raises :class:`UnreachableEpsilon` (a
-    ValueError) when no σ in (1e-4, 1e6) reaches the target.
-    """
-    mc = dp_accounting.mechanism_calibration
-    proxy = lambda s: _untruncated(make_event(s))  # noqa: E731
-
-    def root(discretization, lo, hi, tol):
-        with _quiet_absl():
-            return mc.calibrate_dp_mechanism(
-                lambda: _Remembered(accountant, relation, discretization),
-                proxy,
-                target_epsilon,
-                delta,
-                bracket_interval=mc.ExplicitBracketInterval(lo, hi),
-                tol=tol,
-            )
-
-    d0 = pld_start(target_epsilon)
-    lo, hi = _bracket(
-        lambda s: _epsilon_at(proxy(s), delta, accountant, relation, d0),
-        target_epsilon,
-        start=_bracket_start(proxy),
-    )
-    coarse = root(d0, lo, hi, 2e-3 * hi)
-    sigma = coarse
-    if accountant == "pld":
-        d, _ = pld_discretization(proxy(coarse), delta, relation)
-        fine = lambda s: _epsilon_at(proxy(s), delta, "pld", relation, d)  # noqa: E731
-        lo, hi = _bracket(fine, target_epsilon, start=coarse, factor=1.05)
-        sigma = root(d, lo, hi, 2e-4 * coarse)
-    while epsilon(make_event(sigma), delta, accountant, relation) > target_epsilon:
-        sigma *= 1.001
-    if accountant == "pld":
-        _check_pld_resolves(make_event(sigma), sigma, target_epsilon, delta, relation)
-    return sigma
-
-
-def _check_pld_resolves(event, sigma: float, target: float, delta: float, relation) -> None:
-    """PLD's σ against RDP's bound at it (computed already, by :func:`epsilon`).
-
-    RDP's ε is the looser bound, so where it is below the target at PLD's σ, the PLD is
-    not resolving δ: dp_accounting truncates each step's tails at mass e⁻⁵⁰, which a δ
-    near 1e-14 starts to feel. At δ = 1e-15 its ε is ∞ until σ is enormous (a plan
-    that RDP certifies at σ = 1.3 calibrated to σ = 18,659): refused, naming
-    ``accountant="rdp"``. Between half the target and the target it only warns.
-    """
-    bound = rdp_estimate(event, delta, relation)
-    if bound >= target:
-        return
-    advice = (
-        f"dp_accounting's PLD does not resolve δ={delta:.3g} for this plan: it needs σ="
-        f"{sigma:.4g}, at which RDP already certifies ε={bound:.3g} < target {target:g}."
-        " Pass accountant='rdp' (less noise for the same target), or a larger target_delta."
-    )
-    if bound < target / 2:
-        raise UnresolvedDelta(advice)
-    logging.getLogger(__name__).warning(advice)
-
-
-def most_steps_within(epsilon_after: Callable[[int], float], steps: int, limit: float) -> int:
-    """The most updates n ≤ ``steps`` with ``epsilon_after(n) <= limit`` (ε grows
-    with n: a binary search, ~log2(steps) ε queries)."""
-    lo, hi = 0, steps
-    if epsilon_after(hi) <= limit:
-        return hi
-    while hi - lo > 1:  # invariant: epsilon_after(lo) <= limit < epsilon_after(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if epsilon_after(mid) <= limit else (lo, mid)
-    return lo
-
-
 class UnreachableEpsilon(ValueError):
     """No noise multiplier in (1e-4, 1e6) gives the target ε for the plan."""
 
@@ -371,45 +242,10 @@ class UnresolvedDelta(ValueError):
     """dp_accounting's PLD does not resolve the plan's δ (its σ is far above RDP's)."""
 
 
-def _bracket_start(make_event: Callable[[float], dp_accounting.DpEvent]) -> float:
-    """Where the σ search starts: σ = 1, or, for a plan that is one Gaussian mechanism
-    of noise σ·s (q = 1: ``steps`` updates compose into one of noise σ/√steps), the σ
-    at which that Gaussian's noise is 1. The search then never builds the PLD of a
-    near-noiseless Gaussian (at σ = 1 over 10⁵ steps: millions of points a try, and two
-    minutes to calibrate)."""
-    event = make_event(1.0)
-    if isinstance(event, dp_accounting.SelfComposedDpEvent) and event.count == 1:
-        event = event.event
-    if isinstance(event, dp_accounting.GaussianDpEvent) and event.noise_multiplier > 0:
-        return 1.0 / event.noise_multiplier
-    return 1.0
+def __getattr__(name: str):
+    """The σ search's public names, also here (it is :mod:`keras_dp.calibration`)."""
+    if name in ("calibrate_noise_multiplier", "most_steps_within"):
+        from keras_dp import calibration
 
-
-def _bracket(
-    eps_of: Callable[[float], float],
-    target: float,
-    start: float = 1.0,
-    factor: float = 2.0,
-) -> tuple[float, float]:
-    """σ_lo < σ_hi with eps_of(σ_lo) > target >= eps_of(σ_hi), stepping by ``factor``.
-
-    The step squares after each miss (1.05, 1.1, 1.2, 1.5, 2.2, ...), so a start that is
-    far off costs a few evaluations, not dozens (10⁶-step plans: the coarse σ can be
-    several times the fine one).
-    """
-    sigma = start
-    too_little_noise = eps_of(sigma) > target
-    low, high = NOISE_MULTIPLIER_RANGE
-    while True:
-        nxt = sigma * factor if too_little_noise else sigma / factor
-        factor = factor * factor
-        if not low < nxt < high:
-            raise UnreachableEpsilon(
-                f"No noise multiplier in ({low:g}, {high:g}) gives ε={target} for this plan "
-                "with this accountant (RDP cannot certify an ε below about log(1/δ)/255, "
-                "whatever the noise). Raise target_epsilon, or use sampling='poisson' with "
-                "accountant='pld'."
-            )
-        if (eps_of(nxt) > target) != too_little_noise:
-            return (sigma, nxt) if too_little_noise else (nxt, sigma)
-        sigma = nxt
+        return getattr(calibration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

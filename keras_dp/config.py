@@ -10,7 +10,7 @@ from typing import Any
 
 import dp_accounting
 
-from keras_dp import accounting, validation
+from keras_dp import accounting, calibration, validation
 
 
 def default_delta(dataset_size: int) -> float:
@@ -358,11 +358,11 @@ class DPConfig:
         config._require("calibrate")
         if config.noise_multiplier is not None:
             if config._calibrated_for is None:
-                validation.check_user_noise(config)
+                calibration.check_user_noise(config)
             return config
         key = config._plan_key()
         try:
-            sigma = accounting.remembered_noise_multiplier(
+            sigma = calibration.remembered_noise_multiplier(
                 key,
                 lambda s: accounting.plan_event(config, s, config.steps),
                 config.target_epsilon,
@@ -385,7 +385,7 @@ class DPConfig:
 
     def max_steps_within(self, epsilon: float, delta: float | None = None) -> int:
         """The most updates (up to the plan's) whose ε at ``delta`` is ≤ ``epsilon``."""
-        return accounting.most_steps_within(lambda n: self.epsilon(n, delta), self.steps, epsilon)
+        return calibration.most_steps_within(lambda n: self.epsilon(n, delta), self.steps, epsilon)
 
 
 _dataclass_init = DPConfig.__init__

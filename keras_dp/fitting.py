@@ -20,8 +20,8 @@ import numpy as np
 
 from keras_dp import (
     _keras,
-    accounting,
     bandmf,
+    calibration,
     checks,
     data,
     distribute,
@@ -287,7 +287,7 @@ def _remembered(config: DPConfig) -> bool:
     refused before any search (the search then runs where fit can raise at once)."""
     try:
         config._require("calibrate")
-        return accounting.remembered(config._plan_key()) is not None
+        return calibration.remembered(config._plan_key()) is not None
     except ValueError:
         return True
 

@@ -327,63 +327,6 @@ def planned_steps(config) -> int:
     return planned
 
 
-def check_user_noise(config) -> None:
-    """A user-given σ must keep the whole plan within ``target_epsilon``; the error
-    names the σ that would, and the most steps this σ allows.
-
-    ε falls as σ grows (more noise is a post-processing of less). So a σ below half
-    the σ the plan needs is refused from ε at that half, which costs what the search's
-    own evaluations cost: the PLD of a tiny σ itself is never built (σ = 1e-3 took
-    minutes, 1e-5 asked for 37 GiB, 1e-300 overflowed). RDP's fast bound tells which
-    case a σ is in; a σ near or above the plan's needs is accounted as it is.
-    """
-    target, sigma = config.target_epsilon, config.noise_multiplier
-    bound = accounting.rdp_estimate(config.dp_event(), config.delta, config.neighboring_relation)
-    # RDP near the target: σ's own ε is cheap, and the σ needed only names the fix.
-    needed = None if bound <= 2 * target else _needed_noise(config)
-    if needed is not None and sigma < needed / 2:
-        half = config._replace(noise_multiplier=needed / 2)
-        spent = half.epsilon()
-        if spent > target:
-            one = " (even one step spends more)" if half.epsilon(1) > target else ""
-            raise bad(
-                "noise_multiplier",
-                sigma,
-                f"this plan needs noise_multiplier >= {needed:.4g} for target_epsilon="
-                f"{target} (δ={config.delta:.3g}); at {needed / 2:.4g} it already spends "
-                f"ε={spent:.4g}, and less noise spends more. Pass noise_multiplier >= "
-                f"{needed:.4g}, or None to calibrate it{one}, or raise target_epsilon.",
-            )
-        # not seen: the search's σ is within ~0.1% of the least; σ's own ε decides
-    spent = config.epsilon()
-    if spent > target:
-        _refuse_user_noise(config, spent, needed if needed is not None else _needed_noise(config))
-
-
-def _needed_noise(config) -> float:
-    """The σ calibrated for ``config``'s plan (the smallest that fits its target)."""
-    return config._replace(noise_multiplier=None).calibrate().noise_multiplier
-
-
-def _refuse_user_noise(config, spent: float, needed: float) -> None:
-    """Raises: σ (near the σ needed) spends ``spent`` > the target over the plan."""
-    steps_ok = config.max_steps_within(config.target_epsilon)
-    per_epoch = config.dataset_size / config.batch_size
-    fewer = (
-        f", or plan at most steps={steps_ok} (epochs={steps_ok / per_epoch:.3g})"
-        if steps_ok
-        else " (even one step spends more)"
-    )
-    raise bad(
-        "noise_multiplier",
-        config.noise_multiplier,
-        f"over {config.steps} steps it spends ε={spent:.4g} > target_epsilon="
-        f"{config.target_epsilon} (δ={config.delta:.3g}). Pass noise_multiplier >= "
-        f"{needed:.4g}, or noise_multiplier=None to calibrate it{fewer}, or raise "
-        "target_epsilon.",
-    )
-
-
 # Names other DP libraries use for DPConfig's fields (TF Privacy, Opacus, jax-privacy).
 OTHER_NAMES = {
     "l2_norm_clip": "l2_clip_norm",

@@ -17,7 +17,7 @@ import pytest
 from scipy import stats
 
 import keras_dp
-from keras_dp import DPConfig, _keras, accounting, noise
+from keras_dp import DPConfig, _keras, accounting, calibration, noise
 
 ZERO_LOSS = lambda y_true, y_pred: 0.0 * keras.ops.mean(y_pred)  # noqa: E731
 
@@ -39,7 +39,7 @@ def zero_loss_model(units, **config):
 @pytest.fixture
 def fresh_calibrations(monkeypatch):
     """No σ remembered from other tests: every plan is searched (in fit's thread)."""
-    monkeypatch.setattr(accounting, "_CALIBRATED", {})
+    monkeypatch.setattr(calibration, "_CALIBRATED", {})
 
 
 def test_the_noise_has_the_calibrated_sigma_not_the_one_compiled_with(fresh_calibrations):
@@ -76,7 +76,7 @@ def test_fit_compiles_its_step_once_while_sigma_is_searched(plan, fresh_calibrat
     compiled = threading.Event()
     seen = []
     compile_ahead = _keras.compile_ahead
-    search = accounting.calibrate_noise_multiplier
+    search = calibration.calibrate_noise_multiplier
 
     def compile_then_signal(*args, **kwargs):
         compile_ahead(*args, **kwargs)
@@ -87,7 +87,7 @@ def test_fit_compiles_its_step_once_while_sigma_is_searched(plan, fresh_calibrat
         return search(*args)
 
     monkeypatch.setattr(_keras, "compile_ahead", compile_then_signal)
-    monkeypatch.setattr(accounting, "calibrate_noise_multiplier", search_after_the_compile)
+    monkeypatch.setattr(calibration, "calibrate_noise_multiplier", search_after_the_compile)
     # microbatch_size: one physical shape (no usual-rows step beside the bound's).
     model = zero_loss_model(
         20, target_epsilon=2.0, batch_size=8, epochs=2, microbatch_size=4, seed=1, **plan
@@ -120,7 +120,7 @@ def test_the_search_starts_after_the_step_is_traced_and_lowered(fresh_calibratio
     compile, and runs beside the compile (which releases the GIL)."""
     events = []
     compile_ahead = _keras.compile_ahead
-    search = accounting.calibrate_noise_multiplier
+    search = calibration.calibrate_noise_multiplier
 
     def traced_then_lowered(model, jitted, batch, multiplier, lowered):
         events.append("trace")
@@ -137,7 +137,7 @@ def test_the_search_starts_after_the_step_is_traced_and_lowered(fresh_calibratio
         return search(*args)
 
     monkeypatch.setattr(_keras, "compile_ahead", traced_then_lowered)
-    monkeypatch.setattr(accounting, "calibrate_noise_multiplier", searched)
+    monkeypatch.setattr(calibration, "calibrate_noise_multiplier", searched)
     model = zero_loss_model(20, target_epsilon=2.0, batch_size=8, epochs=1, seed=1)
     model.fit(*data(40), verbose=0)
     assert events[:2] == ["trace", "lowered"] and "search" in events[2:], events
@@ -150,7 +150,7 @@ def test_a_search_that_fails_in_its_thread_raises_before_any_update(
     def unreachable(*args):
         raise accounting.UnreachableEpsilon("No noise multiplier in (1e-4, 1e6) gives it.")
 
-    monkeypatch.setattr(accounting, "calibrate_noise_multiplier", unreachable)
+    monkeypatch.setattr(calibration, "calibrate_noise_multiplier", unreachable)
     model = zero_loss_model(20, target_epsilon=2.0, batch_size=8, epochs=1, seed=1)
     model.build((None, 5))
     w0 = [np.array(v) for v in model.get_weights()]

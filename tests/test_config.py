@@ -133,9 +133,9 @@ def test_replace_on_calibrated_config_keeps_working():
 
 
 def test_a_plan_made_again_reuses_its_sigma_and_any_other_plan_searches(monkeypatch):
-    from keras_dp import accounting
+    from keras_dp import calibration
 
-    monkeypatch.setattr(accounting, "_CALIBRATED", {})  # this test's plans only
+    monkeypatch.setattr(calibration, "_CALIBRATED", {})  # this test's plans only
     plan = dict(target_epsilon=2.5, batch_size=50, epochs=2)
     first = DPConfig(**plan).calibrate(900)
     assert first.epsilon() <= 2.5
@@ -145,7 +145,7 @@ def test_a_plan_made_again_reuses_its_sigma_and_any_other_plan_searches(monkeypa
         searches.append(1)
         return 1.0 + len(searches)
 
-    monkeypatch.setattr(accounting, "calibrate_noise_multiplier", counted)
+    monkeypatch.setattr(calibration, "calibrate_noise_multiplier", counted)
     # Fields that do not change the plan's event: no search, the same σ.
     again = DPConfig(**plan, l2_clip_norm=0.3, microbatch_size=7, seed=1).calibrate(900)
     assert searches == [] and again.noise_multiplier == first.noise_multiplier

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import keras_dp
-from keras_dp import DPConfig, accounting
+from keras_dp import DPConfig, accounting, calibration
 
 from .test_training import LOSS, data, mlp
 
@@ -68,7 +68,7 @@ def test_full_batch_calibration_lands_on_the_analytic_gaussian(monkeypatch):
         tried.append(event)
         return real(event, *args)
 
-    monkeypatch.setattr(accounting, "_CALIBRATED", {})
+    monkeypatch.setattr(calibration, "_CALIBRATED", {})
     monkeypatch.setattr(accounting, "_epsilon_at", spy)
     steps, epsilon, delta = 10**5, 2.0, 1e-6
     config = DPConfig(
