@@ -133,7 +133,7 @@ def calibrate_noise_multiplier(
     the PLD discretization the target suggests, narrowed to 1% by :func:`log_root`;
     then dp_accounting's ``calibrate_dp_mechanism`` finds the fine root, at a
     discretization chosen at that σ (:func:`keras_dp.accounting.pld_discretization`),
-    in a bracket 1% wide; and a final check of the exact event with
+    in a bracket 5% wide; and a final check of the exact event with
     :func:`keras_dp.accounting.epsilon`, the same function that reports ε during
     training, raising σ by 0.1% steps until it fits. With RDP, :func:`log_root` alone
     narrows the bracket to 0.2%. Every ε is dp_accounting's.
@@ -161,7 +161,7 @@ def calibrate_noise_multiplier(
         lo, hi = log_root(coarse, target_epsilon, lo, hi, rel_tol=0.01)
         d, _ = pld_discretization(proxy(hi), delta, relation)
         fine = lambda s: _epsilon_at(proxy(s), delta, "pld", relation, d)  # noqa: E731
-        lo, hi = _bracket(fine, target_epsilon, start=hi, factor=1.01)
+        lo, hi = _bracket(fine, target_epsilon, start=hi, factor=1.05)
         sigma = root(d, lo, hi, 2e-4 * hi)
     else:  # RDP's ε is the proxy's: its bracket's upper end fits
         sigma = log_root(coarse, target_epsilon, lo, hi, rel_tol=2e-3)[1]
