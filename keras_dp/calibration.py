@@ -154,8 +154,11 @@ def calibrate_noise_multiplier(
                 tol=tol,
             )
 
-    d0 = pld_start(target_epsilon)
-    coarse = lambda s: _epsilon_at(proxy(s), delta, accountant, relation, d0)  # noqa: E731
+    if accountant == "pld":
+        d0 = pld_start(target_epsilon)
+        coarse = lambda s: _epsilon_at(proxy(s), delta, accountant, relation, d0)  # noqa: E731
+    else:  # asked as epsilon() asks it: the final check finds the search's last ε kept
+        coarse = lambda s: _epsilon_at(proxy(s), delta, accountant, relation)  # noqa: E731
     lo, hi = _bracket(coarse, target_epsilon, start=_bracket_start(proxy))
     if accountant == "pld":
         lo, hi = log_root(coarse, target_epsilon, lo, hi, rel_tol=0.01)

@@ -287,6 +287,30 @@ def test_a_sigma_search_asks_dp_accounting_once_per_event(monkeypatch):
     assert config.epsilon() <= 4.0
 
 
+def test_an_rdp_search_composes_each_sigma_once(monkeypatch):
+    """RDP reads no discretization: the search and the final check share one ε per σ
+    (fixed batches: each a whole RDP composition, 0.2 s here)."""
+    monkeypatch.setattr(calibration, "_CALIBRATED", {})
+    accounting._epsilon_at.cache_clear()
+    accounting.epsilon.cache_clear()
+    composed = []
+    real = accounting._accountant
+
+    def spied(accountant, relation, discretization):
+        inner = real(accountant, relation, discretization)
+        compose = inner.compose
+        inner.compose = lambda event, count=1: (
+            composed.append((event, count)) or compose(event, count)
+        )
+        return inner
+
+    monkeypatch.setattr(accounting, "_accountant", spied)
+    plan = dict(target_epsilon=4.0, batch_size=1024, epochs=3, accountant="rdp")
+    config = DPConfig(**plan, sampling="fixed").calibrate(15_000)
+    assert len(composed) >= 3 and len(composed) == len(set(composed))
+    assert config.epsilon() <= 4.0
+
+
 @pytest.mark.parametrize("kind", ["truncated", "poisson", "poisson-rdp", "fixed-rdp", "els"])
 @settings(max_examples=3, deadline=None, derandomize=True)
 @given(
