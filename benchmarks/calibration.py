@@ -44,7 +44,7 @@ def forget() -> None:
     repeat searches from nothing, as a new process would."""
     calibration._CALIBRATED.clear()
     accounting.epsilon.cache_clear()
-    accounting._epsilon_at.cache_clear()
+    accounting._kept_epsilon.cache_clear()
     accounting._step_pld.cache_clear()
     accounting._step_rdp.cache_clear()
 

@@ -223,7 +223,7 @@ def forget_calibrations() -> None:
     """Empties keras_dp's in-process memory of σ and of the ε it computed."""
     calibration._CALIBRATED.clear()
     for cached in (
-        accounting._epsilon_at,
+        accounting._kept_epsilon,
         accounting._step_pld,
         accounting._step_rdp,
         accounting.epsilon,

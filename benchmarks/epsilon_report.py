@@ -39,7 +39,7 @@ PLAN = dict(batch_size=64, epochs=20, target_epsilon=8.0, l2_clip_norm=1.0)
 def forget_answers() -> None:
     """Empties the memories of finished answers (ε per event), not the kept step."""
     accounting.epsilon.cache_clear()
-    accounting._epsilon_at.cache_clear()
+    accounting._kept_epsilon.cache_clear()
 
 
 def query_times(config: keras_dp.DPConfig, per_epoch: int, keep_step: bool):

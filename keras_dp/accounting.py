@@ -92,15 +92,30 @@ def _accountant(
     raise ValueError(f"accountant={accountant!r} is unknown; pass 'pld' or 'rdp'.")
 
 
-# Events are frozen and hashable and ε is deterministic: a σ search evaluates the same
-# (event, discretization) more than once (its bracket's ends, its root, the grid's check).
-@functools.lru_cache(maxsize=4096)
 def _epsilon_at(
     event: dp_accounting.DpEvent,
     delta: float,
     accountant: str,
     relation: NeighboringRelation,
     discretization: float = _PLD_FINEST,
+) -> float:
+    """ε of ``event`` at ``delta``, by ``accountant`` (PLD at ``discretization``),
+    kept (:func:`_kept_epsilon`). RDP reads no discretization: its ε is kept once
+    per event, whatever discretization the caller passed."""
+    if accountant != "pld":
+        discretization = _PLD_FINEST
+    return _kept_epsilon(event, delta, accountant, relation, discretization)
+
+
+# Events are frozen and hashable and ε is deterministic: a σ search evaluates the same
+# (event, discretization) more than once (its bracket's ends, its root, the grid's check).
+@functools.lru_cache(maxsize=4096)
+def _kept_epsilon(
+    event: dp_accounting.DpEvent,
+    delta: float,
+    accountant: str,
+    relation: NeighboringRelation,
+    discretization: float,
 ) -> float:
     with _quiet_absl():
         if isinstance(event, dp_accounting.SelfComposedDpEvent) and event.count >= 1:

@@ -13,19 +13,14 @@ from collections.abc import Callable, Hashable
 
 import dp_accounting
 
-from keras_dp import validation
-from keras_dp.accounting import (
+from keras_dp import accounting, validation
+from keras_dp.accounting import (  # names only: every ε is asked through the module
     NOISE_MULTIPLIER_RANGE,
     NeighboringRelation,
     UnreachableEpsilon,
     UnresolvedDelta,
-    _epsilon_at,
     _quiet_absl,
     _untruncated,
-    epsilon,
-    pld_discretization,
-    pld_start,
-    rdp_estimate,
 )
 
 # σ calibrated in this process, by plan (``DPConfig._plan_key``: every field that the
@@ -64,7 +59,7 @@ def check_user_noise(config) -> None:
     case a σ is in; a σ near or above the plan's needs is accounted as it is.
     """
     target, sigma = config.target_epsilon, config.noise_multiplier
-    bound = rdp_estimate(config.dp_event(), config.delta, config.neighboring_relation)
+    bound = accounting.rdp_estimate(config.dp_event(), config.delta, config.neighboring_relation)
     # RDP near the target: σ's own ε is cheap, and the σ needed only names the fix.
     needed = None if bound <= 2 * target else _needed_noise(config)
     if needed is not None and sigma < needed / 2:
@@ -154,21 +149,18 @@ def calibrate_noise_multiplier(
                 tol=tol,
             )
 
-    if accountant == "pld":
-        d0 = pld_start(target_epsilon)
-        coarse = lambda s: _epsilon_at(proxy(s), delta, accountant, relation, d0)  # noqa: E731
-    else:  # asked as epsilon() asks it: the final check finds the search's last ε kept
-        coarse = lambda s: _epsilon_at(proxy(s), delta, accountant, relation)  # noqa: E731
+    d0 = accounting.pld_start(target_epsilon)  # RDP reads none
+    coarse = lambda s: accounting._epsilon_at(proxy(s), delta, accountant, relation, d0)  # noqa: E731
     lo, hi = _bracket(coarse, target_epsilon, start=_bracket_start(proxy))
     if accountant == "pld":
         lo, hi = log_root(coarse, target_epsilon, lo, hi, rel_tol=0.01)
-        d, _ = pld_discretization(proxy(hi), delta, relation)
-        fine = lambda s: _epsilon_at(proxy(s), delta, "pld", relation, d)  # noqa: E731
+        d, _ = accounting.pld_discretization(proxy(hi), delta, relation)
+        fine = lambda s: accounting._epsilon_at(proxy(s), delta, "pld", relation, d)  # noqa: E731
         lo, hi = _bracket(fine, target_epsilon, start=hi, factor=1.05)
         sigma = root(d, lo, hi, 2e-4 * hi)
     else:  # RDP's ε is the proxy's: its bracket's upper end fits
         sigma = log_root(coarse, target_epsilon, lo, hi, rel_tol=2e-3)[1]
-    while epsilon(make_event(sigma), delta, accountant, relation) > target_epsilon:
+    while accounting.epsilon(make_event(sigma), delta, accountant, relation) > target_epsilon:
         sigma *= 1.001
     if accountant == "pld":
         _check_pld_resolves(make_event(sigma), sigma, target_epsilon, delta, relation)
@@ -223,7 +215,7 @@ def _check_pld_resolves(event, sigma: float, target: float, delta: float, relati
     that RDP certifies at σ = 1.3 calibrated to σ = 18,659): refused, naming
     ``accountant="rdp"``. Between half the target and the target it only warns.
     """
-    bound = rdp_estimate(event, delta, relation)
+    bound = accounting.rdp_estimate(event, delta, relation)
     if bound >= target:
         return
     advice = (
@@ -310,4 +302,4 @@ class _Remembered:
 
     def get_epsilon(self, delta: float) -> float:
         accountant, relation, discretization = self._args
-        return _epsilon_at(self._event, delta, accountant, relation, discretization)
+        return accounting._epsilon_at(self._event, delta, accountant, relation, discretization)

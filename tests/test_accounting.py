@@ -263,7 +263,7 @@ def test_a_sigma_search_asks_dp_accounting_once_per_event(monkeypatch):
     discretization) must reach dp_accounting once (an ELS event costs ~1 s here)."""
 
     monkeypatch.setattr(calibration, "_CALIBRATED", {})
-    accounting._epsilon_at.cache_clear()
+    accounting._kept_epsilon.cache_clear()
     accounting.epsilon.cache_clear()
     asked = []
     real = accounting._accountant
@@ -291,7 +291,7 @@ def test_an_rdp_search_composes_each_sigma_once(monkeypatch):
     """RDP reads no discretization: the search and the final check share one ε per σ
     (fixed batches: each a whole RDP composition, 0.2 s here)."""
     monkeypatch.setattr(calibration, "_CALIBRATED", {})
-    accounting._epsilon_at.cache_clear()
+    accounting._kept_epsilon.cache_clear()
     accounting.epsilon.cache_clear()
     composed = []
     real = accounting._accountant
@@ -342,7 +342,7 @@ def test_a_kept_step_composes_to_dp_accountings_own_epsilon(kind, sigma, q, coun
         counts, discretization = counts[:2], max(discretization, 4e-3)
     if kind == "fixed-rdp":
         relation = dp_accounting.NeighboringRelation.REPLACE_ONE
-    accounting._epsilon_at.cache_clear()
+    accounting._kept_epsilon.cache_clear()
     accounting._step_pld.cache_clear()
     accounting._step_rdp.cache_clear()
     for count in counts:
