@@ -2,6 +2,7 @@
 against keras_dp.
 
     python benchmarks/compile_step.py [--models mlp tabular cnn text] [--repeats 5]
+                                      [--variant NAME=JSON ...]
                                       [--out benchmarks/results/compile-step]
 
 For each model (``clipping.py``'s, at its batch B), after one epoch of fit has built
@@ -22,9 +23,18 @@ and what the compiled program holds:
   its own for others (it did for the
   products of a vector by a matrix that keras_dp's bias sums once were).
 
-Counted over the whole module (a conditional's branches included). The first epoch
-of ``fit`` waits for this compile (``clipping.py`` times it whole, with σ's search
-beside it). Not a test: nothing here asserts a time.
+Counted over the whole module (a conditional's branches included). Beside each
+compile's wall time, its CPU time (the process' user and system seconds: XLA compiles
+on more than one thread, and in ``fit`` σ's search shares the cores with it). The
+first epoch of ``fit`` waits for this compile (``clipping.py`` times it whole, with
+σ's search beside it).
+
+``--variant NAME=JSON`` also compiles keras_dp's step with its shipped XLA options
+(``_backend.compiler_options()``) updated by the JSON object (a key set to null
+dropped), in the same alternation: e.g. ``--variant
+'legacy={"xla_cpu_use_fusion_emitters": false}'``. Only the compile is measured here;
+``compiler_options.py`` times the steps such options produce, through ``fit``.
+Not a test: nothing here asserts a time.
 """
 
 import os
@@ -35,11 +45,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 from clipping import MODELS  # noqa: E402
+from compiler_options import options_of  # noqa: E402
 from gpu_probe import rows_of  # noqa: E402
 from run import jit_step, log, train_state  # noqa: E402
 from step_parts import _header, fitted  # noqa: E402
@@ -56,34 +68,50 @@ def counts(text: str) -> dict:
     }
 
 
-def compile_once(model, batch) -> tuple:
-    """(trace-and-lower seconds, compile seconds, compiled), traced and compiled anew."""
+def cpu_seconds() -> float:
+    """This process' CPU time so far (user and system, all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def compile_once(model, batch, changes: dict | None = None) -> tuple:
+    """(trace-and-lower seconds, compile seconds, compile CPU seconds, compiled),
+    traced and compiled anew; a keras_dp step with its XLA options updated by
+    ``changes`` (:func:`compiler_options.options_of`)."""
+    kwargs = {}
+    if changes is not None:
+        kwargs["compiler_options"] = options_of(changes)
     start = time.perf_counter()
-    lowered = jit_step(model, fresh=True).lower(train_state(model), batch)
-    lowered_at = time.perf_counter()
+    lowered = jit_step(model, fresh=True, **kwargs).lower(train_state(model), batch)
+    lowered_at, cpu_at = time.perf_counter(), cpu_seconds()
     compiled = lowered.compile()
-    return lowered_at - start, time.perf_counter() - lowered_at, compiled
+    wall, cpu = time.perf_counter() - lowered_at, cpu_seconds() - cpu_at
+    return lowered_at - start, wall, cpu, compiled
 
 
-def steps(name: str, repeats: int) -> dict:
+def steps(name: str, repeats: int, variants: dict | None = None) -> dict:
     x, y, b, plain, dp, batch = fitted(name)
     batches = {
         "plain": jax.device_put(rows_of(x, y, b)),
         "keras_dp": jax.device_put(batch),
     }
-    models = {"plain": plain, "keras_dp": dp}
-    runs, found = {kind: [] for kind in models}, {}
+    kinds = {"plain": (plain, None), "keras_dp": (dp, None)}
+    for variant, changes in (variants or {}).items():
+        kinds[f"keras_dp {variant}"] = (dp, changes)
+    runs, found = {kind: [] for kind in kinds}, {}
     for _ in range(repeats):
-        for kind, model in models.items():
-            lower, seconds, compiled = compile_once(model, batches[kind])
-            runs[kind].append((lower, seconds))
+        for kind, (model, changes) in kinds.items():
+            batch_of = batches["plain" if kind == "plain" else "keras_dp"]
+            lower, seconds, cpu, compiled = compile_once(model, batch_of, changes)
+            runs[kind].append((lower, seconds, cpu))
             found[kind] = counts(compiled.as_text())
     out = {}
-    for kind in models:
+    for kind in kinds:
         out[kind] = {
-            "rows": len(batches[kind][1]),
+            "rows": len(batches["plain" if kind == "plain" else "keras_dp"][1]),
             "lower_s": statistics.median(r[0] for r in runs[kind]),
             "compile_s": statistics.median(r[1] for r in runs[kind]),
+            "compile_cpu_s": statistics.median(r[2] for r in runs[kind]),
             "runs": runs[kind],
             **found[kind],
         }
@@ -95,15 +123,16 @@ def markdown(results: dict, command: str) -> str:
     lines = [
         _header(command),
         "Median seconds over the alternated compiles; counts of the compiled program:\n",
-        "| model | step (rows) | trace + lower s | compile s | loops | library calls "
-        "| other products |",
-        "|---|---|---|---|---|---|---|",
+        "| model | step (rows) | trace + lower s | compile s | compile CPU s | loops "
+        "| library calls | other products |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, kinds in results.items():
         for kind, r in kinds.items():
             lines.append(
                 f"| {name} | {kind} ({r['rows']}) | {r['lower_s']:.3f} | {r['compile_s']:.3f} "
-                f"| {r['loops']} | {r['library calls']} | {r['other products']} |"
+                f"| {r['compile_cpu_s']:.3f} | {r['loops']} | {r['library calls']} "
+                f"| {r['other products']} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -112,19 +141,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "tabular", "cnn", "text"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON")
     parser.add_argument("--out", default="benchmarks/results/compile-step")
     args = parser.parse_args()
     unknown = set(args.models) - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; pick from {sorted(MODELS)}")
+    variants = {}
+    for spec in args.variant:
+        variant, _, changes = spec.partition("=")
+        variants[variant] = json.loads(changes)
     command = (
         f"python benchmarks/compile_step.py --models {' '.join(args.models)} "
-        f"--repeats {args.repeats}"
+        f"--repeats {args.repeats}" + "".join(f" --variant '{v}'" for v in args.variant)
     )
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for name in args.models:  # written after each model: a run cut off keeps the rest
-        results[name] = steps(name, args.repeats)
+        results[name] = steps(name, args.repeats, variants)
         with open(os.path.join(args.out, "compile_step.json"), "w") as f:
             json.dump(results, f, indent=1)
         with open(os.path.join(args.out, "compile_step.md"), "w") as f:

@@ -60,9 +60,10 @@ def jit_step(model, fresh: bool = False, **kwargs):
     (``_backend.compiler_options()``: 512-bit vectors on a CPU), plain Keras' with
     XLA's defaults. So that a benchmark times and measures the programs that train.
     ``fresh``: a new function object, which JAX traces and XLA compiles again (JAX
-    keeps a function's trace and program)."""
+    keeps a function's trace and program). ``compiler_options`` in ``kwargs`` replaces
+    keras_dp's."""
     if isinstance(model, keras_dp.DPModel):
-        kwargs["compiler_options"] = _backend.compiler_options()
+        kwargs.setdefault("compiler_options", _backend.compiler_options())
     step = model.train_step
     if fresh:
         step = lambda state, data: model.train_step(state, data)  # noqa: E731
