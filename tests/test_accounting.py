@@ -260,7 +260,8 @@ def test_max_steps_within_stops_where_dp_accounting_passes_the_budget():
 
 def test_a_sigma_search_asks_dp_accounting_once_per_event(monkeypatch):
     """Brent's method re-evaluates its bracket's ends and its root; each (event,
-    discretization) must reach dp_accounting once (an ELS event costs ~1 s here)."""
+    discretization) must reach dp_accounting once (an ELS event costs ~1 s here):
+    an accountant's composition (RDP) or a step's PLD built (PLD)."""
 
     monkeypatch.setattr(calibration, "_CALIBRATED", {})
     accounting._kept_epsilon.cache_clear()
@@ -282,8 +283,18 @@ def test_a_sigma_search_asks_dp_accounting_once_per_event(monkeypatch):
             return self.inner.get_epsilon(delta)
 
     monkeypatch.setattr(accounting, "_accountant", lambda a, r, d: Spy(real(a, r, d), d))
+    # A step's PLD is built by dp_accounting directly (then kept and self-composed).
+    build = pld.privacy_loss_distribution
+    for name in ("from_gaussian_mechanism", "from_truncated_subsampled_gaussian_mechanism"):
+        made = getattr(build, name)
+
+        def spied(*args, made=made, name=name, **kwargs):
+            asked.append((name, args, tuple(sorted(kwargs.items()))))
+            return made(*args, **kwargs)
+
+        monkeypatch.setattr(build, name, spied)
     config = DPConfig(target_epsilon=4.0, batch_size=50, steps=40).calibrate(2_000)
-    assert len(asked) >= 3 and len(asked) == len(set(asked))
+    assert len(asked) >= 6 and len(asked) == len(set(asked))
     assert config.epsilon() <= 4.0
 
 
@@ -309,6 +320,30 @@ def test_an_rdp_search_composes_each_sigma_once(monkeypatch):
     config = DPConfig(**plan, sampling="fixed").calibrate(15_000)
     assert len(composed) >= 3 and len(composed) == len(set(composed))
     assert config.epsilon() <= 4.0
+
+
+def test_the_fine_root_leaves_the_final_check_no_raise(monkeypatch):
+    """A 21k-step plan whose exact event's grid stops coarser than its proxy's fine
+    grid: aimed at the target itself, the fine root's σ overspent there by ~3e-4 and
+    was raised by 0.1% (a second whole epsilon()). Aimed 0.05% below it, σ passes the
+    final check at once and is still the smallest to 0.1%."""
+    monkeypatch.setattr(calibration, "_CALIBRATED", {})
+    for cached in (accounting._kept_epsilon, accounting.epsilon):
+        cached.cache_clear()
+    checked = []
+    real = accounting.epsilon
+
+    def spied(event, *args):
+        checked.append(event)
+        return real(event, *args)
+
+    monkeypatch.setattr(accounting, "epsilon", spied)
+    plan = DPConfig(target_epsilon=4.2, target_delta=0.5 / 67_918, batch_size=16, epochs=5)
+    config = plan.calibrate(67_918)
+    assert len(checked) == 1  # the exact event at the found σ, checked once
+    assert config.epsilon() <= 4.2
+    smaller = config._replace(noise_multiplier=config.noise_multiplier / 1.001)
+    assert real(smaller.dp_event(), smaller.delta) > 4.2
 
 
 @pytest.mark.parametrize("kind", ["truncated", "poisson", "poisson-rdp", "fixed-rdp", "els"])
