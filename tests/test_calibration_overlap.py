@@ -161,6 +161,32 @@ def test_a_search_that_fails_in_its_thread_raises_before_any_update(
     assert model.dp_config.noise_multiplier is None
 
 
+@pytest.mark.parametrize("delta", [None, 1e-6])
+def test_privacy_budgets_first_epsilon_is_computed_beside_the_compile(
+    delta, fresh_calibrations, monkeypatch
+):
+    """With a PrivacyBudget, ε after the first epoch is computed in the search's thread
+    (beside XLA's compile), at the callback's δ, and the callback's own call at the
+    epoch's end finds it: that ε is computed once, and not in fit's thread."""
+    accounting.epsilon.cache_clear()
+    computed = []
+    real = accounting.pld_discretization
+
+    def spied(event, delta, relation):
+        computed.append((event.count, delta, threading.current_thread().name))
+        return real(event, delta, relation)
+
+    monkeypatch.setattr(accounting, "pld_discretization", spied)
+    model = zero_loss_model(20, target_epsilon=2.0, batch_size=8, epochs=2, seed=1)
+    budget = keras_dp.callbacks.PrivacyBudget(delta=delta)
+    history = model.fit(*data(40), verbose=0, callbacks=[budget])
+    per_epoch = 40 // 8  # at δ = 1e-6 the budget stops the second epoch early
+    at = delta if delta is not None else model.dp_config.delta
+    first = [c for c in computed if c[:2] == (per_epoch, at)]
+    assert [thread for _, _, thread in first] == ["keras_dp-calibration"], computed
+    assert history.history["epsilon"][0] == model.dp_config.epsilon(per_epoch, at)
+
+
 def test_the_step_input_is_the_smallest_float32_not_below_sigma():
     rng = np.random.default_rng(0)
     sigmas = np.concatenate([rng.uniform(0.3, 20.0, 2000), [1.0, 0.5, 2.0**-20]])

@@ -1,0 +1,88 @@
+"""The first epoch with a ``PrivacyBudget`` callback, as the README's quickstart fits.
+
+    python benchmarks/first_epoch_budget.py [--model mlp] [--repeats 8]
+
+With a ``PrivacyBudget``, ``fit`` computes ε after the first epoch in σ's search
+thread, beside XLA's compile of the step (``fitting._first_epoch_epsilon``); the
+callback then finds it at the epoch's end. In one process, fits of a fresh model
+alternate (ABBA) between keras_dp as shipped, keras_dp with that warm-up left out
+(ε computed when the epoch ends, as before), and plain Keras without a budget. Each
+DP fit searches σ afresh, as a new user's first does. Printed: each kind's first
+epochs from the ``fit`` call (seconds), their medians and the ratios to plain Keras'.
+The first round is a warm-up and is not counted. Not a test: nothing here asserts a
+time.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import clipping  # noqa: E402
+import keras  # noqa: E402
+from run import log  # noqa: E402
+
+import keras_dp  # noqa: E402
+from keras_dp import fitting  # noqa: E402
+
+KINDS = ("shipped", "at the epoch's end", "plain")
+
+
+class FirstEpochEnd(keras.callbacks.Callback):
+    """When the first epoch ended (after the callbacks before it in the list)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            self.at = time.perf_counter()
+
+
+def first_epoch(kind: str, name: str, x, y) -> float:
+    """Seconds from the ``fit`` call to the end of the first epoch."""
+    _, _, batch, _ = clipping.MODELS[name]
+    dp = kind != "plain"
+    model = clipping.build("auto" if dp else "plain", name, len(y), clipping.SEED)
+    clipping.forget_calibrations()
+    shipped = fitting._first_epoch_epsilon
+    if kind == "at the epoch's end":
+        fitting._first_epoch_epsilon = lambda *args: None
+    end = FirstEpochEnd()
+    callbacks = [keras_dp.callbacks.PrivacyBudget(), end] if dp else [end]
+    kwargs = {"epochs": 1} if dp else {"batch_size": batch, "epochs": 1}
+    try:
+        start = time.perf_counter()
+        model.fit(x, y, verbose=0, callbacks=callbacks, **kwargs)
+    finally:
+        fitting._first_epoch_epsilon = shipped
+    return end.at - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mlp", choices=["mlp", "tabular", "cnn", "text"])
+    parser.add_argument("--repeats", type=int, default=8)
+    args = parser.parse_args()
+    _, data_fn, batch, _ = clipping.MODELS[args.model]
+    x, y = data_fn()
+    n = len(y) - len(y) % batch
+    x, y = x[:n], y[:n]
+    runs = {kind: [] for kind in KINDS}
+    for repeat in range(args.repeats + 1):
+        for kind in KINDS if repeat % 2 == 0 else KINDS[::-1]:
+            seconds = first_epoch(kind, args.model, x, y)
+            if repeat:  # the first round warms the process
+                runs[kind].append(seconds)
+    plain = statistics.median(runs["plain"])
+    for kind, seconds in runs.items():
+        median = statistics.median(seconds)
+        log(
+            f"{args.model} {kind}: median {median:.3f} s ({median / plain:.2f}x plain), "
+            + " ".join(f"{s:.2f}" for s in seconds)
+        )
+
+
+if __name__ == "__main__":
+    main()
