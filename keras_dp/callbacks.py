@@ -23,8 +23,9 @@ class PrivacyBudget(keras.callbacks.Callback):
     hundred updates, which an epoch of a small model (the README's MLP: 0.03 s) waits
     for. Computed ahead in a thread during training, it slowed that MLP's steps by
     more than it saved. The first epoch's (which also builds the step's PLD on a finer
-    grid, 0.25-0.3 s) is computed before training, beside the step's compile, when
-    ``fit`` calibrates σ: that MLP's first epoch took 1.48 s instead of 1.66 s.
+    grid, 0.25-0.3 s) is computed before training, right after ``fit`` calibrates σ,
+    while the step may still be compiling: that MLP's first epoch took 1.48 s instead
+    of 1.66 s where the compile outlasted the search, and the same where it did not.
 
     Args:
       delta: δ at which ε is reported. Default: the config's δ.
