@@ -91,24 +91,20 @@ def compile_once(model, batch, changes: dict | None = None) -> tuple:
 
 def steps(name: str, repeats: int, variants: dict | None = None) -> dict:
     x, y, b, plain, dp, batch = fitted(name)
-    batches = {
-        "plain": jax.device_put(rows_of(x, y, b)),
-        "keras_dp": jax.device_put(batch),
-    }
-    kinds = {"plain": (plain, None), "keras_dp": (dp, None)}
+    plain_rows, dp_rows = jax.device_put(rows_of(x, y, b)), jax.device_put(batch)
+    kinds = {"plain": (plain, plain_rows, None), "keras_dp": (dp, dp_rows, None)}
     for variant, changes in (variants or {}).items():
-        kinds[f"keras_dp {variant}"] = (dp, changes)
+        kinds[f"keras_dp {variant}"] = (dp, dp_rows, changes)
     runs, found = {kind: [] for kind in kinds}, {}
     for _ in range(repeats):
-        for kind, (model, changes) in kinds.items():
-            batch_of = batches["plain" if kind == "plain" else "keras_dp"]
-            lower, seconds, cpu, compiled = compile_once(model, batch_of, changes)
+        for kind, (model, rows, changes) in kinds.items():
+            lower, seconds, cpu, compiled = compile_once(model, rows, changes)
             runs[kind].append((lower, seconds, cpu))
             found[kind] = counts(compiled.as_text())
     out = {}
-    for kind in kinds:
+    for kind, (_, rows, _) in kinds.items():
         out[kind] = {
-            "rows": len(batches["plain" if kind == "plain" else "keras_dp"][1]),
+            "rows": len(rows[1]),
             "lower_s": statistics.median(r[0] for r in runs[kind]),
             "compile_s": statistics.median(r[1] for r in runs[kind]),
             "compile_cpu_s": statistics.median(r[2] for r in runs[kind]),
