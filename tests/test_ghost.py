@@ -169,6 +169,24 @@ def test_a_bias_sum_in_its_kernels_contraction_equals_brute_force(
 
 
 @pytest.mark.parametrize(
+    "rows,k_shape,folds",
+    [
+        (88, (256, 256), True),  # the MLP at batch 64: a small copy of x
+        (255, (256, 10), True),  # 255 × 257 = 65,535 numbers
+        (256, (256, 10), False),  # one row more: over FOLD_COPY_LIMIT
+        (1170, (64, 256), False),  # the MLP's first layer at batch 1,024
+    ],
+)
+def test_a_folded_bias_never_copies_a_large_x(rows, k_shape, folds):
+    """The fold copies x with a feature of ones, which grows with the batch: beyond
+    FOLD_COPY_LIMIT numbers the bias keeps its own contraction."""
+    spec = gn.parse("ab,bc->ac", 2)
+    x = np.zeros((rows, k_shape[0]), np.float32)
+    assert ghost_tap.folds_bias(spec, k_shape, k_shape[1:], x) == folds
+    assert ghost_tap.folds_bias(spec, k_shape, k_shape[1:]) is True
+
+
+@pytest.mark.parametrize(
     "window,strides,padding,dilation,spatial",
     [
         ((2,), (1,), "VALID", (1,), (6,)),
