@@ -26,6 +26,8 @@ class PrivacyBudget(keras.callbacks.Callback):
     grid, 0.25-0.3 s) is computed before training, right after ``fit`` calibrates σ,
     while the step may still be compiling: that MLP's first epoch took 1.48 s instead
     of 1.66 s where the compile outlasted the search, and the same where it did not.
+    So is the last update within ``stop_at_epsilon`` below the plan's target (about
+    four PLD queries, guided by RDP's bound: 0.6 s for that MLP at half its ε).
 
     Args:
       delta: δ at which ε is reported. Default: the config's δ.

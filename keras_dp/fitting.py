@@ -145,8 +145,9 @@ def fit(
         usual = step.usual_rows(model, config, example)
     batches = data.DPBatches(model, source, config, chunk, per_epoch, usual)
     metrics.add_counters(model)
-    budget = next((c for c in callbacks if isinstance(c, PrivacyBudget)), None)
-    config = calibration.result(model, batches, _first_epoch_epsilon(model, budget, per_epoch))
+    budgets = [c for c in callbacks if isinstance(c, PrivacyBudget)]
+    budget = budgets[0] if budgets else None
+    config = calibration.result(model, batches, _budgets_ahead(model, budgets, per_epoch))
     checks.check_plan_within_target(config)
     stop_at = model._dp_steps + batches.steps_this_fit(epochs_to_run)
     if restartable:
@@ -238,7 +239,7 @@ class Calibration:
             try:
                 self._then(self._calibrated)
             except Exception:  # only a warm-up: the callback's own call raises in fit
-                logger.debug("ε after the first epoch was not computed ahead", exc_info=True)
+                logger.debug("The budgets' ε was not computed ahead", exc_info=True)
 
     def result(self, model, batches: data.DPBatches, then=None) -> DPConfig:
         """The calibrated plan, once the search is done; the model keeps it. Fit's train
@@ -246,7 +247,7 @@ class Calibration:
         starts and runs while XLA compiles it (without a ``keras.distribution``: with
         one, Keras shards the batch itself, and the search started with fit's checks).
         ``then(calibrated)``, if given, runs in the search's thread after it (its errors
-        are ignored): :func:`_first_epoch_epsilon`."""
+        are ignored): :func:`_budgets_ahead`."""
         if self._thread is None:
             return self.plan
         self._then = then
@@ -271,21 +272,27 @@ class Calibration:
         return calibrated
 
 
-def _first_epoch_epsilon(model, budget, per_epoch: int):
-    """What :class:`PrivacyBudget` will ask at the first epoch's end (ε after its
-    updates at its δ), to be computed beside the compile (:meth:`Calibration.result`),
-    or None without a budget. accounting.epsilon keeps the value, so the callback's
-    own call finds it: without this, the MLP's first epoch ended with 0.25-0.3 s of
-    accounting (the step's PLD on the finer grid that the first epoch's smaller ε
-    needs), after the compile, where nothing else runs."""
-    if budget is None:
+def _budgets_ahead(model, budgets: list, per_epoch: int):
+    """What the :class:`PrivacyBudget` callbacks will ask, to be computed beside the
+    compile (:meth:`Calibration.result`), or None without one: each budget's last
+    update (:meth:`PrivacyBudget.max_steps`), then ε at the first epoch's end (or at
+    the update a budget stops it) at the first budget's δ. accounting.epsilon keeps
+    the values, so the callbacks' own calls find them.
+
+    Without this, the MLP's first epoch ended with 0.25-0.3 s of accounting (the
+    step's PLD on the finer grid that the first epoch's smaller ε needs), and a budget
+    below the target (``stop_at_epsilon=4`` on its ε = 8 plan) searched its last
+    update for 1.2 s before the first step, after the compile, where nothing else
+    runs."""
+    if not budgets:
         return None
     steps = model._dp_steps + per_epoch
 
-    def first_epoch(config: DPConfig) -> None:
-        config.epsilon(min(steps, config.steps), budget.delta)
+    def ahead(config: DPConfig) -> None:
+        last = min(config.max_steps_within(*budget.limit(config)) for budget in budgets)
+        config.epsilon(min(steps, last, config.steps), budgets[0].delta)
 
-    return first_epoch
+    return ahead
 
 
 def _compiles_ahead(model) -> bool:

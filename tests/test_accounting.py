@@ -211,6 +211,35 @@ def test_most_steps_within_is_the_last_step_under_the_limit(increments, limit):
     assert calibration.most_steps_within(curve.__getitem__, steps, limit) == want
 
 
+@given(
+    st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=300),
+    st.floats(0, 300, allow_nan=False),
+    st.lists(
+        st.one_of(st.floats(0, 20), st.sampled_from([0.0, math.inf, math.nan])),
+        min_size=301,
+        max_size=301,
+    ),
+    st.floats(0.2, 5.0),
+)
+def test_a_guided_search_finds_what_halvings_find(increments, limit, noise, scale):
+    """An estimate only chooses where the search asks: the answer is the scan's, with
+    an estimate close to the curve (its ratio drifting) or one that is wrong anywhere
+    (not increasing, 0, ∞, NaN); and a close estimate asks few times."""
+    curve = [0.0, *itertools.accumulate(increments)]
+    steps = len(curve) - 1
+    want = max(n for n in range(steps + 1) if curve[n] <= limit)
+    asked = []
+
+    def eps(n):
+        asked.append(n)
+        return curve[n]
+
+    close = lambda n: scale * curve[n] * (1 + 0.01 * n / steps)  # noqa: E731
+    assert calibration.most_steps_within(eps, steps, limit, close) == want
+    assert len(asked) == len(set(asked))
+    assert calibration.most_steps_within(curve.__getitem__, steps, limit, noise.__getitem__) == want
+
+
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(
     st.floats(-1.0, 1.0),
@@ -256,6 +285,27 @@ def test_max_steps_within_stops_where_dp_accounting_passes_the_budget():
     n = config.max_steps_within(1.5)
     assert 0 < n < 60
     assert config.epsilon(n) <= 1.5 < config.epsilon(n + 1)
+
+
+def test_max_steps_within_asks_few_pld_queries(monkeypatch):
+    """RDP's bound guides the search for the last update within a budget: on the
+    README MLP's plan (168 updates) at half its ε, the plan's end, two guesses and the
+    bracket's close, where halvings asked nine; the same answer as a scan."""
+    config = DPConfig(
+        dataset_size=1797, batch_size=64, epochs=6, target_epsilon=8.0, noise_multiplier=0.6722
+    )
+    asked = []
+    real = DPConfig.epsilon
+
+    def spied(self, steps=None, delta=None):
+        asked.append(steps)
+        return real(self, steps, delta)
+
+    monkeypatch.setattr(DPConfig, "epsilon", spied)
+    n = config.max_steps_within(4.0)
+    assert len(asked) <= 4, asked
+    assert config.epsilon(n) <= 4.0 < config.epsilon(n + 1)
+    assert calibration.most_steps_within(config.epsilon, config.steps, 4.0) == n
 
 
 def test_a_sigma_search_asks_dp_accounting_once_per_event(monkeypatch):

@@ -187,6 +187,32 @@ def test_privacy_budgets_first_epsilon_is_computed_beside_the_compile(
     assert history.history["epsilon"][0] == model.dp_config.epsilon(per_epoch, at)
 
 
+def test_a_budgets_last_update_is_searched_beside_the_compile(fresh_calibrations, monkeypatch):
+    """A PrivacyBudget below the plan's target searches its last update (ε queries
+    over the update counts) in the search's thread, beside XLA's compile: fit's own
+    thread then finds every ε it asks kept, and the budget stops where it should."""
+    accounting.epsilon.cache_clear()
+    computed = []
+    real = accounting.pld_discretization
+
+    def spied(event, delta, relation):
+        computed.append((event.count, threading.current_thread().name))
+        return real(event, delta, relation)
+
+    monkeypatch.setattr(accounting, "pld_discretization", spied)
+    model = zero_loss_model(20, target_epsilon=2.0, batch_size=8, epochs=4, seed=1)
+    budget = keras_dp.callbacks.PrivacyBudget(stop_at_epsilon=1.5)
+    model.fit(*data(40), verbose=0, callbacks=[budget])
+    in_fit = list(computed)
+    assert {thread for _, thread in in_fit} == {"keras_dp-calibration"}, in_fit
+    config = model.dp_config
+    counts = {count for count, _ in in_fit}
+    assert len(counts - {config.steps, 40 // 8}) >= 2, in_fit  # the search's own queries
+    last = model.privacy_spent().steps
+    assert 0 < last < config.steps
+    assert config.epsilon(last) <= 1.5 < config.epsilon(last + 1)
+
+
 def test_the_step_input_is_the_smallest_float32_not_below_sigma():
     rng = np.random.default_rng(0)
     sigmas = np.concatenate([rng.uniform(0.3, 20.0, 2000), [1.0, 0.5, 2.0**-20]])
