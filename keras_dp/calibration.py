@@ -166,7 +166,7 @@ def calibrate_noise_multiplier(
         d, _ = accounting.pld_discretization(proxy(hi), delta, relation)
         fine = lambda s: accounting._epsilon_at(proxy(s), delta, "pld", relation, d)  # noqa: E731
         fine_target = target_epsilon * (1 - _FINE_MARGIN)
-        lo, hi = _bracket(fine, fine_target, start=hi, factor=1.05)
+        lo, hi = _bracket(fine, fine_target, start=hi, factor=1.05, named=target_epsilon)
         sigma = root(d, fine_target, lo, hi, 2e-4 * hi)
     else:  # RDP's ε is the proxy's: its bracket's upper end fits
         sigma = log_root(coarse, target_epsilon, lo, hi, rel_tol=2e-3)[1]
@@ -316,8 +316,10 @@ def _bracket(
     target: float,
     start: float = 1.0,
     factor: float = 2.0,
+    named: float | None = None,
 ) -> tuple[float, float]:
-    """σ_lo < σ_hi with eps_of(σ_lo) > target >= eps_of(σ_hi), stepping by ``factor``.
+    """σ_lo < σ_hi with eps_of(σ_lo) > target >= eps_of(σ_hi), stepping by ``factor``;
+    an error names ``named`` (the user's ε, where ``target`` is the fine root's aim).
 
     The step squares after each miss (1.05, 1.1, 1.2, 1.5, 2.2, ...), so a start that is
     far off costs a few evaluations, not dozens (10⁶-step plans: the coarse σ can be
@@ -331,7 +333,8 @@ def _bracket(
         factor = factor * factor
         if not low < nxt < high:
             raise UnreachableEpsilon(
-                f"No noise multiplier in ({low:g}, {high:g}) gives ε={target} for this plan "
+                f"No noise multiplier in ({low:g}, {high:g}) gives ε="
+                f"{target if named is None else named} for this plan "
                 "with this accountant (RDP cannot certify an ε below about log(1/δ)/255, "
                 "whatever the noise). Raise target_epsilon, or use sampling='poisson' with "
                 "accountant='pld'."

@@ -287,6 +287,15 @@ def test_max_steps_within_stops_where_dp_accounting_passes_the_budget():
     assert config.epsilon(n) <= 1.5 < config.epsilon(n + 1)
 
 
+def test_a_bracket_that_runs_out_of_noise_names_the_users_epsilon():
+    """The fine stage aims 0.05% below the target: its error names the target asked."""
+    aim = 3.0 * (1 - calibration._FINE_MARGIN)
+    with pytest.raises(accounting.UnreachableEpsilon, match=r"gives ε=3\.0 for this plan"):
+        calibration._bracket(lambda sigma: 10.0, aim, start=2.0, factor=1.05, named=3.0)
+    with pytest.raises(accounting.UnreachableEpsilon, match=f"gives ε={aim} for"):
+        calibration._bracket(lambda sigma: 10.0, aim, start=2.0, factor=1.05)
+
+
 def test_max_steps_within_asks_few_pld_queries(monkeypatch):
     """RDP's bound guides the search for the last update within a budget: on the
     README MLP's plan (168 updates) at half its ε, the plan's end, two guesses and the
