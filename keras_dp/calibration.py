@@ -238,63 +238,53 @@ def _check_pld_resolves(event, sigma: float, target: float, delta: float, relati
     logging.getLogger(__name__).warning(advice)
 
 
-def steps_within(config, epsilon: float, delta: float | None = None) -> int:
-    """``config.max_steps_within``: its plan's most updates whose ε at ``delta`` (the
-    plan's by default) is ≤ ``epsilon``, guided by RDP's bound (:func:`most_steps_within`)."""
-    delta = config.delta if delta is None else delta
-
-    def estimate(n: int) -> float:
-        return accounting.rdp_estimate(config.dp_event(n), delta, config.neighboring_relation)
-
-    return most_steps_within(lambda n: config.epsilon(n, delta), config.steps, epsilon, estimate)
-
-
-def most_steps_within(
-    epsilon_after: Callable[[int], float],
-    steps: int,
-    limit: float,
-    estimate_after: Callable[[int], float] | None = None,
-) -> int:
+def most_steps_within(epsilon_after: Callable[[int], float], steps: int, limit: float) -> int:
     """The most updates n ≤ ``steps`` with ``epsilon_after(n) <= limit`` (ε grows
     with n): a search that keeps ``epsilon_after(lo) <= limit < epsilon_after(hi)``.
 
-    Where ``estimate_after`` (a cheap curve that grows with n as ε does: RDP's bound)
-    is given, the first :data:`_GUIDED_TRIES` queries ask where that curve, scaled by
-    its ratio to ε at the last count asked, reaches ``limit``; then halvings. The
-    answer is the same either way: a guess only chooses where to ask. The MLP's plan
-    (168 updates) at half its ε asked 9 PLD queries (1.1 s) in halvings, 4 guided.
+    The first :data:`_SECANT_TRIES` queries go where the line through the last two
+    counts asked, in log n and log ε, reaches ``limit`` (through the only one at
+    first, with slope 1/2: over many updates ε grows about as √n), inside the
+    bracket; then halvings. A guess only chooses where to ask: the answer is the
+    halvings'. On 35 plans and limits, 2-7 queries where halvings asked 8-13; the
+    README MLP's plan (168 updates) at half its ε: 5 against 9, 0.5 s against 1.1.
     """
     lo, hi = 0, steps
-    last = epsilon_after(hi)
-    if last <= limit:
+    value = epsilon_after(hi)
+    if value <= limit:
         return hi
-    asked, tries = hi, 0
+    asked = [(hi, value)]
     while hi - lo > 1:  # invariant: epsilon_after(lo) <= limit < epsilon_after(hi)
         mid = (lo + hi) // 2
-        if estimate_after is not None and tries < _GUIDED_TRIES:
-            mid = _guided(estimate_after, last, estimate_after(asked), limit, lo, hi)
-        tries += 1
-        asked, last = mid, epsilon_after(mid)
-        lo, hi = (mid, hi) if last <= limit else (lo, mid)
+        if len(asked) <= _SECANT_TRIES:
+            mid = _secant(asked, limit, lo, hi, mid)
+        value = epsilon_after(mid)
+        asked.append((mid, value))
+        lo, hi = (mid, hi) if value <= limit else (lo, mid)
     return lo
 
 
-_GUIDED_TRIES = 4
+_SECANT_TRIES = 6
 
 
-def _guided(estimate_after, epsilon: float, estimate: float, limit: float, lo: int, hi: int) -> int:
-    """Where to ask next, strictly between ``lo`` and ``hi``: the last n whose estimate,
-    times ε / estimate at the count last asked, stays within ``limit`` (or ``lo + 1``
-    where that is ``lo``, to close the bracket); their midpoint where the ratio is not a
-    positive finite number (no estimate: RDP does not cover the plan)."""
-    ratio = epsilon / estimate if estimate > 0 else math.nan
-    if not (math.isfinite(ratio) and ratio > 0):
-        return (lo + hi) // 2
-    a, b = lo, hi  # the scaled estimate taken as within at a, beyond at b
-    while b - a > 1:
-        m = (a + b) // 2
-        a, b = (m, b) if ratio * estimate_after(m) <= limit else (a, m)
-    return max(a, lo + 1)
+def _secant(asked: list, limit: float, lo: int, hi: int, mid: int) -> int:
+    """Where the line through the last two ``(log n, log ε)`` of ``asked`` reaches
+    ``limit`` (slope 1/2 through the only one), rounded down into ``[lo + 1, hi − 1]``;
+    ``mid`` where a logarithm is undefined or the slope not a positive number."""
+    n1, e1 = asked[-1]
+    if not (limit > 0 and 0 < e1 < math.inf):
+        return mid
+    slope = 0.5
+    if len(asked) > 1:
+        n0, e0 = asked[-2]
+        if 0 < e0 < math.inf and e0 != e1:
+            slope = (math.log(e1) - math.log(e0)) / (math.log(n1) - math.log(n0))
+    if not 0 < slope < math.inf:
+        return mid
+    at = math.log(n1) + (math.log(limit) - math.log(e1)) / slope
+    if at >= math.log(hi):
+        return hi - 1
+    return min(max(int(math.exp(at)), lo + 1), hi - 1)
 
 
 def _bracket_start(make_event: Callable[[float], dp_accounting.DpEvent]) -> float:

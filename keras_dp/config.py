@@ -385,7 +385,7 @@ class DPConfig:
 
     def max_steps_within(self, epsilon: float, delta: float | None = None) -> int:
         """The most updates (up to the plan's) whose ε at ``delta`` is ≤ ``epsilon``."""
-        return calibration.steps_within(self, epsilon, delta)
+        return calibration.most_steps_within(lambda n: self.epsilon(n, delta), self.steps, epsilon)
 
 
 _dataclass_init = DPConfig.__init__
