@@ -247,7 +247,7 @@ def most_steps_within(epsilon_after: Callable[[int], float], steps: int, limit: 
     first, with slope 1/2: over many updates ε grows about as √n), inside the
     bracket; then halvings. A guess only chooses where to ask: the answer is the
     halvings'. On 35 plans and limits, 2-7 queries where halvings asked 8-13; the
-    README MLP's plan (168 updates) at half its ε: 5 against 9, 0.5 s against 1.1.
+    README MLP's plan (168 updates) at half its ε: 5 against 9, 0.56 s against 1.1.
     """
     lo, hi = 0, steps
     value = epsilon_after(hi)
