@@ -3,16 +3,15 @@
     python benchmarks/first_epoch_budget.py [--model mlp] [--repeats 8] [--stop-at EPSILON]
 
 With a ``PrivacyBudget``, ``fit`` computes ε after the first epoch, and the budget's
-last update (a binary search over update counts where ``--stop-at`` is below the
-plan's target ε), in σ's search thread, beside XLA's compile of the step
+last update (a search over update counts where ``--stop-at`` is below the plan's
+target ε), in σ's search thread, beside XLA's compile of the step
 (``fitting._budgets_ahead``); the callback then finds them kept. In one process, fits
 of a fresh model alternate (ABBA) between keras_dp as shipped, keras_dp with that
 warm-up left out (each computed when the callback asks, as before), and plain Keras
-without a budget. Each
-DP fit searches σ afresh, as a new user's first does. Printed: each kind's first
-epochs from the ``fit`` call (seconds), their medians and the ratios to plain Keras'.
-The first round is a warm-up and is not counted. Not a test: nothing here asserts a
-time.
+without a budget. Each DP fit searches σ afresh, as a new user's first does.
+Printed: each kind's first epochs from the ``fit`` call (seconds), their medians and
+the ratios to plain Keras'. The first round is a warm-up and is not counted. Not a
+test: nothing here asserts a time.
 """
 
 import os

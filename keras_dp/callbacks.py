@@ -27,7 +27,7 @@ class PrivacyBudget(keras.callbacks.Callback):
     while the step may still be compiling: that MLP's first epoch took 1.48 s instead
     of 1.66 s where the compile outlasted the search, and the same where it did not.
     So is the last update within ``stop_at_epsilon`` below the plan's target (about
-    five PLD queries, by secants in log-log: 0.5 s for that MLP at half its ε).
+    five PLD queries, by secants in log-log: 0.56 s for that MLP at half its ε).
 
     Args:
       delta: δ at which ε is reported. Default: the config's δ.

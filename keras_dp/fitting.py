@@ -290,7 +290,7 @@ def _budgets_ahead(model, budgets: list, per_epoch: int):
 
     def ahead(config: DPConfig) -> None:
         last = min(config.max_steps_within(*budget.limit(config)) for budget in budgets)
-        config.epsilon(min(steps, last, config.steps), budgets[0].delta)
+        config.epsilon(min(steps, last), budgets[0].delta)  # last <= the plan's steps
 
     return ahead
 
