@@ -5,7 +5,7 @@
 An Embedding text classifier (tokens → Embedding(V, d) → average → Dense(64) →
 Dense(2), batch 64) over a grid of (tokens T, vocabulary V, features d). ``auto`` gives
 the table ghost norms unless its norm costs more than forming its per-example gradient,
-a zeroed V×d table an example (``keras_dp.ghost._cheaper``, ``ghost_norms.TABLE_COST``).
+a zeroed V×d table an example (``keras_dp.ghost._cheaper``, ``ghost_embedding.TABLE_COST``).
 Four fits a case, alternated, through Keras' ``fit`` at ``verbose=0``:
 
 - ``plain``: Keras' own;

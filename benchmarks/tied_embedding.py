@@ -6,7 +6,7 @@ A language model whose token embedding is also its output projection (keras-hub'
 ``ReversibleEmbedding(tie_weights=True)``: Gemma, GPT-2, Llama's tied variants) reads
 one table twice: as a lookup and in reverse as the logits. keras_dp's ghost clipping
 takes that table's per-example norm from the two reads (each one's ghost norm and
-their cross term, :func:`keras_dp.ghost_norms.tied_cross`); the previous release gave
+their cross term, :func:`keras_dp.ghost_embedding.tied_cross`); the previous release gave
 the table per-example gradients ([V, d] for every example of a chunk). Both are run
 here on the same model, a Gemma3 (by default 2 layers, hidden 128; 64 tokens, batch 16, random
 weights) fully fine-tuned, for each vocabulary size, beside plain Keras' step on the

@@ -49,7 +49,7 @@ except ImportError:  # jax 0.7-0.8 have it only internally (the same function)
     from jax._src.core import get_opaque_trace_state
 
 from keras_dp import _backend, _keras, ghost_cost, ghost_layers
-from keras_dp import ghost_norms as gn
+from keras_dp import ghost_embedding as ge
 from keras_dp.ghost_tap import Tap, tied_cost
 
 logger = logging.getLogger(__name__)
@@ -279,13 +279,13 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
 
 def _tied(taps, index: int) -> bool:
     """Whether the two taps that read variable ``index`` are a table's lookup and its
-    reversed read as logits (:func:`keras_dp.ghost_norms.ties`): a tied embedding,
+    reversed read as logits (:func:`keras_dp.ghost_embedding.ties`): a tied embedding,
     whose norm :func:`keras_dp.ghost_tap.cross_terms` completes."""
     reads = [t for t in taps if index in (t.kernel, t.bias)]
     kinds = sorted(t.kind for t in reads)
     if kinds != ["einsum", "embedding"] or any(t.bias == index for t in reads):
         return False
-    return all(t.kind == "embedding" or (t.spec is not None and gn.ties(t.spec)) for t in reads)
+    return all(t.kind == "embedding" or (t.spec is not None and ge.ties(t.spec)) for t in reads)
 
 
 def _cheaper(taps, index: int) -> bool:
@@ -293,7 +293,7 @@ def _cheaper(taps, index: int) -> bool:
     per-example gradient (:meth:`Tap.costs`, summed over a tied table's two reads with
     their cross term): an embedding over sequences long against its table (whose
     per-example gradient is a zeroed V×d table an example: its memory traffic is
-    charged, :data:`keras_dp.ghost_norms.TABLE_COST`). (A cost model that also charged
+    charged, :data:`keras_dp.ghost_embedding.TABLE_COST`). (A cost model that also charged
     every einsum's per-example gradient its memory traffic sent Gemma3's LoRA adapters
     to per-example gradients, and measured 10% slower than ghost norms there:
     benchmarks/clipping.py. Running the whole step as per-example clipping there also

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from keras_dp import ghost_conv as gc
+from keras_dp import ghost_embedding as ge
 from keras_dp import ghost_norms as gn
 
 
@@ -93,7 +94,7 @@ class Tap:
         total = jnp.zeros(g.shape[0], jnp.float32)
         if self.use_kernel:
             if self.kind == "embedding":
-                total = total + gn.embedding_sq_norms(x, g)
+                total = total + ge.embedding_sq_norms(x, g)
             elif self.kind == "conv":
                 total = total + gc.input_sq_norms(self.spec, x, g)
             else:
@@ -116,7 +117,7 @@ class Tap:
             return out
         if self.use_kernel:
             if self.kind == "embedding":
-                out[self.kernel] = gn.embedding_sum(x, g, factor, self.kernel_shape)
+                out[self.kernel] = ge.embedding_sum(x, g, factor, self.kernel_shape)
             elif self.kind == "conv":
                 out[self.kernel] = gc.conv_sum(self.spec, x, g, factor, self.kernel_shape)
             else:
@@ -132,8 +133,8 @@ class Tap:
         never costs more; an embedding's gradient is a scatter of its T rows into a
         table of V rows, against the cheapest of the T² products of the Gram form, the
         T² comparisons of the first-position form and sorting the T ids
-        (:func:`keras_dp.ghost_norms.embedding_costs`); each number of that table
-        costs :data:`keras_dp.ghost_norms.TABLE_COST` multiply-adds.
+        (:func:`keras_dp.ghost_embedding.embedding_costs`); each number of that table
+        costs :data:`keras_dp.ghost_embedding.TABLE_COST` multiply-adds.
         """
         if self.kind == "einsum" and self.spec is not None:
             x_shape = _x_shape(self.spec, self.out.shape, self.kernel_shape)
@@ -145,8 +146,8 @@ class Tap:
             return min(outer, gram), outer
         if self.kind == "embedding":
             t, d = math.prod(self.out.shape[:-1]), self.out.shape[-1]
-            table = gn.TABLE_COST * math.prod(self.kernel_shape)
-            return min(gn.embedding_costs(t, d)), t * d + table
+            table = ge.TABLE_COST * math.prod(self.kernel_shape)
+            return min(ge.embedding_costs(t, d)), t * d + table
         return 0, 0
 
 
@@ -191,9 +192,9 @@ def kernel_and_bias_sum(spec: gn.Einsum, x, g, factor, kernel_shape):
 def cross_terms(taps, xs, gs) -> jax.Array | None:
     """2·⟨A_b, R_b⟩ per example (float32 [B]), summed over the tied tables: A_b a
     table's gradient through its lookup (the "embedding" tap), R_b through its reversed
-    read (the "einsum" tap, :func:`keras_dp.ghost_norms.ties`). Added to the two taps'
+    read (the "einsum" tap, :func:`keras_dp.ghost_embedding.ties`). Added to the two taps'
     own squared norms it makes ‖A_b + R_b‖², the table's per-example norm, from above
-    (with a rounding margin, :func:`keras_dp.ghost_norms.tied_term`); None when no
+    (with a rounding margin, :func:`keras_dp.ghost_embedding.tied_term`); None when no
     table is tied."""
     reads = {}
     for t, x, g in zip(taps, xs, gs):
@@ -203,7 +204,7 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
     for pair in reads.values():
         _, ids, g = pair["embedding"]
         tap, h, delta = pair["einsum"]
-        cross = gn.tied_term(ids, g, tap.spec, h, delta)
+        cross = ge.tied_term(ids, g, tap.spec, h, delta)
         total = cross if total is None else total + cross
     return total
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import keras_dp
 from keras_dp import ghost, ghost_cost, ghost_tap
 from keras_dp import ghost_conv as gc
+from keras_dp import ghost_embedding as ge
 from keras_dp import ghost_norms as gn
 
 from .helpers import DenseCell, ghost_plan, whole_batch_update
@@ -338,10 +339,10 @@ def test_embedding_norms_and_sums_equal_brute_force(length, vocab, dim):
 
     grads = [np.asarray(per_example(b), np.float64) for b in range(batch)]
     gross = length * np.sum(np.square(g), axis=(1, 2, 3))  # (Σ_t ‖g_t‖)² at most
-    assert_norm_bound(gn.embedding_sq_norms(ids, g), [np.sum(G * G) for G in grads], gross)
+    assert_norm_bound(ge.embedding_sq_norms(ids, g), [np.sum(G * G) for G in grads], gross)
     want = sum(float(f) * G for f, G in zip(factor, grads))
     np.testing.assert_allclose(
-        gn.embedding_sum(ids, g, factor, (vocab, dim)), want, rtol=1e-5, atol=1e-6
+        ge.embedding_sum(ids, g, factor, (vocab, dim)), want, rtol=1e-5, atol=1e-6
     )
 
 
@@ -364,7 +365,7 @@ def test_a_tied_tables_norm_equals_brute_force(length, positions, vocab, dim, ro
     h = jnp.asarray(rng.normal(size=(batch, 1, positions, dim)), jnp.float32)
     delta = jnp.asarray(rng.normal(size=(batch, 1, positions, vocab)), jnp.float32)
     spec = gn.parse("...d,vd->...v", 3)
-    assert gn.ties(spec) and not gn.ties(gn.parse("...d,dv->...v", 3))
+    assert ge.ties(spec) and not ge.ties(gn.parse("...d,dv->...v", 3))
 
     def per_example(b):
         def loss(t):
@@ -374,12 +375,12 @@ def test_a_tied_tables_norm_equals_brute_force(length, positions, vocab, dim, ro
         return np.asarray(jax.grad(loss)(jnp.zeros((vocab, dim))), np.float64)
 
     want = np.asarray([np.sum(per_example(b) ** 2) for b in range(batch)])
-    own = gn.embedding_sq_norms(ids, g) + gn.kernel_sq_norms(spec, h, delta)
+    own = ge.embedding_sq_norms(ids, g) + gn.kernel_sq_norms(spec, h, delta)
     with (
         mock.patch.object(gn, "NORM_PASS_NUMBERS", 0),
         mock.patch.object(gn, "NORM_CHUNK_NUMBERS", rows * 2 * length * positions),
     ):
-        chunked = gn.tied_cross(ids, g, spec, h, delta)
+        chunked = ge.tied_cross(ids, g, spec, h, delta)
     picked = np.take_along_axis(  # δ_s[id_t] [B, S, T]
         np.asarray(delta[:, 0], np.float64), np.asarray(ids[:, 0])[:, None, :], 2
     )
@@ -390,11 +391,11 @@ def test_a_tied_tables_norm_equals_brute_force(length, positions, vocab, dim, ro
         + np.sum(np.linalg.norm(h[:, 0], axis=-1) * np.linalg.norm(delta[:, 0], axis=-1), 1) ** 2
     )
     # The two reads can nearly cancel (A_b ≈ -R_b): see the test of cancelling shares.
-    for inner, gross in (gn.tied_cross(ids, g, spec, h, delta), chunked):
+    for inner, gross in (ge.tied_cross(ids, g, spec, h, delta), chunked):
         np.testing.assert_allclose(gross, want_gross, rtol=1e-5)
         bound = own + 2 * inner + 4 * gn.ROUNDING * gross
         assert_norm_bound(bound, want, 2 * want_gross + reads)
-    assert_norm_bound(own + gn.tied_term(ids, g, spec, h, delta), want, 2 * want_gross + reads)
+    assert_norm_bound(own + ge.tied_term(ids, g, spec, h, delta), want, 2 * want_gross + reads)
 
 
 def _grouped_sums_squared(ids, g, vocab):
@@ -424,8 +425,8 @@ def test_sorted_and_first_position_embedding_norms_equal_brute_force(length, voc
     ids = jnp.asarray(rng.integers(0, vocab, (3, length)), jnp.int32)  # runs of repeats
     g = jnp.asarray(rng.normal(size=(3, length, dim)), jnp.float32)
     want = _grouped_sums_squared(ids, g, vocab) + gn.ROUNDING * _grouped_gross(ids, g, vocab)
-    np.testing.assert_allclose(gn.sorted_sq_norms(ids, g), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(gn.first_position_sq_norms(ids, g), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ge.sorted_sq_norms(ids, g), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ge.first_position_sq_norms(ids, g), want, rtol=1e-5, atol=1e-6)
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
@@ -476,7 +477,7 @@ def test_embedding_norms_in_row_chunks_equal_brute_force(batch, length, numbers)
     saved = gn.NORM_CHUNK_NUMBERS, gn.NORM_PASS_NUMBERS
     gn.NORM_CHUNK_NUMBERS = gn.NORM_PASS_NUMBERS = numbers
     try:
-        got = jax.jit(gn.embedding_sq_norms)(ids, g)
+        got = jax.jit(ge.embedding_sq_norms)(ids, g)
     finally:
         gn.NORM_CHUNK_NUMBERS, gn.NORM_PASS_NUMBERS = saved
     gross = length * np.sum(np.square(g), axis=(1, 2))
@@ -488,8 +489,8 @@ def test_embedding_norms_in_row_chunks_equal_brute_force(batch, length, numbers)
     [(16, 5, 32, "gram"), (64, 40, 64, "first"), (256, 300, 32, "first"), (600, 40, 64, "sorted")],
 )
 def test_each_embedding_norm_form_is_taken_where_cheapest(length, vocab, dim, form):
-    costs = dict(zip(("gram", "sorted", "first"), gn.embedding_costs(length, dim)))
-    assert min(costs, key=costs.get) == form == gn.embedding_form(length, dim)
+    costs = dict(zip(("gram", "sorted", "first"), ge.embedding_costs(length, dim)))
+    assert min(costs, key=costs.get) == form == ge.embedding_form(length, dim)
     rng = np.random.default_rng(length)
     ids = jnp.asarray(rng.integers(0, vocab, (2, length)), jnp.int32)
     g = jnp.asarray(rng.normal(size=(2, length, dim)), jnp.float32)
@@ -499,7 +500,7 @@ def test_each_embedding_norm_form_is_taken_where_cheapest(length, vocab, dim, fo
         for b in range(2)
     ]
     want = [float(np.sum(np.asarray(G, np.float64) ** 2)) for G in grads]
-    assert_norm_bound(gn.embedding_sq_norms(ids, g), want, _grouped_gross(ids, g, vocab))
+    assert_norm_bound(ge.embedding_sq_norms(ids, g), want, _grouped_gross(ids, g, vocab))
 
 
 # Whole models: ghost == per-example ---------------------------------------------------
@@ -538,9 +539,9 @@ TEXT_LENGTHS = {"mid_text": 64, "long_text": 512}
 
 
 def test_the_text_models_cover_each_embedding_norm_form():
-    assert gn.embedding_form(8, 4) == "gram"
-    assert gn.embedding_form(TEXT_LENGTHS["mid_text"], 64) == "first"
-    assert gn.embedding_form(TEXT_LENGTHS["long_text"], 64) == "sorted"
+    assert ge.embedding_form(8, 4) == "gram"
+    assert ge.embedding_form(TEXT_LENGTHS["mid_text"], 64) == "first"
+    assert ge.embedding_form(TEXT_LENGTHS["long_text"], 64) == "sorted"
 
 
 def _text_model(length):
@@ -1002,11 +1003,11 @@ def test_gram_norms_bound_examples_whose_shares_cancel(monkeypatch):
     tied_formed = np.sum(np.square((lookup + reverse).astype(np.float64)), axis=(1, 2))
 
     def norms():
-        own = gn.embedding_sq_norms(tied_ids, lookup) + gn.kernel_sq_norms(spec, h, delta)
+        own = ge.embedding_sq_norms(tied_ids, lookup) + gn.kernel_sq_norms(spec, h, delta)
         return (
             np.asarray(gn.kernel_sq_norms(gn.DENSE, x, g), np.float64),
-            np.asarray(gn.gram_sq_norms(jnp.asarray(ids), e), np.float64),
-            np.asarray(own + gn.tied_term(tied_ids, lookup, spec, h, delta), np.float64),
+            np.asarray(ge.gram_sq_norms(jnp.asarray(ids), e), np.float64),
+            np.asarray(own + ge.tied_term(tied_ids, lookup, spec, h, delta), np.float64),
         )
 
     wants = (np.maximum(exact, formed), table, np.maximum(tied_exact, tied_formed))
@@ -1015,7 +1016,7 @@ def test_gram_norms_bound_examples_whose_shares_cancel(monkeypatch):
     # The sorted and first-position forms sum each row as the table's gradient does, so
     # the norm is the rows'; their margin bounds the clipped sum's rounding (below).
     margin = gn.ROUNDING * _grouped_gross(ids, e, 40)
-    for form in (gn.sorted_sq_norms, gn.first_position_sq_norms):
+    for form in (ge.sorted_sq_norms, ge.first_position_sq_norms):
         np.testing.assert_allclose(form(jnp.asarray(ids), e), table + margin, rtol=1e-3)
     monkeypatch.setattr(gn, "ROUNDING", 0.0)
     for got, want in zip(norms(), wants):
@@ -1083,7 +1084,7 @@ def test_an_embeddings_cancelling_shares_never_exceed_the_clip_norm():
     def model():
         return keras.Sequential([keras.Input((64,), dtype="int32"), keras.layers.Embedding(40, 64)])
 
-    assert gn.embedding_form(64, 64) == "first"
+    assert ge.embedding_form(64, 64) == "first"
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 40, size=(8, 64)).astype("int32")
     y = rng.normal(size=(8, 64, 64)).astype("float32")

@@ -29,7 +29,17 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import DPConfig, _backend, bandmf, data, ghost_cost, ghost_norms, noise, noise_state
+from keras_dp import (
+    DPConfig,
+    _backend,
+    bandmf,
+    data,
+    ghost_cost,
+    ghost_embedding,
+    ghost_norms,
+    noise,
+    noise_state,
+)
 from keras_dp import step as dp_step
 
 from .helpers import DenseCell, gaussian_like, ghost_plan, on_devices
@@ -38,7 +48,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:DPConfig\\(noise_multiplier=0")
 
 FEATURES, CLASSES, VOCAB, LENGTH = 6, 3, 12, 4
 # "long_embedding": 64 tokens of 64 features, where ghost clipping sums each id's
-# gradients at its first position (ghost_norms.embedding_form), VOCAB ids repeating.
+# gradients at its first position (ghost_embedding.embedding_form), VOCAB ids repeating.
 LONG_LENGTH, LONG_FEATURES = 64, 64
 EMBEDDINGS = {"embedding": (LENGTH, 4), "long_embedding": (LONG_LENGTH, LONG_FEATURES)}
 # "long_conv": a convolution over 64 positions, whose ghost norms cost 43× its kernels'
@@ -49,7 +59,7 @@ EMBEDDINGS = {"embedding": (LENGTH, 4), "long_embedding": (LONG_LENGTH, LONG_FEA
 # (ghost_tap.Tap.grads) under clipping="ghost".
 CONV_LENGTHS = {"conv": LENGTH, "long_conv": 66, "long_dense": 66}
 # Language models: a ReversibleEmbedding read as the token lookup and in reverse as the
-# logits, a loss on every token. Tied, its table has two taps (ghost_norms.tied_cross
+# logits, a loss on every token. Tied, its table has two taps (ghost_embedding.tied_cross
 # adds their cross term); untied, reverse_embeddings is a kernel, and the logits (at
 # most 0.2 here) are soft-capped at 0.1, so that the cap bends them. "lora_lm" is the
 # flagship's LoRA fine-tuning: the tied table frozen, an EinsumDense's rank-2 adapters
@@ -226,7 +236,7 @@ def reference_updates(model, config, seed, x, y, sample_weight, weights0, nt0, s
 
 
 def test_the_long_embedding_takes_the_first_position_norm():
-    assert ghost_norms.embedding_form(LONG_LENGTH, LONG_FEATURES) == "first"
+    assert ghost_embedding.embedding_form(LONG_LENGTH, LONG_FEATURES) == "first"
 
 
 def test_the_long_conv_runs_per_example_on_usual_rows_in_chunks_that_do_not_divide_them():
