@@ -47,6 +47,7 @@ def forget() -> None:
     accounting._kept_epsilon.cache_clear()
     accounting._step_pld.cache_clear()
     accounting._step_rdp.cache_clear()
+    accounting._estimate.cache_clear()
 
 
 def main(repeats: int = 3) -> None:

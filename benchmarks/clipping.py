@@ -226,6 +226,7 @@ def forget_calibrations() -> None:
         accounting._kept_epsilon,
         accounting._step_pld,
         accounting._step_rdp,
+        accounting._estimate,
         accounting.epsilon,
     ):
         cached.cache_clear()

@@ -40,6 +40,7 @@ def forget_answers() -> None:
     """Empties the memories of finished answers (ε per event), not the kept step."""
     accounting.epsilon.cache_clear()
     accounting._kept_epsilon.cache_clear()
+    accounting._estimate.cache_clear()
 
 
 def query_times(config: keras_dp.DPConfig, per_epoch: int, keep_step: bool):
