@@ -53,7 +53,6 @@ def first_epoch(kind: str, name: str, x, y, stop_at: float | None = None) -> flo
     model = clipping.build("auto" if dp else "plain", name, len(y), clipping.SEED)
     clipping.forget_calibrations()
     shipped, estimate = fitting._budgets_ahead, accounting.rdp_estimate
-    accounting._estimate.cache_clear()
     if kind == "when asked":
         fitting._budgets_ahead = lambda *args: None
     if kind == "all orders":
