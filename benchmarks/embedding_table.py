@@ -1,11 +1,15 @@
 """An embedding's table under ``clipping="auto"``: ghost norm or per-example gradients.
 
     python benchmarks/embedding_table.py [--cases 64,1000,64 512,256,32 ...] [--repeats 2]
+                                         [--pool average|max]
 
 An Embedding text classifier (tokens → Embedding(V, d) → average → Dense(64) →
 Dense(2), batch 64) over a grid of (tokens T, vocabulary V, features d). ``auto`` gives
 the table ghost norms unless its norm costs more than forming its per-example gradient,
 a zeroed V×d table an example (``keras_dp.ghost._cheaper``, ``ghost_embedding.TABLE_COST``).
+Averaged, the table's norm takes each position's gradient norm
+(``keras_dp.ghost_pooling``); ``--pool max`` (``GlobalMaxPooling1D``) gives each
+position its own gradient, and the norm the forms over all d features.
 Four fits a case, alternated, through Keras' ``fit`` at ``verbose=0``:
 
 - ``plain``: Keras' own;
@@ -54,13 +58,16 @@ CASES = [
 logging.getLogger("keras_dp").setLevel(logging.ERROR)
 
 
-def classifier(tokens: int, vocab: int, dim: int) -> keras.Model:
+POOLS = {"average": keras.layers.GlobalAveragePooling1D, "max": keras.layers.GlobalMaxPooling1D}
+
+
+def classifier(tokens: int, vocab: int, dim: int, pool: str = "average") -> keras.Model:
     keras.utils.set_random_seed(0)
     return keras.Sequential(
         [
             keras.Input((tokens,), dtype="int32"),
             keras.layers.Embedding(vocab, dim),
-            keras.layers.GlobalAveragePooling1D(),
+            POOLS[pool](),
             keras.layers.Dense(64, activation="relu"),
             keras.layers.Dense(2),
         ]
@@ -93,8 +100,8 @@ class TableLog(logging.Handler):
         self.per_example |= "embedding" in record.getMessage()
 
 
-def one_fit(kind: str, case, x, y) -> list:
-    model = classifier(*case)
+def one_fit(kind: str, case, x, y, pool: str) -> list:
+    model = classifier(*case, pool)
     if kind != "plain":
         config = keras_dp.DPConfig(
             target_epsilon=8.0, target_delta=1e-5, batch_size=BATCH, epochs=EPOCHS, seed=1
@@ -107,7 +114,7 @@ def one_fit(kind: str, case, x, y) -> list:
         return timed_fit(model, x, y, BATCH, EPOCHS).per_step()
 
 
-def measure(case, repeats: int) -> tuple[dict, bool]:
+def measure(case, repeats: int, pool: str) -> tuple[dict, bool]:
     tokens, vocab, _ = case
     rng = np.random.default_rng(0)
     x = rng.integers(1, vocab, (N, tokens)).astype("int32")
@@ -122,7 +129,7 @@ def measure(case, repeats: int) -> tuple[dict, bool]:
                 ghost_logger.setLevel(logging.INFO)
                 ghost_logger.propagate = False
             try:
-                times[kind] += one_fit(kind, case, x, y)
+                times[kind] += one_fit(kind, case, x, y, pool)
             finally:
                 ghost_logger.removeHandler(log)
                 ghost_logger.setLevel(logging.ERROR)
@@ -134,10 +141,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=[",".join(map(str, c)) for c in CASES])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pool", choices=sorted(POOLS), default="average")
     args = parser.parse_args()
     print(
         f"{platform.machine()}, {os.cpu_count()} cores, {jax.default_backend()}; "
-        f"jax {jax.__version__}, keras {keras.__version__}\n"
+        f"jax {jax.__version__}, keras {keras.__version__}; {args.pool} pooling\n"
     )
     print(
         "| tokens, vocabulary, features | plain ms | auto ms (its table) | table ghost | "
@@ -146,7 +154,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for text in args.cases:
         case = tuple(int(v) for v in text.split(","))
-        ms, per_example = measure(case, args.repeats)
+        ms, per_example = measure(case, args.repeats, args.pool)
         best = min(ms["table ghost"], ms["table per-example"])
         print(
             f"| {case[0]}, {case[1]:,}, {case[2]} | {ms['plain']:.2f} | {ms['auto']:.2f} "

@@ -7,7 +7,9 @@ reads) and ``Conv1D/2D/3D`` layers from each layer's input and the
 gradient at its output (:mod:`keras_dp.ghost_norms`), and their clipped sum as one contraction over
 the examples: no per-example gradient of those variables is formed, except where it is
 the cheaper form of its norm (:mod:`keras_dp.ghost_tap`: it is then kept for the
-sum). Every other
+sum). An embedding that the loss reads only through a sum over its positions (an
+average, masked or not) takes its norm from each position's gradient norm
+(:mod:`keras_dp.ghost_pooling`). Every other
 trainable variable (normalisation scales, a causal or grouped convolution, anything a
 layer reads in a way this module does not know) gets per-example gradients in the
 same backward pass, and its squared norm is added: the clip bound C holds for the
@@ -41,6 +43,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.extend.core import Literal
 
 try:
@@ -48,7 +51,7 @@ try:
 except ImportError:  # jax 0.7-0.8 have it only internally (the same function)
     from jax._src.core import get_opaque_trace_state
 
-from keras_dp import _backend, _keras, ghost_cost, ghost_layers
+from keras_dp import _backend, _keras, ghost_cost, ghost_layers, ghost_pooling
 from keras_dp import ghost_embedding as ge
 from keras_dp.ghost_tap import Tap, tied_cost
 
@@ -145,6 +148,8 @@ class Tape:
                     nested=get_opaque_trace_state() != self.trace,
                 )
             )
+            if kind == "embedding":  # for ghost_pooling, in the plan's trace only
+                out = checkpoint_name(out, ghost_pooling.tag(k))
             return out
         tap = self.plan.taps[k]
         if not tap.active:
@@ -255,8 +260,14 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
     unsafe = elsewhere | nested
     tied = {i for i, c in uses.items() if c == 2 and i not in unsafe and _tied(tape.taps, i)}
     safe = {i for i, c in uses.items() if c == 1 and i not in unsafe} | tied
+    taps = [
+        dataclasses.replace(t, pooled=ghost_pooling.is_pooled(closed.jaxpr, ghost_pooling.tag(k)))
+        if t.kind == "embedding"
+        else t
+        for k, t in enumerate(tape.taps)
+    ]
     if clipping == "auto":
-        safe = {i for i in safe if _cheaper(tape.taps, i)}
+        safe = {i for i in safe if _cheaper(taps, i)}
     taps = tuple(
         dataclasses.replace(
             t,
@@ -264,7 +275,7 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
             use_bias=t.bias in safe,
             tied=t.kernel in tied & safe,
         )
-        for t in tape.taps
+        for t in taps
     )
     variables = model.trainable_variables
     fallback = [i for i in range(n) if i not in safe]

@@ -43,6 +43,11 @@ class Tap:
       tied: Whether the kernel is a table that a second tap reads too (its lookup, and
         its reversed read as logits: a tied embedding); the norm then adds the cross
         term of the two reads (:func:`cross_terms`), and each tap adds its own sum.
+      pooled: Whether an embedding's output reaches the loss only through one sum over
+        its positions (:mod:`keras_dp.ghost_pooling`): its norm then takes each
+        position's gradient norm in place of the gradient
+        (:func:`keras_dp.ghost_embedding.pooled_sq_norms`), an upper bound that is
+        exact there.
     """
 
     kind: str
@@ -57,6 +62,7 @@ class Tap:
     use_bias: bool = False
     nested: bool = False
     tied: bool = False
+    pooled: bool = False
 
     @property
     def active(self) -> bool:
@@ -94,7 +100,10 @@ class Tap:
         total = jnp.zeros(g.shape[0], jnp.float32)
         if self.use_kernel:
             if self.kind == "embedding":
-                total = total + ge.embedding_sq_norms(x, g)
+                if self.pooled:
+                    total = total + ge.pooled_sq_norms(x, g, self.kernel_shape[0])
+                else:
+                    total = total + ge.embedding_sq_norms(x, g)
             elif self.kind == "conv":
                 total = total + gc.input_sq_norms(self.spec, x, g)
             else:
@@ -147,7 +156,11 @@ class Tap:
         if self.kind == "embedding":
             t, d = math.prod(self.out.shape[:-1]), self.out.shape[-1]
             table = ge.TABLE_COST * math.prod(self.kernel_shape)
-            return min(ge.embedding_costs(t, d)), t * d + table
+            if self.pooled:
+                norm = min(ge.pooled_costs(t, self.kernel_shape[0])) + t * d
+            else:
+                norm = min(ge.embedding_costs(t, d))
+            return norm, t * d + table
         return 0, 0
 
 

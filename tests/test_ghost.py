@@ -544,10 +544,12 @@ def test_the_text_models_cover_each_embedding_norm_form():
     assert ge.embedding_form(TEXT_LENGTHS["long_text"], 64) == "sorted"
 
 
-def _text_model(length):
+def _text_model(length, pool=keras.layers.GlobalMaxPooling1D, vocab=7, dim=64):
+    """Averaged, the table's norm takes each position's gradient norm (ghost_pooling);
+    max-pooled, each position has its own gradient and the norm takes all d features."""
     inputs = keras.Input((length,), dtype="int32")
-    h = keras.layers.Embedding(7, 64)(inputs)
-    h = keras.layers.GlobalAveragePooling1D()(h)
+    h = keras.layers.Embedding(vocab, dim)(inputs)
+    h = pool()(h)
     return keras.Model(inputs, keras.layers.Dense(3)(h))
 
 
@@ -557,6 +559,14 @@ def mid_text_model():  # each id's first position
 
 def long_text_model():  # the ids sorted
     return _text_model(TEXT_LENGTHS["long_text"])
+
+
+def max_text_model():  # 8 tokens × 4 features, max-pooled: the Gram form
+    return _text_model(8, vocab=5, dim=4)
+
+
+def pooled_text_model():  # averaged: each position's norm, over one feature
+    return _text_model(TEXT_LENGTHS["mid_text"], keras.layers.GlobalAveragePooling1D)
 
 
 def lora_model():
@@ -744,12 +754,13 @@ def spectral_model():  # assigns its kernel in call (normalised), then reads it
 def data(kind, n=9, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n)
-    if kind in ("text", "subclassed", "embedding_lora"):
+    if kind in ("text", "max_text", "subclassed", "embedding_lora"):
         x = rng.integers(0, 5, (n, 8)).astype("int32")
         x[:, 5:] = 0  # padding tokens
         return x, y
     if kind in ("tied_lm", "untied_lm"):  # 8 tokens of 7: repeated ids
         return rng.integers(0, 7, (n, 8)).astype("int32"), y
+    kind = {"pooled_text": "mid_text", "pooled_negative_ids": "negative_ids"}.get(kind, kind)
     if kind in TEXT_LENGTHS:
         return rng.integers(0, 7, (n, TEXT_LENGTHS[kind])).astype("int32"), y
     if kind == "negative_ids":  # -1 reads row 6 as 6 does (NumPy's wrap): one row
@@ -772,8 +783,11 @@ MODELS = {
     "mlp": mlp,
     "sequence": sequence_model,
     "text": text_model,
+    "max_text": max_text_model,
     "mid_text": mid_text_model,
+    "pooled_text": pooled_text_model,
     "negative_ids": mid_text_model,
+    "pooled_negative_ids": pooled_text_model,
     "long_text": long_text_model,
     "lora": lora_model,
     "embedding_lora": embedding_lora_model,
@@ -1099,13 +1113,15 @@ def test_an_embeddings_cancelling_shares_never_exceed_the_clip_norm():
         assert 0 < added <= clip * (1 + 1e-5), (clipping, added / clip)
 
 
-def test_negative_token_ids_never_exceed_the_clip_norm():
+@pytest.mark.parametrize("model_fn", [mid_text_model, pooled_text_model])
+def test_negative_token_ids_never_exceed_the_clip_norm(model_fn):
     """An example whose ids hold -1 and V-1 (the same table row, as NumPy's take wraps
     it): its contribution (a batch of one) is at most C. Counted as two rows, the norm
-    lost their cross term and this contribution reached 1.21 C."""
+    lost their cross term and this contribution reached 1.21 C (max-pooled; averaged,
+    the pooled norm would be half the row's)."""
     x = np.array([[-1, 6] * 32], dtype="int32")
     clip = 0.01
-    one = clipped_sum(mid_text_model, x, np.array([1]), "ghost", clip)
+    one = clipped_sum(model_fn, x, np.array([1]), "ghost", clip)
     norm = math.sqrt(sum(float(np.sum(g * g)) for g in one))
     assert 0.99 * clip < norm <= clip * (1 + 1e-5), norm
 
@@ -1184,13 +1200,13 @@ def test_tap_costs_count_the_kernel_axes_from_x():
     assert got == want
 
 
-def embedding_classifier(tokens: int, vocab: int, dim: int):
+def embedding_classifier(tokens: int, vocab: int, dim: int, pool=keras.layers.GlobalMaxPooling1D):
     def build():
         return keras.Sequential(
             [
                 keras.Input((tokens,), dtype="int32"),
                 keras.layers.Embedding(vocab, dim, name="table"),
-                keras.layers.GlobalAveragePooling1D(),
+                pool(),
                 keras.layers.Dense(2),
             ]
         )
