@@ -70,7 +70,7 @@ def embedding_form(length: int, dim: int) -> str:
 # (64, 5,000) 0.25, (64, 32,000) 1.45, (512, 256) 0.18, (1,024, 100) 0.38; the
 # first-position form 0.12, 0.14, 0.14, 23.5, 83; the sorted one 0.78, 0.81, 0.88,
 # 8.6, 19.7).
-_BIN_COST, _BINNED_COST = 22, 170
+_COST_PER_BIN, _COST_PER_POSITION = 22, 170
 
 
 def pooled_costs(length: int, vocab: int) -> tuple[int, int, int]:
@@ -80,7 +80,7 @@ def pooled_costs(length: int, vocab: int) -> tuple[int, int, int]:
     products are no cheaper than the first-position form's T² comparisons, and far
     costlier in memory: 30 ms against 18 at 512 tokens)."""
     _, by_sort, by_first = embedding_costs(length, 1)
-    return _BIN_COST * vocab + _BINNED_COST * length, by_sort, by_first
+    return _COST_PER_BIN * vocab + _COST_PER_POSITION * length, by_sort, by_first
 
 
 def pooled_sq_norms(ids, g, vocab: int) -> jnp.ndarray:
