@@ -31,9 +31,12 @@ operation, a loop, a branch or a custom derivative on the way: not pooled.
 from __future__ import annotations
 
 import collections
+import logging
 
 import numpy as np
 from jax.extend.core import Literal
+
+logger = logging.getLogger(__name__)
 
 POOLED = "pooled"
 # Operations that carry each position on (a sign change is the same for all of them).
@@ -81,6 +84,9 @@ def is_pooled(jaxpr, name: str) -> bool:
         facts, _, found = _walk(jaxpr, name, [None] * len(jaxpr.invars), {})
     except _NotPooled:
         return False
+    except (AttributeError, IndexError, KeyError, TypeError):  # a structure not foreseen
+        logger.debug("ghost_pooling: %s left unpooled (an unforeseen trace).", name, exc_info=True)
+        return False
     return found and all(f in (None, POOLED) for f in facts)
 
 
@@ -109,7 +115,8 @@ def _walk(jaxpr, name, in_facts, in_known) -> tuple:
         if prim in _CALLS:
             if any(uses[v] != 1 for v, f in zip(eqn.invars, ins) if isinstance(f, tuple)):
                 raise _NotPooled
-            inner = eqn.params["jaxpr"].jaxpr
+            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's
             inner_known = {
                 iv: known[v]
                 for iv, v in zip(inner.invars, eqn.invars)
@@ -193,6 +200,8 @@ def _nonneg(v, known) -> bool:
 
 def _known_of(eqn, known) -> _Known:
     """What is known of ``eqn``'s (first) result, all of whose operands are independent."""
+    if not eqn.outvars or not hasattr(eqn.outvars[0].aval, "shape"):
+        return _UNKNOWN
     out = eqn.outvars[0].aval.shape
     prim = eqn.primitive.name
     operands = [v for v in eqn.invars if not isinstance(v, Literal)]

@@ -122,6 +122,12 @@ class _Partial(L.Layer):  # a sum over half of the positions only: two sums
         )
 
 
+class _Logged(L.Layer):  # an effect beside the average (no result, no shape)
+    def call(self, h):
+        jax.debug.callback(lambda: None)
+        return ops.mean(h, axis=1)
+
+
 class _Jitted(L.Layer):  # the average inside a jitted function (an inner jaxpr)
     def call(self, h):
         return jax.jit(lambda v: jnp.mean(v, axis=1))(h)
@@ -135,6 +141,7 @@ POOLINGS = {  # name: (the layers after the embedding, mask_zero, pooled)
     "scaled by position": (lambda: [_ByPosition()], False, True),
     "scaled by feature": (lambda: [_ByFeature()], False, True),
     "jitted average": (lambda: [_Jitted()], False, True),
+    "average beside a callback": (lambda: [_Logged()], False, True),
     "dropout": (lambda: [L.Dropout(0.3), L.GlobalAveragePooling1D()], False, False),
     "max": (lambda: [L.GlobalMaxPooling1D()], False, False),
     "average and max": (lambda: [_Both()], False, False),
