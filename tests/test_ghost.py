@@ -945,8 +945,8 @@ def test_nonfinite_example_contributes_nothing():
         assert_same_sums(clipped_sum(mlp, x[keep], y[keep], clipping), got)
 
 
-@pytest.mark.parametrize(  # Gram forms; outer, kept; a per-example LayerNorm; tied; untied
-    "kind", ["sequence", "long_sequence", "mlp", "tied_lm", "untied_lm"]
+@pytest.mark.parametrize(  # Gram forms; outer, kept; a per-example LayerNorm; tied; untied; pooled
+    "kind", ["sequence", "long_sequence", "mlp", "tied_lm", "untied_lm", "text"]
 )
 def test_mixed_bfloat16_never_exceeds_the_clip_norm(kind):
     """Under mixed_bfloat16 the norms and the clipped sum are float32 and read one
