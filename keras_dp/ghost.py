@@ -331,10 +331,8 @@ def _cheaper(taps, index: int) -> bool:
 
 def live_inputs(jaxpr) -> set:
     """Positions of ``jaxpr``'s inputs that its outputs depend on (dead code ignored)."""
-    live = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
-    for eqn in reversed(jaxpr.eqns):
-        if eqn.effects or any(o in live for o in eqn.outvars):
-            live.update(v for v in eqn.invars if not isinstance(v, Literal))
+    values = [v for e in ghost_pooling.live_eqns(jaxpr) for v in e.invars] + list(jaxpr.outvars)
+    live = {v for v in values if not isinstance(v, Literal)}
     return {i for i, v in enumerate(jaxpr.invars) if v in live}
 
 
