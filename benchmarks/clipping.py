@@ -1,7 +1,7 @@
 """Ghost vs per-example clipping: step time, first epoch and memory, as ratios in one run.
 
-    python benchmarks/clipping.py [--models mlp tabular cnn cnn32 text bert-lora gemma-lora
-                                            gemma-full]
+    python benchmarks/clipping.py [--models mlp tabular cnn cnn32 tcn text bert-lora
+                                            gemma-lora gemma-full]
                                   [--repeats 3] [--out benchmarks/results]
                                   [--microbatch-size K]
 
@@ -22,16 +22,17 @@ microbatching), and plain Keras' beside it, on the logical batch and on as many 
 as keras_dp computes (the Poisson bound's).
 ``--models`` with no name measures memory only.
 
-The models: an MLP 64-256-256-10 on digits (batch 64), a binary classifier
-30-256-256-1 on random tabular data (batch 64; 73,985 parameters, an odd count), a CNN
-(two 3x3 convolutions and a Dense head, digits as 8x8 images, batch 64), a CNN on
-32x32x3 images (four 3x3 convolutions, two strided; random data of CIFAR-10's shape,
-batch 64), an Embedding text classifier (vocabulary 5,000, 64 tokens, average pooling,
-two Dense layers, batch 64), a tiny keras-hub BERT classifier with LoRA rank 4 (2
-layers, hidden 64, 64 tokens, batch 32), and the Gemma3 of ``run.py`` (4 layers, hidden
-256, 128 tokens, batch 16) with LoRA and fully fine-tuned. Every model is a plain
-functional ``keras.Model`` so that every side runs Keras' own ``fit`` on the same
-arrays.
+The models: an MLP 64-256-256-10 on digits (batch 64), a binary classifier 30-256-256-1
+on random tabular data (batch 64; 73,985 parameters, an odd count), a CNN (two 3x3
+convolutions and a Dense head, digits as 8x8 images, batch 64), a CNN on 32x32x3 images
+(four 3x3 convolutions, two strided; random data of CIFAR-10's shape, batch 64), a
+temporal convolutional classifier (three causal Conv1D, dilations 1, 2 and 4, over 64
+steps of 8 random features, batch 64), an Embedding text classifier (vocabulary 5,000,
+64 tokens, average pooling, two Dense layers, batch 64), a tiny keras-hub BERT
+classifier with LoRA rank 4 (2 layers, hidden 64, 64 tokens, batch 32), and the Gemma3
+of ``run.py`` (4 layers, hidden 256, 128 tokens, batch 16) with LoRA and fully
+fine-tuned. Every model is a plain functional ``keras.Model`` so that every side runs Keras'
+own ``fit`` on the same arrays.
 """
 
 import os
@@ -121,6 +122,28 @@ def cifar_like_data(n=1024):
     return x, rng.integers(0, 10, n).astype("int32")
 
 
+def tcn():
+    """A temporal convolutional classifier: three causal Conv1D (dilations 1, 2, 4) over
+    64 steps of 8 features, average pooling, a Dense head."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((64, 8)),
+            keras.layers.Conv1D(32, 3, padding="causal", activation="relu"),
+            keras.layers.Conv1D(32, 3, padding="causal", dilation_rate=2, activation="relu"),
+            keras.layers.Conv1D(32, 3, padding="causal", dilation_rate=4, activation="relu"),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(2),
+        ]
+    )
+
+
+def series_data(n=2048):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 64, 8)).astype("float32")
+    return x, (x[:, :, 0].sum(axis=1) > 0).astype("int32")
+
+
 def text():
     keras.utils.set_random_seed(0)
     return keras.Sequential(
@@ -172,6 +195,7 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "tabular": (tabular, tabular_data, 64, 4),
     "cnn": (cnn, image_data, 64, 6),
     "cnn32": (cnn32, cifar_like_data, 64, 3),
+    "tcn": (tcn, series_data, 64, 4),
     "text": (text, text_data, 64, 4),
     "bert-lora": (bert_lora, bert_data, 32, 4),
     "gemma-lora": STEP_MODELS["gemma-lora"],

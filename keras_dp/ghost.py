@@ -10,7 +10,7 @@ the cheaper form of its norm (:mod:`keras_dp.ghost_tap`: it is then kept for the
 sum). An embedding that the loss reads only through a sum over its positions (an
 average, masked or not) takes its norm from each position's gradient norm
 (:mod:`keras_dp.ghost_pooling`). Every other
-trainable variable (normalisation scales, a causal or grouped convolution, anything a
+trainable variable (normalisation scales, a grouped convolution, anything a
 layer reads in a way this module does not know) gets per-example gradients in the
 same backward pass, and its squared norm is added: the clip bound C holds for the
 whole gradient.

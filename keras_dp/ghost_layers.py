@@ -4,7 +4,7 @@ A rule returns the ``call`` that :class:`keras_dp.ghost.Tape` installs on a laye
 instance while a DP step is traced: the class's computation, written out, with the
 kernel and bias read through ``tape.read`` and each linear map's output passed
 through ``tape.tap`` (which keeps the map's input). Anything a rule does not cover
-(a LoRA layout it cannot split, grouped or causal convolutions, an embedding with LoRA)
+(a LoRA layout it cannot split, grouped convolutions, an embedding with LoRA)
 calls the class's own ``call``, whose variables then get per-example gradients.
 """
 
@@ -150,21 +150,27 @@ def _reversible_embedding(layer, tape, original):
 
 
 def _conv(layer, tape, original):
-    """Conv1D/2D/3D (channels last, one group, "valid"/"same" padding, no LoRA)."""
+    """Conv1D/2D/3D (channels last, one group, "valid"/"same" padding or Conv1D's
+    "causal", no LoRA)."""
 
     def call(inputs):
         if (
             layer.data_format != "channels_last"
             or layer.groups != 1
-            or layer.padding not in ("valid", "same")
+            or layer.padding not in ("valid", "same", "causal")
             or getattr(layer, "lora_enabled", False)
         ):
             return original(inputs)
+        padding = layer.padding
+        if padding == "causal":  # as Conv1D does: zeros before the first position
+            left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+            inputs = ops.pad(inputs, [[0, 0], [left, 0], [0, 0]])
+            padding = "valid"
         kernel = layer.kernel
         spec = gc.Conv(
             tuple(layer.kernel_size),
             tuple(layer.strides),
-            layer.padding.upper(),
+            padding.upper(),
             tuple(layer.dilation_rate),
         )
         out = gc.conv(spec, inputs, ops.convert_to_tensor(tape.read(kernel)))

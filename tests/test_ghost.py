@@ -630,10 +630,11 @@ def untied_lm_model():  # reverse_embeddings: a second table, read once
     return tied_lm_model(tie_weights=False, soft_cap=0.1)
 
 
-def conv_model():  # a 1-D convolution, and a causal one (not covered: per-example)
-    inputs = keras.Input((6, 2))
+def conv_model():  # 1-D convolutions: a causal one (dilated), a grouped one (per-example)
+    inputs = keras.Input((7, 2))
     h = keras.layers.Conv1D(3, 2, activation="relu")(inputs)
-    h = keras.layers.Conv1D(2, 2, padding="causal", name="causal")(h)
+    h = keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2, name="causal")(h)
+    h = keras.layers.Conv1D(2, 2, strides=2, groups=2, name="grouped")(h)
     h = keras.layers.Flatten()(h)
     return keras.Model(inputs, keras.layers.Dense(3)(h))
 
@@ -769,7 +770,7 @@ def data(kind, n=9, seed=0):
         "sequence": (5, 4),
         "lora": (5, 4),
         "long_sequence": (16, 4),
-        "conv": (6, 2),
+        "conv": (7, 2),
         "looped": (5, 4),
         "conv2d": (7, 6, 2),
         "long_conv": (66, 2),
@@ -906,7 +907,7 @@ def test_what_falls_back():
     assert fallback_of(lora_model, x["lora"]) == set()
     adapters = fallback_of(embedding_lora_model, x["embedding_lora"])
     assert adapters == {"table/lora_embeddings_a", "table/lora_embeddings_b"}
-    assert fallback_of(conv_model, x["conv"]) == {"causal/kernel", "causal/bias"}
+    assert fallback_of(conv_model, x["conv"]) == {"grouped/kernel", "grouped/bias"}
     assert fallback_of(conv2d_model, x["conv2d"]) == set()
     shared = fallback_of(shared_model, x["shared"])  # the shared Dense, not the head
     assert len(shared) == 2 and all("dense" in p for p in shared)
@@ -930,7 +931,7 @@ def test_fallback_is_logged_once(caplog):
     with caplog.at_level(logging.INFO, logger="keras_dp"):
         clipped_sum(conv_model, x, y, "ghost")
     lines = [r.message for r in caplog.records if "Ghost clipping" in r.message]
-    assert len(lines) == 1 and "causal" in lines[0]
+    assert len(lines) == 1 and "grouped" in lines[0] and "causal" not in lines[0]
 
 
 def test_nonfinite_example_contributes_nothing():

@@ -101,6 +101,7 @@ def build(kind: str, dropout: bool, dtype: str | None):
     elif kind == "conv":
         inputs = keras.Input((LENGTH, 2))
         h = keras.layers.Conv1D(3, 2, activation="relu", dtype=dtype)(inputs)
+        h = keras.layers.Conv1D(3, 3, strides=2, padding="causal", dtype=dtype)(h)
         h = keras.layers.Flatten(dtype=dtype)(h)
     elif kind == "mixed":
         inputs = keras.Input((LENGTH, 2))
