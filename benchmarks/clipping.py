@@ -1,7 +1,7 @@
 """Ghost vs per-example clipping: step time, first epoch and memory, as ratios in one run.
 
-    python benchmarks/clipping.py [--models mlp tabular cnn cnn32 tcn text bert-lora
-                                            gemma-lora gemma-full]
+    python benchmarks/clipping.py [--models mlp tabular cnn cnn32 mobile tcn text text-cnn
+                                            bert-lora gemma-lora gemma-full]
                                   [--repeats 3] [--out benchmarks/results]
                                   [--microbatch-size K]
 
@@ -26,9 +26,11 @@ The models: an MLP 64-256-256-10 on digits (batch 64), a binary classifier 30-25
 on random tabular data (batch 64; 73,985 parameters, an odd count), a CNN (two 3x3
 convolutions and a Dense head, digits as 8x8 images, batch 64), a CNN on 32x32x3 images
 (four 3x3 convolutions, two strided; random data of CIFAR-10's shape, batch 64), a
+MobileNet-like CNN on the same images (a strided convolution, two separable ones), a
 temporal convolutional classifier (three causal Conv1D, dilations 1, 2 and 4, over 64
 steps of 8 random features, batch 64), an Embedding text classifier (vocabulary 5,000,
-64 tokens, average pooling, two Dense layers, batch 64), a tiny keras-hub BERT
+64 tokens, average pooling, two Dense layers, batch 64), Keras' text CNN (vocabulary
+2,000, 64 tokens, a Conv1D of width 5, max pooling, batch 64), a tiny keras-hub BERT
 classifier with LoRA rank 4 (2 layers, hidden 64, 64 tokens, batch 32), and the Gemma3
 of ``run.py`` (4 layers, hidden 256, 128 tokens, batch 16) with LoRA and fully
 fine-tuned. Every model is a plain functional ``keras.Model`` so that every side runs Keras'
@@ -116,6 +118,22 @@ def cnn32():
     )
 
 
+def mobile():
+    """A MobileNet-like CNN on 32×32×3 images: a strided 3×3 convolution, then two
+    separable convolutions (depthwise 3×3, pointwise 1×1; the second strided)."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
+            keras.layers.SeparableConv2D(32, 3, activation="relu"),
+            keras.layers.SeparableConv2D(64, 3, strides=2, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
 def cifar_like_data(n=1024):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, 32, 32, 3)).astype("float32")
@@ -157,6 +175,26 @@ def text():
     )
 
 
+def text_cnn():
+    """Keras' text classification from scratch, small: Embedding, a Conv1D of width 5,
+    global max pooling, a Dense head."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((64,), dtype="int32"),
+            keras.layers.Embedding(2000, 32),
+            keras.layers.Conv1D(32, 5, activation="relu"),
+            keras.layers.GlobalMaxPooling1D(),
+            keras.layers.Dense(2),
+        ]
+    )
+
+
+def text_cnn_data(n=2048):
+    x, y = text_data(n)
+    return x % 2000, y
+
+
 def text_data(n=2048):
     rng = np.random.default_rng(0)
     x = rng.integers(1, 5000, (n, 64)).astype("int32")
@@ -196,7 +234,9 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "cnn": (cnn, image_data, 64, 6),
     "cnn32": (cnn32, cifar_like_data, 64, 3),
     "tcn": (tcn, series_data, 64, 4),
+    "mobile": (mobile, cifar_like_data, 64, 3),
     "text": (text, text_data, 64, 4),
+    "text-cnn": (text_cnn, text_cnn_data, 64, 4),
     "bert-lora": (bert_lora, bert_data, 32, 4),
     "gemma-lora": STEP_MODELS["gemma-lora"],
     "gemma-full": STEP_MODELS["gemma-full"],

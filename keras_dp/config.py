@@ -114,7 +114,8 @@ class DPConfig:
         gradient is formed (``jax.vmap``), in chunks of ``microbatch_size``.
         "ghost": the kernels and biases of Dense, EinsumDense (LoRA included),
         Embedding (a tied ReversibleEmbedding's table through its lookup and its
-        logits) and Conv1D/2D/3D layers get their norms from each layer's input and output
+        logits), Conv1D/2D/3D, DepthwiseConv1D/2D and SeparableConv1D/2D layers get
+        their norms from each layer's input and output
         gradient, and their clipped sum from one contraction over the examples
         (Goodfellow 2015, Li et al. 2022): no per-example gradient of them is formed
         but where it is their norm's cheaper form (then it is kept for the sum);

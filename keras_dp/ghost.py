@@ -3,7 +3,8 @@
 ``DPConfig(clipping="ghost")`` (and ``"auto"``) computes the per-example gradient
 norm of the kernels (and biases) of ``Dense``, ``EinsumDense`` (also with LoRA
 enabled), ``Embedding`` (a tied ``ReversibleEmbedding``'s table through both its
-reads) and ``Conv1D/2D/3D`` layers from each layer's input and the
+reads), ``Conv1D/2D/3D`` (``"causal"`` too), ``DepthwiseConv1D/2D`` and
+``SeparableConv1D/2D`` layers from each layer's input and the
 gradient at its output (:mod:`keras_dp.ghost_norms`), and their clipped sum as one contraction over
 the examples: no per-example gradient of those variables is formed, except where it is
 the cheaper form of its norm (:mod:`keras_dp.ghost_tap`: it is then kept for the
@@ -171,7 +172,7 @@ class Tape:
 class _Untapped(Tape):
     """Convolutions' rules only, nothing tapped, every variable read as Keras reads it."""
 
-    layers = (ghost_layers.conv_rule,)
+    layers = ghost_layers.conv_rules
 
     def read(self, variable):
         return variable

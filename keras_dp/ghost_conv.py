@@ -62,8 +62,7 @@ def conv_patches(spec: Conv, x) -> jnp.ndarray:
     (*window, C) order: one strided slice per window offset (an im2col without the
     grouped convolution ``lax.conv_general_dilated_patches`` uses, slow on CPUs)."""
     x = _padded(spec, x.reshape(x.shape[0], *x.shape[2:]))
-    reach = [(k - 1) * d + 1 for k, d in zip(spec.window, spec.dilation)]
-    out = [(n - r) // s + 1 for n, r, s in zip(x.shape[1:-1], reach, spec.strides)]
+    out = _out_spatial(spec, x.shape[1:-1])
     pieces = []
     for offset in itertools.product(*(range(k) for k in spec.window)):
         start = [o * d for o, d in zip(offset, spec.dilation)]
@@ -78,6 +77,37 @@ def conv_patches(spec: Conv, x) -> jnp.ndarray:
         )
     patches = jnp.stack(pieces, axis=-2)  # [B, *out, prod(window), C]
     return patches.reshape(x.shape[0], math.prod(out), -1)
+
+
+def _out_spatial(spec: Conv, padded) -> list:
+    """The output's spatial shape over an input whose padding is explicit."""
+    reach = [(k - 1) * d + 1 for k, d in zip(spec.window, spec.dilation)]
+    return [(n - r) // s + 1 for n, r, s in zip(padded, reach, spec.strides)]
+
+
+def depthwise_equation(rank: int) -> str:
+    """The einsum of a depthwise convolution over :func:`depthwise` patches
+    [N, S, *window, C] with its kernel [*window, C, M]: C is in the patches, the kernel
+    and the output [N, S, C, M], so each channel's gradient is kept apart."""
+    window = "ijk"[:rank]
+    return f"ns{window}c,{window}cm->nscm"
+
+
+def depthwise(spec: Conv, x, kernel) -> tuple:
+    """(patches [N, S, *window, C], output [N, S, C, M]): ``keras.ops.depthwise_conv(x,
+    kernel)`` for channels-last x [N, *spatial, C] as :func:`depthwise_equation`'s
+    einsum over x's unfolded patches (no grouped convolution, whose gradients are slow
+    on CPUs); :func:`depthwise_layout` lays it out as Keras does. The patches hold
+    prod(window) times x's numbers."""
+    patches = conv_patches(spec, x[:, None])
+    patches = patches.reshape(*patches.shape[:2], *spec.window, x.shape[-1]).astype(kernel.dtype)
+    return patches, jnp.einsum(depthwise_equation(len(spec.window)), patches, kernel)
+
+
+def depthwise_layout(spec: Conv, x_shape, out) -> jnp.ndarray:
+    """:func:`depthwise`'s output [N, S, C, M] as [N, *out, C·M] (channel c·M + m)."""
+    padded = [n + low + high for n, (low, high) in zip(x_shape[1:-1], _pads(spec, x_shape[1:-1]))]
+    return out.reshape(x_shape[0], *_out_spatial(spec, padded), -1)
 
 
 def conv_sq_norms(patches, g) -> jnp.ndarray:

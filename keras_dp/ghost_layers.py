@@ -166,24 +166,77 @@ def _conv(layer, tape, original):
             left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
             inputs = ops.pad(inputs, [[0, 0], [left, 0], [0, 0]])
             padding = "valid"
-        kernel = layer.kernel
-        spec = gc.Conv(
-            tuple(layer.kernel_size),
-            tuple(layer.strides),
-            padding.upper(),
-            tuple(layer.dilation_rate),
-        )
-        out = gc.conv(spec, inputs, ops.convert_to_tensor(tape.read(kernel)))
-        bias = layer.bias if layer.use_bias else None
-        if bias is not None:
-            shape = (1,) * (layer.rank + 1) + (layer.filters,)
-            out = ops.add(out, ops.reshape(tape.read(bias), shape))
-        return _activate(layer, tape.tap(layer, out, inputs, "conv", spec, kernel, bias))
+        spec = _conv_spec(layer, padding, layer.kernel_size)
+        return _activate(layer, _conv_tapped(layer, tape, spec, inputs, layer.kernel))
 
     return call
 
 
-conv_rule = _conv  # the per-example path installs it alone (keras_dp.ghost.per_example_fn)
+def _conv_spec(layer, padding, window) -> gc.Conv:
+    return gc.Conv(tuple(window), tuple(layer.strides), padding.upper(), tuple(layer.dilation_rate))
+
+
+def _conv_tapped(layer, tape, spec, inputs, kernel):
+    """conv(inputs, kernel) + the layer's bias (its ``filters``), tapped."""
+    out = gc.conv(spec, inputs, ops.convert_to_tensor(tape.read(kernel)))
+    bias = layer.bias if layer.use_bias else None
+    if bias is not None:
+        shape = (1,) * (layer.rank + 1) + (layer.filters,)
+        out = ops.add(out, ops.reshape(tape.read(bias), shape))
+    return tape.tap(layer, out, inputs, "conv", spec, kernel, bias)
+
+
+def _depthwise_tapped(layer, tape, inputs, kernel):
+    """Each channel convolved with its own filters (``ops.depthwise_conv``), as an
+    einsum over the unfolded patches (:func:`keras_dp.ghost_conv.depthwise`), tapped:
+    the patches are the tap's x, and the channel axis is shared by x, kernel and
+    output, so the norm keeps each channel's gradient apart."""
+    spec = _conv_spec(layer, layer.padding, layer.kernel_size)
+    patches, out = gc.depthwise(spec, inputs, ops.convert_to_tensor(tape.read(kernel)))
+    equation = gc.depthwise_equation(layer.rank)
+    out = tape.tap(layer, out, patches, "einsum", gn.parse(equation, patches.ndim), kernel)
+    return gc.depthwise_layout(spec, inputs.shape, out)
+
+
+def _covered(layer) -> bool:
+    return layer.data_format == "channels_last" and layer.padding in ("valid", "same")
+
+
+def _depthwise(layer, tape, original):
+    """DepthwiseConv1D/2D (channels last, "valid"/"same" padding); its bias has a tap
+    of its own (the einsum's output is [..., C, M], the bias C·M)."""
+
+    def call(inputs):
+        if not _covered(layer):
+            return original(inputs)
+        out = _depthwise_tapped(layer, tape, inputs, layer.kernel)
+        if layer.use_bias:
+            out = ops.add(out, tape.read(layer.bias))
+            out = tape.tap(layer, out, None, "bias", None, None, layer.bias)
+        return _activate(layer, out)
+
+    return call
+
+
+def _separable(layer, tape, original):
+    """SeparableConv1D/2D (channels last, "valid"/"same" padding): the depthwise
+    convolution (:func:`_depthwise_tapped`), then the pointwise one, a 1×1 convolution
+    with the bias, as :func:`_conv` taps it."""
+
+    def call(inputs):
+        if not _covered(layer):
+            return original(inputs)
+        h = _depthwise_tapped(layer, tape, inputs, layer.depthwise_kernel)
+        spec = gc.Conv((1,) * layer.rank, (1,) * layer.rank, "VALID", (1,) * layer.rank)
+        return _activate(layer, _conv_tapped(layer, tape, spec, h, layer.pointwise_kernel))
+
+    return call
+
+
+# The per-example path installs these alone (keras_dp.ghost.per_example_fn): their
+# kernels' per-example gradients are then products of the unfolded patches, not
+# autodiff's grouped convolutions.
+conv_rules = (_conv, _depthwise, _separable)
 
 _RULES = [
     (keras.layers.Dense, _dense),
@@ -191,6 +244,8 @@ _RULES = [
     (keras.layers.Embedding, _embedding),
     (keras.layers.Conv1D, _conv),
     (keras.layers.Conv2D, _conv),  # Conv2D and Conv3D share the base class' call
+    (keras.layers.DepthwiseConv2D, _depthwise),  # and DepthwiseConv1D: one call
+    (keras.layers.SeparableConv2D, _separable),  # and SeparableConv1D
 ]
 if hasattr(keras.layers, "ReversibleEmbedding"):
     _RULES.append((keras.layers.ReversibleEmbedding, _reversible_embedding))

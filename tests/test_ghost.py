@@ -91,6 +91,7 @@ EQUATIONS = [
     ("abcd,cde->abe", (1, 4, 2, 3), (2, 3, 5)),  # attention output
     ("abc,bcd->abd", (1, 3, 4), (3, 4, 2)),  # a letter in x, kernel and out (kept apart)
     ("...b,bc->...c", (2, 3, 4), (4, 5)),  # ellipsis
+    ("nsijc,ijcm->nscm", (1, 6, 3, 2, 4), (3, 2, 4, 2)),  # a depthwise convolution's patches
 ]
 
 
@@ -265,6 +266,39 @@ def test_conv_and_its_gradients_equal_keras(
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "window,strides,padding,dilation,spatial",
+    [
+        ((3,), (2,), "SAME", (1,), (7,)),
+        ((3,), (1,), "VALID", (2,), (9,)),
+        ((3, 3), (2, 1), "SAME", (1, 1), (7, 6)),
+        ((2, 2), (1, 1), "VALID", (2, 2), (6, 5)),
+        ((3, 2), (2, 3), "VALID", (1, 1), (8, 9)),  # rows and columns read by no window
+    ],
+)
+def test_depthwise_conv_and_its_gradients_equal_keras(window, strides, padding, dilation, spatial):
+    """The depthwise rule's einsum over patches gives ``keras.ops.depthwise_conv``'s
+    output (channel c·M + m) and autodiff's gradients of it at x and at the kernel."""
+    rng = np.random.default_rng(sum(spatial))
+    x = jnp.asarray(rng.normal(size=(3, *spatial, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(*window, 4, 2)), jnp.float32)
+    spec = gc.Conv(window, strides, padding, dilation)
+
+    def keras_conv(x, k):
+        kw = {"strides": strides, "padding": padding.lower(), "dilation_rate": dilation}
+        return keras.ops.depthwise_conv(x, k, **kw)
+
+    def ours(x, k):
+        return gc.depthwise_layout(spec, x.shape, gc.depthwise(spec, x, k)[1])
+
+    want, want_pullback = jax.vjp(keras_conv, x, kernel)
+    got, pullback = jax.vjp(ours, x, kernel)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    for a, b in zip(pullback(g), want_pullback(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 def _grouped_convolutions(jaxpr) -> int:
     count = 0
     for eqn in jaxpr.eqns:
@@ -279,15 +313,17 @@ def _grouped_convolutions(jaxpr) -> int:
     return count
 
 
-def test_per_example_path_forms_no_grouped_convolution():
+@pytest.mark.parametrize("kind", ["conv2d", "depthwise", "depthwise1d", "causal"])
+def test_per_example_path_forms_no_grouped_convolution(kind):
     """On a CPU the per-example path (clipping="per_example", auto's per-example
     steps, user-level DP) runs each ghost-ruled convolution through
-    ``ghost_conv.conv``: each example's kernel gradient is a product of its unfolded
-    patches, where autodiff's under vmap is a grouped convolution (slow on CPUs).
-    The gradients are the same."""
+    ``ghost_conv.conv`` (a depthwise one through its patches): each example's kernel
+    gradient is a product of its unfolded patches, where autodiff's under vmap is a
+    grouped convolution (slow on CPUs). The gradients equal those of Keras' own
+    layers (a causal convolution's: padded on the left as Keras pads it)."""
     assert jax.default_backend() == "cpu"
-    model = conv2d_model()
-    x, _ = data("conv2d")
+    model = causal_model() if kind == "causal" else MODELS[kind]()
+    x, _ = data("conv" if kind == "causal" else kind)
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
 
@@ -639,10 +675,37 @@ def conv_model():  # 1-D convolutions: a causal one (dilated), a grouped one (pe
     return keras.Model(inputs, keras.layers.Dense(3)(h))
 
 
+def causal_model():  # causal convolutions alone (conv_model's grouped one has no rule)
+    inputs = keras.Input((7, 2))
+    h = keras.layers.Conv1D(3, 3, strides=2, padding="causal", activation="relu")(inputs)
+    h = keras.layers.Conv1D(2, 2, padding="causal", dilation_rate=2)(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
+
+
 def conv2d_model():  # strides, "same" padding, dilation
     inputs = keras.Input((7, 6, 2))
     h = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu")(inputs)
     h = keras.layers.Conv2D(2, 2, dilation_rate=2)(h)
+    h = keras.layers.Flatten()(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+def depthwise_model():  # depthwise (strided, "same", 2 filters a channel), separable (dilated)
+    inputs = keras.Input((7, 6, 2))
+    h = keras.layers.DepthwiseConv2D(
+        3, strides=2, padding="same", depth_multiplier=2, activation="relu"
+    )(inputs)
+    h = keras.layers.SeparableConv2D(3, 2, dilation_rate=2, activation="tanh")(h)
+    h = keras.layers.Flatten()(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+def depthwise1d_model():  # separable ("same", no bias), then depthwise (strided, no bias)
+    inputs = keras.Input((9, 2))
+    h = keras.layers.SeparableConv1D(4, 3, padding="same", depth_multiplier=2, use_bias=False)(
+        inputs
+    )
+    h = keras.layers.DepthwiseConv1D(2, strides=2, use_bias=False, activation="relu")(h)
     h = keras.layers.Flatten()(h)
     return keras.Model(inputs, keras.layers.Dense(3)(h))
 
@@ -773,6 +836,8 @@ def data(kind, n=9, seed=0):
         "conv": (7, 2),
         "looped": (5, 4),
         "conv2d": (7, 6, 2),
+        "depthwise": (7, 6, 2),
+        "depthwise1d": (9, 2),
         "long_conv": (66, 2),
         "shared": (4,),
         "tied": (4,),
@@ -795,6 +860,8 @@ MODELS = {
     "long_sequence": long_sequence_model,
     "conv": conv_model,
     "conv2d": conv2d_model,
+    "depthwise": depthwise_model,
+    "depthwise1d": depthwise1d_model,
     "long_conv": long_conv_model,
     "shared": shared_model,
     "tied": tied_model,
@@ -846,7 +913,7 @@ def test_outer_form_kernels_keep_each_examples_gradient(kind, formed, monkeypatc
     assert seen == formed
 
 
-@pytest.mark.parametrize("kind", ["conv", "conv2d", "text", "mid_text", "long_text"])
+@pytest.mark.parametrize("kind", ["conv", "conv2d", "depthwise", "text", "mid_text", "long_text"])
 def test_norms_in_row_chunks_equal_per_example(kind, monkeypatch):
     """A large batch takes its convolution and embedding norms a chunk of rows at a
     time; forced down to 4 rows (of 9: the last chunk overlaps) and to 1 row, the
@@ -909,6 +976,8 @@ def test_what_falls_back():
     assert adapters == {"table/lora_embeddings_a", "table/lora_embeddings_b"}
     assert fallback_of(conv_model, x["conv"]) == {"grouped/kernel", "grouped/bias"}
     assert fallback_of(conv2d_model, x["conv2d"]) == set()
+    assert fallback_of(depthwise_model, x["depthwise"]) == set()
+    assert fallback_of(depthwise1d_model, x["depthwise1d"]) == set()
     shared = fallback_of(shared_model, x["shared"])  # the shared Dense, not the head
     assert len(shared) == 2 and all("dense" in p for p in shared)
     tied = fallback_of(tied_model, x["tied"])
@@ -946,8 +1015,10 @@ def test_nonfinite_example_contributes_nothing():
         assert_same_sums(clipped_sum(mlp, x[keep], y[keep], clipping), got)
 
 
-@pytest.mark.parametrize(  # Gram forms; outer, kept; a per-example LayerNorm; tied; untied; pooled
-    "kind", ["sequence", "long_sequence", "mlp", "tied_lm", "untied_lm", "text"]
+@pytest.mark.parametrize(  # Gram forms; outer, kept; per-example LayerNorm; tied; untied; pooled;
+    # depthwise patches
+    "kind",
+    ["sequence", "long_sequence", "mlp", "tied_lm", "untied_lm", "text", "depthwise"],
 )
 def test_mixed_bfloat16_never_exceeds_the_clip_norm(kind):
     """Under mixed_bfloat16 the norms and the clipped sum are float32 and read one
