@@ -198,8 +198,13 @@ def _depthwise_tapped(layer, tape, inputs, kernel):
     return gc.depthwise_layout(spec, inputs.shape, out)
 
 
-def _covered(layer) -> bool:
-    return layer.data_format == "channels_last" and layer.padding in ("valid", "same")
+def _covered(layer, *kernels) -> bool:
+    """Channels last, "valid"/"same" padding, and the kernels where the rule reads them."""
+    return (
+        layer.data_format == "channels_last"
+        and layer.padding in ("valid", "same")
+        and all(getattr(layer, name, None) is not None for name in kernels)
+    )
 
 
 def _depthwise(layer, tape, original):
@@ -207,7 +212,7 @@ def _depthwise(layer, tape, original):
     of its own (the einsum's output is [..., C, M], the bias C·M)."""
 
     def call(inputs):
-        if not _covered(layer):
+        if not _covered(layer, "kernel"):
             return original(inputs)
         out = _depthwise_tapped(layer, tape, inputs, layer.kernel)
         if layer.use_bias:
@@ -224,7 +229,7 @@ def _separable(layer, tape, original):
     with the bias, as :func:`_conv` taps it."""
 
     def call(inputs):
-        if not _covered(layer):
+        if not _covered(layer, "depthwise_kernel", "pointwise_kernel"):
             return original(inputs)
         h = _depthwise_tapped(layer, tape, inputs, layer.depthwise_kernel)
         spec = gc.Conv((1,) * layer.rank, (1,) * layer.rank, "VALID", (1,) * layer.rank)
