@@ -166,14 +166,16 @@ def _conv(layer, tape, original):
             left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
             inputs = ops.pad(inputs, [[0, 0], [left, 0], [0, 0]])
             padding = "valid"
-        spec = _conv_spec(layer, padding, layer.kernel_size)
+        spec = _conv_spec(layer, padding)
         return _activate(layer, _conv_tapped(layer, tape, spec, inputs, layer.kernel))
 
     return call
 
 
-def _conv_spec(layer, padding, window) -> gc.Conv:
-    return gc.Conv(tuple(window), tuple(layer.strides), padding.upper(), tuple(layer.dilation_rate))
+def _conv_spec(layer, padding) -> gc.Conv:
+    return gc.Conv(
+        tuple(layer.kernel_size), tuple(layer.strides), padding.upper(), tuple(layer.dilation_rate)
+    )
 
 
 def _conv_tapped(layer, tape, spec, inputs, kernel):
@@ -191,7 +193,7 @@ def _depthwise_tapped(layer, tape, inputs, kernel):
     einsum over the unfolded patches (:func:`keras_dp.ghost_conv.depthwise`), tapped:
     the patches are the tap's x, and the channel axis is shared by x, kernel and
     output, so the norm keeps each channel's gradient apart."""
-    spec = _conv_spec(layer, layer.padding, layer.kernel_size)
+    spec = _conv_spec(layer, layer.padding)
     patches, out = gc.depthwise(spec, inputs, ops.convert_to_tensor(tape.read(kernel)))
     equation = gc.depthwise_equation(layer.rank)
     out = tape.tap(layer, out, patches, "einsum", gn.parse(equation, patches.ndim), kernel)
