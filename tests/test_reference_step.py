@@ -102,6 +102,7 @@ def build(kind: str, dropout: bool, dtype: str | None):
         inputs = keras.Input((LENGTH, 2))
         h = keras.layers.Conv1D(3, 2, activation="relu", dtype=dtype)(inputs)
         h = keras.layers.Conv1D(3, 3, strides=2, padding="causal", dtype=dtype)(h)
+        h = keras.layers.SeparableConv1D(3, 2, depth_multiplier=2, padding="same", dtype=dtype)(h)
         h = keras.layers.Flatten(dtype=dtype)(h)
     elif kind == "mixed":
         inputs = keras.Input((LENGTH, 2))
