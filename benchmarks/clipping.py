@@ -190,6 +190,24 @@ def text_cnn():
     )
 
 
+def recurrent(layer):
+    """A text classifier over a recurrent layer: Embedding, ``layer`` (32 units, the
+    last state), a Dense head."""
+
+    def model():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential(
+            [
+                keras.Input((64,), dtype="int32"),
+                keras.layers.Embedding(5000, 32),
+                layer(32),
+                keras.layers.Dense(2),
+            ]
+        )
+
+    return model
+
+
 def text_cnn_data(n=2048):
     x, y = text_data(n)
     return x % 2000, y
@@ -237,6 +255,8 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "mobile": (mobile, cifar_like_data, 64, 3),
     "text": (text, text_data, 64, 4),
     "text-cnn": (text_cnn, text_cnn_data, 64, 4),
+    "lstm": (recurrent(keras.layers.LSTM), text_data, 64, 3),
+    "gru": (recurrent(keras.layers.GRU), text_data, 64, 3),
     "bert-lora": (bert_lora, bert_data, 32, 4),
     "gemma-lora": STEP_MODELS["gemma-lora"],
     "gemma-full": STEP_MODELS["gemma-full"],

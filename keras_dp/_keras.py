@@ -37,6 +37,9 @@ the range.
   ghost clipping's view of Dense, EinsumDense, Embedding and Conv layers
   (``keras_dp.ghost``).
   ``Layer.__call__`` looks ``self.call`` up on the instance; classes are never patched.
+- ``RNN.inner_loop`` (an instance attribute set and removed the same way) and
+  ``backend.rnn``: the ghost rules of ``LSTM`` and ``GRU`` (``keras_dp.ghost_rnn``) run
+  Keras' own ``RNN.call`` and loop with their step's arithmetic written out.
 - ``Trainer._make_function``, ``_get_state_sharding_spec`` and
   ``backend.config.is_nnx_enabled``: fit's train function is built as the JAX trainer's
   ``make_train_function`` builds it, with one more input to the jitted step (the noise
@@ -249,6 +252,25 @@ def installed_calls(calls: dict):
     finally:
         for layer in done:
             object.__delattr__(layer, "call")
+
+
+@contextlib.contextmanager
+def installed_inner_loop(layer, loop):
+    """An ``RNN`` layer's ``inner_loop`` replaced by ``loop`` on the instance, for the
+    block (inside one trace, as :func:`installed_calls`)."""
+    object.__setattr__(layer, "inner_loop", loop)
+    try:
+        yield
+    finally:
+        object.__delattr__(layer, "inner_loop")
+
+
+def backend_rnn(step, inputs, initial_states, **kwargs):
+    """Keras' own recurrent loop (``keras.src.backend.rnn``): masks, ``go_backwards``,
+    ``unroll`` as the ``RNN`` layers run them."""
+    from keras.src import backend
+
+    return backend.rnn(step, inputs, initial_states, **kwargs)
 
 
 def dp_train_function(model, noised_step):

@@ -158,6 +158,22 @@ class Tape:
         self.residuals.append(x if tap.use_kernel else jnp.zeros((), out.dtype))
         return out + self.zs[len(self.residuals) - 1].astype(out.dtype)
 
+    def tap_later(self, layer, out, kind, spec=None, kernel=None):
+        """:meth:`tap` of a map whose input is known only after ``out`` is used (a
+        recurrent kernel's: the states its loop produces). Returns ``(out', keep)``;
+        ``keep(x)`` hands the input to the tap."""
+        k = len(self.residuals)
+        out = self.tap(layer, out, None, kind, spec, kernel)
+        if self.plan is None or len(self.residuals) == k:  # recording, or inactive
+            return out, lambda x: None
+        if not self.plan.taps[self.count - 1].use_kernel:
+            return out, lambda x: None
+
+        def keep(x):
+            self.residuals[k] = x
+
+        return out, keep
+
     @property
     def installed(self):
         self.trace = get_opaque_trace_state()

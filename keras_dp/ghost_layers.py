@@ -6,6 +6,7 @@ kernel and bias read through ``tape.read`` and each linear map's output passed
 through ``tape.tap`` (which keeps the map's input). Anything a rule does not cover
 (a LoRA layout it cannot split, grouped convolutions, an embedding with LoRA)
 calls the class's own ``call``, whose variables then get per-example gradients.
+``LSTM`` and ``GRU`` take their rules from :mod:`keras_dp.ghost_rnn`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_dp import _keras
+from keras_dp import _keras, ghost_rnn
 from keras_dp import ghost_conv as gc
 from keras_dp import ghost_norms as gn
 
@@ -254,5 +255,6 @@ _RULES = [
     (keras.layers.DepthwiseConv2D, _depthwise),  # and DepthwiseConv1D: one call
     (keras.layers.SeparableConv2D, _separable),  # and SeparableConv1D
 ]
+_RULES += ghost_rnn.RULES
 if hasattr(keras.layers, "ReversibleEmbedding"):
     _RULES.append((keras.layers.ReversibleEmbedding, _reversible_embedding))

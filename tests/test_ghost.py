@@ -815,12 +815,48 @@ def spectral_model():  # assigns its kernel in call (normalised), then reads it
     )
 
 
+def recurrent_model():
+    """LSTM and GRU rules without a mask: a sequence and states out of an LSTM (input
+    dropout), a GRU from the LSTM's last state, backwards and unrolled, no bias."""
+    inputs = keras.Input((6, 3))
+    seq, h, c = keras.layers.LSTM(4, dropout=0.25, return_sequences=True, return_state=True)(inputs)
+    g = keras.layers.GRU(4, go_backwards=True, unroll=True, use_bias=False)(seq, initial_state=h)
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Concatenate()([g, c])))
+
+
+def masked_recurrent_model():
+    """Under padding masks (an example's first tokens too): a bidirectional LSTM whose
+    masked outputs carry the state, then a GRU backwards whose masked outputs are zeros."""
+    inputs = keras.Input((8,), dtype="int32")
+    h = keras.layers.Embedding(5, 3, mask_zero=True)(inputs)
+    lstm = keras.layers.LSTM(4, return_sequences=True, zero_output_for_mask=False)
+    h = keras.layers.Bidirectional(lstm)(h)
+    h = keras.layers.GRU(3, return_sequences=True, go_backwards=True, zero_output_for_mask=True)(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalMaxPooling1D()(h)))
+
+
+def uncovered_recurrent_model():
+    """Recurrent dropout, and a GRU whose reset gate acts before its recurrent product:
+    the layer's own loop, per-example gradients."""
+    return keras.Sequential(
+        [
+            keras.Input((5, 3)),
+            keras.layers.GRU(4, reset_after=False, return_sequences=True, name="before"),
+            keras.layers.LSTM(4, recurrent_dropout=0.25, return_sequences=True, name="dropped"),
+            keras.layers.LSTM(3, name="covered"),
+            keras.layers.Dense(3, name="head"),
+        ]
+    )
+
+
 def data(kind, n=9, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n)
-    if kind in ("text", "max_text", "subclassed", "embedding_lora"):
+    if kind in ("text", "max_text", "subclassed", "embedding_lora", "masked_recurrent"):
         x = rng.integers(0, 5, (n, 8)).astype("int32")
         x[:, 5:] = 0  # padding tokens
+        if kind == "masked_recurrent":
+            x[: n // 3, :2] = 0  # and some at the start
         return x, y
     if kind in ("tied_lm", "untied_lm"):  # 8 tokens of 7: repeated ids
         return rng.integers(0, 7, (n, 8)).astype("int32"), y
@@ -838,6 +874,8 @@ def data(kind, n=9, seed=0):
         "conv2d": (7, 6, 2),
         "depthwise": (7, 6, 2),
         "depthwise1d": (9, 2),
+        "recurrent": (6, 3),
+        "uncovered_recurrent": (5, 3),
         "long_conv": (66, 2),
         "shared": (4,),
         "tied": (4,),
@@ -863,6 +901,9 @@ MODELS = {
     "depthwise": depthwise_model,
     "depthwise1d": depthwise1d_model,
     "long_conv": long_conv_model,
+    "recurrent": recurrent_model,
+    "masked_recurrent": masked_recurrent_model,
+    "uncovered_recurrent": uncovered_recurrent_model,
     "shared": shared_model,
     "tied": tied_model,
     "tied_lm": tied_lm_model,
@@ -991,8 +1032,27 @@ def test_what_falls_back():
     assert fallback_of(Subclassed, x["subclassed"]) == set()
     looped = fallback_of(looped_model, x["looped"])  # 3 in the cell, 2 mapped, 4 branched
     assert len(looped) == 9 and not any(p.startswith("head") for p in looped)
+    assert fallback_of(recurrent_model, x["recurrent"]) == set()
+    assert fallback_of(masked_recurrent_model, x["masked_recurrent"]) == set()
+    uncovered = fallback_of(uncovered_recurrent_model, x["uncovered_recurrent"])
+    assert {p.split("/")[1] for p in uncovered} == {"before", "dropped"}, uncovered
+    assert len(uncovered) == 6
     spectral = fallback_of(spectral_model, x["spectral"])  # its assigned kernel alone
     assert len(spectral) == 1 and "spectral_normalization" in spectral.pop()
+
+
+def test_rules_leave_no_instance_attribute():
+    """The rules' ``call`` (and the recurrent rules' ``inner_loop``) are set on the
+    instances only while the step is traced: after fit, every layer is its class'."""
+    x, y = data("masked_recurrent")
+    model = keras_dp.make_private(
+        masked_recurrent_model(), whole_batch_update(len(y), 1.0, "ghost")
+    )
+    model.compile(optimizer="sgd", loss=SCE)
+    model.fit(x, y, verbose=0)
+    layers = [model, *model._flatten_layers(include_self=False)]
+    assert sum(isinstance(layer, keras.layers.RNN) for layer in layers) == 3
+    assert not [layer.name for layer in layers if {"call", "inner_loop"} & set(vars(layer))]
 
 
 def test_fallback_is_logged_once(caplog):
@@ -1018,7 +1078,7 @@ def test_nonfinite_example_contributes_nothing():
 @pytest.mark.parametrize(  # Gram forms; outer, kept; per-example LayerNorm; tied; untied; pooled;
     # depthwise patches
     "kind",
-    ["sequence", "long_sequence", "mlp", "tied_lm", "untied_lm", "text", "depthwise"],
+    ["sequence", "long_sequence", "mlp", "tied_lm", "untied_lm", "text", "depthwise", "recurrent"],
 )
 def test_mixed_bfloat16_never_exceeds_the_clip_norm(kind):
     """Under mixed_bfloat16 the norms and the clipped sum are float32 and read one
