@@ -34,17 +34,22 @@ def _activate(layer, x):
     return layer.activation(x) if layer.activation is not None else x
 
 
+def einsum_tapped(layer, tape, equation, inputs, kernel, bias):
+    """einsum(equation, inputs, kernel) (+ bias), tapped with ``inputs`` as its x (the
+    bias alone where the equation has no ghost form)."""
+    spec = gn.parse(equation, len(inputs.shape))
+    y = ops.einsum(equation, inputs, tape.read(kernel))
+    if bias is not None:
+        y = ops.add(y, tape.read(bias))
+    kind = "einsum" if spec is not None else "bias"
+    return tape.tap(layer, y, inputs, kind, spec, kernel if spec else None, bias)
+
+
 def _linear(layer, tape, equation, inputs):
     """einsum(equation, inputs, kernel) + bias, tapped; LoRA as x·W₀ + s·(x·A)·B."""
     bias = layer.bias
     if not layer.lora_enabled:
-        kernel = layer.kernel
-        spec = gn.parse(equation, len(inputs.shape))
-        y = ops.einsum(equation, inputs, tape.read(kernel))
-        if bias is not None:
-            y = ops.add(y, tape.read(bias))
-        kind = "einsum" if spec is not None else "bias"
-        return tape.tap(layer, y, inputs, kind, spec, kernel if spec else None, bias)
+        return einsum_tapped(layer, tape, equation, inputs, layer.kernel, bias)
     a, b = layer.lora_kernel_a, layer.lora_kernel_b
     lhs, out = equation.split("->")
     xs, ks = lhs.split(",")
