@@ -29,8 +29,7 @@ own loop: their variables get per-example gradients.
 Measured on 2 CPU cores (``benchmarks/results/recurrent``: Embedding, the layer
 with 32 units over 64 tokens, a Dense head, batch 64; compiled steps / plain Keras'):
 LSTM 2.49× and 2.35× before, 1.69× and 1.62× with the rule; GRU 1.9× either way (its
-per-example gradients of a 32 × 96 kernel cost what the norms cost). At 128 units, the
-rule on and off in one process: GRU 1.66× → 1.26×, LSTM 2.29× → 1.53×.
+per-example gradients of a 32 × 96 kernel cost what the norms cost).
 """
 
 from __future__ import annotations
