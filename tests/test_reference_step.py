@@ -68,10 +68,10 @@ LMS = ("tied_lm", "untied_lm", "lora_lm")
 
 
 def mixed(inputs, dtype):
-    """Ghost layers beside every kind of fallback: an EinsumDense over the sequence
-    and an LSTM read backwards (ghost), Dense layers in a scan (nested taps), one Dense
-    called twice (a shared kernel), a kernel regulariser (the loss reads the kernel
-    twice) and a normalisation's scale (no ghost rule)."""
+    """Ghost layers beside every kind of fallback: an EinsumDense over the sequence,
+    an LSTM read backwards and a GRU (ghost), Dense layers in a scan (nested taps), one
+    Dense called twice (a shared kernel), a kernel regulariser (the loss reads the
+    kernel twice) and a normalisation's scale (no ghost rule)."""
     layers = keras.layers
     h = layers.EinsumDense("abc,cd->abd", (LENGTH, 4), bias_axes="d", dtype=dtype, name="ein")(
         inputs
@@ -83,6 +83,13 @@ def mixed(inputs, dtype):
         recurrent_initializer="glorot_uniform",  # orthogonal's QR: none in bfloat16
         dtype=dtype,
         name="lstm",
+    )(h)
+    h = layers.GRU(
+        3,
+        return_sequences=True,
+        recurrent_initializer="glorot_uniform",
+        dtype=dtype,
+        name="gru",
     )(h)
     h = layers.RNN(DenseCell(3, dtype=dtype), dtype=dtype, name="scan")(h)
     shared = layers.Dense(3, activation="tanh", dtype=dtype, name="shared")
@@ -275,8 +282,12 @@ def test_the_mixed_model_has_ghost_variables_and_each_kind_of_fallback():
     paths = [v.path for v in model.trainable_variables]
     ghosts = {paths[i] for i in plan.ghost}
     head = set(paths[-2:])
-    lstm = {f"lstm/lstm_cell/{name}" for name in ("kernel", "recurrent_kernel", "bias")}
-    assert ghosts == {"ein/kernel", "ein/bias", *lstm, "regularised/bias", *head}
+    cells = {
+        f"{rnn}/{rnn}_cell/{name}"
+        for rnn in ("lstm", "gru")
+        for name in ("kernel", "recurrent_kernel", "bias")
+    }
+    assert ghosts == {"ein/kernel", "ein/bias", *cells, "regularised/bias", *head}
     assert set(plan.fallback) == {
         *(p for p in paths if p.startswith(("scan/", "norm/"))),  # in a scan; no rule
         "shared/kernel",  # called twice
