@@ -1,7 +1,8 @@
 """Ghost vs per-example clipping: step time, first epoch and memory, as ratios in one run.
 
-    python benchmarks/clipping.py [--models mlp tabular cnn cnn32 mobile tcn text text-cnn
-                                            bert-lora gemma-lora gemma-full]
+    python benchmarks/clipping.py [--models mlp tabular cnn cnn32 mobile grouped tcn text
+                                            text-cnn lstm gru bert-lora gemma-lora
+                                            gemma-full]
                                   [--repeats 3] [--out benchmarks/results]
                                   [--microbatch-size K]
 
@@ -27,10 +28,12 @@ on random tabular data (batch 64; 73,985 parameters, an odd count), a CNN (two 3
 convolutions and a Dense head, digits as 8x8 images, batch 64), a CNN on 32x32x3 images
 (four 3x3 convolutions, two strided; random data of CIFAR-10's shape, batch 64), a
 MobileNet-like CNN on the same images (a strided convolution, two separable ones), a
+ResNeXt-like CNN on them (a strided convolution, two of 8 groups), a
 temporal convolutional classifier (three causal Conv1D, dilations 1, 2 and 4, over 64
 steps of 8 random features, batch 64), an Embedding text classifier (vocabulary 5,000,
 64 tokens, average pooling, two Dense layers, batch 64), Keras' text CNN (vocabulary
-2,000, 64 tokens, a Conv1D of width 5, max pooling, batch 64), a tiny keras-hub BERT
+2,000, 64 tokens, a Conv1D of width 5, max pooling, batch 64), an LSTM and a GRU text
+classifier (the Embedding's 5,000 × 32 table, 32 units, batch 64), a tiny keras-hub BERT
 classifier with LoRA rank 4 (2 layers, hidden 64, 64 tokens, batch 32), and the Gemma3
 of ``run.py`` (4 layers, hidden 256, 128 tokens, batch 16) with LoRA and fully
 fine-tuned. Every model is a plain functional ``keras.Model`` so that every side runs Keras'
@@ -128,6 +131,22 @@ def mobile():
             keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
             keras.layers.SeparableConv2D(32, 3, activation="relu"),
             keras.layers.SeparableConv2D(64, 3, strides=2, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def grouped():
+    """A ResNeXt-like CNN on 32×32×3 images: a strided 3×3 convolution, then two 3×3
+    convolutions of 8 groups (the second strided)."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
+            keras.layers.Conv2D(64, 3, groups=8, activation="relu"),
+            keras.layers.Conv2D(64, 3, strides=2, groups=8, activation="relu"),
             keras.layers.GlobalAveragePooling2D(),
             keras.layers.Dense(10),
         ]
@@ -253,6 +272,7 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "cnn32": (cnn32, cifar_like_data, 64, 3),
     "tcn": (tcn, series_data, 64, 4),
     "mobile": (mobile, cifar_like_data, 64, 3),
+    "grouped": (grouped, cifar_like_data, 64, 3),
     "text": (text, text_data, 64, 4),
     "text-cnn": (text_cnn, text_cnn_data, 64, 4),
     "lstm": (recurrent(keras.layers.LSTM), text_data, 64, 3),

@@ -104,8 +104,36 @@ def depthwise(spec: Conv, x, kernel) -> tuple:
     return patches, jnp.einsum(depthwise_equation(len(spec.window)), patches, kernel)
 
 
+def grouped_equation(rank: int) -> str:
+    """The einsum of a convolution of G groups over :func:`grouped` patches
+    [N, S, *window, G, C/G] with its kernel as [*window, C/G, G, F/G]: G is in the
+    patches, the kernel and the output [N, S, G, F/G], so each group's gradient is kept
+    apart (a depthwise convolution's, :func:`depthwise_equation`, with C/G = 1)."""
+    window = "ijk"[:rank]
+    return f"ns{window}gc,{window}cgo->nsgo"
+
+
+def grouped(spec: Conv, x, kernel, groups: int) -> tuple:
+    """(patches [N, S, *window, G, C/G], output [N, S, G, F/G]): ``keras.ops.conv(x,
+    kernel)`` of ``groups`` groups (XLA's ``feature_group_count``: group g reads channels
+    g·C/G … and writes filters g·F/G …) for channels-last x [N, *spatial, C] and kernel
+    [*window, C/G, F], as :func:`grouped_equation`'s einsum over x's unfolded patches
+    (no grouped convolution, slow on CPUs); :func:`depthwise_layout` lays it out as
+    Keras does.
+
+    The einsum reads the kernel as [*window, C/G, G, F/G], a reshape: its gradients
+    and sums (``ghost_norms``) come out in that order, which reshapes back to the
+    kernel's, and the letters x shares with it lead both shapes (a tap's cost reads
+    them from the kernel's shape)."""
+    patches = conv_patches(spec, x[:, None])
+    patches = patches.reshape(*patches.shape[:2], *spec.window, groups, -1).astype(kernel.dtype)
+    operand = kernel.reshape(*kernel.shape[:-1], groups, kernel.shape[-1] // groups)
+    return patches, jnp.einsum(grouped_equation(len(spec.window)), patches, operand)
+
+
 def depthwise_layout(spec: Conv, x_shape, out) -> jnp.ndarray:
-    """:func:`depthwise`'s output [N, S, C, M] as [N, *out, C·M] (channel c·M + m)."""
+    """:func:`depthwise`'s output [N, S, C, M] as [N, *out, C·M] (channel c·M + m), or
+    :func:`grouped`'s [N, S, G, F/G] as [N, *out, F]."""
     padded = [n + low + high for n, (low, high) in zip(x_shape[1:-1], _pads(spec, x_shape[1:-1]))]
     return out.reshape(x_shape[0], *_out_spatial(spec, padded), -1)
 

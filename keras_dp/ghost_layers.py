@@ -156,13 +156,13 @@ def _reversible_embedding(layer, tape, original):
 
 
 def _conv(layer, tape, original):
-    """Conv1D/2D/3D (channels last, one group, "valid"/"same" padding or Conv1D's
-    "causal", no LoRA)."""
+    """Conv1D/2D/3D (channels last, "valid"/"same" padding or Conv1D's "causal", no
+    LoRA); one of more groups is an einsum over the unfolded patches
+    (:func:`_grouped_tapped`)."""
 
     def call(inputs):
         if (
             layer.data_format != "channels_last"
-            or layer.groups != 1
             or layer.padding not in ("valid", "same", "causal")
             or getattr(layer, "lora_enabled", False)
         ):
@@ -173,6 +173,8 @@ def _conv(layer, tape, original):
             inputs = ops.pad(inputs, [[0, 0], [left, 0], [0, 0]])
             padding = "valid"
         spec = _conv_spec(layer, padding)
+        if layer.groups != 1:
+            return _activate(layer, _grouped_tapped(layer, tape, spec, inputs))
         return _activate(layer, _conv_tapped(layer, tape, spec, inputs, layer.kernel))
 
     return call
@@ -204,6 +206,21 @@ def _depthwise_tapped(layer, tape, inputs, kernel):
     equation = gc.depthwise_equation(layer.rank)
     out = tape.tap(layer, out, patches, "einsum", gn.parse(equation, patches.ndim), kernel)
     return gc.depthwise_layout(spec, inputs.shape, out)
+
+
+def _grouped_tapped(layer, tape, spec, inputs):
+    """A convolution of ``layer.groups`` groups (:func:`keras_dp.ghost_conv.grouped`),
+    tapped as :func:`_depthwise_tapped` is (the group axis shared), then its bias, with a
+    tap of its own."""
+    kernel = layer.kernel
+    patches, out = gc.grouped(spec, inputs, ops.convert_to_tensor(tape.read(kernel)), layer.groups)
+    parsed = gn.parse(gc.grouped_equation(layer.rank), patches.ndim)
+    out = tape.tap(layer, out, patches, "einsum", parsed, kernel)
+    out = gc.depthwise_layout(spec, inputs.shape, out)
+    if layer.use_bias:
+        out = ops.add(out, tape.read(layer.bias))
+        out = tape.tap(layer, out, None, "bias", None, None, layer.bias)
+    return out
 
 
 def _covered(layer, *kernels) -> bool:

@@ -299,6 +299,58 @@ def test_depthwise_conv_and_its_gradients_equal_keras(window, strides, padding, 
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "window,strides,padding,dilation,spatial,groups",
+    [
+        ((3,), (2,), "SAME", (1,), (7,), 2),
+        ((2,), (1,), "VALID", (2,), (9,), 3),
+        ((3, 3), (2, 1), "SAME", (1, 1), (7, 6), 2),
+        ((3, 2), (2, 3), "VALID", (1, 1), (8, 9), 3),
+    ],
+)
+def test_grouped_conv_and_its_gradients_equal_keras(
+    window, strides, padding, dilation, spatial, groups
+):
+    """The grouped rule's einsum over patches gives ``keras.ops.conv``'s output for a
+    kernel of C/G input channels (G groups) and autodiff's gradients of it at x and at
+    the kernel."""
+    rng = np.random.default_rng(sum(spatial) + groups)
+    x = jnp.asarray(rng.normal(size=(3, *spatial, 2 * groups)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(*window, 2, 2 * groups)), jnp.float32)
+    spec = gc.Conv(window, strides, padding, dilation)
+
+    def keras_conv(x, k):
+        kw = {"strides": strides, "padding": padding.lower(), "dilation_rate": dilation}
+        return keras.ops.conv(x, k, **kw)
+
+    def ours(x, k):
+        return gc.depthwise_layout(spec, x.shape, gc.grouped(spec, x, k, groups)[1])
+
+    want, want_pullback = jax.vjp(keras_conv, x, kernel)
+    got, pullback = jax.vjp(ours, x, kernel)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    for a, b in zip(pullback(g), want_pullback(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_a_grouped_convolutions_tap_costs_its_patches_einsum():
+    """A grouped convolution's tap reads its kernel [*window, C/G, F] as the einsum's
+    [*window, C/G, G, F/G]; its cost is the einsum's over one example's patches
+    [1, S, *window, G, C/G] (conv_model: 6 causal positions of 4 → 6 channels in 2
+    groups, then 3 strided positions of 6 → 2)."""
+    plan = plan_of(conv_model, data("conv")[0], "auto")
+    taps = {t.layer: t for t in plan.active if t.use_kernel}
+    for layer, x_shape, out_shape in [
+        ("causal_grouped", (1, 6, 2, 2, 2), (1, 6, 2, 3)),
+        ("grouped", (1, 3, 2, 2, 3), (1, 3, 2, 1)),
+    ]:
+        tap = taps[layer]
+        assert tap.out.shape == out_shape
+        outer, gram = gn.costs(tap.spec, x_shape, out_shape)
+        assert tap.costs() == (min(outer, gram), outer)
+
+
 def _grouped_convolutions(jaxpr) -> int:
     count = 0
     for eqn in jaxpr.eqns:
@@ -313,11 +365,11 @@ def _grouped_convolutions(jaxpr) -> int:
     return count
 
 
-@pytest.mark.parametrize("kind", ["conv2d", "depthwise", "depthwise1d", "causal"])
+@pytest.mark.parametrize("kind", ["conv", "conv2d", "depthwise", "depthwise1d", "causal"])
 def test_per_example_path_forms_no_grouped_convolution(kind):
     """On a CPU the per-example path (clipping="per_example", auto's per-example
     steps, user-level DP) runs each ghost-ruled convolution through
-    ``ghost_conv.conv`` (a depthwise one through its patches): each example's kernel
+    ``ghost_conv.conv`` (a depthwise or grouped one through its patches): each example's kernel
     gradient is a product of its unfolded patches, where autodiff's under vmap is a
     grouped convolution (slow on CPUs). The gradients equal those of Keras' own
     layers (a causal convolution's: padded on the left as Keras pads it)."""
@@ -666,26 +718,27 @@ def untied_lm_model():  # reverse_embeddings: a second table, read once
     return tied_lm_model(tie_weights=False, soft_cap=0.1)
 
 
-def conv_model():  # 1-D convolutions: a causal one (dilated), a grouped one (per-example)
+def conv_model():  # 1-D convolutions: a causal one (dilated), grouped ones
     inputs = keras.Input((7, 2))
     h = keras.layers.Conv1D(3, 2, activation="relu")(inputs)
     h = keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2, name="causal")(h)
+    h = keras.layers.Conv1D(6, 2, padding="causal", groups=2, name="causal_grouped")(h)
     h = keras.layers.Conv1D(2, 2, strides=2, groups=2, name="grouped")(h)
     h = keras.layers.Flatten()(h)
     return keras.Model(inputs, keras.layers.Dense(3)(h))
 
 
-def causal_model():  # causal convolutions alone (conv_model's grouped one has no rule)
+def causal_model():  # causal convolutions alone
     inputs = keras.Input((7, 2))
     h = keras.layers.Conv1D(3, 3, strides=2, padding="causal", activation="relu")(inputs)
     h = keras.layers.Conv1D(2, 2, padding="causal", dilation_rate=2)(h)
     return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
 
 
-def conv2d_model():  # strides, "same" padding, dilation
+def conv2d_model():  # strides, "same" padding, dilation, groups
     inputs = keras.Input((7, 6, 2))
     h = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu")(inputs)
-    h = keras.layers.Conv2D(2, 2, dilation_rate=2)(h)
+    h = keras.layers.Conv2D(6, 2, dilation_rate=2, groups=3)(h)
     h = keras.layers.Flatten()(h)
     return keras.Model(inputs, keras.layers.Dense(3)(h))
 
@@ -1015,7 +1068,7 @@ def test_what_falls_back():
     assert fallback_of(lora_model, x["lora"]) == set()
     adapters = fallback_of(embedding_lora_model, x["embedding_lora"])
     assert adapters == {"table/lora_embeddings_a", "table/lora_embeddings_b"}
-    assert fallback_of(conv_model, x["conv"]) == {"grouped/kernel", "grouped/bias"}
+    assert fallback_of(conv_model, x["conv"]) == set()
     assert fallback_of(conv2d_model, x["conv2d"]) == set()
     assert fallback_of(depthwise_model, x["depthwise"]) == set()
     assert fallback_of(depthwise1d_model, x["depthwise1d"]) == set()
@@ -1056,11 +1109,11 @@ def test_rules_leave_no_instance_attribute():
 
 
 def test_fallback_is_logged_once(caplog):
-    x, y = data("conv")
+    x, y = data("mlp")
     with caplog.at_level(logging.INFO, logger="keras_dp"):
-        clipped_sum(conv_model, x, y, "ghost")
+        clipped_sum(mlp, x, y, "ghost")
     lines = [r.message for r in caplog.records if "Ghost clipping" in r.message]
-    assert len(lines) == 1 and "grouped" in lines[0] and "causal" not in lines[0]
+    assert len(lines) == 1 and "layer_normalization" in lines[0] and "dense" not in lines[0]
 
 
 def test_nonfinite_example_contributes_nothing():

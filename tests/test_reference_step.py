@@ -115,8 +115,8 @@ def build(kind: str, dropout: bool, dtype: str | None):
         h = keras.layers.GlobalAveragePooling1D(dtype=dtype)(h)
     elif kind == "conv":
         inputs = keras.Input((LENGTH, 2))
-        h = keras.layers.Conv1D(3, 2, activation="relu", dtype=dtype)(inputs)
-        h = keras.layers.Conv1D(3, 3, strides=2, padding="causal", dtype=dtype)(h)
+        h = keras.layers.Conv1D(4, 2, activation="relu", dtype=dtype)(inputs)
+        h = keras.layers.Conv1D(2, 3, strides=2, padding="causal", groups=2, dtype=dtype)(h)
         h = keras.layers.SeparableConv1D(3, 2, depth_multiplier=2, padding="same", dtype=dtype)(h)
         h = keras.layers.Flatten(dtype=dtype)(h)
     elif kind == "mixed":
