@@ -1129,9 +1129,19 @@ def test_nonfinite_example_contributes_nothing():
 
 
 @pytest.mark.parametrize(  # Gram forms; outer, kept; per-example LayerNorm; tied; untied; pooled;
-    # depthwise patches
+    # depthwise patches; grouped patches
     "kind",
-    ["sequence", "long_sequence", "mlp", "tied_lm", "untied_lm", "text", "depthwise", "recurrent"],
+    [
+        "sequence",
+        "long_sequence",
+        "mlp",
+        "tied_lm",
+        "untied_lm",
+        "text",
+        "depthwise",
+        "recurrent",
+        "conv",
+    ],
 )
 def test_mixed_bfloat16_never_exceeds_the_clip_norm(kind):
     """Under mixed_bfloat16 the norms and the clipped sum are float32 and read one
