@@ -1,8 +1,8 @@
 """Ghost vs per-example clipping: step time, first epoch and memory, as ratios in one run.
 
-    python benchmarks/clipping.py [--models mlp tabular cnn cnn32 mobile grouped tcn text
-                                            text-cnn lstm gru bert-lora gemma-lora
-                                            gemma-full]
+    python benchmarks/clipping.py [--models mlp tabular siamese cnn cnn32 mobile grouped
+                                            tcn text text-cnn lstm gru bert-lora
+                                            gemma-lora gemma-full]
                                   [--repeats 3] [--out benchmarks/results]
                                   [--microbatch-size K]
 
@@ -24,7 +24,9 @@ as keras_dp computes (the Poisson bound's).
 ``--models`` with no name measures memory only.
 
 The models: an MLP 64-256-256-10 on digits (batch 64), a binary classifier 30-256-256-1
-on random tabular data (batch 64; 73,985 parameters, an odd count), a CNN (two 3x3
+on random tabular data (batch 64; 73,985 parameters, an odd count), a Siamese pair
+classifier (one Dense tower 32-256-64 called on both items of a pair, |a − b|, a
+Dense(1) head; random pairs, batch 64), a CNN (two 3x3
 convolutions and a Dense head, digits as 8x8 images, batch 64), a CNN on 32x32x3 images
 (four 3x3 convolutions, two strided; random data of CIFAR-10's shape, batch 64), a
 MobileNet-like CNN on the same images (a strided convolution, two separable ones), a
@@ -84,6 +86,24 @@ def tabular_data(n=2048):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, 30)).astype("float32")
     return x, (x @ rng.normal(size=(30, 1)) > 0).astype("float32")
+
+
+def siamese():
+    """A Siamese pair classifier: one tower (Dense 32-256-64) applied to both items of
+    a pair (its layers called twice), |a - b|, a Dense(1) head."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2, 32))
+    first, second = keras.layers.Dense(256, activation="relu"), keras.layers.Dense(64)
+    a, b = (second(first(inputs[:, i])) for i in (0, 1))
+    return keras.Model(inputs, keras.layers.Dense(1)(keras.ops.abs(a - b)))
+
+
+def pair_data(n=2048):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 2, 32)).astype("float32")
+    same = rng.random(n) < 0.5
+    x[same, 1] = x[same, 0] + 0.3 * rng.normal(size=(same.sum(), 32)).astype("float32")
+    return x, same.astype("float32")[:, None]
 
 
 def cnn():
@@ -268,6 +288,7 @@ def bert_data(n=512):
 MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "mlp": (mlp, digits_data, 64, 6),
     "tabular": (tabular, tabular_data, 64, 4),
+    "siamese": (siamese, pair_data, 64, 4),
     "cnn": (cnn, image_data, 64, 6),
     "cnn32": (cnn32, cifar_like_data, 64, 3),
     "tcn": (tcn, series_data, 64, 4),
@@ -283,7 +304,10 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
 }
 
 
-LOSSES = {"tabular": keras.losses.BinaryCrossentropy(from_logits=True)}
+LOSSES = {
+    "tabular": keras.losses.BinaryCrossentropy(from_logits=True),
+    "siamese": keras.losses.BinaryCrossentropy(from_logits=True),
+}
 
 
 class EpochTimer(keras.callbacks.Callback):

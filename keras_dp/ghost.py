@@ -24,15 +24,16 @@ supported only when its class's ``call`` is Keras' own (a subclass that override
 ``call`` keeps its own) and it is not quantized.
 
 A variable's norm is ghost only when it is safe, checked on a trace of one example:
-it is tapped exactly once (a layer called twice shares its kernel between two uses;
-the one pair of taps allowed is a tied embedding's lookup and reversed read, whose
-cross term :func:`keras_dp.ghost_tap.cross_terms` adds),
+it is tapped exactly once, or its taps are a tied embedding's lookup and reversed read
+(whose cross term :func:`keras_dp.ghost_tap.cross_terms` adds) or einsums of one
+structure (a layer called more than once: the norm is one einsum's over all their
+positions, :func:`keras_dp.ghost_tap.cross_terms`),
 outside any loop, map or branch the call traces (``ops.scan``, ``keras.layers.RNN``'s
 cell, ``ops.vectorized_map``, ``ops.cond``: a tap there would see only that body's
 values), the call has not assigned it before the tap reads it (``SpectralNormalization``
 normalises its kernel in place), and the loss reads it nowhere else (a regulariser, a
 custom layer reading another's kernel): its per-example gradient is then exactly the
-tap's (a tied table's: the sum of its two taps').
+tap's (a tied table's or a shared kernel's: the sum of its taps').
 """
 
 from __future__ import annotations
@@ -276,7 +277,8 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
     nested = {i for t in tape.taps if t.nested for i in (t.kernel, t.bias)}
     unsafe = elsewhere | nested
     tied = {i for i, c in uses.items() if c == 2 and i not in unsafe and _tied(tape.taps, i)}
-    safe = {i for i, c in uses.items() if c == 1 and i not in unsafe} | tied
+    shared = _shared(tape.taps, {i for i, c in uses.items() if c > 1} - unsafe - tied)
+    safe = {i for i, c in uses.items() if c == 1 and i not in unsafe} | tied | shared
     taps = [
         dataclasses.replace(t, pooled=ghost_pooling.is_pooled(closed.jaxpr, ghost_pooling.tag(k)))
         if t.kind == "embedding"
@@ -291,6 +293,7 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
             use_kernel=t.kernel in safe,
             use_bias=t.bias in safe,
             tied=t.kernel in tied & safe,
+            shared=bool({t.kernel, t.bias} & shared & safe),
         )
         for t in taps
     )
@@ -316,6 +319,29 @@ def _tied(taps, index: int) -> bool:
     return all(t.kind == "embedding" or (t.spec is not None and ge.ties(t.spec)) for t in reads)
 
 
+def _shared(taps, candidates: set) -> set:
+    """The ``candidates`` (variables read by more than one tap) whose reads are all
+    einsums of one structure (a layer called more than once: its kernel in each) or
+    all biases, and whose taps read no variable but such ones: their norms come from
+    all their reads together (:attr:`Tap.shared`, :func:`keras_dp.ghost_tap.cross_terms`)."""
+    shared = set(candidates)
+    changed = True
+    while changed:
+        changed = False
+        for i in sorted(shared):
+            reads = [t for t in taps if i in (t.kernel, t.bias)]
+            if all(t.kernel == i for t in reads):
+                einsums = all(t.kind == "einsum" and t.spec is not None for t in reads)
+                ok = einsums and len({(t.spec.k, t.spec.kx, t.spec.ko) for t in reads}) == 1
+            else:  # a bias: each read's gradient is g summed to its shape
+                ok = all(t.bias == i and t.kind in ("einsum", "bias") for t in reads)
+            ok = ok and all(v in shared for t in reads for v in (t.kernel, t.bias) if v is not None)
+            if not ok:
+                shared.discard(i)
+                changed = True
+    return shared
+
+
 def _cheaper(taps, index: int) -> bool:
     """auto: a tapped kernel is ghost unless its norm costs more than forming its
     per-example gradient (:meth:`Tap.costs`, summed over a tied table's two reads with
@@ -337,8 +363,8 @@ def _cheaper(taps, index: int) -> bool:
     59 / 56, 8,192 135 / 126, 32,768 556 / 436. On accelerators it stays ghost: its
     per-example gradients hold the vocabulary times the width for every example."""
     reads = [t for t in taps if t.kernel == index]
-    if not reads:
-        return True  # a bias: its norm is its gradient
+    if not reads or (len(reads) > 1 and all(t.kind == "einsum" for t in reads)):
+        return True  # a bias: its norm is its gradient; a shared einsum: as one einsum
     costs = [t.costs() for t in reads]
     norm = sum(c[0] for c in costs) + tied_cost(reads)
     if len(reads) == 2 and _backend.on_cpu():

@@ -84,16 +84,31 @@ def grouped(spec: Einsum, x, g):
     )
 
 
+def sizes(spec: Einsum, x_shape, out_shape) -> tuple[int, int, int, int]:
+    """(S, P, Kx, Ko) of one example: the sizes of the positions summed, the shared
+    letters, and the kernel's letters from x and from out."""
+    known = dict(zip(spec.x, x_shape)) | dict(zip(spec.out, out_shape))
+    size = lambda letters: math.prod(known[c] for c in letters)  # noqa: E731
+    return size(spec.summed), size(spec.shared), size(spec.kx), size(spec.ko)
+
+
 def costs(spec: Einsum, x_shape, out_shape) -> tuple[int, int]:
     """Multiply-adds per example of the (outer, Gram) forms of the squared norm."""
-    sizes = dict(zip(spec.x, x_shape)) | dict(zip(spec.out, out_shape))
-    size = lambda letters: math.prod(sizes[c] for c in letters)  # noqa: E731
-    s, p, a, c = size(spec.summed), size(spec.shared), size(spec.kx), size(spec.ko)
+    return form_costs(*sizes(spec, x_shape, out_shape))
+
+
+def form_costs(s: int, p: int, a: int, c: int) -> tuple[int, int]:
+    """(outer, Gram) multiply-adds for S positions, P shared, Kx = a and Ko = c."""
     return s * p * a * c, s * s * p * (a + c)
 
 
 def outer_form(spec: Einsum, x_shape, out_shape) -> bool:
-    """Whether the outer form of the squared norm is the faster, per example.
+    """Whether the outer form of the squared norm is the faster, per example."""
+    return outer_is_faster(*sizes(spec, x_shape, out_shape))
+
+
+def outer_is_faster(s: int, p: int, a: int, c: int) -> bool:
+    """:func:`outer_form` from the sizes (S, P, Kx, Ko).
 
     Forming and squaring an example's gradient ran at about half the multiply-adds per
     second of the Gram products, plus ~32 multiply-adds' time for each entry of it
@@ -101,10 +116,8 @@ def outer_form(spec: Einsum, x_shape, out_shape) -> bool:
     0.14 ms, outer 0.34; (64, 256, 64): 1.05 against 2.3; (128, 256, 256) × 32
     examples, equal multiply-adds: 1.9 against 3.8; (36, 9, 16): outer 0.08, Gram 0.09).
     """
-    outer, gram = costs(spec, x_shape, out_shape)
-    sizes = dict(zip(spec.x, x_shape)) | dict(zip(spec.out, out_shape))
-    entries = outer // max(1, math.prod(sizes[c] for c in spec.summed))
-    return 2 * outer + 32 * entries <= gram
+    outer, gram = form_costs(s, p, a, c)
+    return 2 * outer + 32 * (outer // max(1, s)) <= gram
 
 
 # A Gram form sums products that cancel where an example's shares of G_b do; float32
@@ -123,7 +136,13 @@ def kernel_sq_norms(spec: Einsum, x, g) -> jnp.ndarray:
     as an upper bound (plus :data:`ROUNDING` times its products' gross size,
     Σ_p (Σ_s ‖x_sp‖‖g_sp‖)², which float32 rounding does not reach)."""
     xr, gr = grouped(spec, x, g)
-    if outer_form(spec, x.shape[1:], g.shape[1:]):
+    return grouped_sq_norms(xr, gr, outer_form(spec, x.shape[1:], g.shape[1:]))
+
+
+def grouped_sq_norms(xr, gr, outer: bool) -> jnp.ndarray:
+    """:func:`kernel_sq_norms` of :func:`grouped`'s xr [B, S, P, Kx] and gr [B, S, P, Ko]
+    (float32), by the outer form if ``outer``, else the Gram form with its margin."""
+    if outer:
         per = jnp.einsum("bspa,bspc->bpac", xr, gr)
         return jnp.sum(jnp.square(per), axis=(1, 2, 3))
     xx = jnp.einsum("bspa,btpa->bpst", xr, xr)

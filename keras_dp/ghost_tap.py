@@ -48,6 +48,10 @@ class Tap:
         position's gradient norm in place of the gradient
         (:func:`keras_dp.ghost_embedding.pooled_sq_norms`), an upper bound that is
         exact there.
+      shared: Whether the tap's variables are read by other taps too, all einsums of
+        one structure (a layer called more than once): their norms come from every
+        read together (:func:`cross_terms`: the reads' positions concatenated, as one
+        einsum over them), and each tap adds its own sum.
     """
 
     kind: str
@@ -63,6 +67,7 @@ class Tap:
     nested: bool = False
     tied: bool = False
     pooled: bool = False
+    shared: bool = False
 
     @property
     def active(self) -> bool:
@@ -72,7 +77,7 @@ class Tap:
         """Whether the kernel's norm takes the outer form, which forms each example's
         gradient G_b: it is then kept (:meth:`grads`) and the clipped sum is Σ f_b·G_b,
         Kx·Ko multiply-adds an example instead of the contraction (S·Kx·Ko) again."""
-        if not self.use_kernel or self.kind == "embedding" or self.tied:
+        if not self.use_kernel or self.kind == "embedding" or self.tied or self.shared:
             return False
         if self.kind == "conv":
             return gc.outer_form(self.spec, x, g)
@@ -94,8 +99,9 @@ class Tap:
 
     def sq_norms(self, x, g) -> jax.Array | None:
         """Squared norms of example b's gradients of this tap's variables (float32 [B])
-        from the input x and the gradient g at the tap, unless :meth:`formed`."""
-        if self.formed(x, g):
+        from the input x and the gradient g at the tap, unless :meth:`formed` or
+        :attr:`shared` (:func:`cross_terms` takes those)."""
+        if self.shared or self.formed(x, g):
             return None
         total = jnp.zeros(g.shape[0], jnp.float32)
         if self.use_kernel:
@@ -203,22 +209,45 @@ def kernel_and_bias_sum(spec: gn.Einsum, x, g, factor, kernel_shape):
 
 
 def cross_terms(taps, xs, gs) -> jax.Array | None:
-    """2·⟨A_b, R_b⟩ per example (float32 [B]), summed over the tied tables: A_b a
-    table's gradient through its lookup (the "embedding" tap), R_b through its reversed
-    read (the "einsum" tap, :func:`keras_dp.ghost_embedding.ties`). Added to the two taps'
-    own squared norms it makes ‖A_b + R_b‖², the table's per-example norm, from above
-    (with a rounding margin, :func:`keras_dp.ghost_embedding.tied_term`); None when no
-    table is tied."""
-    reads = {}
+    """The squared norms that span taps, per example (float32 [B]); None when no
+    variable is read by two taps.
+
+    - A tied table: 2·⟨A_b, R_b⟩, A_b its gradient through its lookup (the "embedding"
+      tap), R_b through its reversed read (the "einsum" tap,
+      :func:`keras_dp.ghost_embedding.ties`). Added to the two taps' own squared norms
+      it makes ‖A_b + R_b‖², the table's per-example norm, from above (with a rounding
+      margin, :func:`keras_dp.ghost_embedding.tied_term`).
+    - A :attr:`Tap.shared` kernel, the whole norm: its gradient is Σ over its reads of
+      each read's Σ_s x_s ⊗ g_s, one einsum's over the reads' positions concatenated,
+      so the norm is that einsum's (the cheaper exact form for all the positions,
+      :func:`keras_dp.ghost_norms.grouped_sq_norms`). A shared bias': its reads'
+      gradients summed, then squared.
+    """
+    total = None
+
+    def add(term):
+        nonlocal total
+        total = term if total is None else total + term
+
+    reads, kernels, biases = {}, {}, {}
     for t, x, g in zip(taps, xs, gs):
         if t.tied and t.use_kernel:
             reads.setdefault(t.kernel, {})[t.kind] = (t, x, g)
-    total = None
+        if t.shared and t.use_kernel:
+            kernels.setdefault(t.kernel, []).append(gn.grouped(t.spec, x, g))
+        if t.shared and t.use_bias:
+            biases.setdefault(t.bias, []).append(gn.bias_grads(g, t.bias_shape))
     for pair in reads.values():
         _, ids, g = pair["embedding"]
         tap, h, delta = pair["einsum"]
-        cross = ge.tied_term(ids, g, tap.spec, h, delta)
-        total = cross if total is None else total + cross
+        add(ge.tied_term(ids, g, tap.spec, h, delta))
+    for grouped in kernels.values():
+        xr = jnp.concatenate([x for x, _ in grouped], axis=1)  # [B, ΣS, P, Kx]
+        gr = jnp.concatenate([g for _, g in grouped], axis=1)
+        add(gn.grouped_sq_norms(xr, gr, gn.outer_is_faster(*xr.shape[1:], gr.shape[-1])))
+    for per in biases.values():
+        summed = sum(per[1:], per[0])
+        add(jnp.sum(jnp.square(summed).reshape(summed.shape[0], -1), axis=1))
     return total
 
 
