@@ -266,6 +266,17 @@ def test_conv_and_its_gradients_equal_keras(
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+def assert_same_map_and_gradients(ours, keras_conv, x, kernel, rng):
+    """``ours(x, kernel)`` equals ``keras_conv``'s, and so do autodiff's gradients of
+    it at x and at the kernel (for a random output gradient)."""
+    want, want_pullback = jax.vjp(keras_conv, x, kernel)
+    got, pullback = jax.vjp(ours, x, kernel)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    for a, b in zip(pullback(g), want_pullback(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "window,strides,padding,dilation,spatial",
     [
@@ -291,12 +302,7 @@ def test_depthwise_conv_and_its_gradients_equal_keras(window, strides, padding, 
     def ours(x, k):
         return gc.depthwise_layout(spec, x.shape, gc.depthwise(spec, x, k)[1])
 
-    want, want_pullback = jax.vjp(keras_conv, x, kernel)
-    got, pullback = jax.vjp(ours, x, kernel)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
-    for a, b in zip(pullback(g), want_pullback(g)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    assert_same_map_and_gradients(ours, keras_conv, x, kernel, rng)
 
 
 @pytest.mark.parametrize(
@@ -326,12 +332,7 @@ def test_grouped_conv_and_its_gradients_equal_keras(
     def ours(x, k):
         return gc.depthwise_layout(spec, x.shape, gc.grouped(spec, x, k, groups)[1])
 
-    want, want_pullback = jax.vjp(keras_conv, x, kernel)
-    got, pullback = jax.vjp(ours, x, kernel)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
-    for a, b in zip(pullback(g), want_pullback(g)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    assert_same_map_and_gradients(ours, keras_conv, x, kernel, rng)
 
 
 def test_a_grouped_convolutions_tap_costs_its_patches_einsum():
