@@ -157,7 +157,7 @@ def _reversible_embedding(layer, tape, original):
 
 def _conv(layer, tape, original):
     """Conv1D/2D/3D (channels last, "valid"/"same" padding or Conv1D's "causal", no
-    LoRA); one of more groups is an einsum over the unfolded patches
+    LoRA); a convolution of more than one group is an einsum over the patches
     (:func:`_grouped_tapped`)."""
 
     def call(inputs):
