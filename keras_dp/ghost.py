@@ -26,7 +26,7 @@ supported only when its class's ``call`` is Keras' own (a subclass that override
 A variable's norm is ghost only when it is safe, checked on a trace of one example:
 it is tapped exactly once, or its taps are a tied embedding's lookup and reversed read
 (whose cross term :func:`keras_dp.ghost_tap.cross_terms` adds) or einsums of one
-structure (a layer called more than once: the norm is one einsum's over all their
+structure or convolutions (a layer called more than once: the norm is one einsum's over all their
 positions, :func:`keras_dp.ghost_tap.cross_terms`),
 outside any loop, map or branch the call traces (``ops.scan``, ``keras.layers.RNN``'s
 cell, ``ops.vectorized_map``, ``ops.cond``: a tap there would see only that body's
@@ -321,20 +321,23 @@ def _tied(taps, index: int) -> bool:
 
 def _shared(taps, candidates: set) -> set:
     """The ``candidates`` (variables read by more than one tap) whose reads are all
-    einsums of one structure (a layer called more than once: its kernel in each) or
-    all biases, and whose taps read no variable but such ones: their norms come from
-    all their reads together (:attr:`Tap.shared`, :func:`keras_dp.ghost_tap.cross_terms`)."""
+    einsums of one structure or all convolutions (a layer called more than once: its
+    kernel in each) or all biases, and whose taps read no variable but such ones: their
+    norms come from all their reads together (:attr:`Tap.shared`,
+    :func:`keras_dp.ghost_tap.cross_terms`)."""
     shared = set(candidates)
     changed = True
     while changed:
         changed = False
         for i in sorted(shared):
             reads = [t for t in taps if i in (t.kernel, t.bias)]
-            if all(t.kernel == i for t in reads):
+            if all(t.kernel == i and t.kind == "conv" for t in reads):
+                ok = True  # one kernel: the same patch width and filters
+            elif all(t.kernel == i for t in reads):
                 einsums = all(t.kind == "einsum" and t.spec is not None for t in reads)
                 ok = einsums and len({(t.spec.k, t.spec.kx, t.spec.ko) for t in reads}) == 1
             else:  # a bias: each read's gradient is g summed to its shape
-                ok = all(t.bias == i and t.kind in ("einsum", "bias") for t in reads)
+                ok = all(t.bias == i and t.kind in ("einsum", "conv", "bias") for t in reads)
             ok = ok and all(v in shared for t in reads for v in (t.kernel, t.bias) if v is not None)
             if not ok:
                 shared.discard(i)
@@ -363,7 +366,7 @@ def _cheaper(taps, index: int) -> bool:
     59 / 56, 8,192 135 / 126, 32,768 556 / 436. On accelerators it stays ghost: its
     per-example gradients hold the vocabulary times the width for every example."""
     reads = [t for t in taps if t.kernel == index]
-    if not reads or (len(reads) > 1 and all(t.kind == "einsum" for t in reads)):
+    if not reads or (len(reads) > 1 and all(t.kind in ("einsum", "conv") for t in reads)):
         return True  # a bias: its norm is its gradient; a shared einsum: as one einsum
     costs = [t.costs() for t in reads]
     norm = sum(c[0] for c in costs) + tied_cost(reads)

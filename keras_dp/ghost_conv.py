@@ -168,6 +168,30 @@ def input_sq_norms(spec: Conv, x, g) -> jnp.ndarray:
     return gn.by_row_chunks(lambda x, g: conv_sq_norms(conv_patches(spec, x), g), rows, x, g)
 
 
+def shared_sq_norms(reads) -> jnp.ndarray:
+    """Per-example squared norms of one kernel's gradient when several convolutions read
+    it (a layer called more than once), from ``reads``, their (spec, x, g) as
+    :func:`input_sq_norms` takes them: its gradient is Σ over the reads of each read's
+    patches ⊗ g, one Dense einsum's over all the reads' positions laid end to end, whose
+    norm is taken by the cheaper exact form for them all, a chunk of rows at a time when
+    the batch is large."""
+    sizes = [_sizes(spec, x, g) for spec, x, g in reads]
+    positions, window = sum(s for s, _ in sizes), sizes[0][1]
+    filters = reads[0][2].shape[-1]
+    outer = gn.outer_is_faster(positions, 1, window, filters)
+    per_row = positions * window + (window * filters if outer else 2 * positions**2)
+    specs = [spec for spec, _, _ in reads]
+
+    def norms(*arrays):
+        xs = [conv_patches(spec, x)[:, :, None] for spec, x in zip(specs, arrays[0::2])]
+        gs = [g.reshape(g.shape[0], -1, 1, g.shape[-1]) for g in arrays[1::2]]
+        xr = jnp.concatenate(xs, axis=1).astype(jnp.float32)  # [B, ΣS, 1, window·C]
+        return gn.grouped_sq_norms(xr, jnp.concatenate(gs, axis=1).astype(jnp.float32), outer)
+
+    arrays = [a for _, x, g in reads for a in (x, g)]
+    return gn.by_row_chunks(norms, gn.chunk_rows(per_row, arrays[0].shape[0]), *arrays)
+
+
 def input_grads(spec: Conv, x, g, kernel_shape) -> jnp.ndarray:
     """Each example's kernel gradient (float32 [B, *kernel_shape]) from the input x
     [B, 1, *spatial, C] and g [B, 1, *out, filters]: its patches' contraction with g,

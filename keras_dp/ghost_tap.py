@@ -49,7 +49,8 @@ class Tap:
         (:func:`keras_dp.ghost_embedding.pooled_sq_norms`), an upper bound that is
         exact there.
       shared: Whether the tap's variables are read by other taps too, all einsums of
-        one structure (a layer called more than once): their norms come from every
+        one structure or all convolutions (a layer called more than once): their norms
+        come from every
         read together (:func:`cross_terms`: the reads' positions concatenated, as one
         einsum over them), and each tap adds its own sum.
     """
@@ -220,8 +221,9 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
     - A :attr:`Tap.shared` kernel, the whole norm: its gradient is Σ over its reads of
       each read's Σ_s x_s ⊗ g_s, one einsum's over the reads' positions concatenated,
       so the norm is that einsum's (the cheaper exact form for all the positions,
-      :func:`keras_dp.ghost_norms.grouped_sq_norms`). A shared bias': its reads'
-      gradients summed, then squared.
+      :func:`keras_dp.ghost_norms.grouped_sq_norms`; a convolution's over its
+      patches, :func:`keras_dp.ghost_conv.shared_sq_norms`). A shared bias': its
+      reads' gradients summed, then squared.
     """
     total = None
 
@@ -229,11 +231,13 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
         nonlocal total
         total = term if total is None else total + term
 
-    reads, kernels, biases = {}, {}, {}
+    reads, kernels, convs, biases = {}, {}, {}, {}
     for t, x, g in zip(taps, xs, gs):
         if t.tied and t.use_kernel:
             reads.setdefault(t.kernel, {})[t.kind] = (t, x, g)
-        if t.shared and t.use_kernel:
+        if t.shared and t.use_kernel and t.kind == "conv":
+            convs.setdefault(t.kernel, []).append((t.spec, x, g))
+        elif t.shared and t.use_kernel:
             kernels.setdefault(t.kernel, []).append(gn.grouped(t.spec, x, g))
         if t.shared and t.use_bias:
             biases.setdefault(t.bias, []).append(gn.bias_grads(g, t.bias_shape))
@@ -245,6 +249,8 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
         xr = jnp.concatenate([x for x, _ in grouped], axis=1)  # [B, ΣS, P, Kx]
         gr = jnp.concatenate([g for _, g in grouped], axis=1)
         add(gn.grouped_sq_norms(xr, gr, gn.outer_is_faster(*xr.shape[1:], gr.shape[-1])))
+    for conv_reads in convs.values():  # the same, over their patches
+        add(gc.shared_sq_norms(conv_reads))
     for per in biases.values():
         summed = sum(per[1:], per[0])
         add(jnp.sum(jnp.square(summed).reshape(summed.shape[0], -1), axis=1))

@@ -799,6 +799,33 @@ def shared_sequence_model():
     return model
 
 
+def shared_recurrent_model():
+    """Einsum taps of other rules called twice: an LSTM (its input and recurrent products
+    and bias), a DepthwiseConv1D (patches) and a GRU, once on a sequence reversed."""
+    inputs = keras.Input((5, 3))
+    lstm = keras.layers.LSTM(3, return_sequences=True, name="lstm")
+    depthwise = keras.layers.DepthwiseConv1D(2, name="depthwise")
+    gru = keras.layers.GRU(2, name="gru")
+    h = keras.ops.concatenate([lstm(lstm(inputs)), depthwise(depthwise(inputs))], axis=1)
+    out = gru(h) + gru(keras.ops.flip(h, axis=1))
+    return keras.Model(inputs, keras.layers.Dense(3)(out))
+
+
+def shared_conv_model():
+    """Convolutions called twice (a Siamese CNN): a Conv2D on an image and on a crop of
+    it (72 positions of 18 → 3: the outer form), a Conv1D on two short sequences after
+    a Dense called twice (4 positions of 32 → 16: the Gram form)."""
+    inputs = keras.Input((7, 6, 2))
+    conv = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="conv")
+    a, b = conv(inputs), conv(inputs[:, 1:, 1:])
+    wide = keras.layers.Dense(16, name="wide")
+    conv1d = keras.layers.Conv1D(16, 2, strides=3, name="conv1d")
+    u, v = (conv1d(wide(keras.ops.mean(h, axis=2))) for h in (a, b))
+    pooled = [keras.ops.mean(h, axis=(1, 2)) for h in (a, b)]
+    pooled += [keras.ops.mean(h, axis=1) for h in (u, v)]
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.ops.concatenate(pooled, axis=-1)))
+
+
 class TiedHead(keras.layers.Layer):
     """Reads another layer's kernel: a use that no tap sees."""
 
@@ -955,6 +982,8 @@ def data(kind, n=9, seed=0):
         "long_conv": (66, 2),
         "shared": (4,),
         "shared_sequence": (40, 2),
+        "shared_recurrent": (5, 3),
+        "shared_conv": (7, 6, 2),
         "tied": (4,),
     }
     return (rng.normal(size=(n, *shape.get(kind, (6,)))) * 2).astype("float32"), y
@@ -983,6 +1012,8 @@ MODELS = {
     "uncovered_recurrent": uncovered_recurrent_model,
     "shared": shared_model,
     "shared_sequence": shared_sequence_model,
+    "shared_recurrent": shared_recurrent_model,
+    "shared_conv": shared_conv_model,
     "tied": tied_model,
     "tied_lm": tied_lm_model,
     "untied_lm": untied_lm_model,
@@ -1032,7 +1063,9 @@ def test_outer_form_kernels_keep_each_examples_gradient(kind, formed, monkeypatc
     assert seen == formed
 
 
-@pytest.mark.parametrize("kind", ["conv", "conv2d", "depthwise", "text", "mid_text", "long_text"])
+@pytest.mark.parametrize(
+    "kind", ["conv", "conv2d", "depthwise", "shared_conv", "text", "mid_text", "long_text"]
+)
 def test_norms_in_row_chunks_equal_per_example(kind, monkeypatch):
     """A large batch takes its convolution and embedding norms a chunk of rows at a
     time; forced down to 4 rows (of 9: the last chunk overlaps) and to 1 row, the
@@ -1099,6 +1132,8 @@ def test_what_falls_back():
     assert fallback_of(depthwise1d_model, x["depthwise1d"]) == set()
     assert fallback_of(shared_model, x["shared"]) == set()  # one einsum over both calls
     assert fallback_of(shared_sequence_model, x["shared_sequence"]) == set()
+    assert fallback_of(shared_recurrent_model, x["shared_recurrent"]) == set()
+    assert fallback_of(shared_conv_model, x["shared_conv"]) == set()
     tied = fallback_of(tied_model, x["tied"])
     assert any(p.endswith("kernel") for p in tied)
     assert fallback_of(tied_lm_model, x["tied_lm"]) == set()  # lookup and logits: one table
