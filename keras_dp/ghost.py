@@ -3,7 +3,7 @@
 ``DPConfig(clipping="ghost")`` (and ``"auto"``) computes the per-example gradient
 norm of the kernels (and biases) of ``Dense``, ``EinsumDense`` (also with LoRA
 enabled), ``Embedding`` (a tied ``ReversibleEmbedding``'s table through both its
-reads), ``Conv1D/2D/3D`` (``"causal"`` too), ``DepthwiseConv1D/2D`` and
+reads), ``Conv1D/2D/3D`` (``"causal"`` and grouped too), ``DepthwiseConv1D/2D`` and
 ``SeparableConv1D/2D`` layers from each layer's input and the
 gradient at its output (:mod:`keras_dp.ghost_norms`), and their clipped sum as one contraction over
 the examples: no per-example gradient of those variables is formed, except where it is
@@ -11,7 +11,7 @@ the cheaper form of its norm (:mod:`keras_dp.ghost_tap`: it is then kept for the
 sum). An embedding that the loss reads only through a sum over its positions (an
 average, masked or not) takes its norm from each position's gradient norm
 (:mod:`keras_dp.ghost_pooling`). Every other
-trainable variable (normalisation scales, a grouped convolution, anything a
+trainable variable (normalisation scales, anything a
 layer reads in a way this module does not know) gets per-example gradients in the
 same backward pass, and its squared norm is added: the clip bound C holds for the
 whole gradient.
@@ -26,8 +26,8 @@ supported only when its class's ``call`` is Keras' own (a subclass that override
 A variable's norm is ghost only when it is safe, checked on a trace of one example:
 it is tapped exactly once, or its taps are a tied embedding's lookup and reversed read
 (whose cross term :func:`keras_dp.ghost_tap.cross_terms` adds) or einsums of one
-structure or convolutions (a layer called more than once: the norm is one einsum's over all their
-positions, :func:`keras_dp.ghost_tap.cross_terms`),
+structure or convolutions (a layer called more than once: the norm is one einsum's
+over all their positions, :func:`keras_dp.ghost_tap.cross_terms`),
 outside any loop, map or branch the call traces (``ops.scan``, ``keras.layers.RNN``'s
 cell, ``ops.vectorized_map``, ``ops.cond``: a tap there would see only that body's
 values), the call has not assigned it before the tap reads it (``SpectralNormalization``

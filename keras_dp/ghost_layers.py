@@ -4,7 +4,7 @@ A rule returns the ``call`` that :class:`keras_dp.ghost.Tape` installs on a laye
 instance while a DP step is traced: the class's computation, written out, with the
 kernel and bias read through ``tape.read`` and each linear map's output passed
 through ``tape.tap`` (which keeps the map's input). Anything a rule does not cover
-(a LoRA layout it cannot split, grouped convolutions, an embedding with LoRA)
+(a LoRA layout it cannot split, a convolution with LoRA, an embedding with LoRA)
 calls the class's own ``call``, whose variables then get per-example gradients.
 ``LSTM`` and ``GRU`` take their rules from :mod:`keras_dp.ghost_rnn`.
 """
