@@ -1,8 +1,8 @@
 """Ghost vs per-example clipping: step time, first epoch and memory, as ratios in one run.
 
-    python benchmarks/clipping.py [--models mlp tabular siamese cnn cnn32 mobile grouped
-                                            tcn text text-cnn lstm gru bert-lora
-                                            gemma-lora gemma-full]
+    python benchmarks/clipping.py [--models mlp tabular siamese siamese-cnn cnn cnn32
+                                            mobile grouped tcn text text-cnn lstm gru
+                                            bert-lora gemma-lora gemma-full]
                                   [--repeats 3] [--out benchmarks/results]
                                   [--microbatch-size K]
 
@@ -26,7 +26,9 @@ as keras_dp computes (the Poisson bound's).
 The models: an MLP 64-256-256-10 on digits (batch 64), a binary classifier 30-256-256-1
 on random tabular data (batch 64; 73,985 parameters, an odd count), a Siamese pair
 classifier (one Dense tower 32-256-64 called on both items of a pair, |a − b|, a
-Dense(1) head; random pairs, batch 64), a CNN (two 3x3
+Dense(1) head; random pairs, batch 64), a Siamese CNN (one tower of two 3x3
+convolutions, average pooling and a Dense(32) on both 16x16 images of a pair, batch
+64), a CNN (two 3x3
 convolutions and a Dense head, digits as 8x8 images, batch 64), a CNN on 32x32x3 images
 (four 3x3 convolutions, two strided; random data of CIFAR-10's shape, batch 64), a
 MobileNet-like CNN on the same images (a strided convolution, two separable ones), a
@@ -96,6 +98,36 @@ def siamese():
     first, second = keras.layers.Dense(256, activation="relu"), keras.layers.Dense(64)
     a, b = (second(first(inputs[:, i])) for i in (0, 1))
     return keras.Model(inputs, keras.layers.Dense(1)(keras.ops.abs(a - b)))
+
+
+def siamese_cnn():
+    """A Siamese CNN on pairs of 16×16 images: one tower (two 3×3 convolutions, the
+    second strided, average pooling, a Dense(32)) called on both, |a - b|, a Dense(1)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2, 16, 16, 1))
+    tower = [
+        keras.layers.Conv2D(16, 3, activation="relu"),
+        keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(32),
+    ]
+
+    def embed(h):
+        for layer in tower:
+            h = layer(h)
+        return h
+
+    a, b = (embed(inputs[:, i]) for i in (0, 1))
+    return keras.Model(inputs, keras.layers.Dense(1)(keras.ops.abs(a - b)))
+
+
+def image_pair_data(n=1024):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 2, 16, 16, 1)).astype("float32")
+    same = rng.random(n) < 0.5
+    noise = 0.3 * rng.normal(size=(same.sum(), 16, 16, 1)).astype("float32")
+    x[same, 1] = x[same, 0] + noise
+    return x, same.astype("float32")[:, None]
 
 
 def pair_data(n=2048):
@@ -289,6 +321,7 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "mlp": (mlp, digits_data, 64, 6),
     "tabular": (tabular, tabular_data, 64, 4),
     "siamese": (siamese, pair_data, 64, 4),
+    "siamese-cnn": (siamese_cnn, image_pair_data, 64, 3),
     "cnn": (cnn, image_data, 64, 6),
     "cnn32": (cnn32, cifar_like_data, 64, 3),
     "tcn": (tcn, series_data, 64, 4),
@@ -307,6 +340,7 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
 LOSSES = {
     "tabular": keras.losses.BinaryCrossentropy(from_logits=True),
     "siamese": keras.losses.BinaryCrossentropy(from_logits=True),
+    "siamese-cnn": keras.losses.BinaryCrossentropy(from_logits=True),
 }
 
 
