@@ -367,7 +367,7 @@ def _cheaper(taps, index: int) -> bool:
     per-example gradients hold the vocabulary times the width for every example."""
     reads = [t for t in taps if t.kernel == index]
     if not reads or (len(reads) > 1 and all(t.kind in ("einsum", "conv") for t in reads)):
-        return True  # a bias: its norm is its gradient; a shared einsum: as one einsum
+        return True  # a bias: its norm is its gradient; read by einsums or convs: one einsum's
     costs = [t.costs() for t in reads]
     norm = sum(c[0] for c in costs) + tied_cost(reads)
     if len(reads) == 2 and _backend.on_cpu():

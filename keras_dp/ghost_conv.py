@@ -138,12 +138,6 @@ def depthwise_layout(spec: Conv, x_shape, out) -> jnp.ndarray:
     return out.reshape(x_shape[0], *_out_spatial(spec, padded), -1)
 
 
-def conv_sq_norms(patches, g) -> jnp.ndarray:
-    """Per-example squared norms of a convolution's kernel gradient, from its input's
-    :func:`conv_patches` and the gradient g at its output [B, 1, *out, filters]."""
-    return gn.kernel_sq_norms(gn.DENSE, patches, g.reshape(g.shape[0], -1, g.shape[-1]))
-
-
 def _sizes(spec: Conv, x, g) -> tuple[int, int]:
     """(output positions, patch numbers) of one example: S and Kx."""
     return math.prod(g.shape[2:-1]), math.prod(spec.window) * x.shape[-1]
@@ -157,24 +151,15 @@ def outer_form(spec: Conv, x, g) -> bool:
     return gn.outer_form(gn.DENSE, (positions, window), (positions, g.shape[-1]))
 
 
-def input_sq_norms(spec: Conv, x, g) -> jnp.ndarray:
-    """:func:`conv_sq_norms` from the input x [B, 1, *spatial, C] itself: its patches
-    (the window times the input) are unfolded a chunk of rows at a time when the batch
-    is large (:func:`keras_dp.ghost_norms.by_row_chunks`)."""
-    positions, window = _sizes(spec, x, g)
-    outer = outer_form(spec, x, g)
-    per_row = positions * window + (window * g.shape[-1] if outer else 2 * positions**2)
-    rows = gn.chunk_rows(per_row, x.shape[0])
-    return gn.by_row_chunks(lambda x, g: conv_sq_norms(conv_patches(spec, x), g), rows, x, g)
-
-
-def shared_sq_norms(reads) -> jnp.ndarray:
-    """Per-example squared norms of one kernel's gradient when several convolutions read
-    it (a layer called more than once), from ``reads``, their (spec, x, g) as
-    :func:`input_sq_norms` takes them: its gradient is Σ over the reads of each read's
-    patches ⊗ g, one Dense einsum's over all the reads' positions laid end to end, whose
-    norm is taken by the cheaper exact form for them all, a chunk of rows at a time when
-    the batch is large."""
+def sq_norms(reads) -> jnp.ndarray:
+    """Per-example squared norms (float32 [B]) of one kernel's gradient from ``reads``,
+    the (spec, x [B, 1, *spatial, C], g [B, 1, *out, filters]) of each convolution that
+    reads it: one, or several for a layer called more than once. Its gradient is Σ over
+    the reads of each read's patches (the window times the input) ⊗ g, one Dense
+    einsum's over all the reads' positions laid end to end, whose norm is taken by the
+    cheaper exact form for them all (:func:`keras_dp.ghost_norms.grouped_sq_norms`),
+    the patches unfolded a chunk of rows at a time when the batch is large
+    (:func:`keras_dp.ghost_norms.by_row_chunks`)."""
     sizes = [_sizes(spec, x, g) for spec, x, g in reads]
     positions, window = sum(s for s, _ in sizes), sizes[0][1]
     filters = reads[0][2].shape[-1]

@@ -11,6 +11,8 @@ calls the class's own ``call``, whose variables then get per-example gradients.
 
 from __future__ import annotations
 
+import functools
+
 import keras
 from keras import ops
 
@@ -196,31 +198,41 @@ def _conv_tapped(layer, tape, spec, inputs, kernel):
     return tape.tap(layer, out, inputs, "conv", spec, kernel, bias)
 
 
-def _depthwise_tapped(layer, tape, inputs, kernel):
-    """Each channel convolved with its own filters (``ops.depthwise_conv``), as an
-    einsum over the unfolded patches (:func:`keras_dp.ghost_conv.depthwise`), tapped:
-    the patches are the tap's x, and the channel axis is shared by x, kernel and
-    output, so the norm keeps each channel's gradient apart."""
-    spec = _conv_spec(layer, layer.padding)
-    patches, out = gc.depthwise(spec, inputs, ops.convert_to_tensor(tape.read(kernel)))
-    equation = gc.depthwise_equation(layer.rank)
+def _patches_tapped(layer, tape, spec, inputs, kernel, form, equation):
+    """A convolution as ``equation``'s einsum over the unfolded patches, which ``form``
+    (:func:`keras_dp.ghost_conv.depthwise` or :func:`~keras_dp.ghost_conv.grouped`)
+    returns with its output, tapped with the patches as its x, then laid out as Keras
+    does (:func:`keras_dp.ghost_conv.depthwise_layout`)."""
+    patches, out = form(spec, inputs, ops.convert_to_tensor(tape.read(kernel)))
     out = tape.tap(layer, out, patches, "einsum", gn.parse(equation, patches.ndim), kernel)
     return gc.depthwise_layout(spec, inputs.shape, out)
 
 
+def _bias_tapped(layer, tape, out):
+    """out + the layer's bias, with a tap of its own (out unchanged without a bias)."""
+    if not layer.use_bias:
+        return out
+    out = ops.add(out, tape.read(layer.bias))
+    return tape.tap(layer, out, None, "bias", None, None, layer.bias)
+
+
+def _depthwise_tapped(layer, tape, inputs, kernel):
+    """Each channel convolved with its own filters (``ops.depthwise_conv``), as an
+    einsum over the unfolded patches (:func:`keras_dp.ghost_conv.depthwise`), tapped:
+    the channel axis is shared by x, kernel and output, so the norm keeps each
+    channel's gradient apart."""
+    spec = _conv_spec(layer, layer.padding)
+    equation = gc.depthwise_equation(layer.rank)
+    return _patches_tapped(layer, tape, spec, inputs, kernel, gc.depthwise, equation)
+
+
 def _grouped_tapped(layer, tape, spec, inputs):
     """A convolution of ``layer.groups`` groups (:func:`keras_dp.ghost_conv.grouped`),
-    tapped as :func:`_depthwise_tapped` is (the group axis shared), then its bias, with a
-    tap of its own."""
-    kernel = layer.kernel
-    patches, out = gc.grouped(spec, inputs, ops.convert_to_tensor(tape.read(kernel)), layer.groups)
-    parsed = gn.parse(gc.grouped_equation(layer.rank), patches.ndim)
-    out = tape.tap(layer, out, patches, "einsum", parsed, kernel)
-    out = gc.depthwise_layout(spec, inputs.shape, out)
-    if layer.use_bias:
-        out = ops.add(out, tape.read(layer.bias))
-        out = tape.tap(layer, out, None, "bias", None, None, layer.bias)
-    return out
+    tapped as :func:`_depthwise_tapped` is (the group axis shared), then its bias."""
+    form = functools.partial(gc.grouped, groups=layer.groups)
+    equation = gc.grouped_equation(layer.rank)
+    out = _patches_tapped(layer, tape, spec, inputs, layer.kernel, form, equation)
+    return _bias_tapped(layer, tape, out)
 
 
 def _covered(layer, *kernels) -> bool:
@@ -240,10 +252,7 @@ def _depthwise(layer, tape, original):
         if not _covered(layer, "kernel"):
             return original(inputs)
         out = _depthwise_tapped(layer, tape, inputs, layer.kernel)
-        if layer.use_bias:
-            out = ops.add(out, tape.read(layer.bias))
-            out = tape.tap(layer, out, None, "bias", None, None, layer.bias)
-        return _activate(layer, out)
+        return _activate(layer, _bias_tapped(layer, tape, out))
 
     return call
 

@@ -112,7 +112,7 @@ class Tap:
                 else:
                     total = total + ge.embedding_sq_norms(x, g)
             elif self.kind == "conv":
-                total = total + gc.input_sq_norms(self.spec, x, g)
+                total = total + gc.sq_norms(((self.spec, x, g),))
             else:
                 total = total + gn.kernel_sq_norms(self.spec, x, g)
         if self.use_bias:
@@ -222,7 +222,7 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
       each read's Σ_s x_s ⊗ g_s, one einsum's over the reads' positions concatenated,
       so the norm is that einsum's (the cheaper exact form for all the positions,
       :func:`keras_dp.ghost_norms.grouped_sq_norms`; a convolution's over its
-      patches, :func:`keras_dp.ghost_conv.shared_sq_norms`). A shared bias': its
+      patches, :func:`keras_dp.ghost_conv.sq_norms`). A shared bias': its
       reads' gradients summed, then squared.
     """
     total = None
@@ -250,7 +250,7 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
         gr = jnp.concatenate([g for _, g in grouped], axis=1)
         add(gn.grouped_sq_norms(xr, gr, gn.outer_is_faster(*xr.shape[1:], gr.shape[-1])))
     for conv_reads in convs.values():  # the same, over their patches
-        add(gc.shared_sq_norms(conv_reads))
+        add(gc.sq_norms(conv_reads))
     for per in biases.values():
         summed = sum(per[1:], per[0])
         add(jnp.sum(jnp.square(summed).reshape(summed.shape[0], -1), axis=1))

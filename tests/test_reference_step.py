@@ -116,6 +116,8 @@ def build(kind: str, dropout: bool, dtype: str | None):
     elif kind == "conv":
         inputs = keras.Input((LENGTH, 2))
         h = keras.layers.Conv1D(4, 2, activation="relu", dtype=dtype)(inputs)
+        shared = keras.layers.Conv1D(4, 2, padding="same", activation="tanh", dtype=dtype)
+        h = shared(shared(h))  # one kernel, two reads: their patches laid end to end
         h = keras.layers.Conv1D(2, 3, strides=2, padding="causal", groups=2, dtype=dtype)(h)
         h = keras.layers.SeparableConv1D(3, 2, depth_multiplier=2, padding="same", dtype=dtype)(h)
         h = keras.layers.Flatten(dtype=dtype)(h)
