@@ -26,8 +26,8 @@ supported only when its class's ``call`` is Keras' own (a subclass that override
 A variable's norm is ghost only when it is safe, checked on a trace of one example:
 it is tapped exactly once, or its taps are a tied embedding's lookup and reversed read
 (whose cross term :func:`keras_dp.ghost_tap.cross_terms` adds) or einsums of one
-structure or convolutions (a layer called more than once: the norm is one einsum's
-over all their positions, :func:`keras_dp.ghost_tap.cross_terms`),
+structure, convolutions or lookups (a layer called more than once: the norm is one
+einsum's or lookup's over all their positions, :func:`keras_dp.ghost_tap.cross_terms`),
 outside any loop, map or branch the call traces (``ops.scan``, ``keras.layers.RNN``'s
 cell, ``ops.vectorized_map``, ``ops.cond``: a tap there would see only that body's
 values), the call has not assigned it before the tap reads it (``SpectralNormalization``
@@ -55,7 +55,7 @@ except ImportError:  # jax 0.7-0.8 have it only internally (the same function)
 
 from keras_dp import _backend, _keras, ghost_cost, ghost_layers, ghost_pooling
 from keras_dp import ghost_embedding as ge
-from keras_dp.ghost_tap import Tap, tied_cost
+from keras_dp.ghost_tap import Tap, lookups_costs, tied_cost
 
 logger = logging.getLogger(__name__)
 
@@ -321,8 +321,8 @@ def _tied(taps, index: int) -> bool:
 
 def _shared(taps, candidates: set) -> set:
     """The ``candidates`` (variables read by more than one tap) whose reads are all
-    einsums of one structure or all convolutions (a layer called more than once: its
-    kernel in each) or all biases, and whose taps read no variable but such ones: their
+    einsums of one structure, all convolutions or all lookups (a layer called more than
+    once: its kernel in each) or all biases, and whose taps read no variable but such ones: their
     norms come from all their reads together (:attr:`Tap.shared`,
     :func:`keras_dp.ghost_tap.cross_terms`)."""
     shared = set(candidates)
@@ -331,8 +331,8 @@ def _shared(taps, candidates: set) -> set:
         changed = False
         for i in sorted(shared):
             reads = [t for t in taps if i in (t.kernel, t.bias)]
-            if all(t.kernel == i and t.kind == "conv" for t in reads):
-                ok = True  # one kernel: the same patch width and filters
+            if all(t.kernel == i and t.kind in ("conv", "embedding") for t in reads):
+                ok = len({t.kind for t in reads}) == 1  # patches or ids of one kernel
             elif all(t.kernel == i for t in reads):
                 einsums = all(t.kind == "einsum" and t.spec is not None for t in reads)
                 ok = einsums and len({(t.spec.k, t.spec.kx, t.spec.ko) for t in reads}) == 1
@@ -368,6 +368,9 @@ def _cheaper(taps, index: int) -> bool:
     reads = [t for t in taps if t.kernel == index]
     if not reads or (len(reads) > 1 and all(t.kind in ("einsum", "conv") for t in reads)):
         return True  # a bias: its norm is its gradient; read by einsums or convs: one einsum's
+    if len(reads) > 1 and all(t.kind == "embedding" for t in reads):
+        norm, formed = lookups_costs(reads)  # a table looked up more than once
+        return norm <= formed
     costs = [t.costs() for t in reads]
     norm = sum(c[0] for c in costs) + tied_cost(reads)
     if len(reads) == 2 and _backend.on_cpu():

@@ -49,10 +49,10 @@ class Tap:
         (:func:`keras_dp.ghost_embedding.pooled_sq_norms`), an upper bound that is
         exact there.
       shared: Whether the tap's variables are read by other taps too, all einsums of
-        one structure or all convolutions (a layer called more than once): their norms
-        come from every
-        read together (:func:`cross_terms`: the reads' positions concatenated, as one
-        einsum over them), and each tap adds its own sum.
+        one structure, all convolutions or all lookups (a layer called more than once):
+        their norms come from every read together (:func:`cross_terms`: the reads'
+        positions concatenated, as one einsum or lookup over them), and each tap adds
+        its own sum.
     """
 
     kind: str
@@ -222,8 +222,10 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
       each read's Σ_s x_s ⊗ g_s, one einsum's over the reads' positions concatenated,
       so the norm is that einsum's (the cheaper exact form for all the positions,
       :func:`keras_dp.ghost_norms.grouped_sq_norms`; a convolution's over its
-      patches, :func:`keras_dp.ghost_conv.sq_norms`). A shared bias': its
-      reads' gradients summed, then squared.
+      patches, :func:`keras_dp.ghost_conv.sq_norms`; a table's lookups' over all
+      their tokens, :func:`keras_dp.ghost_embedding.embedding_sq_norms`, exact even
+      where each lookup alone is pooled). A shared bias': its reads' gradients summed,
+      then squared.
     """
     total = None
 
@@ -231,12 +233,14 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
         nonlocal total
         total = term if total is None else total + term
 
-    reads, kernels, convs, biases = {}, {}, {}, {}
+    reads, kernels, convs, lookups, biases = {}, {}, {}, {}, {}
     for t, x, g in zip(taps, xs, gs):
         if t.tied and t.use_kernel:
             reads.setdefault(t.kernel, {})[t.kind] = (t, x, g)
         if t.shared and t.use_kernel and t.kind == "conv":
             convs.setdefault(t.kernel, []).append((t.spec, x, g))
+        elif t.shared and t.use_kernel and t.kind == "embedding":
+            lookups.setdefault(t.kernel, []).append((x.reshape(x.shape[0], -1), g))
         elif t.shared and t.use_kernel:
             kernels.setdefault(t.kernel, []).append(gn.grouped(t.spec, x, g))
         if t.shared and t.use_bias:
@@ -251,6 +255,10 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
         add(gn.grouped_sq_norms(xr, gr, gn.outer_is_faster(*xr.shape[1:], gr.shape[-1])))
     for conv_reads in convs.values():  # the same, over their patches
         add(gc.sq_norms(conv_reads))
+    for ids_and_gs in lookups.values():  # a table's lookups: all their tokens at once
+        ids = jnp.concatenate([ids for ids, _ in ids_and_gs], axis=1)
+        gs = [g.reshape(ids.shape[0], -1, g.shape[-1]) for _, g in ids_and_gs]
+        add(ge.embedding_sq_norms(ids, jnp.concatenate(gs, axis=1)))
     for per in biases.values():
         summed = sum(per[1:], per[0])
         add(jnp.sum(jnp.square(summed).reshape(summed.shape[0], -1), axis=1))
@@ -265,6 +273,16 @@ def tied_cost(reads) -> int:
         return 0
     lookup, logits = kinds["embedding"].out.shape, kinds["einsum"].out.shape
     return math.prod(lookup[:-1]) * math.prod(logits[:-1]) * lookup[-1]
+
+
+def lookups_costs(reads) -> tuple[int, int]:
+    """(ghost norm, forming the per-example gradient) of a table's lookups ``reads`` (its
+    taps, more than one), multiply-adds per example as :meth:`Tap.costs` counts them:
+    :func:`cross_terms` takes the norm over all their tokens at once, and each example's
+    gradient is one table, scattered into from every lookup."""
+    tokens, dim = sum(math.prod(t.out.shape[:-1]) for t in reads), reads[0].out.shape[-1]
+    table = ge.TABLE_COST * math.prod(reads[0].kernel_shape)
+    return min(ge.embedding_costs(tokens, dim)), tokens * dim + table
 
 
 def _x_shape(spec: gn.Einsum, out_shape, kernel_shape) -> tuple:

@@ -658,6 +658,19 @@ def pooled_text_model():  # averaged: each position's norm, over one feature
     return _text_model(TEXT_LENGTHS["mid_text"], keras.layers.GlobalAveragePooling1D)
 
 
+def shared_text_model():
+    """A table looked up three times (a Siamese text model): the first 6 ids averaged,
+    the last 4 averaged (each lookup alone pooled, whose norm would be a bound: the two
+    reads' gradients are different vectors), and ids 4-7 through a Dense. The ids
+    repeat across the reads, negative ones wrapping (-1 reads row 6)."""
+    inputs = keras.Input((10,), dtype="int32")
+    table = keras.layers.Embedding(7, 4, name="table")
+    a = keras.layers.GlobalAveragePooling1D()(table(inputs[:, :6]))
+    b = keras.ops.mean(table(inputs[:, 6:]), axis=1)
+    c = keras.layers.Dense(3, activation="tanh")(keras.layers.Flatten()(table(inputs[:, 4:8])))
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.ops.concatenate([a, b, c], -1)))
+
+
 def lora_model():
     inputs = keras.Input((5, 4))
     dense = keras.layers.Dense(6, activation="relu")
@@ -966,6 +979,8 @@ def data(kind, n=9, seed=0):
     kind = {"pooled_text": "mid_text", "pooled_negative_ids": "negative_ids"}.get(kind, kind)
     if kind in TEXT_LENGTHS:
         return rng.integers(0, 7, (n, TEXT_LENGTHS[kind])).astype("int32"), y
+    if kind == "shared_text":
+        return rng.integers(-7, 7, (n, 10)).astype("int32"), y
     if kind == "negative_ids":  # -1 reads row 6 as 6 does (NumPy's wrap): one row
         return rng.integers(-7, 7, (n, TEXT_LENGTHS["mid_text"])).astype("int32"), y
     shape = {
@@ -1014,6 +1029,7 @@ MODELS = {
     "shared_sequence": shared_sequence_model,
     "shared_recurrent": shared_recurrent_model,
     "shared_conv": shared_conv_model,
+    "shared_text": shared_text_model,
     "tied": tied_model,
     "tied_lm": tied_lm_model,
     "untied_lm": untied_lm_model,
@@ -1064,7 +1080,8 @@ def test_outer_form_kernels_keep_each_examples_gradient(kind, formed, monkeypatc
 
 
 @pytest.mark.parametrize(
-    "kind", ["conv", "conv2d", "depthwise", "shared_conv", "text", "mid_text", "long_text"]
+    "kind",
+    ["conv", "conv2d", "depthwise", "shared_conv", "text", "mid_text", "long_text", "shared_text"],
 )
 def test_norms_in_row_chunks_equal_per_example(kind, monkeypatch):
     """A large batch takes its convolution and embedding norms a chunk of rows at a
@@ -1134,6 +1151,7 @@ def test_what_falls_back():
     assert fallback_of(shared_sequence_model, x["shared_sequence"]) == set()
     assert fallback_of(shared_recurrent_model, x["shared_recurrent"]) == set()
     assert fallback_of(shared_conv_model, x["shared_conv"]) == set()
+    assert fallback_of(shared_text_model, x["shared_text"]) == set()  # its lookups' tokens
     tied = fallback_of(tied_model, x["tied"])
     assert any(p.endswith("kernel") for p in tied)
     assert fallback_of(tied_lm_model, x["tied_lm"]) == set()  # lookup and logits: one table

@@ -111,8 +111,11 @@ def build(kind: str, dropout: bool, dtype: str | None):
     elif kind in EMBEDDINGS:
         length, features = EMBEDDINGS[kind]
         inputs = keras.Input((length,), dtype="int32")
-        h = keras.layers.Embedding(VOCAB, features, dtype=dtype)(inputs)
-        h = keras.layers.GlobalAveragePooling1D(dtype=dtype)(h)
+        table = keras.layers.Embedding(VOCAB, features, dtype=dtype)
+        h = keras.layers.GlobalAveragePooling1D(dtype=dtype)(table(inputs))
+        if kind == "embedding":  # the table looked up twice: its norm over both reads
+            second = keras.layers.Flatten(dtype=dtype)(table(inputs[:, 1:3]))
+            h = keras.layers.Concatenate(dtype=dtype)([h, second])
     elif kind == "conv":
         inputs = keras.Input((LENGTH, 2))
         h = keras.layers.Conv1D(4, 2, activation="relu", dtype=dtype)(inputs)
@@ -410,6 +413,12 @@ def plans(kinds: list[str], losses: list[str]) -> st.SearchStrategy:
     plan=dict(kind="mixed", loss="sparse_ce", sampling="fixed", batch=66, extra=45,
               microbatch=None, devices=1, dtype="float32", weighted=False, dropout=True,
               sigma=0.0, clip=100.0, steps=2, bands=1, clipping="auto")
+)  # fmt: skip
+# A table looked up twice (its norm over both lookups' tokens), in chunks of rows.
+@example(
+    plan=dict(kind="embedding", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=None, devices=2, dtype="float32", weighted=True, dropout=False,
+              sigma=0.7, clip=0.05, steps=2, clipping="auto", norm_chunk=64)
 )  # fmt: skip
 def test_train_step_equals_the_reference(plan):
     check_train_step(plan)
