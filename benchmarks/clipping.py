@@ -1,7 +1,7 @@
 """Ghost vs per-example clipping: step time, first epoch and memory, as ratios in one run.
 
-    python benchmarks/clipping.py [--models mlp tabular siamese siamese-cnn cnn cnn32
-                                            mobile grouped tcn text text-cnn lstm gru
+    python benchmarks/clipping.py [--models mlp tabular siamese siamese-cnn siamese-text
+                                            cnn cnn32 mobile grouped tcn text text-cnn lstm gru
                                             bert-lora gemma-lora gemma-full]
                                   [--repeats 3] [--out benchmarks/results]
                                   [--microbatch-size K]
@@ -28,7 +28,8 @@ on random tabular data (batch 64; 73,985 parameters, an odd count), a Siamese pa
 classifier (one Dense tower 32-256-64 called on both items of a pair, |a − b|, a
 Dense(1) head; random pairs, batch 64), a Siamese CNN (one tower of two 3x3
 convolutions, average pooling and a Dense(32) on both 16x16 images of a pair, batch
-64), a CNN (two 3x3
+64), a Siamese text classifier (one Embedding(5,000, 64) table looked up for both 32-token
+texts of a pair, averaged, one Dense(64) tower, batch 64), a CNN (two 3x3
 convolutions and a Dense head, digits as 8x8 images, batch 64), a CNN on 32x32x3 images
 (four 3x3 convolutions, two strided; random data of CIFAR-10's shape, batch 64), a
 MobileNet-like CNN on the same images (a strided convolution, two separable ones), a
@@ -119,6 +120,27 @@ def siamese_cnn():
 
     a, b = (embed(inputs[:, i]) for i in (0, 1))
     return keras.Model(inputs, keras.layers.Dense(1)(keras.ops.abs(a - b)))
+
+
+def siamese_text():
+    """A duplicate-question classifier: one Embedding(5000, 64) table looked up for both
+    texts of a pair (32 tokens each), each averaged, one Dense(64) tower called on both,
+    |a - b|, a Dense(1) head."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2, 32), dtype="int32")
+    table = keras.layers.Embedding(5000, 64)
+    tower = keras.layers.Dense(64, activation="relu")
+    a, b = (tower(keras.ops.mean(table(inputs[:, i]), axis=1)) for i in (0, 1))
+    return keras.Model(inputs, keras.layers.Dense(1)(keras.ops.abs(a - b)))
+
+
+def text_pair_data(n=2048):
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 5000, (n, 2, 32)).astype("int32")
+    same = rng.random(n) < 0.5
+    keep = rng.random((same.sum(), 32)) < 0.7  # a duplicate shares 70% of its tokens
+    x[same, 1] = np.where(keep, x[same, 0], x[same, 1])
+    return x, same.astype("float32")[:, None]
 
 
 def image_pair_data(n=1024):
@@ -322,6 +344,7 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "tabular": (tabular, tabular_data, 64, 4),
     "siamese": (siamese, pair_data, 64, 4),
     "siamese-cnn": (siamese_cnn, image_pair_data, 64, 3),
+    "siamese-text": (siamese_text, text_pair_data, 64, 4),
     "cnn": (cnn, image_data, 64, 6),
     "cnn32": (cnn32, cifar_like_data, 64, 3),
     "tcn": (tcn, series_data, 64, 4),
@@ -341,6 +364,7 @@ LOSSES = {
     "tabular": keras.losses.BinaryCrossentropy(from_logits=True),
     "siamese": keras.losses.BinaryCrossentropy(from_logits=True),
     "siamese-cnn": keras.losses.BinaryCrossentropy(from_logits=True),
+    "siamese-text": keras.losses.BinaryCrossentropy(from_logits=True),
 }
 
 
