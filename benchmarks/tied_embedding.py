@@ -1,6 +1,7 @@
 """A tied embedding's ghost norm against its per-example gradients: memory and time.
 
     python benchmarks/tied_embedding.py [--vocab 1024 8192 32768] [--repeats 7]
+                                        [--model gemma3|bart]
 
 A language model whose token embedding is also its output projection (keras-hub's
 ``ReversibleEmbedding(tie_weights=True)``: Gemma, GPT-2, Llama's tied variants) reads
@@ -10,7 +11,10 @@ their cross term, :func:`keras_dp.ghost_embedding.tied_cross`); the previous rel
 the table per-example gradients ([V, d] for every example of a chunk). Both are run
 here on the same model, a Gemma3 (by default 2 layers, hidden 128; 64 tokens, batch 16, random
 weights) fully fine-tuned, for each vocabulary size, beside plain Keras' step on the
-same 16 rows:
+same 16 rows. ``--model bart``: a keras-hub ``BartSeq2SeqLM`` of the same size (64
+tokens into the encoder, 64 into the decoder), whose one table is looked up for both
+and read in reverse as the logits (three reads: each side's norm over its reads, then
+their cross term). The kinds:
 
 - ``plain``: Keras' own train step;
 - ``ghost``: keras_dp, ``clipping="ghost"`` (the table's two reads are ghost);
@@ -50,13 +54,20 @@ KINDS = ("plain", "ghost", "table per-example", "per_example")
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-HIDDEN, LAYERS = 128, 2  # --hidden, --layers
+HIDDEN, LAYERS, MODEL = 128, 2, "gemma3"  # --hidden, --layers, --model
 
 
 def lm(vocab: int) -> keras.Model:
     import keras_hub
 
     keras.utils.set_random_seed(0)
+    if MODEL == "bart":
+        backbone = keras_hub.models.BartBackbone(
+            vocabulary_size=vocab, num_layers=LAYERS, num_heads=2, hidden_dim=HIDDEN,
+            intermediate_dim=2 * HIDDEN, max_sequence_length=LENGTH,
+        )  # fmt: skip
+        task = keras_hub.models.BartSeq2SeqLM(backbone=backbone, preprocessor=None)
+        return keras.Model(task.inputs, task.outputs)
     backbone = offline.gemma3_backbone(
         vocabulary_size=vocab, num_layers=LAYERS, hidden_dim=HIDDEN, sequence_length=LENGTH
     )
@@ -66,10 +77,11 @@ def lm(vocab: int) -> keras.Model:
 
 def tokens(vocab: int, n: int = 4 * BATCH):
     rng = np.random.default_rng(0)
-    x = {
-        "token_ids": rng.integers(1, vocab, (n, LENGTH)).astype("int32"),
-        "padding_mask": np.ones((n, LENGTH), bool),
-    }
+    sides = ("encoder_", "decoder_") if MODEL == "bart" else ("",)
+    x = {}
+    for side in sides:
+        x[f"{side}token_ids"] = rng.integers(1, vocab, (n, LENGTH)).astype("int32")
+        x[f"{side}padding_mask"] = np.ones((n, LENGTH), bool)
     return x, rng.integers(1, vocab, (n, LENGTH)).astype("int32")
 
 
@@ -135,21 +147,23 @@ def measure(vocab: int, repeats: int) -> dict:
 
 
 def main() -> None:
-    global HIDDEN, LAYERS
+    global HIDDEN, LAYERS, MODEL
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", nargs="+", type=int, default=[1024, 8192, 32768])
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--model", choices=["gemma3", "bart"], default=MODEL)
     parser.add_argument("--memory-only", action="store_true", help="one chunk's memory alone")
     args = parser.parse_args()
-    HIDDEN, LAYERS = args.hidden, args.layers
+    HIDDEN, LAYERS, MODEL = args.hidden, args.layers, args.model
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {jax.default_backend()}; "
         f"jax {jax.__version__}, keras {keras.__version__}\n\n"
         "    python benchmarks/tied_embedding.py "
         f"--vocab {' '.join(map(str, args.vocab))} --hidden {HIDDEN} --layers {LAYERS} "
-        f"--repeats {args.repeats}{' --memory-only' if args.memory_only else ''}\n"
+        f"--repeats {args.repeats} --model {MODEL}"
+        f"{' --memory-only' if args.memory_only else ''}\n"
     )
     if not args.memory_only:
         print(

@@ -24,7 +24,7 @@ supported only when its class's ``call`` is Keras' own (a subclass that override
 ``call`` keeps its own) and it is not quantized.
 
 A variable's norm is ghost only when it is safe, checked on a trace of one example:
-it is tapped exactly once, or its taps are a tied embedding's lookup and reversed read
+it is tapped exactly once, or its taps are a tied embedding's lookups and reversed reads
 (whose cross term :func:`keras_dp.ghost_tap.cross_terms` adds) or einsums of one
 structure, convolutions or lookups (a layer called more than once: the norm is one
 einsum's or lookup's over all their positions, :func:`keras_dp.ghost_tap.cross_terms`),
@@ -276,8 +276,9 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
     uses = collections.Counter(i for t in tape.taps for i in (t.kernel, t.bias) if i is not None)
     nested = {i for t in tape.taps if t.nested for i in (t.kernel, t.bias)}
     unsafe = elsewhere | nested
-    tied = {i for i, c in uses.items() if c == 2 and i not in unsafe and _tied(tape.taps, i)}
+    tied = {i for i, c in uses.items() if c > 1 and i not in unsafe and _tied(tape.taps, i)}
     shared = _shared(tape.taps, {i for i, c in uses.items() if c > 1} - unsafe - tied)
+    shared |= {i for i in tied if uses[i] > 2}  # each side's norm over its reads
     safe = {i for i, c in uses.items() if c == 1 and i not in unsafe} | tied | shared
     taps = [
         dataclasses.replace(t, pooled=ghost_pooling.is_pooled(closed.jaxpr, ghost_pooling.tag(k)))
@@ -309,12 +310,12 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
 
 
 def _tied(taps, index: int) -> bool:
-    """Whether the two taps that read variable ``index`` are a table's lookup and its
-    reversed read as logits (:func:`keras_dp.ghost_embedding.ties`): a tied embedding,
+    """Whether the taps that read variable ``index`` are a table's lookups and its
+    reversed reads as logits (:func:`keras_dp.ghost_embedding.ties`): a tied embedding,
     whose norm :func:`keras_dp.ghost_tap.cross_terms` completes."""
     reads = [t for t in taps if index in (t.kernel, t.bias)]
-    kinds = sorted(t.kind for t in reads)
-    if kinds != ["einsum", "embedding"] or any(t.bias == index for t in reads):
+    kinds = {t.kind for t in reads}
+    if kinds != {"einsum", "embedding"} or any(t.bias == index for t in reads):
         return False
     return all(t.kind == "embedding" or (t.spec is not None and ge.ties(t.spec)) for t in reads)
 
@@ -347,7 +348,7 @@ def _shared(taps, candidates: set) -> set:
 
 def _cheaper(taps, index: int) -> bool:
     """auto: a tapped kernel is ghost unless its norm costs more than forming its
-    per-example gradient (:meth:`Tap.costs`, summed over a tied table's two reads with
+    per-example gradient (:meth:`Tap.costs`, summed over a tied table's reads with
     their cross term): an embedding over sequences long against its table (whose
     per-example gradient is a zeroed V×d table an example: its memory traffic is
     charged, :data:`keras_dp.ghost_embedding.TABLE_COST`). (A cost model that also charged
@@ -373,7 +374,7 @@ def _cheaper(taps, index: int) -> bool:
         return norm <= formed
     costs = [t.costs() for t in reads]
     norm = sum(c[0] for c in costs) + tied_cost(reads)
-    if len(reads) == 2 and _backend.on_cpu():
+    if len(reads) > 1 and _backend.on_cpu():  # a tied table
         return norm <= 2 * math.prod(reads[0].kernel_shape)
     return norm <= sum(c[1] for c in costs)
 

@@ -210,11 +210,13 @@ def ties(spec: gn.Einsum) -> bool:
     return not spec.shared and len(spec.kx) == 1 and spec.k == spec.ko + spec.kx
 
 
-def tied_cross(ids, g, spec: gn.Einsum, h, delta) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """⟨A_b, R_b⟩ per example (float32 [B]) for a table read twice: A_b its lookup's
-    gradient, Σ_t onehot(id_t) ⊗ g_t (ids [B, T], g [B, T, d]), and R_b its reversed
-    read's, Σ_s δ_s ⊗ h_s (:func:`ties`: h [B, S, d] in, δ [B, S, V] at the logits).
-    Σ_{s,t} δ_s[id_t]·⟨g_t, h_s⟩: S·T·d multiply-adds an example, the two [V, d]
+def tied_cross(ids, g, xr, gr) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """⟨A_b, R_b⟩ per example (float32 [B]) for a table looked up and read in reverse:
+    A_b its lookups' gradient, Σ_t onehot(id_t) ⊗ g_t (ids [B, T], g [B, T, d]), and R_b
+    its reversed reads', Σ_s δ_s ⊗ h_s (:func:`ties`; h and δ at the logits as
+    :func:`keras_dp.ghost_norms.grouped` lays them out, xr [B, S, 1, d] and
+    gr [B, S, 1, V]). The lookups' or the reads' positions may be several calls' laid end
+    to end. Σ_{s,t} δ_s[id_t]·⟨g_t, h_s⟩: S·T·d multiply-adds an example, the two [V, d]
     gradients never formed; ‖A_b + R_b‖² = ‖A_b‖² + ‖R_b‖² + 2·⟨A_b, R_b⟩.
 
     Also the products' gross size, Σ_{s,t} |δ_s[id_t]|·‖g_t‖‖h_s‖ (float32 [B]): where
@@ -224,7 +226,6 @@ def tied_cross(ids, g, spec: gn.Einsum, h, delta) -> tuple[jnp.ndarray, jnp.ndar
     """
     ids = ids.reshape(ids.shape[0], -1)
     g = g.reshape(ids.shape[0], ids.shape[1], -1).astype(jnp.float32)
-    xr, gr = gn.grouped(spec, h, delta)
     xr, gr = xr.reshape(xr.shape[0], -1, xr.shape[-1]), gr.reshape(gr.shape[0], -1, gr.shape[-1])
 
     def cross(ids, g, xr, gr):
@@ -244,11 +245,11 @@ def tied_cross(ids, g, spec: gn.Einsum, h, delta) -> tuple[jnp.ndarray, jnp.ndar
     return both[:, 0], both[:, 1]
 
 
-def tied_term(ids, g, spec: gn.Einsum, h, delta) -> jnp.ndarray:
+def tied_term(ids, g, xr, gr) -> jnp.ndarray:
     """2·⟨A_b, R_b⟩ (:func:`tied_cross`) plus :data:`keras_dp.ghost_norms.ROUNDING` times 4 of its
     products' gross sizes (float32 [B]): added to the two reads' own squared norms, an upper
     bound on ‖A_b + R_b‖². Where A_b ≈ -R_b the three terms, each about 2·|⟨A_b, R_b⟩| (at
     most twice the gross size), cancel: a soak drew ‖A_b‖² = 14.8, ‖R_b‖² = 15.2 whose
     ‖A_b + R_b‖² = 0.0034 came out 1.1e-5 low, 3 units of 2⁻²⁴ of the terms' 60."""
-    inner, gross = tied_cross(ids, g, spec, h, delta)
+    inner, gross = tied_cross(ids, g, xr, gr)
     return 2 * inner + 4 * gn.ROUNDING * gross

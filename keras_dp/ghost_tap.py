@@ -213,11 +213,14 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
     """The squared norms that span taps, per example (float32 [B]); None when no
     variable is read by two taps.
 
-    - A tied table: 2·⟨A_b, R_b⟩, A_b its gradient through its lookup (the "embedding"
-      tap), R_b through its reversed read (the "einsum" tap,
-      :func:`keras_dp.ghost_embedding.ties`). Added to the two taps' own squared norms
-      it makes ‖A_b + R_b‖², the table's per-example norm, from above (with a rounding
-      margin, :func:`keras_dp.ghost_embedding.tied_term`).
+    - A tied table: 2·⟨A_b, R_b⟩, A_b its gradient through its lookups (the "embedding"
+      taps), R_b through its reversed reads (the "einsum" taps,
+      :func:`keras_dp.ghost_embedding.ties`), each side's positions laid end to end.
+      Added to the norms of A_b and R_b (the two taps' own; with more than two reads,
+      :attr:`Tap.shared`, each side's whole norm, below) it makes ‖A_b + R_b‖², the
+      table's per-example norm, from above (with a rounding margin,
+      :func:`keras_dp.ghost_embedding.tied_term`): a BART or T5 table looked up for the
+      encoder and the decoder and read as the logits.
     - A :attr:`Tap.shared` kernel, the whole norm: its gradient is Σ over its reads of
       each read's Σ_s x_s ⊗ g_s, one einsum's over the reads' positions concatenated,
       so the norm is that einsum's (the cheaper exact form for all the positions,
@@ -233,46 +236,53 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
         nonlocal total
         total = term if total is None else total + term
 
-    reads, kernels, convs, lookups, biases = {}, {}, {}, {}, {}
+    tied, kernels, convs, lookups, biases = {}, {}, {}, {}, {}
     for t, x, g in zip(taps, xs, gs):
-        if t.tied and t.use_kernel:
-            reads.setdefault(t.kernel, {})[t.kind] = (t, x, g)
-        if t.shared and t.use_kernel and t.kind == "conv":
-            convs.setdefault(t.kernel, []).append((t.spec, x, g))
-        elif t.shared and t.use_kernel and t.kind == "embedding":
-            lookups.setdefault(t.kernel, []).append((x.reshape(x.shape[0], -1), g))
-        elif t.shared and t.use_kernel:
-            kernels.setdefault(t.kernel, []).append(gn.grouped(t.spec, x, g))
         if t.shared and t.use_bias:
             biases.setdefault(t.bias, []).append(gn.bias_grads(g, t.bias_shape))
-    for pair in reads.values():
-        _, ids, g = pair["embedding"]
-        tap, h, delta = pair["einsum"]
-        add(ge.tied_term(ids, g, tap.spec, h, delta))
+        if not t.use_kernel or not (t.tied or t.shared):
+            continue
+        if t.kind == "conv":
+            convs.setdefault(t.kernel, []).append((t.spec, x, g))
+            continue
+        if t.kind == "embedding":  # ids [B, T], g [B, T, d]
+            read = (x.reshape(x.shape[0], -1), g.reshape(x.shape[0], -1, g.shape[-1]))
+        else:
+            read = gn.grouped(t.spec, x, g)  # [B, S, P, Kx], [B, S, P, Ko]
+        if t.tied:  # its lookups, then its reversed reads
+            tied.setdefault(t.kernel, ([], []))[t.kind == "einsum"].append(read)
+        if t.shared:
+            (lookups if t.kind == "embedding" else kernels).setdefault(t.kernel, []).append(read)
+    for found, logits in tied.values():
+        add(ge.tied_term(*_end_to_end(found), *_end_to_end(logits)))
     for grouped in kernels.values():
-        xr = jnp.concatenate([x for x, _ in grouped], axis=1)  # [B, ΣS, P, Kx]
-        gr = jnp.concatenate([g for _, g in grouped], axis=1)
+        xr, gr = _end_to_end(grouped)  # [B, ΣS, P, Kx], [B, ΣS, P, Ko]
         add(gn.grouped_sq_norms(xr, gr, gn.outer_is_faster(*xr.shape[1:], gr.shape[-1])))
     for conv_reads in convs.values():  # the same, over their patches
         add(gc.sq_norms(conv_reads))
-    for ids_and_gs in lookups.values():  # a table's lookups: all their tokens at once
-        ids = jnp.concatenate([ids for ids, _ in ids_and_gs], axis=1)
-        gs = [g.reshape(ids.shape[0], -1, g.shape[-1]) for _, g in ids_and_gs]
-        add(ge.embedding_sq_norms(ids, jnp.concatenate(gs, axis=1)))
+    for found in lookups.values():  # a table's lookups: all their tokens at once
+        add(ge.embedding_sq_norms(*_end_to_end(found)))
     for per in biases.values():
         summed = sum(per[1:], per[0])
         add(jnp.sum(jnp.square(summed).reshape(summed.shape[0], -1), axis=1))
     return total
 
 
+def _end_to_end(reads) -> tuple:
+    """Reads' arrays (tuples of [B, S_i, ...]) concatenated along their positions."""
+    return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*reads))
+
+
 def tied_cost(reads) -> int:
-    """Multiply-adds per example of :func:`cross_terms` for a table's two ``reads``
-    (its taps; 0 unless they are a lookup and a reversed read): T·S·d."""
-    kinds = {t.kind: t for t in reads}
-    if len(reads) != 2 or set(kinds) != {"embedding", "einsum"}:
+    """Multiply-adds per example of :func:`cross_terms`' cross term for a table's
+    ``reads`` (its taps; 0 unless they are lookups and reversed reads): T·S·d for T
+    tokens looked up and S positions of logits."""
+    found = [t.out.shape for t in reads if t.kind == "embedding"]
+    logits = [t.out.shape for t in reads if t.kind == "einsum"]
+    if not found or not logits or len(found) + len(logits) != len(reads):
         return 0
-    lookup, logits = kinds["embedding"].out.shape, kinds["einsum"].out.shape
-    return math.prod(lookup[:-1]) * math.prod(logits[:-1]) * lookup[-1]
+    tokens, positions = (sum(math.prod(s[:-1]) for s in shapes) for shapes in (found, logits))
+    return tokens * positions * found[0][-1]
 
 
 def lookups_costs(reads) -> tuple[int, int]:

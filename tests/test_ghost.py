@@ -469,7 +469,7 @@ def test_a_tied_tables_norm_equals_brute_force(length, positions, vocab, dim, ro
         mock.patch.object(gn, "NORM_PASS_NUMBERS", 0),
         mock.patch.object(gn, "NORM_CHUNK_NUMBERS", rows * 2 * length * positions),
     ):
-        chunked = ge.tied_cross(ids, g, spec, h, delta)
+        chunked = ge.tied_cross(ids, g, *gn.grouped(spec, h, delta))
     picked = np.take_along_axis(  # δ_s[id_t] [B, S, T]
         np.asarray(delta[:, 0], np.float64), np.asarray(ids[:, 0])[:, None, :], 2
     )
@@ -480,11 +480,12 @@ def test_a_tied_tables_norm_equals_brute_force(length, positions, vocab, dim, ro
         + np.sum(np.linalg.norm(h[:, 0], axis=-1) * np.linalg.norm(delta[:, 0], axis=-1), 1) ** 2
     )
     # The two reads can nearly cancel (A_b ≈ -R_b): see the test of cancelling shares.
-    for inner, gross in (ge.tied_cross(ids, g, spec, h, delta), chunked):
+    for inner, gross in (ge.tied_cross(ids, g, *gn.grouped(spec, h, delta)), chunked):
         np.testing.assert_allclose(gross, want_gross, rtol=1e-5)
         bound = own + 2 * inner + 4 * gn.ROUNDING * gross
         assert_norm_bound(bound, want, 2 * want_gross + reads)
-    assert_norm_bound(own + ge.tied_term(ids, g, spec, h, delta), want, 2 * want_gross + reads)
+    term = ge.tied_term(ids, g, *gn.grouped(spec, h, delta))
+    assert_norm_bound(own + term, want, 2 * want_gross + reads)
 
 
 def _grouped_sums_squared(ids, g, vocab):
@@ -726,6 +727,19 @@ def tied_lm_model(tie_weights=True, soft_cap=None):
     h = keras.layers.Dense(4, activation="tanh")(embed(inputs))
     logits = embed(h, reverse=True)
     return keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(logits))
+
+
+def seq2seq_model():
+    """BART's and T5's table: one ReversibleEmbedding looked up for the encoder's ids
+    (the first 6) and the decoder's (the last 4) and read in reverse twice, as the
+    decoder's logits and as the encoder's mean's (a read of another rank): four taps,
+    their norm each side's over its reads plus the cross term of the two sides."""
+    inputs = keras.Input((10,), dtype="int32")
+    table = keras.layers.ReversibleEmbedding(7, 4, name="table")
+    context = keras.ops.mean(keras.layers.Dense(4, activation="tanh")(table(inputs[:, :6])), 1)
+    h = keras.layers.Dense(4, activation="tanh")(table(inputs[:, 6:]) + context[:, None])
+    logits = keras.layers.GlobalAveragePooling1D()(table(h, reverse=True))
+    return keras.Model(inputs, logits + table(context, reverse=True))
 
 
 def untied_lm_model():  # reverse_embeddings: a second table, read once
@@ -976,6 +990,8 @@ def data(kind, n=9, seed=0):
         return x, y
     if kind in ("tied_lm", "untied_lm"):  # 8 tokens of 7: repeated ids
         return rng.integers(0, 7, (n, 8)).astype("int32"), y
+    if kind == "seq2seq":  # ids repeating across the encoder's and the decoder's
+        return rng.integers(0, 7, (n, 10)).astype("int32"), y
     kind = {"pooled_text": "mid_text", "pooled_negative_ids": "negative_ids"}.get(kind, kind)
     if kind in TEXT_LENGTHS:
         return rng.integers(0, 7, (n, TEXT_LENGTHS[kind])).astype("int32"), y
@@ -1033,6 +1049,7 @@ MODELS = {
     "tied": tied_model,
     "tied_lm": tied_lm_model,
     "untied_lm": untied_lm_model,
+    "seq2seq": seq2seq_model,
     "regularized": regularized_model,
     "subclass": subclass_model,
     "subclassed": Subclassed,
@@ -1158,6 +1175,8 @@ def test_what_falls_back():
     # auto on a CPU: the table's norm costs more than twice its size (ghost._cheaper)
     assert fallback_of(tied_lm_model, x["tied_lm"], "auto") == {"table/embeddings"}
     assert fallback_of(untied_lm_model, x["untied_lm"]) == set()
+    assert fallback_of(seq2seq_model, x["seq2seq"]) == set()  # two lookups, two reversed
+    assert fallback_of(seq2seq_model, x["seq2seq"], "auto") == {"table/embeddings"}  # a CPU
     assert any("kernel" in p for p in fallback_of(regularized_model, x["regularized"]))
     assert len(fallback_of(subclass_model, x["subclass"])) == 2  # the subclass' kernel, bias
     assert fallback_of(Subclassed, x["subclassed"]) == set()
@@ -1294,7 +1313,9 @@ def test_gram_norms_bound_examples_whose_shares_cancel(monkeypatch):
         return (
             np.asarray(gn.kernel_sq_norms(gn.DENSE, x, g), np.float64),
             np.asarray(ge.gram_sq_norms(jnp.asarray(ids), e), np.float64),
-            np.asarray(own + ge.tied_term(tied_ids, lookup, spec, h, delta), np.float64),
+            np.asarray(
+                own + ge.tied_term(tied_ids, lookup, *gn.grouped(spec, h, delta)), np.float64
+            ),
         )
 
     wants = (np.maximum(exact, formed), table, np.maximum(tied_exact, tied_formed))

@@ -63,8 +63,10 @@ CONV_LENGTHS = {"conv": LENGTH, "long_conv": 66, "long_dense": 66}
 # adds their cross term); untied, reverse_embeddings is a kernel, and the logits (at
 # most 0.2 here) are soft-capped at 0.1, so that the cap bends them. "lora_lm" is the
 # flagship's LoRA fine-tuning: the tied table frozen, an EinsumDense's rank-2 adapters
-# the only trainable variables besides its bias.
-LMS = ("tied_lm", "untied_lm", "lora_lm")
+# the only trainable variables besides its bias. "seq2seq_lm" looks its tied table up
+# twice, as BART and T5 do for the encoder's and the decoder's ids (three taps: each
+# side's norm over its reads, then their cross term).
+LMS = ("tied_lm", "untied_lm", "lora_lm", "seq2seq_lm")
 
 
 def mixed(inputs, dtype):
@@ -154,6 +156,8 @@ def language_model(kind: str, dropout: bool, dtype: str | None):
         "btd,de->bte", (LENGTH, 4), bias_axes="e", activation="tanh", dtype=dtype
     )
     h = dense(table(inputs))
+    if kind == "seq2seq_lm":  # the encoder's mean added to the decoder's (flipped) ids
+        h = h + keras.ops.mean(table(keras.ops.flip(inputs, axis=1)), axis=1, keepdims=True)
     if kind == "lora_lm":
         table.trainable = False
         dense.enable_lora(2)
@@ -445,6 +449,11 @@ def test_train_step_equals_the_reference(plan):
     plan=dict(kind="lora_lm", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
               microbatch=19, devices=4, dtype="float32", weighted=True, dropout=True,
               sigma=0.7, clip=0.05, steps=2, clipping="auto")
+)  # fmt: skip
+@example(  # a table looked up twice and read in reverse, in chunks
+    plan=dict(kind="seq2seq_lm", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=None, devices=2, dtype="float32", weighted=True, dropout=True,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", norm_chunk=64)
 )  # fmt: skip
 def test_a_language_models_train_step_equals_the_reference(plan):
     """A loss on every token through a tied (or untied, soft-capped) table, or LoRA."""
