@@ -323,8 +323,8 @@ def _tied(taps, index: int) -> bool:
 def _shared(taps, candidates: set) -> set:
     """The ``candidates`` (variables read by more than one tap) whose reads are all
     einsums of one structure, all convolutions or all lookups (a layer called more than
-    once: its kernel in each) or all biases, and whose taps read no variable but such ones: their
-    norms come from all their reads together (:attr:`Tap.shared`,
+    once: its kernel in each) or all biases, and whose taps read no variable but such
+    ones: their norms come from all their reads together (:attr:`Tap.shared`,
     :func:`keras_dp.ghost_tap.cross_terms`)."""
     shared = set(candidates)
     changed = True
