@@ -354,6 +354,7 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "text-cnn": (text_cnn, text_cnn_data, 64, 4),
     "lstm": (recurrent(keras.layers.LSTM), text_data, 64, 3),
     "gru": (recurrent(keras.layers.GRU), text_data, 64, 3),
+    "simple-rnn": (recurrent(keras.layers.SimpleRNN), text_data, 64, 3),
     "bert-lora": (bert_lora, bert_data, 32, 4),
     "gemma-lora": STEP_MODELS["gemma-lora"],
     "gemma-full": STEP_MODELS["gemma-full"],

@@ -1,4 +1,4 @@
-"""Ghost rules of Keras' ``LSTM`` and ``GRU`` layers.
+"""Ghost rules of Keras' ``LSTM``, ``GRU`` and ``SimpleRNN`` layers.
 
 A recurrent layer's kernels act at every step, inside a loop, where no tap can go
 (:attr:`keras_dp.ghost_tap.Tap.nested`). But each step's pre-activations are
@@ -43,13 +43,16 @@ from keras_dp import ghost_norms as gn
 _EQUATION = "...a,ab->...b"
 
 
+_CELLS = (keras.layers.LSTMCell, keras.layers.GRUCell, keras.layers.SimpleRNNCell)
+
+
 def _supported(layer, training) -> bool:
     cell = layer.cell
-    if type(cell).call not in (keras.layers.LSTMCell.call, keras.layers.GRUCell.call):
+    if type(cell).call not in tuple(c.call for c in _CELLS):
         return False
     if training and cell.recurrent_dropout > 0:
         return False
-    if training and cell.dropout > 0 and cell.implementation == 1:
+    if training and cell.dropout > 0 and getattr(cell, "implementation", 2) == 1:
         return False
     return not isinstance(cell, keras.layers.GRUCell) or cell.reset_after
 
@@ -187,4 +190,23 @@ def _gru(layer, tape, sequences):
     return (p, q), cell_step, keep
 
 
-RULES = [(keras.layers.LSTM, _rule(_lstm)), (keras.layers.GRU, _rule(_gru))]
+def _simple(layer, tape, sequences):
+    """h_t = activation(x_t·W + b + h_{t-1}·U): the LSTM's products, one gate."""
+    cell = layer.cell
+    bias = cell.bias if cell.use_bias else None
+    p, spec = _tap_input_product(layer, tape, sequences, bias)
+    p, keep = tape.tap_later(layer, p, "einsum", spec, cell.recurrent_kernel)
+    recurrent = tape.read(cell.recurrent_kernel)
+
+    def cell_step(p_t, h, rest):
+        z = p_t + ops.matmul(h, recurrent)
+        return (cell.activation(z) if cell.activation is not None else z), []
+
+    return p, cell_step, keep
+
+
+RULES = [
+    (keras.layers.LSTM, _rule(_lstm)),
+    (keras.layers.GRU, _rule(_gru)),
+    (keras.layers.SimpleRNN, _rule(_simple)),
+]

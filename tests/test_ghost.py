@@ -946,22 +946,27 @@ def spectral_model():  # assigns its kernel in call (normalised), then reads it
 
 
 def recurrent_model():
-    """LSTM and GRU rules without a mask: a sequence and states out of an LSTM (input
-    dropout), a GRU from the LSTM's last state, backwards and unrolled, no bias."""
+    """LSTM, GRU and SimpleRNN rules without a mask: a sequence and states out of an
+    LSTM (input dropout), a GRU from the LSTM's last state, backwards and unrolled, no
+    bias, and a SimpleRNN (relu, input dropout) backwards from the same state."""
     inputs = keras.Input((6, 3))
     seq, h, c = keras.layers.LSTM(4, dropout=0.25, return_sequences=True, return_state=True)(inputs)
     g = keras.layers.GRU(4, go_backwards=True, unroll=True, use_bias=False)(seq, initial_state=h)
-    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Concatenate()([g, c])))
+    simple = keras.layers.SimpleRNN(4, activation="relu", dropout=0.25, go_backwards=True)
+    s = simple(seq, initial_state=h)
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Concatenate()([g, c, s])))
 
 
 def masked_recurrent_model():
     """Under padding masks (an example's first tokens too): a bidirectional LSTM whose
-    masked outputs carry the state, then a GRU backwards whose masked outputs are zeros."""
+    masked outputs carry the state, then a GRU backwards whose masked outputs are zeros,
+    then a SimpleRNN whose masked outputs carry the state."""
     inputs = keras.Input((8,), dtype="int32")
     h = keras.layers.Embedding(5, 3, mask_zero=True)(inputs)
     lstm = keras.layers.LSTM(4, return_sequences=True, zero_output_for_mask=False)
     h = keras.layers.Bidirectional(lstm)(h)
     h = keras.layers.GRU(3, return_sequences=True, go_backwards=True, zero_output_for_mask=True)(h)
+    h = keras.layers.SimpleRNN(3, return_sequences=True, zero_output_for_mask=False)(h)
     return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalMaxPooling1D()(h)))
 
 
@@ -973,6 +978,7 @@ def uncovered_recurrent_model():
             keras.Input((5, 3)),
             keras.layers.GRU(4, reset_after=False, return_sequences=True, name="before"),
             keras.layers.LSTM(4, recurrent_dropout=0.25, return_sequences=True, name="dropped"),
+            keras.layers.SimpleRNN(4, recurrent_dropout=0.5, return_sequences=True, name="rnn"),
             keras.layers.LSTM(3, name="covered"),
             keras.layers.Dense(3, name="head"),
         ]
@@ -1185,8 +1191,8 @@ def test_what_falls_back():
     assert fallback_of(recurrent_model, x["recurrent"]) == set()
     assert fallback_of(masked_recurrent_model, x["masked_recurrent"]) == set()
     uncovered = fallback_of(uncovered_recurrent_model, x["uncovered_recurrent"])
-    assert {p.split("/")[1] for p in uncovered} == {"before", "dropped"}, uncovered
-    assert len(uncovered) == 6
+    assert {p.split("/")[1] for p in uncovered} == {"before", "dropped", "rnn"}, uncovered
+    assert len(uncovered) == 9
     spectral = fallback_of(spectral_model, x["spectral"])  # its assigned kernel alone
     assert len(spectral) == 1 and "spectral_normalization" in spectral.pop()
 

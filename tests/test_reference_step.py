@@ -71,7 +71,7 @@ LMS = ("tied_lm", "untied_lm", "lora_lm", "seq2seq_lm")
 
 def mixed(inputs, dtype):
     """Ghost layers beside every kind of fallback: an EinsumDense over the sequence,
-    an LSTM read backwards, a GRU and one Dense called twice (ghost), Dense layers in a
+    an LSTM read backwards, a GRU, a SimpleRNN and one Dense called twice (ghost), Dense layers in a
     scan (nested taps), a kernel regulariser (the loss reads the kernel twice) and a
     normalisation's scale (no ghost rule)."""
     layers = keras.layers
@@ -92,6 +92,13 @@ def mixed(inputs, dtype):
         recurrent_initializer="glorot_uniform",
         dtype=dtype,
         name="gru",
+    )(h)
+    h = layers.SimpleRNN(
+        3,
+        return_sequences=True,
+        recurrent_initializer="glorot_uniform",
+        dtype=dtype,
+        name="simple_rnn",
     )(h)
     h = layers.RNN(DenseCell(3, dtype=dtype), dtype=dtype, name="scan")(h)
     shared = layers.Dense(3, activation="tanh", dtype=dtype, name="shared")
@@ -293,7 +300,7 @@ def test_the_mixed_model_has_ghost_variables_and_each_kind_of_fallback():
     head = set(paths[-2:])
     cells = {
         f"{rnn}/{rnn}_cell/{name}"
-        for rnn in ("lstm", "gru")
+        for rnn in ("lstm", "gru", "simple_rnn")
         for name in ("kernel", "recurrent_kernel", "bias")
     }
     shared = {"shared/kernel", "shared/bias"}  # called twice: one einsum over both calls
