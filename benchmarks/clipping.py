@@ -2,6 +2,7 @@
 
     python benchmarks/clipping.py [--models mlp tabular siamese siamese-cnn siamese-text
                                             cnn cnn32 mobile grouped tcn text text-cnn lstm gru
+                                            simple-rnn
                                             bert-lora gemma-lora gemma-full]
                                   [--repeats 3] [--out benchmarks/results]
                                   [--microbatch-size K]
@@ -37,12 +38,12 @@ ResNeXt-like CNN on them (a strided convolution, two of 8 groups), a
 temporal convolutional classifier (three causal Conv1D, dilations 1, 2 and 4, over 64
 steps of 8 random features, batch 64), an Embedding text classifier (vocabulary 5,000,
 64 tokens, average pooling, two Dense layers, batch 64), Keras' text CNN (vocabulary
-2,000, 64 tokens, a Conv1D of width 5, max pooling, batch 64), an LSTM and a GRU text
-classifier (the Embedding's 5,000 × 32 table, 32 units, batch 64), a tiny keras-hub BERT
-classifier with LoRA rank 4 (2 layers, hidden 64, 64 tokens, batch 32), and the Gemma3
-of ``run.py`` (4 layers, hidden 256, 128 tokens, batch 16) with LoRA and fully
-fine-tuned. Every model is a plain functional ``keras.Model`` so that every side runs Keras'
-own ``fit`` on the same arrays.
+2,000, 64 tokens, a Conv1D of width 5, max pooling, batch 64), an LSTM, a GRU and a
+SimpleRNN text classifier (the Embedding's 5,000 × 32 table, 32 units, batch 64), a
+tiny keras-hub BERT classifier with LoRA rank 4 (2 layers, hidden 64, 64 tokens, batch
+32), and the Gemma3 of ``run.py`` (4 layers, hidden 256, 128 tokens, batch 16) with LoRA
+and fully fine-tuned. Every model is a plain functional ``keras.Model`` so that every
+side runs Keras' own ``fit`` on the same arrays.
 """
 
 import os
