@@ -40,9 +40,6 @@ the range.
 - ``RNN.inner_loop`` (an instance attribute set and removed the same way) and
   ``backend.rnn``: the ghost rules of ``LSTM`` and ``GRU`` (``keras_dp.ghost_rnn``) run
   Keras' own ``RNN.call`` and loop with their step's arithmetic written out.
-- ``backend_utils.compute_conv_transpose_padding_args_for_jax``: the padding of the
-  dilated input that ``ops.conv_transpose`` convolves, for the ghost rule of
-  ``Conv1D/2D/3DTranspose`` (:func:`conv_transpose_pads`).
 - ``Trainer._make_function``, ``_get_state_sharding_spec`` and
   ``backend.config.is_nnx_enabled``: fit's train function is built as the JAX trainer's
   ``make_train_function`` builds it, with one more input to the jitted step (the noise
@@ -274,22 +271,6 @@ def backend_rnn(step, inputs, initial_states, **kwargs):
     from keras.src import backend
 
     return backend.rnn(step, inputs, initial_states, **kwargs)
-
-
-def conv_transpose_pads(layer, input_shape) -> list:
-    """(low, high) padding per spatial axis of the input, dilated by the strides, that
-    a ``Conv*Transpose`` layer's ``ops.conv_transpose`` convolves (its JAX backend's
-    ``lax.conv_transpose`` arguments)."""
-    from keras.src.backend.common import backend_utils
-
-    return backend_utils.compute_conv_transpose_padding_args_for_jax(
-        input_shape=input_shape,
-        kernel_shape=layer.kernel.shape,
-        strides=list(layer.strides),
-        padding=layer.padding,
-        output_padding=layer.output_padding,
-        dilation_rate=layer.dilation_rate,
-    )
 
 
 def dp_train_function(model, noised_step):

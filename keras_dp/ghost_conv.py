@@ -131,33 +131,6 @@ def grouped(spec: Conv, x, kernel, groups: int) -> tuple:
     return patches, jnp.einsum(grouped_equation(len(spec.window)), patches, operand)
 
 
-def transposed_equation(rank: int) -> str:
-    """The einsum of a transposed convolution over :func:`transposed` patches
-    [N, S, *window, C] (the window flipped) with its kernel as Keras stores it,
-    [*window, F, C]."""
-    window = "ijk"[:rank]
-    return f"ns{window}c,{window}fc->nsf"
-
-
-def transposed(x, kernel, strides, dilation, pads) -> tuple:
-    """(patches [N, S, *window, C], output [N, S, F]): ``keras.ops.conv_transpose(x,
-    kernel)`` for channels-last x [N, *spatial, C] and kernel [*window, F, C], as XLA
-    computes it: x dilated by the strides (s - 1 zeros between its positions) and
-    padded by ``pads`` ((low, high) per axis), convolved at stride 1 with the kernel
-    flipped in space and read [C, F]; here as :func:`transposed_equation`'s einsum over
-    the dilated input's unfolded patches, their window flipped, so that the kernel is
-    read as stored. The patches hold prod(window)·prod(strides) times x's numbers."""
-    rank = x.ndim - 2
-    config = [(0, 0, 0), *((lo, hi, s - 1) for (lo, hi), s in zip(pads, strides)), (0, 0, 0)]
-    dilated = jax.lax.pad(x, jnp.zeros((), x.dtype), config)
-    window = tuple(kernel.shape[:rank])
-    spec = Conv(window, (1,) * rank, "VALID", tuple(dilation))
-    patches = conv_patches(spec, dilated[:, None])
-    patches = patches.reshape(*patches.shape[:2], *window, x.shape[-1])
-    patches = jnp.flip(patches, axis=tuple(range(2, 2 + rank))).astype(kernel.dtype)
-    return patches, jnp.einsum(transposed_equation(rank), patches, kernel)
-
-
 def depthwise_layout(spec: Conv, x_shape, out) -> jnp.ndarray:
     """:func:`depthwise`'s output [N, S, C, M] as [N, *out, C·M] (channel c·M + m), or
     :func:`grouped`'s [N, S, G, F/G] as [N, *out, F]."""

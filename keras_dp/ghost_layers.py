@@ -272,29 +272,10 @@ def _separable(layer, tape, original):
     return call
 
 
-def _conv_transpose(layer, tape, original):
-    """Conv1D/2D/3DTranspose (channels last): the einsum over the patches of the input
-    dilated by the strides (:func:`keras_dp.ghost_conv.transposed`), tapped with the
-    patches as its x, laid out as Keras' output, then its bias."""
-
-    def call(inputs):
-        if layer.data_format != "channels_last":
-            return original(inputs)
-        pads = _keras.conv_transpose_pads(layer, inputs.shape)
-        kernel = ops.convert_to_tensor(tape.read(layer.kernel))
-        patches, out = gc.transposed(inputs, kernel, layer.strides, layer.dilation_rate, pads)
-        spec = gn.parse(gc.transposed_equation(layer.rank), patches.ndim)
-        out = tape.tap(layer, out, patches, "einsum", spec, layer.kernel)
-        out = ops.reshape(out, (-1, *layer.compute_output_shape(inputs.shape)[1:]))
-        return _activate(layer, _bias_tapped(layer, tape, out))
-
-    return call
-
-
 # The per-example path installs these alone (keras_dp.ghost.per_example_fn): their
 # kernels' per-example gradients are then products of the unfolded patches, not
 # autodiff's grouped convolutions.
-conv_rules = (_conv, _depthwise, _separable, _conv_transpose)
+conv_rules = (_conv, _depthwise, _separable)
 
 _RULES = [
     (keras.layers.Dense, _dense),
@@ -304,7 +285,6 @@ _RULES = [
     (keras.layers.Conv2D, _conv),  # Conv2D and Conv3D share the base class' call
     (keras.layers.DepthwiseConv2D, _depthwise),  # and DepthwiseConv1D: one call
     (keras.layers.SeparableConv2D, _separable),  # and SeparableConv1D
-    (keras.layers.Conv2DTranspose, _conv_transpose),  # and Conv1D/3DTranspose
 ]
 _RULES += ghost_rnn.RULES
 if hasattr(keras.layers, "ReversibleEmbedding"):

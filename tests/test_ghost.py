@@ -21,7 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import _keras, ghost, ghost_cost, ghost_tap
+from keras_dp import ghost, ghost_cost, ghost_tap
 from keras_dp import ghost_conv as gc
 from keras_dp import ghost_embedding as ge
 from keras_dp import ghost_norms as gn
@@ -335,45 +335,6 @@ def test_grouped_conv_and_its_gradients_equal_keras(
     assert_same_map_and_gradients(ours, keras_conv, x, kernel, rng)
 
 
-@pytest.mark.parametrize(
-    "window,strides,padding,output_padding,dilation,spatial",
-    [
-        ((3,), (2,), "same", None, (1,), (7,)),
-        ((3,), (2,), "valid", (1,), (1,), (6,)),
-        ((4,), (3,), "same", (2,), (1,), (5,)),
-        ((2,), (1,), "valid", None, (2,), (6,)),
-        ((3, 2), (2, 1), "same", None, (1, 1), (5, 4)),
-        ((3, 3), (2, 3), "valid", (1, 2), (1, 1), (4, 3)),
-    ],
-)
-def test_transposed_conv_and_its_gradients_equal_keras(
-    window, strides, padding, output_padding, dilation, spatial
-):
-    """The transposed rule's einsum over the dilated input's patches gives
-    ``keras.ops.conv_transpose``'s output and autodiff's gradients of it at x and at the
-    kernel [*window, F, C], with the padding Keras computes for the layer."""
-    rng = np.random.default_rng(sum(spatial) + sum(strides))
-    x = jnp.asarray(rng.normal(size=(3, *spatial, 4)), jnp.float32)
-    cls = keras.layers.Conv1DTranspose if len(window) == 1 else keras.layers.Conv2DTranspose
-    layer = cls(
-        5, window, strides=strides, padding=padding, output_padding=output_padding,
-        dilation_rate=dilation,
-    )  # fmt: skip
-    layer.build(x.shape)
-    kernel = jnp.asarray(rng.normal(size=layer.kernel.shape), jnp.float32)
-    pads = _keras.conv_transpose_pads(layer, x.shape)
-    kw = {"padding": padding, "output_padding": output_padding, "dilation_rate": dilation}
-
-    def keras_conv(x, k):
-        return keras.ops.conv_transpose(x, k, strides=list(strides), **kw)
-
-    def ours(x, k):
-        out = gc.transposed(x, k, strides, dilation, pads)[1]
-        return out.reshape(layer.compute_output_shape(x.shape))
-
-    assert_same_map_and_gradients(ours, keras_conv, x, kernel, rng)
-
-
 def test_a_grouped_convolutions_tap_costs_its_patches_einsum():
     """A grouped convolution's tap reads its kernel [*window, C/G, F] as the einsum's
     [*window, C/G, G, F/G]; its cost is the einsum's over one example's patches
@@ -405,9 +366,7 @@ def _grouped_convolutions(jaxpr) -> int:
     return count
 
 
-@pytest.mark.parametrize(
-    "kind", ["conv", "conv2d", "depthwise", "depthwise1d", "causal", "transpose"]
-)
+@pytest.mark.parametrize("kind", ["conv", "conv2d", "depthwise", "depthwise1d", "causal"])
 def test_per_example_path_forms_no_grouped_convolution(kind):
     """On a CPU the per-example path (clipping="per_example", auto's per-example
     steps, user-level DP) runs each ghost-ruled convolution through
@@ -894,17 +853,6 @@ def shared_conv_model():
     return keras.Model(inputs, keras.layers.Dense(3)(keras.ops.concatenate(pooled, axis=-1)))
 
 
-def transpose_model():
-    """Transposed convolutions (a decoder's upsampling): strided and "same", then
-    strided, "valid" with an output padding."""
-    inputs = keras.Input((5, 4, 2))
-    h = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu")(inputs)
-    h = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", activation="relu")(h)
-    h = keras.layers.Conv2DTranspose(2, (2, 3), strides=(2, 1), output_padding=(1, 0))(h)
-    h = keras.layers.Conv1DTranspose(2, 3, strides=2, name="t1d")(keras.ops.mean(h, axis=1))
-    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
-
-
 class TiedHead(keras.layers.Layer):
     """Reads another layer's kernel: a use that no tap sees."""
 
@@ -1073,7 +1021,6 @@ def data(kind, n=9, seed=0):
         "shared_sequence": (40, 2),
         "shared_recurrent": (5, 3),
         "shared_conv": (7, 6, 2),
-        "transpose": (5, 4, 2),
         "tied": (4,),
     }
     return (rng.normal(size=(n, *shape.get(kind, (6,)))) * 2).astype("float32"), y
@@ -1105,7 +1052,6 @@ MODELS = {
     "shared_recurrent": shared_recurrent_model,
     "shared_conv": shared_conv_model,
     "shared_text": shared_text_model,
-    "transpose": transpose_model,
     "tied": tied_model,
     "tied_lm": tied_lm_model,
     "untied_lm": untied_lm_model,
@@ -1229,7 +1175,6 @@ def test_what_falls_back():
     assert fallback_of(shared_recurrent_model, x["shared_recurrent"]) == set()
     assert fallback_of(shared_conv_model, x["shared_conv"]) == set()
     assert fallback_of(shared_text_model, x["shared_text"]) == set()  # its lookups' tokens
-    assert fallback_of(transpose_model, x["transpose"]) == set()
     tied = fallback_of(tied_model, x["tied"])
     assert any(p.endswith("kernel") for p in tied)
     assert fallback_of(tied_lm_model, x["tied_lm"]) == set()  # lookup and logits: one table
@@ -1299,7 +1244,6 @@ def test_nonfinite_example_contributes_nothing():
         "depthwise",
         "recurrent",
         "conv",
-        "transpose",
     ],
 )
 def test_mixed_bfloat16_never_exceeds_the_clip_norm(kind):
