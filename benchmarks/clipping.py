@@ -1,6 +1,6 @@
 """Ghost vs per-example clipping: step time, first epoch and memory, as ratios in one run.
 
-    python benchmarks/clipping.py [--models mlp tabular siamese siamese-cnn siamese-text
+    python benchmarks/clipping.py [--models mlp tabular siamese siamese-cnn siamese-text autoencoder
                                             cnn cnn32 mobile grouped tcn text text-cnn lstm gru
                                             simple-rnn
                                             bert-lora gemma-lora gemma-full]
@@ -30,7 +30,9 @@ classifier (one Dense tower 32-256-64 called on both items of a pair, |a − b|,
 Dense(1) head; random pairs, batch 64), a Siamese CNN (one tower of two 3x3
 convolutions, average pooling and a Dense(32) on both 16x16 images of a pair, batch
 64), a Siamese text classifier (one Embedding(5,000, 64) table looked up for both 32-token
-texts of a pair, averaged, one Dense(64) tower, batch 64), a CNN (two 3x3
+texts of a pair, averaged, one Dense(64) tower, batch 64), a convolutional autoencoder
+(16×16 images, two strided convolutions down, two strided transposed ones up, batch 64),
+a CNN (two 3x3
 convolutions and a Dense head, digits as 8x8 images, batch 64), a CNN on 32x32x3 images
 (four 3x3 convolutions, two strided; random data of CIFAR-10's shape, batch 64), a
 MobileNet-like CNN on the same images (a strided convolution, two separable ones), a
@@ -142,6 +144,26 @@ def text_pair_data(n=2048):
     keep = rng.random((same.sum(), 32)) < 0.7  # a duplicate shares 70% of its tokens
     x[same, 1] = np.where(keep, x[same, 0], x[same, 1])
     return x, same.astype("float32")[:, None]
+
+
+def autoencoder():
+    """A convolutional autoencoder on 16×16 images: two strided 3×3 convolutions down
+    (16 and 32 filters), two strided 3×3 transposed convolutions up (16 and 1)."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((16, 16, 1)),
+            keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu"),
+            keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu"),
+            keras.layers.Conv2DTranspose(16, 3, strides=2, padding="same", activation="relu"),
+            keras.layers.Conv2DTranspose(1, 3, strides=2, padding="same"),
+        ]
+    )
+
+
+def image_autoencoder_data(n=1024):
+    x = image_pair_data(n)[0][:, 0]
+    return x, x
 
 
 def image_pair_data(n=1024):
@@ -346,6 +368,7 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "siamese": (siamese, pair_data, 64, 4),
     "siamese-cnn": (siamese_cnn, image_pair_data, 64, 3),
     "siamese-text": (siamese_text, text_pair_data, 64, 4),
+    "autoencoder": (autoencoder, image_autoencoder_data, 64, 3),
     "cnn": (cnn, image_data, 64, 6),
     "cnn32": (cnn32, cifar_like_data, 64, 3),
     "tcn": (tcn, series_data, 64, 4),
@@ -367,6 +390,7 @@ LOSSES = {
     "siamese": keras.losses.BinaryCrossentropy(from_logits=True),
     "siamese-cnn": keras.losses.BinaryCrossentropy(from_logits=True),
     "siamese-text": keras.losses.BinaryCrossentropy(from_logits=True),
+    "autoencoder": keras.losses.MeanSquaredError(),
 }
 
 

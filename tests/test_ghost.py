@@ -853,6 +853,18 @@ def shared_conv_model():
     return keras.Model(inputs, keras.layers.Dense(3)(keras.ops.concatenate(pooled, axis=-1)))
 
 
+def transpose_model():
+    """Transposed convolutions (a decoder's upsampling), which have no ghost rule: their
+    kernels and biases get per-example gradients beside the Conv2D's and the head's
+    ghost norms."""
+    inputs = keras.Input((5, 4, 2))
+    h = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu")(inputs)
+    h = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", activation="relu")(h)
+    h = keras.layers.Conv2DTranspose(2, (2, 3), strides=(2, 1), output_padding=(1, 0))(h)
+    h = keras.layers.Conv1DTranspose(2, 3, strides=2, name="t1d")(keras.ops.mean(h, axis=1))
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
+
+
 class TiedHead(keras.layers.Layer):
     """Reads another layer's kernel: a use that no tap sees."""
 
@@ -1021,6 +1033,7 @@ def data(kind, n=9, seed=0):
         "shared_sequence": (40, 2),
         "shared_recurrent": (5, 3),
         "shared_conv": (7, 6, 2),
+        "transpose": (5, 4, 2),
         "tied": (4,),
     }
     return (rng.normal(size=(n, *shape.get(kind, (6,)))) * 2).astype("float32"), y
@@ -1052,6 +1065,7 @@ MODELS = {
     "shared_recurrent": shared_recurrent_model,
     "shared_conv": shared_conv_model,
     "shared_text": shared_text_model,
+    "transpose": transpose_model,
     "tied": tied_model,
     "tied_lm": tied_lm_model,
     "untied_lm": untied_lm_model,
@@ -1175,6 +1189,8 @@ def test_what_falls_back():
     assert fallback_of(shared_recurrent_model, x["shared_recurrent"]) == set()
     assert fallback_of(shared_conv_model, x["shared_conv"]) == set()
     assert fallback_of(shared_text_model, x["shared_text"]) == set()  # its lookups' tokens
+    transposed = fallback_of(transpose_model, x["transpose"])  # no rule: their own call
+    assert len(transposed) == 6 and all("transpose" in p or "t1d" in p for p in transposed)
     tied = fallback_of(tied_model, x["tied"])
     assert any(p.endswith("kernel") for p in tied)
     assert fallback_of(tied_lm_model, x["tied_lm"]) == set()  # lookup and logits: one table
