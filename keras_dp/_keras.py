@@ -38,8 +38,9 @@ the range.
   (``keras_dp.ghost``).
   ``Layer.__call__`` looks ``self.call`` up on the instance; classes are never patched.
 - ``RNN.inner_loop`` (an instance attribute set and removed the same way) and
-  ``backend.rnn``: the ghost rules of ``LSTM`` and ``GRU`` (``keras_dp.ghost_rnn``) run
-  Keras' own ``RNN.call`` and loop with their step's arithmetic written out.
+  ``backend.rnn``: the ghost rules of ``LSTM``, ``GRU`` and ``SimpleRNN``
+  (``keras_dp.ghost_rnn``) run Keras' own ``RNN.call`` and loop with their step's
+  arithmetic written out.
 - ``Trainer._make_function``, ``_get_state_sharding_spec`` and
   ``backend.config.is_nnx_enabled``: fit's train function is built as the JAX trainer's
   ``make_train_function`` builds it, with one more input to the jitted step (the noise

@@ -6,7 +6,7 @@ kernel and bias read through ``tape.read`` and each linear map's output passed
 through ``tape.tap`` (which keeps the map's input). Anything a rule does not cover
 (a LoRA layout it cannot split, a convolution with LoRA, an embedding with LoRA)
 calls the class's own ``call``, whose variables then get per-example gradients.
-``LSTM`` and ``GRU`` take their rules from :mod:`keras_dp.ghost_rnn`.
+``LSTM``, ``GRU`` and ``SimpleRNN`` take their rules from :mod:`keras_dp.ghost_rnn`.
 """
 
 from __future__ import annotations
