@@ -143,13 +143,19 @@ def _tap_input_product(layer, tape, sequences, bias):
     return p, gn.parse(_EQUATION, len(sequences.shape))
 
 
-def _lstm(layer, tape, sequences):
+def _added_products(layer, tape, sequences):
+    """(x·W + b, tapped, plus a zero tapped for h_{t-1}·U, whose gradient g'_t is g_t: the
+    recurrent product adds straight into z_t; the callback that takes h_{t-1}; U)."""
     cell = layer.cell
     bias = cell.bias if cell.use_bias else None
     p, spec = _tap_input_product(layer, tape, sequences, bias)
-    # g'_t = g_t here: the recurrent product adds straight into z_t.
     p, keep = tape.tap_later(layer, p, "einsum", spec, cell.recurrent_kernel)
-    recurrent = tape.read(cell.recurrent_kernel)
+    return p, keep, tape.read(cell.recurrent_kernel)
+
+
+def _lstm(layer, tape, sequences):
+    cell = layer.cell
+    p, keep, recurrent = _added_products(layer, tape, sequences)
 
     def cell_step(p_t, h, rest):
         (c,) = rest
@@ -193,10 +199,7 @@ def _gru(layer, tape, sequences):
 def _simple(layer, tape, sequences):
     """h_t = activation(x_t·W + b + h_{t-1}·U): the LSTM's products, one gate."""
     cell = layer.cell
-    bias = cell.bias if cell.use_bias else None
-    p, spec = _tap_input_product(layer, tape, sequences, bias)
-    p, keep = tape.tap_later(layer, p, "einsum", spec, cell.recurrent_kernel)
-    recurrent = tape.read(cell.recurrent_kernel)
+    p, keep, recurrent = _added_products(layer, tape, sequences)
 
     def cell_step(p_t, h, rest):
         z = p_t + ops.matmul(h, recurrent)

@@ -86,20 +86,9 @@ def mixed(inputs, dtype):
         dtype=dtype,
         name="lstm",
     )(h)
-    h = layers.GRU(
-        3,
-        return_sequences=True,
-        recurrent_initializer="glorot_uniform",
-        dtype=dtype,
-        name="gru",
-    )(h)
-    h = layers.SimpleRNN(
-        3,
-        return_sequences=True,
-        recurrent_initializer="glorot_uniform",
-        dtype=dtype,
-        name="simple_rnn",
-    )(h)
+    for rnn, name in ((layers.GRU, "gru"), (layers.SimpleRNN, "simple_rnn")):
+        h = rnn(3, return_sequences=True, recurrent_initializer="glorot_uniform", dtype=dtype,
+                name=name)(h)  # fmt: skip
     h = layers.RNN(DenseCell(3, dtype=dtype), dtype=dtype, name="scan")(h)
     shared = layers.Dense(3, activation="tanh", dtype=dtype, name="shared")
     h = shared(shared(h))
