@@ -1223,9 +1223,8 @@ def test_rules_leave_no_instance_attribute():
     model.compile(optimizer="sgd", loss=SCE)
     model.fit(x, y, verbose=0)
     layers = [model, *model._flatten_layers(include_self=False)]
-    assert (
-        sum(isinstance(layer, keras.layers.RNN) for layer in layers) == 4
-    )  # the LSTM both ways, the GRU, the SimpleRNN
+    # The LSTM both ways, the GRU and the SimpleRNN.
+    assert sum(isinstance(layer, keras.layers.RNN) for layer in layers) == 4
     assert not [layer.name for layer in layers if {"call", "inner_loop"} & set(vars(layer))]
 
 
