@@ -853,6 +853,16 @@ def shared_conv_model():
     return keras.Model(inputs, keras.layers.Dense(3)(keras.ops.concatenate(pooled, axis=-1)))
 
 
+def time_distributed_model():
+    """Layers under ``TimeDistributed``, whose call folds the example's time axis into
+    the batch axis: each example's norm must be its whole sequence's (the tap sees T
+    rows of one example, not T examples)."""
+    inputs = keras.Input((5, 4))
+    h = keras.layers.TimeDistributed(keras.layers.Dense(6, activation="tanh"))(inputs)
+    h = keras.layers.TimeDistributed(keras.layers.Conv1D(2, 2))(keras.ops.reshape(h, (-1, 5, 3, 2)))
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
+
+
 def transpose_model():
     """Transposed convolutions (a decoder's upsampling), which have no ghost rule: their
     kernels and biases get per-example gradients beside the Conv2D's and the head's
@@ -1034,6 +1044,7 @@ def data(kind, n=9, seed=0):
         "shared_recurrent": (5, 3),
         "shared_conv": (7, 6, 2),
         "transpose": (5, 4, 2),
+        "time_distributed": (5, 4),
         "tied": (4,),
     }
     return (rng.normal(size=(n, *shape.get(kind, (6,)))) * 2).astype("float32"), y
@@ -1066,6 +1077,7 @@ MODELS = {
     "shared_conv": shared_conv_model,
     "shared_text": shared_text_model,
     "transpose": transpose_model,
+    "time_distributed": time_distributed_model,
     "tied": tied_model,
     "tied_lm": tied_lm_model,
     "untied_lm": untied_lm_model,
@@ -1189,6 +1201,7 @@ def test_what_falls_back():
     assert fallback_of(shared_recurrent_model, x["shared_recurrent"]) == set()
     assert fallback_of(shared_conv_model, x["shared_conv"]) == set()
     assert fallback_of(shared_text_model, x["shared_text"]) == set()  # its lookups' tokens
+    assert fallback_of(time_distributed_model, x["time_distributed"]) == set()
     transposed = fallback_of(transpose_model, x["transpose"])  # no rule: their own call
     assert len(transposed) == 6 and all("transpose" in p or "t1d" in p for p in transposed)
     tied = fallback_of(tied_model, x["tied"])
