@@ -349,22 +349,19 @@ def _shared(taps, candidates: set) -> set:
 def _cheaper(taps, index: int) -> bool:
     """auto: a tapped kernel is ghost unless its norm costs more than forming its
     per-example gradient (:meth:`Tap.costs`, summed over a tied table's reads with
-    their cross term): an embedding over sequences long against its table (whose
-    per-example gradient is a zeroed V×d table an example: its memory traffic is
-    charged, :data:`keras_dp.ghost_embedding.TABLE_COST`). (A cost model that also charged
-    every einsum's per-example gradient its memory traffic sent Gemma3's LoRA adapters
-    to per-example gradients, and measured 10% slower than ghost norms there:
-    benchmarks/clipping.py. Running the whole step as per-example clipping there also
-    measured slower, once the outer form's gradients were kept for the sum:
-    :func:`ghost_cost.ghost_pays`.)
+    their cross term; a table's lookups: :func:`lookups_costs`): an embedding over
+    sequences long against its table, whose per-example gradient (a zeroed V×d table
+    an example) is charged its memory traffic (:data:`ghost_embedding.TABLE_COST`).
+    Charging each einsum's gradient its traffic too sent Gemma3's LoRA adapters to
+    per-example gradients, 10% slower (benchmarks/clipping.py).
 
     A tied table on a CPU is ghost only when its norm costs at most twice its size:
     beside the norm, the ghost sum contracts the logits' gradient with the hidden
     states again, as much work as forming each example's gradient, which then needs
-    only its square and its weighted sum (twice the size). Measured with
-    ``benchmarks/tied_embedding.py`` (Gemma3, 2 layers, hidden 128, 64 tokens, batch
-    16, fully fine-tuned; ghost / the table per-example, ms a step): vocabulary 1,024
-    59 / 56, 8,192 135 / 126, 32,768 556 / 436. On accelerators it stays ghost: its
+    only its square and its weighted sum. ``benchmarks/tied_embedding.py`` (Gemma3, 2
+    layers, hidden 128, 64 tokens, batch 16, fully fine-tuned; ghost / the table
+    per-example, ms a step): vocabulary 1,024 59 / 56, 8,192 135 / 126, 32,768 556 /
+    436 (BART's three reads: ``--model bart``). On accelerators it stays ghost: its
     per-example gradients hold the vocabulary times the width for every example."""
     reads = [t for t in taps if t.kernel == index]
     if not reads or (len(reads) > 1 and all(t.kind in ("einsum", "conv") for t in reads)):
