@@ -201,9 +201,8 @@ def _simple(layer, tape, sequences):
     cell = layer.cell
     p, keep, recurrent = _added_products(layer, tape, sequences)
 
-    def cell_step(p_t, h, rest):
-        z = p_t + ops.matmul(h, recurrent)
-        return (cell.activation(z) if cell.activation is not None else z), []
+    def cell_step(p_t, h, rest):  # Keras makes activation=None its linear function
+        return cell.activation(p_t + ops.matmul(h, recurrent)), []
 
     return p, cell_step, keep
 
