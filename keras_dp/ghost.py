@@ -55,7 +55,7 @@ except ImportError:  # jax 0.7-0.8 have it only internally (the same function)
 
 from keras_dp import _backend, _keras, ghost_cost, ghost_layers, ghost_pooling
 from keras_dp import ghost_embedding as ge
-from keras_dp.ghost_tap import Tap, lookups_costs, tied_cost
+from keras_dp.ghost_tap import Tap, norm_costs
 
 logger = logging.getLogger(__name__)
 
@@ -348,12 +348,12 @@ def _shared(taps, candidates: set) -> set:
 
 def _cheaper(taps, index: int) -> bool:
     """auto: a tapped kernel is ghost unless its norm costs more than forming its
-    per-example gradient (:meth:`Tap.costs`, summed over a tied table's reads with
-    their cross term; a table's lookups: :func:`lookups_costs`): an embedding over
-    sequences long against its table, whose per-example gradient (a zeroed V×d table
-    an example) is charged its memory traffic (:data:`ghost_embedding.TABLE_COST`).
-    Charging each einsum's gradient its traffic too sent Gemma3's LoRA adapters to
-    per-example gradients, 10% slower (benchmarks/clipping.py).
+    per-example gradient (:func:`keras_dp.ghost_tap.norm_costs`, over all its reads):
+    an embedding over sequences long against its table, whose per-example gradient (a
+    zeroed V×d table an example) is charged its memory traffic
+    (:data:`ghost_embedding.TABLE_COST`). Charging each einsum's gradient its traffic
+    too sent Gemma3's LoRA adapters to per-example gradients, 10% slower
+    (benchmarks/clipping.py).
 
     A tied table on a CPU is ghost only when its norm costs at most twice its size:
     beside the norm, the ghost sum contracts the logits' gradient with the hidden
@@ -366,14 +366,10 @@ def _cheaper(taps, index: int) -> bool:
     reads = [t for t in taps if t.kernel == index]
     if not reads or (len(reads) > 1 and all(t.kind in ("einsum", "conv") for t in reads)):
         return True  # a bias: its norm is its gradient; read by einsums or convs: one einsum's
-    if len(reads) > 1 and all(t.kind == "embedding" for t in reads):
-        norm, formed = lookups_costs(reads)  # a table looked up more than once
-        return norm <= formed
-    costs = [t.costs() for t in reads]
-    norm = sum(c[0] for c in costs) + tied_cost(reads)
-    if len(reads) > 1 and _backend.on_cpu():  # a tied table
+    norm, formed = norm_costs(reads)
+    if {t.kind for t in reads} == {"einsum", "embedding"} and _backend.on_cpu():  # tied
         return norm <= 2 * math.prod(reads[0].kernel_shape)
-    return norm <= sum(c[1] for c in costs)
+    return norm <= formed
 
 
 def live_inputs(jaxpr) -> set:

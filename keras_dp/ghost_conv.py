@@ -209,13 +209,6 @@ def conv_sum(spec: Conv, x, g, factor, kernel_shape, canonical: bool | None = No
     return pullback(g)[0]
 
 
-def conv_costs(spec: Conv, x_shape, out_shape) -> tuple[int, int]:
-    """(outer, Gram) multiply-adds per example, as :func:`keras_dp.ghost_norms.costs`."""
-    s = math.prod(out_shape[:-1])
-    a, c = x_shape[-1] * math.prod(spec.window), out_shape[-1]
-    return s * a * c, s * s * (a + c)
-
-
 def _numbers(spec: Conv) -> tuple:
     spatial = "DHW"[3 - len(spec.window) :]
     return (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import jax
 
 from keras_dp import _backend, _keras
-from keras_dp.ghost_tap import tied_cost
+from keras_dp.ghost_tap import norm_costs
 
 if TYPE_CHECKING:
     from keras_dp.ghost import Plan
@@ -100,7 +100,7 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     every per-example gradient as ``clipping="per_example"`` does (False).
 
     Only a model with a ghost convolution on a CPU runs per-example gradients: when its
-    norms (Σ of :meth:`keras_dp.ghost_tap.Tap.costs`' norm, multiply-adds an example)
+    norms (Σ of :func:`keras_dp.ghost_tap.norm_costs`' norm, multiply-adds an example)
     cost at least ``_CONV_RATIO`` (32) times its kernels' sizes (the numbers their
     per-example gradients hold), one pass or chunked. Measured on 2 CPU cores, batch
     64, ms a step (per-example / ghost): a CNN on 32×32×3 images (ratio 85) 42 / 70; on
@@ -127,10 +127,10 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     kernels = [t for t in plan_.active if t.use_kernel]
     if not any(t.kind == "conv" for t in kernels):
         return True
-    reads = {}  # a tied table has two taps: one size, and their cross term
+    reads = {}  # a kernel read by several taps: one size, one norm over them all
     for t in kernels:
         reads.setdefault(t.kernel, []).append(t)
-    norms = sum(t.costs()[0] for t in kernels) + sum(map(tied_cost, reads.values()))
+    norms = sum(norm_costs(ts)[0] for ts in reads.values())
     sizes = sum(math.prod(ts[0].kernel_shape) for ts in reads.values())
     if 4 * sizes * config.batch_size > _PER_EXAMPLE_BYTES:  # their gradients would be large
         return True

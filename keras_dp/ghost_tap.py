@@ -152,13 +152,8 @@ class Tap:
         (:func:`keras_dp.ghost_embedding.embedding_costs`); each number of that table
         costs :data:`keras_dp.ghost_embedding.TABLE_COST` multiply-adds.
         """
-        if self.kind == "einsum" and self.spec is not None:
-            x_shape = _x_shape(self.spec, self.out.shape, self.kernel_shape)
-            outer, gram = gn.costs(self.spec, x_shape, self.out.shape)
-            return min(outer, gram), outer
-        if self.kind == "conv":
-            x_shape = (*self.out.shape[:-1], self.kernel_shape[-2])
-            outer, gram = gc.conv_costs(self.spec, x_shape, self.out.shape)
+        if self.kind in ("einsum", "conv") and self.spec is not None:
+            outer, gram = gn.form_costs(*self.form_sizes())
             return min(outer, gram), outer
         if self.kind == "embedding":
             t, d = math.prod(self.out.shape[:-1]), self.out.shape[-1]
@@ -169,6 +164,16 @@ class Tap:
                 norm = min(ge.embedding_costs(t, d))
             return norm, t * d + table
         return 0, 0
+
+    def form_sizes(self) -> tuple[int, int, int, int]:
+        """(S, P, Kx, Ko) of one example's einsum, or of a convolution's as one einsum
+        over its patches (:func:`keras_dp.ghost_norms.sizes`)."""
+        if self.kind == "conv":
+            positions = math.prod(self.out.shape[:-1])
+            window = self.kernel_shape[-2] * math.prod(self.spec.window)
+            return positions, 1, window, self.out.shape[-1]
+        x_shape = _x_shape(self.spec, self.out.shape, self.kernel_shape)
+        return gn.sizes(self.spec, x_shape, self.out.shape)
 
 
 # The most numbers a folded bias may copy x into (float32: 256 KiB). The copy, x with
@@ -273,26 +278,34 @@ def _end_to_end(reads) -> tuple:
     return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*reads))
 
 
-def tied_cost(reads) -> int:
-    """Multiply-adds per example of :func:`cross_terms`' cross term for a table's
-    ``reads`` (its taps; 0 unless they are lookups and reversed reads): T·S·d for T
-    tokens looked up and S positions of logits."""
-    found = [t.out.shape for t in reads if t.kind == "embedding"]
-    logits = [t.out.shape for t in reads if t.kind == "einsum"]
-    if not found or not logits or len(found) + len(logits) != len(reads):
-        return 0
-    tokens, positions = (sum(math.prod(s[:-1]) for s in shapes) for shapes in (found, logits))
-    return tokens * positions * found[0][-1]
-
-
-def lookups_costs(reads) -> tuple[int, int]:
-    """(ghost norm, forming the per-example gradient) of a table's lookups ``reads`` (its
-    taps, more than one), multiply-adds per example as :meth:`Tap.costs` counts them:
-    :func:`cross_terms` takes the norm over all their tokens at once, and each example's
-    gradient is one table, scattered into from every lookup."""
-    tokens, dim = sum(math.prod(t.out.shape[:-1]) for t in reads), reads[0].out.shape[-1]
-    table = ge.TABLE_COST * math.prod(reads[0].kernel_shape)
-    return min(ge.embedding_costs(tokens, dim)), tokens * dim + table
+def norm_costs(reads) -> tuple[int, int]:
+    """(ghost norm, forming the per-example gradient) of one kernel read by ``reads``
+    (its taps), multiply-adds per example as :meth:`Tap.costs` counts them, for the
+    norm as :func:`cross_terms` takes it: a side of several reads over all their
+    positions at once (the Gram form grows with their square), and a tied table's
+    cross term between its lookups and its reversed reads (T·S·d for T tokens and S
+    positions of logits). The per-example gradient is one table for all the lookups.
+    """
+    if len(reads) == 1:
+        return reads[0].costs()
+    found = [t for t in reads if t.kind == "embedding"]
+    maps = [t for t in reads if t.kind != "embedding"]
+    norm = formed = 0
+    if len(found) == 1:
+        norm, formed = found[0].costs()
+    elif found:
+        tokens, dim = sum(math.prod(t.out.shape[:-1]) for t in found), found[0].out.shape[-1]
+        norm = min(ge.embedding_costs(tokens, dim))
+        formed = tokens * dim + ge.TABLE_COST * math.prod(found[0].kernel_shape)
+    if maps:
+        sizes = [t.form_sizes() for t in maps]
+        outer, gram = gn.form_costs(sum(s[0] for s in sizes), *sizes[0][1:])
+        norm, formed = norm + min(outer, gram), formed + outer
+    if found and maps:
+        tokens = sum(math.prod(t.out.shape[:-1]) for t in found)
+        positions = sum(s[0] * s[1] for s in sizes)
+        norm += tokens * positions * found[0].out.shape[-1]
+    return norm, formed
 
 
 def _x_shape(spec: gn.Einsum, out_shape, kernel_shape) -> tuple:

@@ -352,6 +352,37 @@ def test_a_grouped_convolutions_tap_costs_its_patches_einsum():
         assert tap.costs() == (min(outer, gram), outer)
 
 
+def _one_read(reads):
+    """One tap reading all of ``reads``' positions (the first's, its positions laid end
+    to end as the first axis of its output)."""
+    total = sum(math.prod(t.out.shape[:-1]) for t in reads)
+    shape = (total, *[1] * (len(reads[0].out.shape) - 2), reads[0].out.shape[-1])
+    return dataclasses.replace(reads[0], out=jax.ShapeDtypeStruct(shape, reads[0].out.dtype))
+
+
+@pytest.mark.parametrize(
+    "kind, layer, gram",
+    [("seq2seq", "table", True), ("shared_conv", "conv", False), ("shared_conv", "conv1d", True)],
+)
+def test_a_kernel_read_many_times_costs_one_read_of_all_its_positions(kind, layer, gram):
+    """ghost_tap.norm_costs charges a kernel that several taps read what cross_terms
+    computes: each side's norm over all its reads' positions at once, whose Gram form
+    grows with their square, so the same as one read of them all (a split changes
+    nothing): BART's table (two lookups, two reversed reads of different ranks, and
+    their cross term), a Conv2D called on an image and on its crop (the outer form, as
+    dear either way) and a Conv1D called twice (the Gram form)."""
+    plan = plan_of(MODELS[kind], data(kind)[0], "ghost")
+    reads = [t for t in plan.taps if t.use_kernel and t.layer.split("/")[-1] == layer]
+    sides = [[t for t in reads if t.kind == k] for k in ("embedding", "einsum", "conv")]
+    sides = [side for side in sides if side]
+    assert len(reads) == (4 if kind == "seq2seq" else 2), [t.layer for t in reads]
+    merged = [_one_read(side) for side in sides]
+    assert ghost_tap.norm_costs(reads) == ghost_tap.norm_costs(merged)
+    split = sum(t.costs()[0] for t in reads)  # each read's own norm, as before
+    norm = ghost_tap.norm_costs(reads)[0]
+    assert norm > split if gram else norm == split
+
+
 def _grouped_convolutions(jaxpr) -> int:
     count = 0
     for eqn in jaxpr.eqns:
