@@ -84,6 +84,7 @@ class Plan:
       flops: Floating-point operations of one example's forward pass (its matrix
         products and convolutions).
       fallback_size: Parameters among the fallback variables.
+      fallback_convolved: Whether one of them reaches a convolution's kernel operand.
     """
 
     taps: tuple
@@ -91,6 +92,7 @@ class Plan:
     fallback: tuple
     flops: int = 0
     fallback_size: int = 0
+    fallback_convolved: bool = False
 
     @property
     def active(self) -> tuple:
@@ -300,12 +302,14 @@ def plan(model, loss_fn, params, clipping: str) -> Plan:
     )
     variables = model.trainable_variables
     fallback = [i for i in range(n) if i not in safe]
+    read = fallback + [n + i for i in fallback]  # as the taps and as Keras read them
     return Plan(
         taps,
         frozenset(safe),
         tuple(variables[i].path for i in fallback),
         flops=ghost_cost.flops(closed.jaxpr),
         fallback_size=sum(math.prod(variables[i].shape) for i in fallback),
+        fallback_convolved=ghost_cost.reaches_convolution(closed.jaxpr, read),
     )
 
 

@@ -13,6 +13,7 @@ import math
 from typing import TYPE_CHECKING
 
 import jax
+from jax.extend.core import Literal
 
 from keras_dp import _backend, _keras
 from keras_dp.ghost_tap import norm_costs
@@ -69,9 +70,14 @@ def one_pass(plan_: Plan | None, config, rows: int) -> bool:
     (~12 MFLOP: 68–80 ms in chunks, 219 ms in one pass) or Gemma3 keeps its chunks,
     where the padding rows would cost more than the loop. So does a step whose
     per-example gradients (variables without a ghost rule) would exceed 4 MiB in one
-    pass: out of the caches, they cost more than the loop (``_ONE_PASS_FALLBACK_BYTES``).
+    pass: out of the caches, they cost more than the loop (``_ONE_PASS_FALLBACK_BYTES``),
+    and one whose fallback variables include a convolution's kernel: autodiff forms
+    their per-example gradients as one grouped convolution over the rows, slow over
+    many (a convolutional autoencoder, whose two ``Conv2DTranspose`` have no rule,
+    ``benchmarks/clipping.py --models autoencoder``: 11.4–11.9 ms a step in one pass,
+    4.8–4.9 in chunks of 16, 4.8–4.9 per-example).
     """
-    if plan_ is None or not _may_pass_once(config):
+    if plan_ is None or not _may_pass_once(config) or plan_.fallback_convolved:
         return False
     fallback_bytes = 4 * rows * plan_.fallback_size
     return plan_.flops <= _ONE_PASS_FLOPS and fallback_bytes <= _ONE_PASS_FALLBACK_BYTES
@@ -137,6 +143,44 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     return norms < _CONV_RATIO * sizes
 
 
+def reaches_convolution(jaxpr, inputs) -> bool:
+    """Whether any of ``jaxpr``'s inputs at positions ``inputs`` reaches the kernel
+    operand of a convolution (through any operations; inner jaxprs included, an inner
+    jaxpr whose inputs are not its equation's taken as reading them all).
+
+    A variable read so without a ghost rule (a transposed convolution, a regularised
+    kernel) gets its per-example gradient from autodiff over the rows: one grouped
+    convolution, which XLA's CPU compiler runs slowly over many rows at once
+    (:func:`one_pass`)."""
+    return _reaches(jaxpr, {jaxpr.invars[i] for i in inputs})
+
+
+def _reaches(jaxpr, reached: set) -> bool:
+    for eqn in jaxpr.eqns:
+        read = [not isinstance(v, Literal) and v in reached for v in eqn.invars]
+        if not any(read):
+            continue
+        if eqn.primitive.name == "conv_general_dilated" and read[1]:
+            return True
+        for inner in _inner_jaxprs(eqn):
+            mine = len(inner.invars) == len(read)
+            inside = {v for v, r in zip(inner.invars, read) if r or not mine}
+            if _reaches(inner, inside):
+                return True
+        reached.update(eqn.outvars)
+    return False
+
+
+def _inner_jaxprs(eqn) -> list:
+    found = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            item = getattr(item, "jaxpr", item)  # a ClosedJaxpr's
+            if hasattr(item, "eqns"):
+                found.append(item)
+    return found
+
+
 def flops(jaxpr) -> int:
     """Floating-point operations of ``jaxpr``'s matrix products and convolutions
     (inner jaxprs included; a loop's body counted once per known trip)."""
@@ -151,11 +195,6 @@ def flops(jaxpr) -> int:
             rhs = eqn.invars[1].aval.shape
             out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
             total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) // out_features
-        inner = 0
-        for value in eqn.params.values():
-            for item in value if isinstance(value, (tuple, list)) else (value,):
-                item = getattr(item, "jaxpr", item)  # a ClosedJaxpr's
-                if hasattr(item, "eqns"):
-                    inner += flops(item)
+        inner = sum(flops(item) for item in _inner_jaxprs(eqn))
         total += inner * eqn.params.get("length", 1)  # scan
     return total

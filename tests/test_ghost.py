@@ -924,6 +924,12 @@ def tied_model():
     return keras.Model(inputs, TiedHead(dense)(keras.layers.Dense(3)(h)))
 
 
+def regularized_conv_model():  # a convolution's kernel that falls back
+    inputs = keras.Input((7, 6, 2))
+    h = keras.layers.Conv2D(3, 3, kernel_regularizer="l2", activation="relu")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
+
+
 def regularized_model():
     return keras.Sequential(
         [
@@ -1065,6 +1071,7 @@ def data(kind, n=9, seed=0):
         "conv": (7, 2),
         "looped": (5, 4),
         "conv2d": (7, 6, 2),
+        "regularized_conv": (7, 6, 2),
         "depthwise": (7, 6, 2),
         "depthwise1d": (9, 2),
         "recurrent": (6, 3),
@@ -1114,6 +1121,7 @@ MODELS = {
     "untied_lm": untied_lm_model,
     "seq2seq": seq2seq_model,
     "regularized": regularized_model,
+    "regularized_conv": regularized_conv_model,
     "subclass": subclass_model,
     "subclassed": Subclassed,
     "looped": looped_model,
@@ -1536,6 +1544,40 @@ def test_small_models_run_one_pass_on_a_cpu_and_others_keep_their_chunks():
         assert ghost_cost.one_pass(layer, config, 88) is whole
     chosen = dataclasses.replace(config, microbatch_size=16)
     assert not ghost_cost.one_pass(small, chosen, 128)  # the user's microbatch_size is kept
+    # A convolution's kernel without a ghost rule: autodiff's grouped convolution over
+    # the rows, 2.3x slower in one pass (benchmarks/clipping.py --models autoencoder).
+    assert not ghost_cost.one_pass(dataclasses.replace(small, fallback_convolved=True), config, 88)
+
+
+@pytest.mark.parametrize(
+    "kind, convolved",
+    [("transpose", True), ("regularized_conv", True), ("regularized", False), ("mlp", False)],
+)
+def test_a_plan_tells_a_convolutions_kernel_among_its_fallback(kind, convolved):
+    """Plan.fallback_convolved: a fallback variable reaches a convolution's kernel
+    operand (transposed convolutions, whose kernel is flipped first; a regularised
+    Conv2D), and not a Dense's or a LayerNormalization's (which a convolution's input
+    depends on, through its activations)."""
+    plan = plan_of(MODELS[kind], data(kind)[0], "ghost")
+    assert plan.fallback and plan.fallback_convolved is convolved
+
+
+def test_reaches_convolution_follows_a_kernel_into_inner_jaxprs():
+    """ghost_cost.reaches_convolution: only the kernel operand counts (an input that
+    reaches a convolution's data does not), through other operations and jitted calls."""
+    x, k = jnp.ones((1, 6, 2)), jnp.ones((3, 2, 4))
+
+    def f(x, k, scale):
+        conv = jax.jit(
+            lambda a, b: jax.lax.conv_general_dilated(
+                a, b, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+            )
+        )
+        return conv(x * scale, jnp.flip(k, 0))
+
+    jaxpr = jax.make_jaxpr(f)(x, k, 2.0).jaxpr
+    assert ghost_cost.reaches_convolution(jaxpr, [1])
+    assert not ghost_cost.reaches_convolution(jaxpr, [0, 2])
 
 
 def test_tap_costs_count_the_kernel_axes_from_x():
