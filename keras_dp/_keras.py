@@ -63,6 +63,7 @@ from keras.src.backend import (
     get_stateless_scope,
     set_keras_mask,
 )
+from keras.src.backend.common.backend_utils import compute_conv_transpose_padding_args_for_jax
 from keras.src.backend.config import is_nnx_enabled
 from keras.src.saving.keras_saveable import KerasSaveable
 from keras.src.trainers.data_adapters.array_slicing import train_validation_split
@@ -229,6 +230,19 @@ def assigned_in_call(variable, value) -> bool:
 def stored_kernel(layer):
     """The kernel variable a Dense/EinsumDense stores (frozen under LoRA)."""
     return layer._kernel
+
+
+def conv_transpose_pads(layer, input_shape) -> list:
+    """The (low, high) padding per spatial axis that Keras' JAX ``conv_transpose``
+    gives ``jax.lax.conv_transpose`` for ``layer`` (channels last) on ``input_shape``."""
+    return compute_conv_transpose_padding_args_for_jax(
+        input_shape=input_shape,
+        kernel_shape=tuple(layer.kernel.shape),
+        strides=layer.strides,
+        padding=layer.padding,
+        output_padding=layer.output_padding,
+        dilation_rate=layer.dilation_rate,
+    )
 
 
 def stored_embeddings(layer):

@@ -317,3 +317,38 @@ def _canonical_conv_bwd(spec: Conv, residuals, g):
 
 
 _canonical_conv.defvjp(_canonical_conv_fwd, _canonical_conv_bwd)
+
+
+def transpose_equation(rank: int) -> str:
+    """A transposed convolution's einsum before :func:`fold`: each input position's
+    features times the kernel [*window, F, C] gives that position's window of outputs,
+    u [B, *spatial, *window, F] (2-D: ``"zpqc,ijfc->zpqijf"``)."""
+    spatial, window = "pqr"[:rank], "ijk"[:rank]
+    return f"z{spatial}c,{window}fc->z{spatial}{window}f"
+
+
+def fold(u, strides, dilation, pads) -> jnp.ndarray:
+    """A transposed convolution's output [B, *out, F] from its windows u [B, *spatial,
+    *window, F] (:func:`transpose_equation`): window offset w of input position i adds
+    into output position s·i + d·w − (d·(k − 1) − low), as ``jax.lax.conv_transpose``
+    with ``transpose_kernel=True`` and the (low, high) ``pads`` computes it (the input
+    dilated by the strides, padded, convolved with the flipped kernel). One padded
+    copy of each offset's plane, summed: autodiff takes g at each window as strided
+    slices of the output's gradient, so a tap at u sees each example's patches of g
+    and its norm is a dense layer's over the input positions, no zeros unfolded. The
+    overlapping windows are summed in float32 at least (as a convolution accumulates)."""
+    rank = len(strides)
+    dtype = u.dtype
+    u = u.astype(jnp.promote_types(dtype, jnp.float32))
+    spatial, window = u.shape[1 : 1 + rank], u.shape[1 + rank : 1 + 2 * rank]
+    total = None
+    for w in itertools.product(*map(range, window)):
+        config = [(0, 0, 0)]
+        for n, s, d, k, (low, high), wi in zip(spatial, strides, dilation, window, pads, w):
+            size = (n - 1) * s + 1 + low + high - d * (k - 1)  # the output's length
+            start = d * wi - (d * (k - 1) - low)
+            config.append((start, size - (n - 1) * s - 1 - start, s - 1))
+        part = u[(slice(None),) * (1 + rank) + w]  # [B, *spatial, F]
+        placed = jax.lax.pad(part, jnp.zeros((), u.dtype), config + [(0, 0, 0)])
+        total = placed if total is None else total + placed
+    return total.astype(dtype)

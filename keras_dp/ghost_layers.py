@@ -272,10 +272,29 @@ def _separable(layer, tape, original):
     return call
 
 
+def _conv_transpose(layer, tape, original):
+    """Conv1D/2D/3DTranspose (channels last): each input position's features times the
+    kernel, an einsum tapped with the undilated input as its x, folded into the output
+    (:func:`keras_dp.ghost_conv.fold`), then the bias with a tap of its own."""
+
+    def call(inputs):
+        if layer.data_format != "channels_last" or getattr(layer, "lora_enabled", False):
+            return original(inputs)
+        equation = gc.transpose_equation(layer.rank)
+        spec = gn.parse(equation, len(inputs.shape))
+        u = ops.einsum(equation, inputs, tape.read(layer.kernel))
+        u = tape.tap(layer, u, inputs, "einsum", spec, layer.kernel)
+        pads = _keras.conv_transpose_pads(layer, tuple(inputs.shape))
+        out = gc.fold(u, layer.strides, layer.dilation_rate, pads)
+        return _activate(layer, _bias_tapped(layer, tape, out))
+
+    return call
+
+
 # The per-example path installs these alone (keras_dp.ghost.per_example_fn): their
 # kernels' per-example gradients are then products of the unfolded patches, not
 # autodiff's grouped convolutions.
-conv_rules = (_conv, _depthwise, _separable)
+conv_rules = (_conv, _depthwise, _separable, _conv_transpose)
 
 _RULES = [
     (keras.layers.Dense, _dense),
@@ -285,6 +304,7 @@ _RULES = [
     (keras.layers.Conv2D, _conv),  # Conv2D and Conv3D share the base class' call
     (keras.layers.DepthwiseConv2D, _depthwise),  # and DepthwiseConv1D: one call
     (keras.layers.SeparableConv2D, _separable),  # and SeparableConv1D
+    (keras.layers.Conv2DTranspose, _conv_transpose),  # and Conv1D/3DTranspose
 ]
 _RULES += ghost_rnn.RULES
 if hasattr(keras.layers, "ReversibleEmbedding"):

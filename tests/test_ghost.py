@@ -21,7 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import keras_dp
-from keras_dp import ghost, ghost_cost, ghost_tap
+from keras_dp import _keras, ghost, ghost_cost, ghost_tap
 from keras_dp import ghost_conv as gc
 from keras_dp import ghost_embedding as ge
 from keras_dp import ghost_norms as gn
@@ -350,6 +350,47 @@ def test_a_grouped_convolutions_tap_costs_its_patches_einsum():
         assert tap.out.shape == out_shape
         outer, gram = gn.costs(tap.spec, x_shape, out_shape)
         assert tap.costs() == (min(outer, gram), outer)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    rank=st.integers(1, 2),
+    window=st.integers(1, 4),
+    strides=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    padding=st.sampled_from(["valid", "same"]),
+    extra=st.integers(0, 2),  # output_padding, below the strides
+    spatial=st.integers(1, 6),
+)
+def test_a_transposed_convolution_is_its_einsum_folded(
+    rank, window, strides, dilation, padding, extra, spatial
+):
+    """ghost_conv.fold of the transposed rule's einsum gives keras.ops.conv_transpose's
+    output, and autodiff's gradients of it at x and at the kernel, over random
+    geometries: strides, dilation, padding, output padding, windows wider than the
+    stride and narrower, inputs of one position."""
+    output_padding = None if extra == 0 or extra >= strides else (extra,) * rank
+    dilation = 1 if strides > 1 else dilation  # Keras refuses both above 1
+    rng = np.random.default_rng(window + 10 * strides + 100 * spatial)
+    x = jnp.asarray(rng.normal(size=(2, *(spatial,) * rank, 3)), jnp.float32)
+    layer_cls = keras.layers.Conv1DTranspose if rank == 1 else keras.layers.Conv2DTranspose
+    layer = layer_cls(
+        2, window, strides, padding, output_padding=output_padding, dilation_rate=dilation
+    )
+    layer.build(x.shape)
+    kernel = jnp.asarray(rng.normal(size=layer.kernel.shape), jnp.float32)
+    pads = _keras.conv_transpose_pads(layer, x.shape)
+
+    def keras_conv(x, kernel):
+        return keras.ops.conv_transpose(
+            x, kernel, strides, padding, output_padding, dilation_rate=dilation
+        )
+
+    def ours(x, kernel):
+        u = jnp.einsum(gc.transpose_equation(rank), x, kernel)
+        return gc.fold(u, layer.strides, layer.dilation_rate, pads)
+
+    assert_same_map_and_gradients(ours, keras_conv, x, kernel, rng)
 
 
 def _one_read(reads):
@@ -895,14 +936,17 @@ def time_distributed_model():
 
 
 def transpose_model():
-    """Transposed convolutions (a decoder's upsampling), which have no ghost rule: their
-    kernels and biases get per-example gradients beside the Conv2D's and the head's
-    ghost norms."""
+    """Transposed convolutions (a decoder's upsampling): strided with "same" padding,
+    with output padding, a Conv1DTranspose called twice (one einsum over both calls'
+    positions) and a dilated one; each an einsum of its undilated input, folded."""
     inputs = keras.Input((5, 4, 2))
     h = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu")(inputs)
     h = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", activation="relu")(h)
     h = keras.layers.Conv2DTranspose(2, (2, 3), strides=(2, 1), output_padding=(1, 0))(h)
-    h = keras.layers.Conv1DTranspose(2, 3, strides=2, name="t1d")(keras.ops.mean(h, axis=1))
+    twice = keras.layers.Conv1DTranspose(2, 3, strides=2, name="t1d")
+    h = keras.ops.mean(h, axis=1)
+    h = keras.ops.concatenate([twice(h), twice(keras.ops.flip(h, axis=1))], axis=-1)
+    h = keras.layers.Conv1DTranspose(3, 3, padding="same", dilation_rate=2, name="dilated")(h)
     return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
 
 
@@ -1241,8 +1285,7 @@ def test_what_falls_back():
     assert fallback_of(shared_conv_model, x["shared_conv"]) == set()
     assert fallback_of(shared_text_model, x["shared_text"]) == set()  # its lookups' tokens
     assert fallback_of(time_distributed_model, x["time_distributed"]) == set()
-    transposed = fallback_of(transpose_model, x["transpose"])  # no rule: their own call
-    assert len(transposed) == 6 and all("transpose" in p or "t1d" in p for p in transposed)
+    assert fallback_of(transpose_model, x["transpose"]) == set()  # an einsum, folded
     tied = fallback_of(tied_model, x["tied"])
     assert any(p.endswith("kernel") for p in tied)
     assert fallback_of(tied_lm_model, x["tied_lm"]) == set()  # lookup and logits: one table
@@ -1313,6 +1356,7 @@ def test_nonfinite_example_contributes_nothing():
         "depthwise",
         "recurrent",
         "conv",
+        "transpose",
     ],
 )
 def test_mixed_bfloat16_never_exceeds_the_clip_norm(kind):
@@ -1551,13 +1595,11 @@ def test_small_models_run_one_pass_on_a_cpu_and_others_keep_their_chunks():
 
 @pytest.mark.parametrize(
     "kind, convolved",
-    [("transpose", True), ("regularized_conv", True), ("regularized", False), ("mlp", False)],
+    [("regularized_conv", True), ("regularized", False), ("mlp", False)],
 )
 def test_a_plan_tells_a_convolutions_kernel_among_its_fallback(kind, convolved):
     """Plan.fallback_convolved: a fallback variable reaches a convolution's kernel
-    operand (transposed convolutions, whose kernel is flipped first; a regularised
-    Conv2D), and not a Dense's or a LayerNormalization's (which a convolution's input
-    depends on, through its activations)."""
+    operand (a regularised Conv2D's), and not a Dense's or a LayerNormalization's."""
     plan = plan_of(MODELS[kind], data(kind)[0], "ghost")
     assert plan.fallback and plan.fallback_convolved is convolved
 

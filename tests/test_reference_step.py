@@ -121,6 +121,7 @@ def build(kind: str, dropout: bool, dtype: str | None):
         h = shared(shared(h))  # one kernel, two reads: their patches laid end to end
         h = keras.layers.Conv1D(2, 3, strides=2, padding="causal", groups=2, dtype=dtype)(h)
         h = keras.layers.SeparableConv1D(3, 2, depth_multiplier=2, padding="same", dtype=dtype)(h)
+        h = keras.layers.Conv1DTranspose(2, 3, strides=2, padding="same", dtype=dtype)(h)
         h = keras.layers.Flatten(dtype=dtype)(h)
     elif kind == "mixed":
         inputs = keras.Input((LENGTH, 2))
