@@ -19,6 +19,7 @@ from keras import ops
 from keras_dp import _keras, ghost_rnn
 from keras_dp import ghost_conv as gc
 from keras_dp import ghost_norms as gn
+from keras_dp import ghost_transpose as gt
 
 
 def rule(layer):
@@ -275,17 +276,17 @@ def _separable(layer, tape, original):
 def _conv_transpose(layer, tape, original):
     """Conv1D/2D/3DTranspose (channels last): each input position's features times the
     kernel, an einsum tapped with the undilated input as its x, folded into the output
-    (:func:`keras_dp.ghost_conv.fold`), then the bias with a tap of its own."""
+    (:func:`keras_dp.ghost_transpose.fold`), then the bias with a tap of its own."""
 
     def call(inputs):
         if layer.data_format != "channels_last" or getattr(layer, "lora_enabled", False):
             return original(inputs)
-        equation = gc.transpose_equation(layer.rank)
+        equation = gt.transpose_equation(layer.rank)
         spec = gn.parse(equation, len(inputs.shape))
         u = ops.einsum(equation, inputs, tape.read(layer.kernel))
         u = tape.tap(layer, u, inputs, "einsum", spec, layer.kernel)
         pads = _keras.conv_transpose_pads(layer, tuple(inputs.shape))
-        out = gc.fold(u, layer.strides, layer.dilation_rate, pads)
+        out = gt.fold(u, layer.strides, layer.dilation_rate, pads)
         return _activate(layer, _bias_tapped(layer, tape, out))
 
     return call

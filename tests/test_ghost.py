@@ -25,6 +25,7 @@ from keras_dp import _keras, ghost, ghost_cost, ghost_tap
 from keras_dp import ghost_conv as gc
 from keras_dp import ghost_embedding as ge
 from keras_dp import ghost_norms as gn
+from keras_dp import ghost_transpose as gt
 
 from .helpers import DenseCell, ghost_plan, whole_batch_update
 
@@ -365,7 +366,7 @@ def test_a_grouped_convolutions_tap_costs_its_patches_einsum():
 def test_a_transposed_convolution_is_its_einsum_folded(
     rank, window, strides, dilation, padding, extra, spatial
 ):
-    """ghost_conv.fold of the transposed rule's einsum gives keras.ops.conv_transpose's
+    """ghost_transpose.fold of the transposed rule's einsum gives keras.ops.conv_transpose's
     output, and autodiff's gradients of it at x and at the kernel, over random
     geometries: strides, dilation, padding, output padding, windows wider than the
     stride and narrower, inputs of one position."""
@@ -387,8 +388,8 @@ def test_a_transposed_convolution_is_its_einsum_folded(
         )
 
     def ours(x, kernel):
-        u = jnp.einsum(gc.transpose_equation(rank), x, kernel)
-        return gc.fold(u, layer.strides, layer.dilation_rate, pads)
+        u = jnp.einsum(gt.transpose_equation(rank), x, kernel)
+        return gt.fold(u, layer.strides, layer.dilation_rate, pads)
 
     assert_same_map_and_gradients(ours, keras_conv, x, kernel, rng)
 
