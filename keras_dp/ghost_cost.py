@@ -71,9 +71,10 @@ def one_pass(plan_: Plan | None, config, rows: int) -> bool:
     where the padding rows would cost more than the loop. So does a step whose
     per-example gradients (variables without a ghost rule) would exceed 4 MiB in one
     pass: out of the caches, they cost more than the loop (``_ONE_PASS_FALLBACK_BYTES``),
-    and one whose fallback variables include a convolution's kernel: autodiff forms
-    their per-example gradients as one grouped convolution over the rows, slow over
-    many (a convolutional autoencoder, whose two ``Conv2DTranspose`` have no rule,
+    and one whose fallback variables include a convolution's kernel (a regularised
+    one, or one in channels-first layout): autodiff forms their per-example gradients
+    as one grouped convolution over the rows, slow over many (a convolutional
+    autoencoder before its ``Conv2DTranspose`` layers had a rule,
     ``benchmarks/clipping.py --models autoencoder``: 11.4–11.9 ms a step in one pass,
     4.8–4.9 in chunks of 16, 4.8–4.9 per-example).
     """
@@ -148,8 +149,9 @@ def reaches_convolution(jaxpr, inputs) -> bool:
     operand of a convolution (through any operations; inner jaxprs included, an inner
     jaxpr whose inputs are not its equation's taken as reading them all).
 
-    A variable read so without a ghost rule (a transposed convolution, a regularised
-    kernel) gets its per-example gradient from autodiff over the rows: one grouped
+    A variable read so without a ghost rule (a regularised convolution's kernel, one
+    in channels-first layout) gets its per-example gradient from autodiff over the
+    rows: one grouped
     convolution, which XLA's CPU compiler runs slowly over many rows at once
     (:func:`one_pass`)."""
     return _reaches(jaxpr, {jaxpr.invars[i] for i in inputs})
