@@ -151,9 +151,8 @@ def reaches_convolution(jaxpr, inputs) -> bool:
 
     A variable read so without a ghost rule (a regularised convolution's kernel, one
     in channels-first layout) gets its per-example gradient from autodiff over the
-    rows: one grouped
-    convolution, which XLA's CPU compiler runs slowly over many rows at once
-    (:func:`one_pass`)."""
+    rows: one grouped convolution, which XLA's CPU compiler runs slowly over many rows
+    at once (:func:`one_pass`)."""
     return _reaches(jaxpr, {jaxpr.invars[i] for i in inputs})
 
 
