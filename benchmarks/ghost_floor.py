@@ -36,7 +36,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -129,20 +128,6 @@ def jax_steps(dp_model, x, y) -> dict:
     return steps, state
 
 
-def timed(steps: dict, states: dict, repeats: int, calls: int) -> dict:
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            state = states[name]
-            start = time.perf_counter()
-            for _ in range(calls):
-                state = step(state)
-            jax.block_until_ready(state)
-            times[name].append((time.perf_counter() - start) / calls * 1e3)
-            states[name] = state
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
@@ -162,8 +147,8 @@ def main() -> None:
     ours, state = jax_steps(dp, x[:b], y[:b])
     steps.update(ours)
     states.update({name: jax.tree.map(jnp.copy, state) for name in ours})
-    timed(steps, states, 1, 3)  # warm
-    times = timed(steps, states, args.repeats, args.calls)
+    step_parts.timed(steps, states, 1, 3)  # warm
+    times = step_parts.timed(steps, states, args.repeats, args.calls)
     ms = {name: statistics.median(t) for name, t in times.items()}
     command = "python benchmarks/ghost_floor.py " + " ".join(os.sys.argv[1:])
     lines = [
