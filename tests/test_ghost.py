@@ -394,6 +394,29 @@ def test_a_transposed_convolution_is_its_einsum_folded(
     assert_same_map_and_gradients(ours, keras_conv, x, kernel, rng)
 
 
+@pytest.mark.parametrize("padding, output_padding", [("same", None), ("valid", (1, 0, 1))])
+def test_a_3d_transposed_convolution_is_its_einsum_folded(padding, output_padding):
+    """The same in 3-D (Conv3DTranspose), strided unevenly, with and without output
+    padding."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 3, 2, 3, 2)), jnp.float32)
+    layer = keras.layers.Conv3DTranspose(
+        2, (2, 3, 2), (2, 1, 2), padding, output_padding=output_padding
+    )
+    layer.build(x.shape)
+    kernel = jnp.asarray(rng.normal(size=layer.kernel.shape), jnp.float32)
+    pads = _keras.conv_transpose_pads(layer, x.shape)
+
+    def keras_conv(x, kernel):
+        return keras.ops.conv_transpose(x, kernel, (2, 1, 2), padding, output_padding)
+
+    def ours(x, kernel):
+        u = jnp.einsum(gt.transpose_equation(3), x, kernel)
+        return gt.fold(u, layer.strides, layer.dilation_rate, pads)
+
+    assert_same_map_and_gradients(ours, keras_conv, x, kernel, rng)
+
+
 def _one_read(reads):
     """One tap reading all of ``reads``' positions (the first's, its positions laid end
     to end as the first axis of its output)."""
