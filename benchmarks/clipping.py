@@ -1,6 +1,7 @@
 """Ghost vs per-example clipping: step time, first epoch and memory, as ratios in one run.
 
     python benchmarks/clipping.py [--models mlp tabular siamese siamese-cnn siamese-text autoencoder
+                                            decoder unet
                                             cnn cnn32 mobile grouped tcn text text-cnn lstm gru
                                             simple-rnn
                                             bert-lora gemma-lora gemma-full]
@@ -54,6 +55,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
@@ -159,6 +161,54 @@ def autoencoder():
             keras.layers.Conv2DTranspose(1, 3, strides=2, padding="same"),
         ]
     )
+
+
+def decoder():
+    """A DCGAN-like generator: a Dense to 4×4×64, three strided 4×4 transposed
+    convolutions up to 32×32×1 (32, 16 and 1 filters)."""
+    keras.utils.set_random_seed(0)
+    up = functools.partial(keras.layers.Conv2DTranspose, kernel_size=4, strides=2, padding="same")
+    return keras.Sequential(
+        [
+            keras.Input((32,)),
+            keras.layers.Dense(4 * 4 * 64, activation="relu"),
+            keras.layers.Reshape((4, 4, 64)),
+            up(32, activation="relu"),
+            up(16, activation="relu"),
+            up(1),
+        ]
+    )
+
+
+def decoder_data(n=1024):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 32)).astype("float32"), rng.normal(size=(n, 32, 32, 1)).astype(
+        "float32"
+    )
+
+
+def unet():
+    """A small U-Net segmenting 32×32 images into 2 classes: 3×3 convolutions down (16,
+    32 strided, 64 strided), strided 3×3 transposed convolutions up (32, 16), each
+    joined to the level's features, a 1×1 convolution to the classes."""
+    keras.utils.set_random_seed(0)
+    conv = functools.partial(keras.layers.Conv2D, padding="same", activation="relu")
+    up = functools.partial(
+        keras.layers.Conv2DTranspose, kernel_size=3, strides=2, padding="same", activation="relu"
+    )
+    inputs = keras.Input((32, 32, 1))
+    a = conv(16, 3)(inputs)
+    b = conv(32, 3, strides=2)(a)
+    c = conv(64, 3, strides=2)(b)
+    u = keras.layers.Concatenate()([up(32)(c), b])
+    u = keras.layers.Concatenate()([up(16)(u), a])
+    return keras.Model(inputs, keras.layers.Conv2D(2, 1)(u))
+
+
+def segmentation_data(n=1024):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 32, 32, 1)).astype("float32")
+    return x, (x[..., 0] > 0).astype("int32")
 
 
 def image_autoencoder_data(n=1024):
@@ -369,6 +419,8 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "siamese-cnn": (siamese_cnn, image_pair_data, 64, 3),
     "siamese-text": (siamese_text, text_pair_data, 64, 4),
     "autoencoder": (autoencoder, image_autoencoder_data, 64, 3),
+    "decoder": (decoder, decoder_data, 64, 3),
+    "unet": (unet, segmentation_data, 64, 3),
     "cnn": (cnn, image_data, 64, 6),
     "cnn32": (cnn32, cifar_like_data, 64, 3),
     "tcn": (tcn, series_data, 64, 4),
@@ -391,6 +443,7 @@ LOSSES = {
     "siamese-cnn": keras.losses.BinaryCrossentropy(from_logits=True),
     "siamese-text": keras.losses.BinaryCrossentropy(from_logits=True),
     "autoencoder": keras.losses.MeanSquaredError(),
+    "decoder": keras.losses.MeanSquaredError(),
 }
 
 

@@ -233,8 +233,8 @@ def clipping(model, config, unit, trainable, rows) -> tuple:
             model._dp_ghost_logged = "per_example"
             logger.info(
                 "clipping='auto': per-example gradients for every variable (ghost norms "
-                "of convolutions over many positions cost more than the per-example "
-                "gradients here, on a CPU). clipping='ghost' forces them."
+                "of convolutions over many positions or transposed ones cost more than "
+                "the per-example gradients here, on a CPU). clipping='ghost' forces them."
             )
         return per_example_fn(model, unit), None, None
     if made.fallback != getattr(model, "_dp_ghost_logged", None):

@@ -16,6 +16,7 @@ import jax
 from jax.extend.core import Literal
 
 from keras_dp import _backend, _keras
+from keras_dp import ghost_transpose as gt
 from keras_dp.ghost_tap import norm_costs
 
 if TYPE_CHECKING:
@@ -125,6 +126,15 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     26.7–27.2, faster in 16 of 20 paired fits; Gemma3 (4 layers, 128 tokens) with LoRA
     269 / 279–307 and 246 / 252–257, faster in 15 of 20.
 
+    A model with a transposed convolution (its rule's einsum,
+    :mod:`keras_dp.ghost_transpose`) runs per-example gradients on a CPU, in the same
+    einsum-and-fold form: its ghost step's passes over the large gradients at each
+    window (zeroed rows, formed gradients' squares) cost more than they save. Measured
+    through fit on 2 CPU cores, batch 64, ms a step (per-example / ghost, two
+    repeats): a convolutional autoencoder 1.43–1.45 / 1.65–1.86, a DCGAN-like decoder
+    5.1–5.4 / 7.9–8.0, a VAE's decoder 7.1–7.2 / 8.9–9.2, a small U-Net 22.4–23.5 /
+    25.5–26.0 (``benchmarks/clipping.py --models autoencoder decoder unet``).
+
     Ghost norms are kept on an accelerator (not measured there), and where the new
     per-example gradients (float32, for a whole expected batch) would exceed 256 MiB:
     memory follows the activations with ghost norms, the parameters without.
@@ -132,7 +142,8 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     if not _backend.on_cpu() or plan_ is None:
         return True
     kernels = [t for t in plan_.active if t.use_kernel]
-    if not any(t.kind == "conv" for t in kernels):
+    transposed = any(t.kind == "einsum" and gt.is_transposed(t.spec) for t in kernels)
+    if not transposed and not any(t.kind == "conv" for t in kernels):
         return True
     reads = {}  # a kernel read by several taps: one size, one norm over them all
     for t in kernels:
@@ -141,7 +152,7 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     sizes = sum(math.prod(ts[0].kernel_shape) for ts in reads.values())
     if 4 * sizes * config.batch_size > _PER_EXAMPLE_BYTES:  # their gradients would be large
         return True
-    return norms < _CONV_RATIO * sizes
+    return not transposed and norms < _CONV_RATIO * sizes
 
 
 def reaches_convolution(jaxpr, inputs) -> bool:

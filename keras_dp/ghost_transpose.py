@@ -19,6 +19,8 @@ import itertools
 import jax
 import jax.numpy as jnp
 
+from keras_dp import ghost_norms as gn
+
 
 def transpose_equation(rank: int) -> str:
     """A transposed convolution's einsum before :func:`fold`: each input position's
@@ -26,6 +28,13 @@ def transpose_equation(rank: int) -> str:
     u [B, *spatial, *window, F] (2-D: ``"zpqc,ijfc->zpqijf"``)."""
     spatial, window = "pqr"[:rank], "ijk"[:rank]
     return f"z{spatial}c,{window}fc->z{spatial}{window}f"
+
+
+def is_transposed(spec) -> bool:
+    """Whether an einsum tap's ``spec`` is :func:`transpose_equation`'s: the transposed
+    convolution rule's tap."""
+    rank = 0 if spec is None else len(spec.x) - 2
+    return 1 <= rank <= 3 and spec == gn.parse(transpose_equation(rank), rank + 2)
 
 
 def fold(u, strides, dilation, pads) -> jnp.ndarray:

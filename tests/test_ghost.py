@@ -1709,7 +1709,8 @@ def test_auto_gives_a_table_per_example_gradients_where_they_cost_less(
 def test_auto_takes_per_example_gradients_only_for_convolutions_over_many_positions(caplog):
     """On a CPU, auto runs a whole step as clipping="per_example" (bit for bit, with one
     log line) only for a CNN whose norms cost 32× its kernels' sizes (a convolution over
-    many positions), one pass or chunked, unless those per-example gradients would
+    many positions; a transposed one: the next test), one pass or chunked, unless those
+    per-example gradients would
     exceed 256 MiB. LoRA adapters over a sequence keep ghost norms in chunks too, though
     each norm costs more multiply-adds than the adapter holds numbers: their outer
     form's gradients are kept for the sum (measured faster than the per-example program
@@ -1754,3 +1755,22 @@ def test_auto_takes_per_example_gradients_only_for_convolutions_over_many_positi
                 clipped_sum(model, x, y, "auto", microbatch_size=3),
             )
         assert not any("every variable" in r.message for r in caplog.records)
+
+
+def test_auto_runs_a_model_with_transposed_convolutions_per_example_on_a_cpu():
+    """ghost_cost.ghost_pays: a transposed convolution's rule (its einsum, told by
+    ghost_transpose.is_transposed) sends a CPU step to per-example gradients, measured
+    faster on four such models, unless they would exceed 256 MiB; an EinsumDense with
+    another equation is not one."""
+    assert jax.default_backend() == "cpu"
+    config = whole_batch_update(9, 0.05, "auto", microbatch_size=3)
+    plan = plan_of(transpose_model, data("transpose")[0], "auto")
+    kernels = [t for t in plan.active if t.use_kernel]
+    # four layers, one called twice: five taps
+    assert sum(t.kind == "einsum" and gt.is_transposed(t.spec) for t in kernels) == 5
+    assert not ghost_cost.ghost_pays(plan, config)
+    sizes = sum(math.prod(t.kernel_shape) for t in {t.kernel: t for t in kernels}.values())
+    huge = dataclasses.replace(config, batch_size=2**28 // (4 * sizes) + 1)
+    assert ghost_cost.ghost_pays(plan, huge)
+    lora = plan_of(lora_model, data("lora")[0], "auto")  # "abc,cd->abd" and Dense
+    assert not any(gt.is_transposed(t.spec) for t in lora.active)
