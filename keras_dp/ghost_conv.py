@@ -37,12 +37,13 @@ class Conv(NamedTuple):
     Attributes:
       window: The kernel's spatial shape.
       strides, dilation: Per spatial axis.
-      padding: "VALID" or "SAME".
+      padding: "VALID", "SAME", or the (low, high) padding of each spatial axis
+        (negative: cropped).
     """
 
     window: tuple
     strides: tuple
-    padding: str
+    padding: str | tuple
     dilation: tuple
 
 
@@ -216,7 +217,9 @@ def _numbers(spec: Conv) -> tuple:
 
 def _pads(spec: Conv, spatial) -> list:
     """(low, high) padding per spatial axis: none for "VALID"; for "SAME" as XLA pads
-    (the odd row at the end)."""
+    (the odd row at the end); explicit ones as given."""
+    if not isinstance(spec.padding, str):
+        return list(spec.padding)
     if spec.padding != "SAME":
         return [(0, 0)] * len(spatial)
     pads = []
@@ -228,7 +231,8 @@ def _pads(spec: Conv, spatial) -> list:
 
 def _padded(spec: Conv, x) -> jnp.ndarray:
     """x [B, *spatial, C] with the convolution's padding made explicit."""
-    return jnp.pad(x, [(0, 0), *_pads(spec, x.shape[1:-1]), (0, 0)])
+    config = [(0, 0, 0), *((low, high, 0) for low, high in _pads(spec, x.shape[1:-1])), (0, 0, 0)]
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
 
 
 def _forward(spec: Conv, x, kernel) -> jnp.ndarray:
