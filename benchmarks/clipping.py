@@ -1,7 +1,7 @@
 """Ghost vs per-example clipping: step time, first epoch and memory, as ratios in one run.
 
     python benchmarks/clipping.py [--models mlp tabular siamese siamese-cnn siamese-text autoencoder
-                                            decoder unet
+                                            decoder vae-decoder unet
                                             cnn cnn32 mobile grouped tcn text text-cnn lstm gru
                                             simple-rnn
                                             bert-lora gemma-lora gemma-full]
@@ -33,6 +33,11 @@ convolutions, average pooling and a Dense(32) on both 16x16 images of a pair, ba
 64), a Siamese text classifier (one Embedding(5,000, 64) table looked up for both 32-token
 texts of a pair, averaged, one Dense(64) tower, batch 64), a convolutional autoencoder
 (16×16 images, two strided convolutions down, two strided transposed ones up, batch 64),
+a DCGAN-like decoder (a Dense to 4×4×64, three strided 4×4 transposed convolutions to
+32×32, batch 64), the decoder of Keras' VAE example (a 2-number latent, a Dense to
+7×7×64, three 3×3 transposed convolutions to 28×28, batch 64), a small U-Net (32×32
+images, two strided convolutions down, two strided transposed ones up joined to the
+level's features, batch 64),
 a CNN (two 3x3
 convolutions and a Dense head, digits as 8x8 images, batch 64), a CNN on 32x32x3 images
 (four 3x3 convolutions, two strided; random data of CIFAR-10's shape, batch 64), a
@@ -183,6 +188,33 @@ def decoder():
 def decoder_data(n=1024):
     rng = np.random.default_rng(0)
     return rng.normal(size=(n, 32)).astype("float32"), rng.normal(size=(n, 32, 32, 1)).astype(
+        "float32"
+    )
+
+
+def vae_decoder():
+    """The decoder of Keras' VAE example on MNIST: a 2-number latent, a Dense to
+    7×7×64, two strided 3×3 transposed convolutions (64, 32 filters) and one unstrided
+    to 28×28×1."""
+    keras.utils.set_random_seed(0)
+    up = functools.partial(
+        keras.layers.Conv2DTranspose, kernel_size=3, padding="same", activation="relu"
+    )
+    return keras.Sequential(
+        [
+            keras.Input((2,)),
+            keras.layers.Dense(7 * 7 * 64, activation="relu"),
+            keras.layers.Reshape((7, 7, 64)),
+            up(64, strides=2),
+            up(32, strides=2),
+            keras.layers.Conv2DTranspose(1, 3, padding="same"),
+        ]
+    )
+
+
+def vae_decoder_data(n=1024):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 2)).astype("float32"), rng.normal(size=(n, 28, 28, 1)).astype(
         "float32"
     )
 
@@ -420,6 +452,7 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "siamese-text": (siamese_text, text_pair_data, 64, 4),
     "autoencoder": (autoencoder, image_autoencoder_data, 64, 3),
     "decoder": (decoder, decoder_data, 64, 3),
+    "vae-decoder": (vae_decoder, vae_decoder_data, 64, 3),
     "unet": (unet, segmentation_data, 64, 3),
     "cnn": (cnn, image_data, 64, 6),
     "cnn32": (cnn32, cifar_like_data, 64, 3),
@@ -444,6 +477,7 @@ LOSSES = {
     "siamese-text": keras.losses.BinaryCrossentropy(from_logits=True),
     "autoencoder": keras.losses.MeanSquaredError(),
     "decoder": keras.losses.MeanSquaredError(),
+    "vae-decoder": keras.losses.MeanSquaredError(),
 }
 
 

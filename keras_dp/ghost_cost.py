@@ -131,9 +131,10 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     einsum-and-fold form: its ghost step's passes over the large gradients at each
     window (zeroed rows, formed gradients' squares) cost more than they save. Measured
     through fit on 2 CPU cores, batch 64, ms a step (per-example / ghost, two
-    repeats): a convolutional autoencoder 1.43–1.45 / 1.65–1.86, a DCGAN-like decoder
-    5.1–5.4 / 7.9–8.0, a VAE's decoder 7.1–7.2 / 8.9–9.2, a small U-Net 22.4–23.5 /
-    25.5–26.0 (``benchmarks/clipping.py --models autoencoder decoder unet``).
+    repeats, ``benchmarks/clipping.py --models autoencoder decoder vae-decoder unet``):
+    a convolutional autoencoder 1.57 / 2.38, a DCGAN-like decoder 5.40 / 7.98, the
+    decoder of Keras' VAE example 15.9 / 22.8, a small U-Net 24.7 / 30.3 (plain Keras:
+    1.88, 12.5, 112 and 90 ms; its transposed convolution is an input-dilated one).
 
     Ghost norms are kept on an accelerator (not measured there), and where the new
     per-example gradients (float32, for a whole expected batch) would exceed 256 MiB:
