@@ -426,6 +426,33 @@ def test_train_step_equals_the_reference(plan):
 
 
 @settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    plan=plans(
+        ["mlp", "embedding", "long_embedding", "conv", "mixed", "long_dense"], ["sparse_ce", "mse"]
+    ).map(lambda plan: {**plan, "bad": True})
+)
+@example(  # the embedding's ids go to the ghost sum's scatter as they are (not zeroed)
+    plan=dict(kind="long_embedding", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=None, devices=2, dtype="float32", weighted=True, dropout=False,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", bad=True)
+)  # fmt: skip
+@example(
+    plan=dict(kind="conv", loss="mse", sampling="poisson", batch=41, extra=13,
+              microbatch=16, devices=1, dtype="float32", weighted=False, dropout=True,
+              sigma=0.0, clip=0.05, steps=2, clipping="auto", bad=True)
+)  # fmt: skip
+def test_a_nonfinite_example_is_left_out_as_the_reference_leaves_it(plan):
+    """Every fifth example's loss is NaN: the step (any sampler, chunks, devices, mode)
+    moves the weights as the reference does without those examples."""
+    check_train_step(plan)
+
+
+@settings(
     max_examples=12,
     deadline=None,
     derandomize=True,
@@ -496,6 +523,19 @@ def test_the_accelerators_train_step_equals_the_reference(plan, monkeypatch):
     check_train_step(plan)
 
 
+def with_bad_examples(kind: str, x: np.ndarray) -> np.ndarray:
+    """``x`` with every fifth example's loss made NaN: its features NaN, or one of its
+    ids past the table (Keras' ``take`` reads NaN there). The reference skips such an
+    example (its norm is not finite); the step must add nothing for it."""
+    x = x.copy()
+    bad = np.arange(len(x)) % 5 == 2
+    if np.issubdtype(x.dtype, np.integer):
+        x[bad, 0] = VOCAB + 3
+    else:
+        x[bad] = np.nan
+    return x
+
+
 def check_train_step(plan: dict) -> None:
     """Train ``plan``'s model with keras_dp's fit and compare every weight with
     ``reference_updates``."""
@@ -511,6 +551,8 @@ def check_train_step(plan: dict) -> None:
         )
         model._dp_test_loss = plan["loss"]
         x, y = make_data(plan["kind"], n, plan["loss"], seed=plan["batch"])
+        if plan.get("bad"):
+            x = with_bad_examples(plan["kind"], x)
         sample_weight = None
         if plan["weighted"]:
             rng = np.random.default_rng(1)
