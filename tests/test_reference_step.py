@@ -12,9 +12,9 @@ float32 and bfloat16, sample weights, dropout, several layers and losses (one mo
 mixes ghost layers with every kind of fallback), the three ``clipping`` modes:
 ghost norms, per-example gradients and their mix, kernels whose norm's outer form keeps
 each example's gradient for the sum, and the embedding and convolution norms taken a
-chunk of rows at a time, as a large batch takes them). Another draws such plans with
-every fifth example's loss NaN, which the reference leaves out. A second test draws language
-models: a loss on every token weighted per token (0 on padding), through a tied
+chunk of rows at a time, as a large batch takes them). A second test draws such plans
+with every fifth example's loss NaN, which the reference leaves out. A third draws
+language models: a loss on every token weighted per token (0 on padding), through a tied
 ``ReversibleEmbedding`` (one table read as the lookup and as the logits), an untied
 one with a logit soft cap, or LoRA adapters over the table frozen.
 """
