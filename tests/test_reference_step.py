@@ -328,12 +328,18 @@ def plans(kinds: list[str], losses: list[str]) -> st.SearchStrategy:
     )
 
 
-@settings(
-    max_examples=30,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+def plan_settings(max_examples: int):
+    """Hypothesis' settings for the tests that draw :func:`plans`: the same draws every
+    run, no deadline (a plan compiles its own steps)."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+@plan_settings(30)
 @given(
     plan=plans(
         ["mlp", "embedding", "long_embedding", "conv", "mixed", "long_dense", "long_conv"],
@@ -426,12 +432,7 @@ def test_train_step_equals_the_reference(plan):
     check_train_step(plan)
 
 
-@settings(
-    max_examples=8,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@plan_settings(8)
 @given(
     plan=plans(
         ["mlp", "embedding", "long_embedding", "conv", "mixed", "long_dense"], ["sparse_ce", "mse"]
@@ -453,12 +454,7 @@ def test_a_nonfinite_example_is_left_out_as_the_reference_leaves_it(plan):
     check_train_step(plan)
 
 
-@settings(
-    max_examples=12,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@plan_settings(12)
 @given(plan=plans(list(LMS), ["sparse_ce"]))
 @example(  # the tied table ghost (forced: auto keeps it per-example on a CPU), in chunks
     plan=dict(kind="tied_lm", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
