@@ -336,8 +336,8 @@ def _shared(taps, candidates: set) -> set:
         changed = False
         for i in sorted(shared):
             reads = [t for t in taps if i in (t.kernel, t.bias)]
-            if all(t.kernel == i and t.kind in ("conv", "embedding") for t in reads):
-                ok = len({t.kind for t in reads}) == 1  # patches or ids of one kernel
+            if all(t.kernel == i and t.kind in ("conv", "depthwise", "embedding") for t in reads):
+                ok = len({t.kind for t in reads}) == 1  # inputs or ids of one kernel
             elif all(t.kernel == i for t in reads):
                 einsums = all(t.kind == "einsum" and t.spec is not None for t in reads)
                 ok = einsums and len({(t.spec.k, t.spec.kx, t.spec.ko) for t in reads}) == 1
@@ -368,8 +368,9 @@ def _cheaper(taps, index: int) -> bool:
     436 (BART's three reads: ``--model bart``). On accelerators it stays ghost: its
     per-example gradients hold the vocabulary times the width for every example."""
     reads = [t for t in taps if t.kernel == index]
-    if not reads or (len(reads) > 1 and all(t.kind in ("einsum", "conv") for t in reads)):
-        return True  # a bias: its norm is its gradient; read by einsums or convs: one einsum's
+    maps = ("einsum", "conv", "depthwise")
+    if not reads or (len(reads) > 1 and all(t.kind in maps for t in reads)):
+        return True  # a bias: its norm is its gradient; read by maps: one einsum's or formed
     norm, formed = norm_costs(reads)
     if {t.kind for t in reads} == {"einsum", "embedding"} and _backend.on_cpu():  # tied
         return norm <= 2 * math.prod(reads[0].kernel_shape)

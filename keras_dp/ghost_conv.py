@@ -63,21 +63,21 @@ def conv_patches(spec: Conv, x) -> jnp.ndarray:
     (*window, C) order: one strided slice per window offset (an im2col without the
     grouped convolution ``lax.conv_general_dilated_patches`` uses, slow on CPUs)."""
     x = _padded(spec, x.reshape(x.shape[0], *x.shape[2:]))
+    patches = jnp.stack(_windows(spec, x), axis=-2)  # [B, *out, prod(window), C]
+    return patches.reshape(x.shape[0], -1, patches.shape[-2] * patches.shape[-1])
+
+
+def _windows(spec: Conv, x) -> list:
+    """One strided slice [B, *out, C] of x [B, *spatial, C] (its padding explicit) per
+    window offset, in the kernel's order: what the offset's kernel entries multiply."""
     out = _out_spatial(spec, x.shape[1:-1])
     pieces = []
     for offset in itertools.product(*(range(k) for k in spec.window)):
         start = [o * d for o, d in zip(offset, spec.dilation)]
         limit = [b + (m - 1) * s + 1 for b, m, s in zip(start, out, spec.strides)]
-        pieces.append(
-            jax.lax.slice(
-                x,
-                (0, *start, 0),
-                (x.shape[0], *limit, x.shape[-1]),
-                (1, *spec.strides, 1),
-            )
-        )
-    patches = jnp.stack(pieces, axis=-2)  # [B, *out, prod(window), C]
-    return patches.reshape(x.shape[0], math.prod(out), -1)
+        strides = (1, *spec.strides, 1)
+        pieces.append(jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), strides))
+    return pieces
 
 
 def _out_spatial(spec: Conv, padded) -> list:
@@ -86,30 +86,61 @@ def _out_spatial(spec: Conv, padded) -> list:
     return [(n - r) // s + 1 for n, r, s in zip(padded, reach, spec.strides)]
 
 
-def depthwise_equation(rank: int) -> str:
-    """The einsum of a depthwise convolution over :func:`depthwise` patches
-    [N, S, *window, C] with its kernel [*window, C, M]: C is in the patches, the kernel
-    and the output [N, S, C, M], so each channel's gradient is kept apart."""
-    window = "ijk"[:rank]
-    return f"ns{window}c,{window}cm->nscm"
+def depthwise(spec: Conv, x, kernel) -> jnp.ndarray:
+    """``keras.ops.depthwise_conv(x, kernel)`` for channels-last x [N, *spatial, C] and
+    kernel [*window, C, M], as output [N, S, C, M] (:func:`depthwise_layout` lays it
+    out as Keras does): Σ over the window offsets o of x's strided slice at o times
+    the kernel's entries at o, summed in float32. No grouped convolution (it and its
+    gradients are slow on CPUs) and no unfolded patches (prod(window) times x's
+    numbers, and a transposed copy of them for an einsum)."""
+    pieces = _windows(spec, _padded(spec, x))
+    weights = kernel.astype(jnp.float32).reshape(len(pieces), *kernel.shape[-2:])
+    out = sum(p.astype(jnp.float32)[..., None] * w for p, w in zip(pieces, weights))
+    return out.reshape(x.shape[0], -1, *kernel.shape[-2:]).astype(kernel.dtype)
 
 
-def depthwise(spec: Conv, x, kernel) -> tuple:
-    """(patches [N, S, *window, C], output [N, S, C, M]): ``keras.ops.depthwise_conv(x,
-    kernel)`` for channels-last x [N, *spatial, C] as :func:`depthwise_equation`'s
-    einsum over x's unfolded patches (no grouped convolution, whose gradients are slow
-    on CPUs); :func:`depthwise_layout` lays it out as Keras does. The patches hold
-    prod(window) times x's numbers."""
-    patches = conv_patches(spec, x[:, None])
-    patches = patches.reshape(*patches.shape[:2], *spec.window, x.shape[-1]).astype(kernel.dtype)
-    return patches, jnp.einsum(depthwise_equation(len(spec.window)), patches, kernel)
+# A depthwise kernel's per-example gradients (:func:`depthwise_grads`) read one
+# strided slice of the input per window offset, and XLA's CPU backend writes each slice
+# out for its reduction, all of them before the reductions. They are taken in one pass
+# while the slices hold at most DEPTHWISE_NUMBERS numbers (16 MiB in float32), in
+# chunks of rows that hold that many otherwise. Measured on 2 CPU cores: the
+# MobileNet-like model of benchmarks/clipping.py (first depthwise layer: 9 slices of
+# 13×13×16 an example) at its usual 88 rows, 2.1M numbers, took 3.31 ms a compiled step
+# in one pass against 4.36 in chunks of 2¹⁸ numbers and 4.79 as a loop over the
+# offsets; at logical batch 1,024 (1,170 rows) its step's peak temporary memory was
+# 265 MiB in one pass, 167 in chunks of 2¹⁸ to 2²² numbers.
+DEPTHWISE_NUMBERS = 1 << 22
+
+
+def depthwise_grads(spec: Conv, x, g, kernel_shape) -> jnp.ndarray:
+    """Each example's depthwise kernel gradient (float32 [B, *window, C, M]) from its
+    input x [B, 1, *spatial, C] and the gradient g [B, 1, S, C, M] at
+    :func:`depthwise`'s output: G_b[o, c, m] = Σ_s x_b[s·stride + o·dilation, c] ·
+    g_b[s, c, m], one multiply-reduce over a strided slice of x per window offset o, so
+    no patches are unfolded (they hold prod(window) times x's numbers, and their
+    contraction with g is a product XLA's CPU dots run slowly: 88 examples of
+    15×15×16, a 3×3 window, measured alone, 0.52–0.59 ms and 8.2 MiB against
+    1.77–1.88 ms and 17.2 MiB), in chunks of rows past :data:`DEPTHWISE_NUMBERS`."""
+    numbers = math.prod(spec.window) * math.prod(g.shape[2:-1])  # the slices, an example
+    rows = max(1, DEPTHWISE_NUMBERS // numbers)
+    rows = x.shape[0] if x.shape[0] * numbers <= DEPTHWISE_NUMBERS else rows
+
+    def grads(x, g):
+        x = _padded(spec, x.reshape(x.shape[0], *x.shape[2:]).astype(jnp.float32))
+        out = _out_spatial(spec, x.shape[1:-1])
+        g = g.reshape(g.shape[0], *out, *g.shape[-2:]).astype(jnp.float32)
+        axes = tuple(range(1, len(out) + 1))
+        per_offset = [jnp.sum(piece[..., None] * g, axis=axes) for piece in _windows(spec, x)]
+        return jnp.stack(per_offset, axis=1).reshape(x.shape[0], *kernel_shape)  # [B, W, C, M]
+
+    return gn.by_row_chunks(grads, rows, x, g)
 
 
 def grouped_equation(rank: int) -> str:
     """The einsum of a convolution of G groups over :func:`grouped` patches
     [N, S, *window, G, C/G] with its kernel as [*window, C/G, G, F/G]: G is in the
     patches, the kernel and the output [N, S, G, F/G], so each group's gradient is kept
-    apart (a depthwise convolution's, :func:`depthwise_equation`, with C/G = 1)."""
+    apart."""
     window = "ijk"[:rank]
     return f"ns{window}gc,{window}cgo->nsgo"
 

@@ -11,8 +11,6 @@ calls the class's own ``call``, whose variables then get per-example gradients.
 
 from __future__ import annotations
 
-import functools
-
 import keras
 from keras import ops
 
@@ -199,16 +197,6 @@ def _conv_tapped(layer, tape, spec, inputs, kernel):
     return tape.tap(layer, out, inputs, "conv", spec, kernel, bias)
 
 
-def _patches_tapped(layer, tape, spec, inputs, kernel, form, equation):
-    """A convolution as ``equation``'s einsum over the unfolded patches, which ``form``
-    (:func:`keras_dp.ghost_conv.depthwise` or :func:`~keras_dp.ghost_conv.grouped`)
-    returns with its output, tapped with the patches as its x, then laid out as Keras
-    does (:func:`keras_dp.ghost_conv.depthwise_layout`)."""
-    patches, out = form(spec, inputs, ops.convert_to_tensor(tape.read(kernel)))
-    out = tape.tap(layer, out, patches, "einsum", gn.parse(equation, patches.ndim), kernel)
-    return gc.depthwise_layout(spec, inputs.shape, out)
-
-
 def _bias_tapped(layer, tape, out):
     """out + the layer's bias, with a tap of its own (out unchanged without a bias)."""
     if not layer.use_bias:
@@ -218,21 +206,27 @@ def _bias_tapped(layer, tape, out):
 
 
 def _depthwise_tapped(layer, tape, inputs, kernel):
-    """Each channel convolved with its own filters (``ops.depthwise_conv``), as an
-    einsum over the unfolded patches (:func:`keras_dp.ghost_conv.depthwise`), tapped:
-    the channel axis is shared by x, kernel and output, so the norm keeps each
-    channel's gradient apart."""
+    """Each channel convolved with its own filters (``ops.depthwise_conv``), one window
+    offset at a time (:func:`keras_dp.ghost_conv.depthwise`), tapped at its output
+    [N, S, C, M] with the input as its x: each example's kernel gradient is formed one
+    offset at a time too (:func:`keras_dp.ghost_conv.depthwise_grads`). No patches are
+    unfolded."""
     spec = _conv_spec(layer, layer.padding)
-    equation = gc.depthwise_equation(layer.rank)
-    return _patches_tapped(layer, tape, spec, inputs, kernel, gc.depthwise, equation)
+    out = gc.depthwise(spec, inputs, ops.convert_to_tensor(tape.read(kernel)))
+    out = tape.tap(layer, out, inputs, "depthwise", spec, kernel)
+    return gc.depthwise_layout(spec, inputs.shape, out)
 
 
 def _grouped_tapped(layer, tape, spec, inputs):
-    """A convolution of ``layer.groups`` groups (:func:`keras_dp.ghost_conv.grouped`),
-    tapped as :func:`_depthwise_tapped` is (the group axis shared), then its bias."""
-    form = functools.partial(gc.grouped, groups=layer.groups)
-    equation = gc.grouped_equation(layer.rank)
-    out = _patches_tapped(layer, tape, spec, inputs, layer.kernel, form, equation)
+    """A convolution of ``layer.groups`` groups (:func:`keras_dp.ghost_conv.grouped`):
+    :func:`keras_dp.ghost_conv.grouped_equation`'s einsum over the unfolded patches,
+    tapped with the patches as its x (the group axis shared by x, kernel and output, so
+    the norm keeps each group's gradient apart), laid out as Keras does, then its bias."""
+    kernel = ops.convert_to_tensor(tape.read(layer.kernel))
+    patches, out = gc.grouped(spec, inputs, kernel, groups=layer.groups)
+    equation = gn.parse(gc.grouped_equation(layer.rank), patches.ndim)
+    out = tape.tap(layer, out, patches, "einsum", equation, layer.kernel)
+    out = gc.depthwise_layout(spec, inputs.shape, out)
     return _bias_tapped(layer, tape, out)
 
 

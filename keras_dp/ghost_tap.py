@@ -29,9 +29,10 @@ class Tap:
 
     Attributes:
       kind: "einsum" (x → einsum(spec, x, kernel)), "conv" (x → conv(x, kernel)),
-        "embedding" (ids → table[ids]) or "bias" (a bias alone).
+        "depthwise" (x → each channel of x convolved with its own filters, the output
+        [S, C, M]), "embedding" (ids → table[ids]) or "bias" (a bias alone).
       spec: The einsum's index structure (kind "einsum"), or the convolution's
-        (:class:`keras_dp.ghost_conv.Conv`).
+        (:class:`keras_dp.ghost_conv.Conv`, kinds "conv" and "depthwise").
       kernel: The kernel's (or table's) index among the trainable variables, or None.
       bias: The bias' index, or None.
       kernel_shape, bias_shape: Their shapes.
@@ -80,6 +81,8 @@ class Tap:
         Kx·Ko multiply-adds an example instead of the contraction (S·Kx·Ko) again."""
         if not self.use_kernel or self.kind == "embedding" or self.tied or self.shared:
             return False
+        if self.kind == "depthwise":  # window·C·M numbers an example: always formed
+            return True
         if self.kind == "conv":
             return gc.outer_form(self.spec, x, g)
         return gn.outer_form(self.spec, x.shape[1:], g.shape[1:])
@@ -92,6 +95,8 @@ class Tap:
             return {}
         if self.kind == "conv":
             out = {self.kernel: gc.input_grads(self.spec, x, g, self.kernel_shape)}
+        elif self.kind == "depthwise":
+            out = {self.kernel: gc.depthwise_grads(self.spec, x, g, self.kernel_shape)}
         else:
             out = {self.kernel: gn.kernel_grads(self.spec, x, g, self.kernel_shape)}
         if self.use_bias:
@@ -136,6 +141,9 @@ class Tap:
                 out[self.kernel] = ge.embedding_sum(x, g, factor, self.kernel_shape)
             elif self.kind == "conv":
                 out[self.kernel] = gc.conv_sum(self.spec, x, g, factor, self.kernel_shape)
+            elif self.kind == "depthwise":  # shared: this read's share
+                per = gc.depthwise_grads(self.spec, x, g, self.kernel_shape)
+                out[self.kernel] = jnp.tensordot(factor, per, 1)
             else:
                 out[self.kernel] = gn.kernel_sum(self.spec, x, g, factor, self.kernel_shape)
         if self.use_bias:
@@ -152,6 +160,9 @@ class Tap:
         (:func:`keras_dp.ghost_embedding.embedding_costs`); each number of that table
         costs :data:`keras_dp.ghost_embedding.TABLE_COST` multiply-adds.
         """
+        if self.kind == "depthwise":  # formed, the norm its square
+            outer, _ = gn.form_costs(*self.form_sizes())
+            return outer, outer
         if self.kind in ("einsum", "conv") and self.spec is not None:
             outer, gram = gn.form_costs(*self.form_sizes())
             return min(outer, gram), outer
@@ -167,7 +178,11 @@ class Tap:
 
     def form_sizes(self) -> tuple[int, int, int, int]:
         """(S, P, Kx, Ko) of one example's einsum, or of a convolution's as one einsum
-        over its patches (:func:`keras_dp.ghost_norms.sizes`)."""
+        over its patches (:func:`keras_dp.ghost_norms.sizes`; a depthwise one's channels
+        are P)."""
+        if self.kind == "depthwise":
+            *positions, channels, filters = self.out.shape
+            return math.prod(positions), channels, math.prod(self.spec.window), filters
         if self.kind == "conv":
             positions = math.prod(self.out.shape[:-1])
             window = self.kernel_shape[-2] * math.prod(self.spec.window)
@@ -232,8 +247,8 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
       :func:`keras_dp.ghost_norms.grouped_sq_norms`; a convolution's over its
       patches, :func:`keras_dp.ghost_conv.sq_norms`; a table's lookups' over all
       their tokens, :func:`keras_dp.ghost_embedding.embedding_sq_norms`, exact even
-      where each lookup alone is pooled). A shared bias': its reads' gradients summed,
-      then squared.
+      where each lookup alone is pooled). A shared bias' or depthwise kernel's: its
+      reads' gradients formed, summed, then squared.
     """
     total = None
 
@@ -241,11 +256,15 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
         nonlocal total
         total = term if total is None else total + term
 
-    tied, kernels, convs, lookups, biases = {}, {}, {}, {}, {}
+    tied, kernels, convs, lookups, formed = {}, {}, {}, {}, {}
     for t, x, g in zip(taps, xs, gs):
         if t.shared and t.use_bias:
-            biases.setdefault(t.bias, []).append(gn.bias_grads(g, t.bias_shape))
+            formed.setdefault(t.bias, []).append(gn.bias_grads(g, t.bias_shape))
         if not t.use_kernel or not (t.tied or t.shared):
+            continue
+        if t.kind == "depthwise":
+            per = gc.depthwise_grads(t.spec, x, g, t.kernel_shape)
+            formed.setdefault(t.kernel, []).append(per)
             continue
         if t.kind == "conv":
             convs.setdefault(t.kernel, []).append((t.spec, x, g))
@@ -267,7 +286,7 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
         add(gc.sq_norms(conv_reads))
     for found in lookups.values():  # a table's lookups: all their tokens at once
         add(ge.embedding_sq_norms(*_end_to_end(found)))
-    for per in biases.values():
+    for per in formed.values():
         summed = sum(per[1:], per[0])
         add(jnp.sum(jnp.square(summed).reshape(summed.shape[0], -1), axis=1))
     return total
@@ -288,6 +307,9 @@ def norm_costs(reads) -> tuple[int, int]:
     """
     if len(reads) == 1:
         return reads[0].costs()
+    if all(t.kind == "depthwise" for t in reads):  # each read's formed, then summed
+        formed = sum(t.costs()[1] for t in reads)
+        return formed, formed
     found = [t for t in reads if t.kind == "embedding"]
     maps = [t for t in reads if t.kind != "embedding"]
     norm = formed = 0

@@ -290,7 +290,9 @@ def assert_same_map_and_gradients(ours, keras_conv, x, kernel, rng):
 )
 def test_depthwise_conv_and_its_gradients_equal_keras(window, strides, padding, dilation, spatial):
     """The depthwise rule's einsum over patches gives ``keras.ops.depthwise_conv``'s
-    output (channel c·M + m) and autodiff's gradients of it at x and at the kernel."""
+    output (channel c·M + m) and autodiff's gradients of it at x and at the kernel; and
+    each example's kernel gradient formed one window offset at a time from its input
+    (``ghost_conv.depthwise_grads``, the tap's) is autodiff's."""
     rng = np.random.default_rng(sum(spatial))
     x = jnp.asarray(rng.normal(size=(3, *spatial, 4)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(*window, 4, 2)), jnp.float32)
@@ -301,9 +303,17 @@ def test_depthwise_conv_and_its_gradients_equal_keras(window, strides, padding, 
         return keras.ops.depthwise_conv(x, k, **kw)
 
     def ours(x, k):
-        return gc.depthwise_layout(spec, x.shape, gc.depthwise(spec, x, k)[1])
+        return gc.depthwise_layout(spec, x.shape, gc.depthwise(spec, x, k))
 
     assert_same_map_and_gradients(ours, keras_conv, x, kernel, rng)
+    g = jnp.asarray(rng.normal(size=keras_conv(x, kernel).shape), jnp.float32)
+
+    def example_grad(xb, gb):
+        return jax.grad(lambda k: jnp.sum(keras_conv(xb[None], k) * gb))(kernel)
+
+    at_tap = g.reshape(3, 1, -1, 4, 2)  # the einsum's output [N, S, C, M], one example each
+    got = gc.depthwise_grads(spec, x[:, None], at_tap, kernel.shape)
+    np.testing.assert_allclose(got, jax.vmap(example_grad)(x, g), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
