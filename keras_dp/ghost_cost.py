@@ -39,7 +39,7 @@ _ONE_PASS_FALLBACK_BYTES = 2**22
 _PER_EXAMPLE_BYTES = 2**28
 # clipping="auto" on a CPU: a model with a ghost convolution takes per-example
 # gradients when its ghost norms cost this many times its kernels' sizes (ghost_pays).
-_CONV_RATIO = 32
+_CONV_RATIO = 80
 
 
 def forward_flops(model, row) -> int:
@@ -108,12 +108,19 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     every per-example gradient as ``clipping="per_example"`` does (False).
 
     Only a model with a ghost convolution on a CPU runs per-example gradients: when its
-    norms (Σ of :func:`keras_dp.ghost_tap.norm_costs`' norm, multiply-adds an example)
-    cost at least ``_CONV_RATIO`` (32) times its kernels' sizes (the numbers their
-    per-example gradients hold), one pass or chunked. Measured on 2 CPU cores, batch
-    64, ms a step (per-example / ghost): a CNN on 32×32×3 images (ratio 85) 42 / 70; on
-    16×16×3 (47) 3.9 / 8.4 (one pass; 5.0 in chunks of 16); the small CNN on 8×8
-    digits (5) 2.7 / 2.1 (one pass; 2.8–3.8 / 1.9 in chunks).
+    norms (Σ of :func:`keras_dp.ghost_tap.norm_costs`' norm, multiply-adds an example,
+    plus a convolution's sum where its norm leaves its per-example gradient unformed,
+    :func:`_conv_sum_cost`) cost at least ``_CONV_RATIO`` (80) times its kernels' sizes
+    (the numbers their per-example gradients hold), one pass or chunked. Measured
+    through fit on 2 CPU cores (AMD EPYC), batch 64, ms a step, per-example / ghost, in
+    two or three runs of ``benchmarks/clipping.py --repeats 3`` (2026-12-07): the
+    temporal convolutions (ratio 63) 1.66–2.64 / 1.57–2.41; the MobileNet-like CNN (72)
+    4.65–6.67 / 3.87–4.77; the CNN on 32×32×3 (99) 24.5–27.0 / 19.2–25.9 (tied within
+    this machine's spread); the ResNeXt-like one (89) 10.1–17.4 / 10.3–12.6 (tied); the
+    Siamese CNN (134: both its convolutions read twice, so unformed) 2.63–4.06 /
+    4.11–5.53; on 16×16×3 (14) 7.7 / 6.9; the small CNN on 8×8 digits (12) 1.38 / 1.05.
+    The bar was 32, without the sums, until the depthwise rule stopped unfolding
+    patches (the MobileNet-like CNN: per-example 4.91 / ghost 6.89 before).
 
     Dense and EinsumDense layers keep ghost norms, also where a norm costs more than
     the kernel holds numbers (LoRA adapters and dense layers over sequences): such a
@@ -149,11 +156,23 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     reads = {}  # a kernel read by several taps: one size, one norm over them all
     for t in kernels:
         reads.setdefault(t.kernel, []).append(t)
-    norms = sum(norm_costs(ts)[0] for ts in reads.values())
+    norms = sum(norm_costs(ts)[0] + _conv_sum_cost(ts) for ts in reads.values())
     sizes = sum(math.prod(ts[0].kernel_shape) for ts in reads.values())
     if 4 * sizes * config.batch_size > _PER_EXAMPLE_BYTES:  # their gradients would be large
         return True
     return not transposed and norms < _CONV_RATIO * sizes
+
+
+def _conv_sum_cost(reads) -> int:
+    """Multiply-adds an example of a convolution kernel's clipped sum beyond its norm:
+    none when the norm forms each example's gradient (one read, the outer form: kept for
+    the sum), otherwise a second contraction over its positions, the outer form's count
+    (:func:`keras_dp.ghost_conv.conv_sum` for each read of a kernel that the Gram form
+    or several reads leave unformed)."""
+    if reads[0].kind != "conv":
+        return 0
+    norm, formed = norm_costs(reads)
+    return 0 if len(reads) == 1 and norm == formed else formed
 
 
 def reaches_convolution(jaxpr, inputs) -> bool:
