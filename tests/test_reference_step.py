@@ -52,13 +52,13 @@ FEATURES, CLASSES, VOCAB, LENGTH = 6, 3, 12, 4
 # gradients at its first position (ghost_embedding.embedding_form), VOCAB ids repeating.
 LONG_LENGTH, LONG_FEATURES = 64, 64
 EMBEDDINGS = {"embedding": (LENGTH, 4), "long_embedding": (LONG_LENGTH, LONG_FEATURES)}
-# "long_conv": a convolution over 64 positions, whose ghost norms cost 43× its kernels'
+# "long_conv": a convolution over 128 positions, whose ghost norms cost 86× its kernels'
 # sizes, so that auto runs it per-example (ghost_cost.ghost_pays) on the one-pass
 # model's usual-size batch, in chunks that do not divide it (step.step_chunk).
-# "long_dense": a Dense over the same 66 positions of 2 features. In both, each kernel's
+# "long_dense": a Dense over 66 positions of 2 features. In both, each kernel's
 # norm takes the outer form, whose per-example gradients are kept for the clipped sum
 # (ghost_tap.Tap.grads) under clipping="ghost".
-CONV_LENGTHS = {"conv": LENGTH, "long_conv": 66, "long_dense": 66}
+CONV_LENGTHS = {"conv": LENGTH, "long_conv": 130, "long_dense": 66}
 # Language models: a ReversibleEmbedding read as the token lookup and in reverse as the
 # logits, a loss on every token. Tied, its table has two taps (ghost_embedding.tied_cross
 # adds their cross term); untied, reverse_embeddings is a kernel, and the logits (at
@@ -275,7 +275,7 @@ def test_the_long_conv_runs_per_example_on_usual_rows_in_chunks_that_do_not_divi
     assert ghost_cost.likely_one_pass(model, config, row)
     kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
     conv, head = (math.prod(v.shape) for v in kernels)
-    assert 64 * 6 * 4 + (4 + 3) >= ghost_cost._CONV_RATIO * (conv + head)
+    assert 128 * 6 * 4 + (4 + 3) >= ghost_cost._CONV_RATIO * (conv + head)
     usual = dp_step.usual_rows(model, config, row) // 2  # per device, 2 devices
     assert usual % dp_step.step_chunk(usual, dp_step.chunk_size(config, 2, model)) != 0
 
