@@ -1221,6 +1221,7 @@ def test_ghost_equals_per_example(kind, clip):
     [
         ("long_sequence", {(4, 3), (3, 1), (1, 8)}),  # a Dense kernel, LoRA's A and B
         ("conv2d", {(3, 3, 2, 3)}),  # the strided convolution over 4×3 positions
+        ("depthwise", {(3, 3, 2, 2), (2, 2, 4, 1)}),  # depthwise, separable's depthwise
     ],
 )
 def test_outer_form_kernels_keep_each_examples_gradient(kind, formed, monkeypatch):
