@@ -110,7 +110,7 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     Only a model with a ghost convolution on a CPU runs per-example gradients: when its
     norms (Σ of :func:`keras_dp.ghost_tap.norm_costs`' norm, multiply-adds an example,
     plus a convolution's sum where its norm leaves its per-example gradient unformed,
-    :func:`_conv_sum_cost`) cost at least ``_CONV_RATIO`` (80) times its kernels' sizes
+    :func:`_ghost_cost`) cost at least ``_CONV_RATIO`` (80) times its kernels' sizes
     (the numbers their per-example gradients hold), one pass or chunked. Measured
     through fit on 2 CPU cores (AMD EPYC), batch 64, ms a step, per-example / ghost, in
     two or three runs of ``benchmarks/clipping.py --repeats 3`` (2026-12-07): the
@@ -156,23 +156,27 @@ def ghost_pays(plan_: Plan | None, config) -> bool:
     reads = {}  # a kernel read by several taps: one size, one norm over them all
     for t in kernels:
         reads.setdefault(t.kernel, []).append(t)
-    norms = sum(norm_costs(ts)[0] + _conv_sum_cost(ts) for ts in reads.values())
+    norms = sum(_ghost_cost(ts) for ts in reads.values())
     sizes = sum(math.prod(ts[0].kernel_shape) for ts in reads.values())
     if 4 * sizes * config.batch_size > _PER_EXAMPLE_BYTES:  # their gradients would be large
         return True
     return not transposed and norms < _CONV_RATIO * sizes
 
 
-def _conv_sum_cost(reads) -> int:
-    """Multiply-adds an example of a convolution kernel's clipped sum beyond its norm:
-    none when the norm forms each example's gradient (one read, the outer form: kept for
-    the sum), otherwise a second contraction over its positions, the outer form's count
-    (:func:`keras_dp.ghost_conv.conv_sum` for each read of a kernel that the Gram form
-    or several reads leave unformed)."""
-    if reads[0].kind != "conv":
-        return 0
-    norm, formed = norm_costs(reads)
-    return 0 if len(reads) == 1 and norm == formed else formed
+def _ghost_cost(reads) -> int:
+    """Multiply-adds an example of a kernel's ghost norm (its ``reads``' taps,
+    :func:`keras_dp.ghost_tap.norm_costs`) and, for a convolution whose norm leaves each
+    example's gradient unformed, its sum's second contraction over the positions
+    (:func:`keras_dp.ghost_conv.conv_sum`), the outer form's count. Unformed: read
+    more than once, or one read whose cheaper form by multiply-adds is the Gram form.
+    That is the count ``_CONV_RATIO`` was set with; the step itself forms a gradient
+    only where the outer form is faster by :func:`keras_dp.ghost_norms.outer_is_faster`
+    (which also charges its writes): charged by that, the MobileNet-like CNN's 1×1
+    convolutions would count as unformed and send it to per-example gradients, where
+    ghost measured faster."""
+    norm, outer = norm_costs(reads)
+    unformed = reads[0].kind == "conv" and (len(reads) > 1 or norm != outer)
+    return norm + outer if unformed else norm
 
 
 def reaches_convolution(jaxpr, inputs) -> bool:

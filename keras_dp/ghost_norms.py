@@ -214,13 +214,18 @@ NORM_PASS_NUMBERS = 1 << 20
 NORM_CHUNK_NUMBERS = 1 << 18
 
 
-def chunk_rows(numbers_per_row: int, batch: int) -> int:
+def chunk_rows(
+    numbers_per_row: int,
+    batch: int,
+    pass_numbers: int = NORM_PASS_NUMBERS,
+    chunk_numbers: int = NORM_CHUNK_NUMBERS,
+) -> int:
     """Rows a chunk for :func:`by_row_chunks`: the whole ``batch`` when its norm
-    temporaries, ``numbers_per_row`` each, fit in :data:`NORM_PASS_NUMBERS`, otherwise
-    the rows that fit in :data:`NORM_CHUNK_NUMBERS` (at least one)."""
-    if batch * numbers_per_row <= NORM_PASS_NUMBERS:
+    temporaries, ``numbers_per_row`` each, fit in ``pass_numbers``, otherwise the rows
+    that fit in ``chunk_numbers`` (at least one)."""
+    if batch * numbers_per_row <= pass_numbers:
         return batch
-    return max(1, NORM_CHUNK_NUMBERS // numbers_per_row)
+    return max(1, chunk_numbers // numbers_per_row)
 
 
 def by_row_chunks(norms, rows: int, *arrays) -> jnp.ndarray:
