@@ -1,10 +1,10 @@
-"""Convolutions for ghost clipping (pure JAX): the layer's output, its gradients,
-per-example kernel-gradient norms and the clipped sum.
+"""Convolutions for ghost clipping (pure JAX): the layer's output, its gradients, and
+the clipped sum.
 
 A convolution ``out = conv(x, K)`` (channels last, one group) is an einsum over x's
 unfolded patches: with S the output positions, Kx = C·prod(window) and Ko the
-filters, example b's kernel gradient is ``patches_bᵀ·g_b`` and its squared norm
-follows as for a dense layer over a sequence (:mod:`keras_dp.ghost_norms`).
+filters, example b's kernel gradient is ``patches_bᵀ·g_b``; its squared norm takes
+one of three exact forms (:mod:`keras_dp.ghost_conv_norms`).
 
 On a CPU every convolution here is a forward convolution in XLA's canonical layout
 (operands transposed explicitly). XLA's CPU compiler runs the convolutions that
@@ -167,59 +167,6 @@ def depthwise_layout(spec: Conv, x_shape, out) -> jnp.ndarray:
     :func:`grouped`'s [N, S, G, F/G] as [N, *out, F]."""
     padded = [n + low + high for n, (low, high) in zip(x_shape[1:-1], _pads(spec, x_shape[1:-1]))]
     return out.reshape(x_shape[0], *_out_spatial(spec, padded), -1)
-
-
-def _sizes(spec: Conv, x, g) -> tuple[int, int]:
-    """(output positions, patch numbers) of one example: S and Kx."""
-    return math.prod(g.shape[2:-1]), math.prod(spec.window) * x.shape[-1]
-
-
-def outer_form(spec: Conv, x, g) -> bool:
-    """Whether the squared norm's outer form (each example's kernel gradient formed
-    from the patches) is the faster, for the input x [B, 1, *spatial, C] and the
-    gradient g [B, 1, *out, filters] (:func:`keras_dp.ghost_norms.outer_form`)."""
-    positions, window = _sizes(spec, x, g)
-    return gn.outer_form(gn.DENSE, (positions, window), (positions, g.shape[-1]))
-
-
-def sq_norms(reads) -> jnp.ndarray:
-    """Per-example squared norms (float32 [B]) of one kernel's gradient from ``reads``,
-    the (spec, x [B, 1, *spatial, C], g [B, 1, *out, filters]) of each convolution that
-    reads it: one, or several for a layer called more than once. Its gradient is Σ over
-    the reads of each read's patches (the window times the input) ⊗ g, one Dense
-    einsum's over all the reads' positions laid end to end, whose norm is taken by the
-    cheaper exact form for them all (:func:`keras_dp.ghost_norms.grouped_sq_norms`),
-    the patches unfolded a chunk of rows at a time when the batch is large
-    (:func:`keras_dp.ghost_norms.by_row_chunks`)."""
-    sizes = [_sizes(spec, x, g) for spec, x, g in reads]
-    positions, window = sum(s for s, _ in sizes), sizes[0][1]
-    filters = reads[0][2].shape[-1]
-    outer = gn.outer_is_faster(positions, 1, window, filters)
-    per_row = positions * window + (window * filters if outer else 2 * positions**2)
-    specs = [spec for spec, _, _ in reads]
-
-    def norms(*arrays):
-        xs = [conv_patches(spec, x)[:, :, None] for spec, x in zip(specs, arrays[0::2])]
-        gs = [g.reshape(g.shape[0], -1, 1, g.shape[-1]) for g in arrays[1::2]]
-        xr = jnp.concatenate(xs, axis=1).astype(jnp.float32)  # [B, ΣS, 1, window·C]
-        return gn.grouped_sq_norms(xr, jnp.concatenate(gs, axis=1).astype(jnp.float32), outer)
-
-    arrays = [a for _, x, g in reads for a in (x, g)]
-    return gn.by_row_chunks(norms, gn.chunk_rows(per_row, arrays[0].shape[0]), *arrays)
-
-
-def input_grads(spec: Conv, x, g, kernel_shape) -> jnp.ndarray:
-    """Each example's kernel gradient (float32 [B, *kernel_shape]) from the input x
-    [B, 1, *spatial, C] and g [B, 1, *out, filters]: its patches' contraction with g,
-    a chunk of rows at a time when the batch is large."""
-    positions, window = _sizes(spec, x, g)
-    rows = gn.chunk_rows(positions * window + window * g.shape[-1], x.shape[0])
-
-    def grads(x, g):
-        g = g.reshape(g.shape[0], -1, g.shape[-1])
-        return gn.kernel_grads(gn.DENSE, conv_patches(spec, x), g, kernel_shape)
-
-    return gn.by_row_chunks(grads, rows, x, g)
 
 
 def conv_sum(spec: Conv, x, g, factor, kernel_shape, canonical: bool | None = None):

@@ -168,12 +168,14 @@ def _ghost_cost(reads) -> int:
     :func:`keras_dp.ghost_tap.norm_costs`) and, for a convolution whose norm leaves each
     example's gradient unformed, its sum's second contraction over the positions
     (:func:`keras_dp.ghost_conv.conv_sum`), the outer form's count. Unformed: read
-    more than once, or one read whose cheaper form by multiply-adds is the Gram form.
-    That is the count ``_CONV_RATIO`` was set with; the step itself forms a gradient
-    only where the outer form is faster by :func:`keras_dp.ghost_norms.outer_is_faster`
-    (which also charges its writes): charged by that, the MobileNet-like CNN's 1×1
-    convolutions would count as unformed and send it to per-example gradients, where
-    ghost measured faster."""
+    more than once, or one read whose cheapest form by multiply-adds is the Gram or
+    the shifted form (:func:`keras_dp.ghost_conv_norms.form_costs`). That is the count
+    ``_CONV_RATIO`` was set with; the step itself forms a gradient only where the outer
+    form is fastest by :func:`keras_dp.ghost_conv_norms.norm_form` (measured times,
+    writes included). Charged by the dense layers' rule the step used until session 60
+    (``ghost_norms.outer_is_faster``), the MobileNet-like CNN's 1×1 convolutions would
+    have counted as unformed and sent it to per-example gradients, where ghost measured
+    faster; ``norm_form`` forms them."""
     norm, outer = norm_costs(reads)
     unformed = reads[0].kind == "conv" and (len(reads) > 1 or norm != outer)
     return norm + outer if unformed else norm

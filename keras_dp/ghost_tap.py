@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from keras_dp import ghost_conv as gc
+from keras_dp import ghost_conv_norms as gcn
 from keras_dp import ghost_embedding as ge
 from keras_dp import ghost_norms as gn
 
@@ -84,7 +85,7 @@ class Tap:
         if self.kind == "depthwise":  # window·C·M numbers an example: always formed
             return True
         if self.kind == "conv":
-            return gc.outer_form(self.spec, x, g)
+            return gcn.norm_form(self.spec, x.shape, g.shape) == "outer"
         return gn.outer_form(self.spec, x.shape[1:], g.shape[1:])
 
     def grads(self, x, g) -> dict:
@@ -94,7 +95,7 @@ class Tap:
         if not self.formed(x, g):
             return {}
         if self.kind == "conv":
-            out = {self.kernel: gc.input_grads(self.spec, x, g, self.kernel_shape)}
+            out = {self.kernel: gcn.input_grads(self.spec, x, g, self.kernel_shape)}
         elif self.kind == "depthwise":
             out = {self.kernel: gc.depthwise_grads(self.spec, x, g, self.kernel_shape)}
         else:
@@ -117,7 +118,7 @@ class Tap:
                 else:
                     total = total + ge.embedding_sq_norms(x, g)
             elif self.kind == "conv":
-                total = total + gc.sq_norms(((self.spec, x, g),))
+                total = total + gcn.sq_norms(((self.spec, x, g),))
             else:
                 total = total + gn.kernel_sq_norms(self.spec, x, g)
         if self.use_bias:
@@ -163,7 +164,14 @@ class Tap:
         if self.kind == "depthwise":  # formed, the norm its square
             outer, _ = gn.form_costs(*self.form_sizes())
             return outer, outer
-        if self.kind in ("einsum", "conv") and self.spec is not None:
+        if self.kind == "conv":  # read once, the shifted form too (ghost_conv_norms)
+            out = self.out.shape[1:-1]  # [1, *out, filters]
+            n = None if self.shared else math.prod(gcn.reach(self.spec, out))
+            *_, channels, filters = self.kernel_shape
+            s = math.prod(self.out.shape[:-1])
+            costs = gcn.form_costs(s, math.prod(self.spec.window), channels, filters, n)
+            return min(costs.values()), costs["outer"]
+        if self.kind == "einsum" and self.spec is not None:
             outer, gram = gn.form_costs(*self.form_sizes())
             return min(outer, gram), outer
         if self.kind == "embedding":
@@ -245,7 +253,7 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
       each read's Σ_s x_s ⊗ g_s, one einsum's over the reads' positions concatenated,
       so the norm is that einsum's (the cheaper exact form for all the positions,
       :func:`keras_dp.ghost_norms.grouped_sq_norms`; a convolution's over its
-      patches, :func:`keras_dp.ghost_conv.sq_norms`; a table's lookups' over all
+      patches, :func:`keras_dp.ghost_conv_norms.sq_norms`; a table's lookups' over all
       their tokens, :func:`keras_dp.ghost_embedding.embedding_sq_norms`, exact even
       where each lookup alone is pooled). A shared bias' or depthwise kernel's: its
       reads' gradients formed, summed, then squared.
@@ -283,7 +291,7 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
         xr, gr = _end_to_end(grouped)  # [B, ΣS, P, Kx], [B, ΣS, P, Ko]
         add(gn.grouped_sq_norms(xr, gr, gn.outer_is_faster(*xr.shape[1:], gr.shape[-1])))
     for conv_reads in convs.values():  # the same, over their patches
-        add(gc.sq_norms(conv_reads))
+        add(gcn.sq_norms(conv_reads))
     for found in lookups.values():  # a table's lookups: all their tokens at once
         add(ge.embedding_sq_norms(*_end_to_end(found)))
     for per in formed.values():

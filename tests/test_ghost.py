@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import keras_dp
 from keras_dp import _keras, ghost, ghost_cost, ghost_tap
 from keras_dp import ghost_conv as gc
+from keras_dp import ghost_conv_norms as gcn
 from keras_dp import ghost_embedding as ge
 from keras_dp import ghost_norms as gn
 from keras_dp import ghost_transpose as gt
@@ -219,16 +220,123 @@ def test_conv_norms_and_sums_equal_brute_force(window, strides, padding, dilatio
         for b in range(batch)
     ]
     np.testing.assert_allclose(
-        gc.sq_norms(((conv, x, g),)), [np.sum(G * G) for G in grads], rtol=1e-5
+        gcn.sq_norms(((conv, x, g),)), [np.sum(G * G) for G in grads], rtol=1e-5
     )
-    formed = gc.input_grads(conv, x, g, kernel.shape)
+    formed = gcn.input_grads(conv, x, g, kernel.shape)
     np.testing.assert_allclose(formed, np.stack(grads), rtol=1e-5, atol=1e-5)
-    half = gc.input_grads(conv, x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), kernel.shape)
+    half = gcn.input_grads(conv, x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), kernel.shape)
     assert half.dtype == jnp.float32
     want = sum(float(f) * G for f, G in zip(factor, grads))
     for canonical in (True, False):  # the CPU's form and the accelerators'
         got = gc.conv_sum(conv, x, g, factor, kernel.shape, canonical)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _conv_case(rank, window, strides, dilation, padding, extra, channels, filters, batch, seed):
+    """(spec, x [B, 1, *spatial, C], g [B, 1, *out, F], each example's kernel gradient
+    in float64) for a drawn convolution; ``padding`` "VALID", "SAME" or "explicit"
+    (low and high drawn from -1 to 2, a negative one cropping)."""
+    rng = np.random.default_rng(seed)
+    window, strides, dilation = window[:rank], strides[:rank], dilation[:rank]
+    spatial = tuple((k - 1) * d + 1 + e for k, d, e in zip(window, dilation, extra))
+    if padding == "explicit":
+        padding = tuple(tuple(int(v) for v in rng.integers(-1, 3, 2)) for _ in range(rank))
+        spatial = tuple(n + 2 for n in spatial)  # a crop of one at each end still fits a window
+    spec = gc.Conv(window, strides, padding, dilation)
+    x = jnp.asarray(rng.normal(size=(batch, 1, *spatial, channels)), jnp.float32)
+    kernel = jnp.zeros((*window, channels, filters), jnp.float32)
+
+    def forward(xb, k):
+        return gc._forward(spec, xb, k)
+
+    out = forward(x[:, 0], kernel).shape[1:]
+    g = jnp.asarray(rng.normal(size=(batch, 1, *out)), jnp.float32)
+    grads = [
+        np.asarray(jax.grad(lambda k, b=b: jnp.sum(forward(x[b], k) * g[b, 0]))(kernel), np.float64)
+        for b in range(batch)
+    ]
+    return spec, x, g, grads
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    rank=st.integers(1, 2),
+    window=st.tuples(st.integers(1, 4), st.integers(1, 3)),
+    strides=st.tuples(st.integers(1, 3), st.integers(1, 2)),
+    dilation=st.tuples(st.integers(1, 3), st.integers(1, 2)),
+    padding=st.sampled_from(["VALID", "SAME", "explicit"]),
+    extra=st.tuples(st.integers(0, 9), st.integers(0, 5)),
+    channels=st.integers(1, 5),
+    filters=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_every_conv_norm_form_is_each_examples_norm(
+    rank, window, strides, dilation, padding, extra, channels, filters, seed
+):
+    """Over drawn convolutions (1-D and 2-D, strides, dilations, "SAME", "VALID" and
+    explicit padding, a negative one cropping): the outer, Gram and shifted forms each
+    give every example's squared kernel-gradient norm (autodiff's, example by example),
+    the Gram and shifted ones from above by at most their rounding margin."""
+    spec, x, g, grads = _conv_case(
+        rank, window, strides, dilation, padding, extra, channels, filters, 3, seed
+    )
+    want = np.array([np.sum(G * G) for G in grads])
+    formed = gcn.input_grads(spec, x, g, grads[0].shape)
+    np.testing.assert_allclose(formed, np.stack(grads), rtol=1e-5, atol=1e-5)
+    xr = gc.conv_patches(spec, x)[:, :, None]
+    gr = g.reshape(g.shape[0], -1, 1, g.shape[-1])
+    gross = np.sum(np.linalg.norm(xr, axis=-1) * np.linalg.norm(gr, axis=-1), axis=1)[:, 0] ** 2
+    assert_norm_bound(gn.grouped_sq_norms(xr, gr, False), want, gross)
+    assert_norm_bound(gcn.shifted_sq_norms(spec, x, g), want, gross)
+
+
+def test_the_conv_norm_forms_are_chosen_by_their_measured_times():
+    """gcn.norm_form takes the form the fit to measured times says is fastest, each
+    where it was measured fastest (88 examples on 2 CPU cores, ms): Keras' text CNN's
+    Conv1D (width 5, 32 → 32, 64 positions: outer 0.89, Gram 1.16, shifted 0.63), a
+    TCN's first causal Conv1D (3 taps, 8 → 32: 0.11, 0.44, 0.44), a strided 3×3 one (64
+    → 64 on 12×12: 2.69, 0.84, 1.52); and never the shifted form for a kernel read more
+    than once, or past SHIFTED_NUMBERS."""
+
+    def form(spec, spatial, channels, out, filters, positions=None):
+        return gcn.norm_form(spec, (88, 1, *spatial, channels), (88, 1, *out, filters), positions)
+
+    text = gc.Conv((5,), (1,), "VALID", (1,))
+    assert form(text, (64,), 32, (60,), 32) == "shifted"
+    assert form(text, (64,), 32, (60,), 32, positions=60) == "outer"  # read twice: 30 each
+    assert form(gc.Conv((3,), (1,), ((2, 0),), (1,)), (64,), 8, (64,), 32) == "outer"
+    assert form(gc.Conv((3, 3), (2, 2), "VALID", (1, 1)), (12, 12), 64, (5, 5), 64) == "gram"
+    wide = gc.Conv((5,), (1,), "VALID", (1,))
+    n = math.isqrt(gcn.SHIFTED_NUMBERS) + 1  # the input's Gram matrix one row too large
+    assert "shifted" not in gcn.form_times(n - 4, 5, 32, 32, n)
+    assert "shifted" in gcn.form_times(n - 5, 5, 32, 32, n - 1)
+    assert form(wide, (n,), 64, (n - 4,), 64) != "shifted"
+
+
+def test_a_shifted_norm_bounds_an_example_whose_shares_cancel(monkeypatch):
+    """A Conv1D whose input repeats with a period (so positions t and t + P read the
+    same patch) and whose gradient there is nearly opposite: each example's kernel
+    gradient nearly cancels, and the shifted form's float32 rounding would be most of
+    its norm. With ROUNDING's margin the norm is never below the gradient, its exact one
+    or the one float32 forms; without it some are (so the draw exercises the margin)."""
+    rng = np.random.default_rng(3)
+    batch, period, channels, filters, width = 64, 6, 24, 12, 3
+    spec = gc.Conv((width,), (1,), "VALID", (1,))
+    base = rng.normal(size=(batch, period, channels)) * 100
+    x = np.concatenate([base, base, base[:, : width - 1]], 1)[:, None].astype(np.float32)
+    half = rng.normal(size=(batch, period, filters))
+    eta = 10.0 ** rng.uniform(-6, -2, size=(batch, period, 1))
+    g = np.concatenate([half, -half * (1 - eta)], 1)[:, None].astype(np.float32)
+    x64, g64 = x.astype(np.float64)[:, 0], g.astype(np.float64)[:, 0]
+    patches = np.stack([x64[:, k : k + 2 * period] for k in range(width)], axis=2)
+    exact = np.sum(np.square(np.einsum("bskc,bsf->bkcf", patches, g64)), axis=(1, 2, 3))
+    formed = np.asarray(gcn.input_grads(spec, x, g, (width, channels, filters)), np.float64)
+    want = np.maximum(exact, np.sum(np.square(formed), axis=(1, 2, 3)))
+    got = np.asarray(gcn.shifted_sq_norms(spec, jnp.asarray(x), jnp.asarray(g)), np.float64)
+    assert np.all(got >= want), np.min(got / want)
+    monkeypatch.setattr(gn, "ROUNDING", 0.0)
+    got = np.asarray(gcn.shifted_sq_norms(spec, jnp.asarray(x), jnp.asarray(g)), np.float64)
+    assert np.any(got < want)
 
 
 @pytest.mark.parametrize("patch_bytes", [2**24, 0])  # the kernel's: patches, canonical
@@ -1216,12 +1324,26 @@ def test_ghost_equals_per_example(kind, clip):
     assert_same_sums(want, got)
 
 
+@pytest.mark.parametrize("kind", ["conv", "conv2d", "long_conv", "shared_conv"])
+def test_each_conv_norm_form_gives_per_examples_update(kind, monkeypatch):
+    """Whichever form a convolution's norm takes (gcn.norm_form forced to each; a kernel
+    read twice takes the outer or Gram form over both reads), ghost clipping's update
+    is per-example clipping's: causal, strided "same", dilated and long convolutions,
+    and one called on an image and on its crop, every example clipped."""
+    x, y = data(kind)
+    want = clipped_sum(MODELS[kind], x, y, "per_example")
+    for form in ("outer", "gram", "shifted"):
+        monkeypatch.setattr(gcn, "norm_form", lambda *args, form=form, **kwargs: form)
+        assert_same_sums(want, clipped_sum(MODELS[kind], x, y, "ghost"))
+
+
 @pytest.mark.parametrize(
     "kind, formed",
     [
         ("long_sequence", {(4, 3), (3, 1), (1, 8)}),  # a Dense kernel, LoRA's A and B
         ("conv2d", {(3, 3, 2, 3)}),  # the strided convolution over 4×3 positions
-        ("depthwise", {(3, 3, 2, 2), (2, 2, 4, 1)}),  # depthwise, separable's depthwise
+        # depthwise, separable's depthwise, and its pointwise 1×1 (small: the outer form)
+        ("depthwise", {(3, 3, 2, 2), (2, 2, 4, 1), (1, 1, 4, 3)}),
     ],
 )
 def test_outer_form_kernels_keep_each_examples_gradient(kind, formed, monkeypatch):
