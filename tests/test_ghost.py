@@ -219,9 +219,9 @@ def test_conv_norms_and_sums_equal_brute_force(window, strides, padding, dilatio
         np.asarray(jax.grad(lambda k, b=b: jnp.sum(forward(x[b], k) * g[b]))(kernel), np.float64)
         for b in range(batch)
     ]
-    np.testing.assert_allclose(
-        gcn.sq_norms(((conv, x, g),)), [np.sum(G * G) for G in grads], rtol=1e-5
-    )
+    want = [np.sum(G * G) for G in grads]
+    np.testing.assert_allclose(gcn.sq_norms(((conv, x, g),)), want, rtol=1e-5)
+    assert_norm_bound(gcn.shifted_sq_norms(conv, x, g), want, _conv_gross(conv, x, g))  # 3-D too
     formed = gcn.input_grads(conv, x, g, kernel.shape)
     np.testing.assert_allclose(formed, np.stack(grads), rtol=1e-5, atol=1e-5)
     half = gcn.input_grads(conv, x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), kernel.shape)
@@ -285,9 +285,15 @@ def test_every_conv_norm_form_is_each_examples_norm(
     np.testing.assert_allclose(formed, np.stack(grads), rtol=1e-5, atol=1e-5)
     xr = gc.conv_patches(spec, x)[:, :, None]
     gr = g.reshape(g.shape[0], -1, 1, g.shape[-1])
-    gross = np.sum(np.linalg.norm(xr, axis=-1) * np.linalg.norm(gr, axis=-1), axis=1)[:, 0] ** 2
-    assert_norm_bound(gn.grouped_sq_norms(xr, gr, False), want, gross)
-    assert_norm_bound(gcn.shifted_sq_norms(spec, x, g), want, gross)
+    assert_norm_bound(gn.grouped_sq_norms(xr, gr, False), want, _conv_gross(spec, x, g))
+    assert_norm_bound(gcn.shifted_sq_norms(spec, x, g), want, _conv_gross(spec, x, g))
+
+
+def _conv_gross(spec, x, g):
+    """(Σ_s ‖p_s‖·‖g_s‖)² of each example: the Gram forms' products' gross size."""
+    xr = gc.conv_patches(spec, x)
+    gr = g.reshape(g.shape[0], -1, g.shape[-1])
+    return np.sum(np.linalg.norm(xr, axis=-1) * np.linalg.norm(gr, axis=-1), axis=1) ** 2
 
 
 def test_the_conv_norm_forms_are_chosen_by_their_measured_times():
