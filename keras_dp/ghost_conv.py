@@ -70,14 +70,25 @@ def conv_patches(spec: Conv, x) -> jnp.ndarray:
 def _windows(spec: Conv, x) -> list:
     """One strided slice [B, *out, C] of x [B, *spatial, C] (its padding explicit) per
     window offset, in the kernel's order: what the offset's kernel entries multiply."""
-    out = _out_spatial(spec, x.shape[1:-1])
     pieces = []
-    for offset in itertools.product(*(range(k) for k in spec.window)):
-        start = [o * d for o, d in zip(offset, spec.dilation)]
-        limit = [b + (m - 1) * s + 1 for b, m, s in zip(start, out, spec.strides)]
+    for at in window_slices(spec, _out_spatial(spec, x.shape[1:-1])):
+        start, limit = [a.start for a in at], [a.stop for a in at]
         strides = (1, *spec.strides, 1)
         pieces.append(jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), strides))
     return pieces
+
+
+def window_slices(spec: Conv, out) -> list:
+    """Per window offset (the kernel's order), the strided slice along each spatial
+    axis of the padded input that the offset's kernel entries read for the ``out``
+    output positions."""
+    return [
+        tuple(
+            slice(o * d, o * d + (m - 1) * st + 1, st)
+            for o, d, m, st in zip(offset, spec.dilation, out, spec.strides)
+        )
+        for offset in itertools.product(*(range(k) for k in spec.window))
+    ]
 
 
 def _out_spatial(spec: Conv, padded) -> list:

@@ -23,7 +23,6 @@ products' gross size, as the dense Gram form (:func:`keras_dp.ghost_norms.groupe
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import jax.numpy as jnp
@@ -62,7 +61,7 @@ def form_times(s: int, taps: int, channels: int, filters: int, n: int | None) ->
         "outer": 1.23 * s * w * filters + 326 * w * filters + 546 * s * w + 251e3,
         "gram": 10.7 * s * s * (w + filters) + 266 * s * w + 199 * s * s + 1.07e6,
     }
-    if n is not None and n * n <= SHIFTED_NUMBERS:
+    if _shifted_fits(n):
         products = n * n * channels + s * s * filters
         times["shifted"] = 11.1 * products + 94.6 * taps * s * s + 34.8 * (n * n + s * s) + 2.14e6
     return times
@@ -72,9 +71,20 @@ def form_costs(s: int, taps: int, channels: int, filters: int, n: int | None) ->
     """Each form's multiply-adds for one example (:func:`form_times`' arguments)."""
     w = taps * channels
     costs = {"outer": s * w * filters, "gram": s * s * (w + filters)}
-    if n is not None and n * n <= SHIFTED_NUMBERS:
+    if _shifted_fits(n):
         costs["shifted"] = n * n * channels + s * s * filters + taps * s * s
     return costs
+
+
+def _shifted_fits(n: int | None) -> bool:
+    """Whether the shifted form is open: a kernel read once (N given) whose input's
+    Gram matrix holds at most :data:`SHIFTED_NUMBERS` numbers."""
+    return n is not None and n * n <= SHIFTED_NUMBERS
+
+
+def _sizes(spec: gc.Conv, x, g) -> tuple[int, int]:
+    """(output positions, patch numbers) of one example: S and Kx."""
+    return math.prod(g.shape[2:-1]), math.prod(spec.window) * x.shape[-1]
 
 
 def reach(spec: gc.Conv, out) -> list:
@@ -112,9 +122,7 @@ def sq_norms(reads) -> jnp.ndarray:
             n, s = math.prod(reach(spec, g.shape[2:-1])), math.prod(g.shape[2:-1])
             rows = gn.chunk_rows(n * n + 2 * s * s, x.shape[0])
             return gn.by_row_chunks(lambda x, g: shifted_sq_norms(spec, x, g), rows, x, g)
-    sizes = [
-        (math.prod(g.shape[2:-1]), math.prod(spec.window) * x.shape[-1]) for spec, x, g in reads
-    ]
+    sizes = [_sizes(spec, x, g) for spec, x, g in reads]
     positions, window = sum(s for s, _ in sizes), sizes[0][1]
     filters = reads[0][2].shape[-1]
     outer = norm_form(reads[0][0], reads[0][1].shape, reads[0][2].shape, positions) == "outer"
@@ -144,11 +152,7 @@ def shifted_sq_norms(spec: gc.Conv, x, g) -> jnp.ndarray:
     flat = padded.reshape(batch, -1, padded.shape[-1])
     inputs = jnp.einsum("bnc,bmc->bnm", flat, flat).reshape(batch, *extent, *extent)
     patches = 0
-    for offset in itertools.product(*(range(k) for k in spec.window)):
-        at = tuple(
-            slice(o * d, o * d + (m - 1) * st + 1, st)
-            for o, d, m, st in zip(offset, spec.dilation, out, spec.strides)
-        )
+    for at in gc.window_slices(spec, out):  # the same offset in both halves
         patches = patches + inputs[(slice(None), *at, *at)]
     s = math.prod(out)
     patches = patches.reshape(batch, s, s)
@@ -164,7 +168,7 @@ def input_grads(spec: gc.Conv, x, g, kernel_shape) -> jnp.ndarray:
     """Each example's kernel gradient (float32 [B, *kernel_shape]) from the input x
     [B, 1, *spatial, C] and g [B, 1, *out, filters]: its patches' contraction with g,
     a chunk of rows at a time when the batch is large."""
-    positions, window = math.prod(g.shape[2:-1]), math.prod(spec.window) * x.shape[-1]
+    positions, window = _sizes(spec, x, g)
     rows = gn.chunk_rows(positions * window + window * g.shape[-1], x.shape[0])
 
     def grads(x, g):
