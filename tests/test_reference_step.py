@@ -35,6 +35,7 @@ from keras_dp import (
     _backend,
     bandmf,
     data,
+    ghost_conv_norms,
     ghost_cost,
     ghost_embedding,
     ghost_norms,
@@ -422,6 +423,25 @@ def plan_settings(max_examples: int):
               microbatch=None, devices=1, dtype="float32", weighted=False, dropout=True,
               sigma=0.0, clip=100.0, steps=2, bands=1, clipping="auto")
 )  # fmt: skip
+# A convolution's norm forced to each unformed form (ghost_conv_norms.norm_form; these
+# small convolutions take the outer form by its measured times): the shifted form on 2
+# devices in chunks of 19 rows and in bfloat16 on 4, the Gram form on fixed batches.
+@example(
+    plan=dict(kind="conv", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=19, devices=2, dtype="float32", weighted=True, dropout=True,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", conv_form="shifted")
+)  # fmt: skip
+@example(
+    plan=dict(kind="long_conv", loss="mse", sampling="poisson", batch=135, extra=7,
+              microbatch=None, devices=4, dtype="bfloat16", weighted=False, dropout=False,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", conv_form="shifted",
+              norm_chunk=2000)
+)  # fmt: skip
+@example(
+    plan=dict(kind="conv", loss="sparse_ce", sampling="fixed", batch=66, extra=45,
+              microbatch=None, devices=1, dtype="float32", weighted=False, dropout=False,
+              sigma=0.0, clip=0.05, steps=2, clipping="auto", conv_form="gram")
+)  # fmt: skip
 # A table looked up twice (its norm over both lookups' tokens), in chunks of rows.
 @example(
     plan=dict(kind="embedding", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
@@ -580,12 +600,16 @@ def check_train_step(plan: dict) -> None:
         weights0 = [np.array(v.value) for v in model.trainable_variables]
         nt0 = [np.array(v.value) for v in model.non_trainable_variables]
         saved = ghost_norms.NORM_CHUNK_NUMBERS, ghost_norms.NORM_PASS_NUMBERS
+        saved_form = ghost_conv_norms.norm_form
         if plan.get("norm_chunk"):
             ghost_norms.NORM_CHUNK_NUMBERS = ghost_norms.NORM_PASS_NUMBERS = plan["norm_chunk"]
+        if plan.get("conv_form"):  # every convolution's norm in this form
+            ghost_conv_norms.norm_form = lambda *args, form=plan["conv_form"], **kw: form
         try:
             model.fit(x, y, sample_weight=sample_weight, verbose=0)
         finally:
             ghost_norms.NORM_CHUNK_NUMBERS, ghost_norms.NORM_PASS_NUMBERS = saved
+            ghost_conv_norms.norm_form = saved_form
         assert model.dp_steps == steps
         expected, gross = reference_updates(
             model, model.dp_config, model._dp_seed, x, y, sample_weight, weights0, nt0,
