@@ -4,7 +4,7 @@
                                             decoder vae-decoder unet
                                             cnn cnn32 mobile grouped tcn text text-cnn lstm gru
                                             simple-rnn
-                                            bert-lora gemma-lora gemma-full]
+                                            bert-lora bert-full gemma-lora gemma-full]
                                   [--repeats 3] [--out benchmarks/results]
                                   [--microbatch-size K]
 
@@ -49,9 +49,9 @@ steps of 8 random features, batch 64), an Embedding text classifier (vocabulary 
 2,000, 64 tokens, a Conv1D of width 5, max pooling, batch 64), an LSTM, a GRU and a
 SimpleRNN text classifier (the Embedding's 5,000 × 32 table, 32 units, batch 64), a
 tiny keras-hub BERT classifier with LoRA rank 4 (2 layers, hidden 64, 64 tokens, batch
-32), and the Gemma3 of ``run.py`` (4 layers, hidden 256, 128 tokens, batch 16) with LoRA
-and fully fine-tuned. Every model is a plain functional ``keras.Model`` so that every
-side runs Keras' own ``fit`` on the same arrays.
+32) and fully fine-tuned, and the Gemma3 of ``run.py`` (4 layers, hidden 256, 128
+tokens, batch 16) with LoRA and fully fine-tuned. Every model is a plain functional
+``keras.Model`` so that every side runs Keras' own ``fit`` on the same arrays.
 """
 
 import os
@@ -418,6 +418,16 @@ def text_data(n=2048):
 
 
 def bert_lora():
+    return bert(lora_rank=4)
+
+
+def bert_full():
+    return bert(lora_rank=None)
+
+
+def bert(lora_rank):
+    """A tiny keras-hub BERT classifier (2 layers, hidden 64, 2 heads, 64 tokens), with
+    LoRA of ``lora_rank`` or fully fine-tuned (None)."""
     import keras_hub
 
     keras.utils.set_random_seed(0)
@@ -430,7 +440,8 @@ def bert_lora():
         max_sequence_length=64,
     )
     task = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
-    backbone.enable_lora(4)
+    if lora_rank is not None:
+        backbone.enable_lora(lora_rank)
     return functional(task)
 
 
@@ -465,6 +476,7 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "gru": (recurrent(keras.layers.GRU), text_data, 64, 3),
     "simple-rnn": (recurrent(keras.layers.SimpleRNN), text_data, 64, 3),
     "bert-lora": (bert_lora, bert_data, 32, 4),
+    "bert-full": (bert_full, bert_data, 32, 4),
     "gemma-lora": STEP_MODELS["gemma-lora"],
     "gemma-full": STEP_MODELS["gemma-full"],
 }

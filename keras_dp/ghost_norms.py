@@ -4,7 +4,8 @@ A layer ``out = einsum(eq, x, K)`` gives example b the kernel gradient
 ``G_b = einsum(x_b, g_b)`` (``g_b = ∂loss_b/∂out_b``), so ‖G_b‖² and the clipped sum
 ``Σ_b f_b·G_b`` both follow from (x, g) without any G_b being kept: "ghost" norms
 (Goodfellow 2015; Li et al. 2022, Bu et al. 2023 for sequences). For a sequence
-the norm is taken as the cheaper of two exact forms, chosen from the shapes:
+the norm is taken as the faster of two exact forms, chosen from the shapes by
+measured times (:func:`form_times`):
 
 - outer: G_b itself, one example at a time (|S|·|Kx|·|Ko| multiply-adds; then kept
   for the sum, :func:`kernel_grads`);
@@ -102,22 +103,59 @@ def form_costs(s: int, p: int, a: int, c: int) -> tuple[int, int]:
     return s * p * a * c, s * s * p * (a + c)
 
 
-def outer_form(spec: Einsum, x_shape, out_shape) -> bool:
-    """Whether the outer form of the squared norm is the faster, per example."""
-    return outer_is_faster(*sizes(spec, x_shape, out_shape))
+def outer_form(spec: Einsum, x_shape, out_shape, rows: int | None = None) -> bool:
+    """Whether the outer form is the faster, per example (:func:`outer_is_faster`): of
+    the norm alone, or, given the chunk's ``rows``, of the norm and the clipped sum, each
+    example's gradient kept for it (``Tap.grads``), and then only where those gradients
+    take no more memory than x and g do, or at most :data:`NORM_PASS_NUMBERS` numbers
+    for all the rows (the step keeps one or the other for its sum). BERT tiny fully
+    fine-tuned (``benchmarks/clipping.py``), whose projections now keep them: its step's
+    peak temporary memory at logical batch 1,024 went 1,765 → 1,509 MiB (plain Keras'
+    on the same 1,170 rows: 1,488)."""
+    s, p, a, c = sizes(spec, x_shape, out_shape)
+    if rows is None:
+        return outer_is_faster(s, p, a, c, summed=False)
+    kept = rows * p * a * c <= max(NORM_PASS_NUMBERS, rows * s * p * (a + c))
+    return kept and outer_is_faster(s, p, a, c)
 
 
-def outer_is_faster(s: int, p: int, a: int, c: int) -> bool:
-    """:func:`outer_form` from the sizes (S, P, Kx, Ko).
+def form_times(s: int, p: int, a: int, c: int, summed: bool = True) -> tuple[float, float]:
+    """(outer, Gram) time of one example (picoseconds, a fit to measurements) for S
+    positions, P shared, Kx = a and Ko = c: the norm and the clipped sum (the outer form
+    sums the gradients it formed, the Gram form contracts x and g again), or, not
+    ``summed``, the norm alone (a kernel read more than once takes its sum apart).
 
-    Forming and squaring an example's gradient ran at about half the multiply-adds per
-    second of the Gram products, plus ~32 multiply-adds' time for each entry of it
-    written out (2 CPU cores, 88 examples; (positions, in, out) = (16, 144, 32): Gram
-    0.14 ms, outer 0.34; (64, 256, 64): 1.05 against 2.3; (128, 256, 256) × 32
-    examples, equal multiply-adds: 1.9 against 3.8; (36, 9, 16): outer 0.08, Gram 0.09).
+    Fitted by non-negative least squares (relative errors) to each form's time, compiled
+    with the step's options, on 2 CPU cores (AMD EPYC), 88 examples, the 43 einsums over
+    positions of ``benchmarks/dense_norm_forms.py`` (4-256 positions, 4-512 features,
+    attention's projections, a kernel per head). A second run of it
+    (``benchmarks/results/dense-norm-forms``): these times pick the faster form for 42
+    of its 48 einsums (one position included), the others within 1.36× (0.10 against
+    0.075 ms); the rule before (``2·outer + 32·Kx·Ko ≤ Gram`` multiply-adds) for 25,
+    up to 4.5× slower. E.g. ms with the sum, (positions, in, out) = (64, 64, 64),
+    BERT tiny's query: outer 0.40, Gram 1.34; (16, 144, 32): 0.19 and 0.33; (4, 256,
+    256): 1.40 and 0.42; (128, 256, 256): 9.0 and 22.6. Writing each example's
+    gradient out costs the outer form more than its products at few positions; the
+    Gram form's S² products and their margin grow fastest.
     """
-    outer, gram = form_costs(s, p, a, c)
-    return 2 * outer + 32 * (outer // max(1, s)) <= gram
+    positions, kernel, width = s * p * a * c, p * a * c, s * p * (a + c)
+    if summed:
+        outer = 10.2 * positions + 147 * kernel + 26.5 * width + 8.33e5
+        gram = 9.99 * s * width + 150 * width + 702 * s * s * p + 1.07e6 + 14.6 * positions
+    else:
+        outer = 9.53 * positions + 39.6 * kernel + 9.0 * width + 2.39e5
+        gram = 5.22 * s * width + 495 * width + 236 * s * s * p + 3.85e5
+    return outer, gram
+
+
+def outer_is_faster(s: int, p: int, a: int, c: int, summed: bool = True) -> bool:
+    """Whether the outer form takes less time than the Gram form (:func:`form_times`)
+    for the sizes (S, P, Kx, Ko); never for one position, where the Gram form is
+    ‖x‖²·‖g‖² (no products to spare)."""
+    if s <= 1:
+        return False
+    outer, gram = form_times(s, p, a, c, summed)
+    return outer <= gram
 
 
 # A Gram form sums products that cancel where an example's shares of G_b do; float32

@@ -86,7 +86,7 @@ class Tap:
             return True
         if self.kind == "conv":
             return gcn.norm_form(self.spec, x.shape, g.shape) == "outer"
-        return gn.outer_form(self.spec, x.shape[1:], g.shape[1:])
+        return gn.outer_form(self.spec, x.shape[1:], g.shape[1:], rows=x.shape[0])
 
     def grads(self, x, g) -> dict:
         """``{variable index: each example's gradient}`` (float32 [B, *shape]) when the
@@ -289,7 +289,8 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
         add(ge.tied_term(*_end_to_end(found), *_end_to_end(logits)))
     for grouped in kernels.values():
         xr, gr = _end_to_end(grouped)  # [B, ΣS, P, Kx], [B, ΣS, P, Ko]
-        add(gn.grouped_sq_norms(xr, gr, gn.outer_is_faster(*xr.shape[1:], gr.shape[-1])))
+        outer = gn.outer_is_faster(*xr.shape[1:], gr.shape[-1], summed=False)
+        add(gn.grouped_sq_norms(xr, gr, outer))
     for conv_reads in convs.values():  # the same, over their patches
         add(gcn.sq_norms(conv_reads))
     for found in lookups.values():  # a table's lookups: all their tokens at once

@@ -87,9 +87,9 @@ def plan_of(model_fn, x, clipping="ghost"):
 EQUATIONS = [
     # (equation, x shape per example, kernel shape)
     ("ab,bc->ac", (1, 5), (5, 3)),  # a Dense on one vector: Gram, ‖x‖²‖g‖²
-    ("ab,bc->ac", (9, 2), (2, 2)),  # a Dense on a short sequence of narrow features: outer
-    ("ab,bc->ac", (3, 40), (40, 30)),  # wide features, short sequence: Gram form
-    ("abc,cde->abde", (1, 6, 8), (8, 2, 4)),  # attention projection (Gram)
+    ("ab,bc->ac", (9, 2), (2, 2)),  # a Dense on a short sequence of narrow features
+    ("ab,bc->ac", (3, 40), (40, 30)),  # wide features, short sequence
+    ("abc,cde->abde", (1, 6, 8), (8, 2, 4)),  # attention projection
     ("abcd,cde->abe", (1, 4, 2, 3), (2, 3, 5)),  # attention output
     ("abc,bcd->abd", (1, 3, 4), (3, 4, 2)),  # a letter in x, kernel and out (kept apart)
     ("...b,bc->...c", (2, 3, 4), (4, 5)),  # ellipsis
@@ -117,7 +117,10 @@ def test_einsum_norms_and_sums_equal_brute_force(equation, x_shape, k_shape):
     sizes = np.sum(np.square(x), axis=tuple(range(1, x.ndim))) * np.sum(
         np.square(g), axis=tuple(range(1, g.ndim))
     )  # ‖x_b‖²‖g_b‖², at least the Gram products' gross size once x's own letters are summed
-    assert_norm_bound(gn.kernel_sq_norms(spec, x, g), want_sq, np.prod(x_shape) * sizes)
+    gross = np.prod(x_shape) * sizes
+    assert_norm_bound(gn.kernel_sq_norms(spec, x, g), want_sq, gross)
+    for outer in (True, False):  # each form, whichever kernel_sq_norms takes
+        assert_norm_bound(gn.grouped_sq_norms(*gn.grouped(spec, x, g), outer), want_sq, gross)
     formed = gn.kernel_grads(spec, x, g, k_shape)  # the outer form's, kept when it is taken
     np.testing.assert_allclose(formed, np.stack(grads), rtol=1e-5, atol=1e-5)
     half = gn.kernel_grads(spec, x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), k_shape)
@@ -617,16 +620,29 @@ def test_per_example_path_forms_no_grouped_convolution(kind):
     assert ghost.per_example_fn(mlp(), unit) is unit  # nothing to change without convolutions
 
 
-def test_both_norm_forms_are_used():
-    """The shapes above exercise both forms: (outer, Gram) costs per example."""
+def test_the_dense_norm_forms_are_chosen_by_their_measured_times():
+    """gn.outer_form takes the form the fit to measured times says is faster, each where
+    it was measured faster (88 examples on 2 CPU cores, ms with the clipped sum / the
+    norm alone): BERT tiny's query (64 positions, 64 → 64: outer 0.40, Gram 1.34), a
+    Dense 256 → 256 over 4 positions (1.40, 0.42), one 256 → 256 over 128 positions
+    (the sum: 9.0, 22.6; the norm alone: 12.2, 7.1); never for one position (the Gram
+    form is ‖x‖²‖g‖²); and the gradients kept for the sum only where they take no more
+    memory than x and g, or NORM_PASS_NUMBERS in all."""
     spec = gn.parse("ab,bc->ac", 2)
-    outer, gram = gn.costs(spec, (9, 2), (9, 2))
-    assert outer < gram and gn.outer_form(spec, (9, 2), (9, 2))  # long, narrow
-    outer, gram = gn.costs(spec, (3, 40), (3, 30))
-    assert gram < outer and not gn.outer_form(spec, (3, 40), (3, 30))  # short, wide
-    # Equal multiply-adds: Gram (forming each example's gradient costs its writes too).
-    assert gn.costs(spec, (128, 256), (128, 256)) == (128 * 256 * 256,) * 2
-    assert not gn.outer_form(spec, (128, 256), (128, 256))
+
+    def outer(s, a, c, rows=88):
+        return gn.outer_form(spec, (s, a), (s, c), rows)
+
+    query = gn.parse("abc,cde->abde", 3)
+    assert gn.outer_form(query, (1, 64, 64), (1, 64, 2, 32), 88)
+    assert not outer(4, 256, 256)
+    assert outer(128, 256, 256) and not outer(128, 256, 256, rows=None)
+    assert not any(outer(1, a, c, rows) for a, c in ((4, 4), (64, 256)) for rows in (88, None))
+    # 64 → 64 over 16 positions: G_b holds 4,096 numbers, x and g 2,048.
+    rows = gn.NORM_PASS_NUMBERS // 4096
+    assert outer(16, 64, 64, rows) and not outer(16, 64, 64, rows + 1)
+    assert outer(64, 64, 64, 10 * rows)  # x and g: 8,192 numbers an example
+    assert outer(16, 64, 64, rows=None)  # the norm alone keeps nothing
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
@@ -1061,7 +1077,7 @@ def shared_recurrent_model():
 def shared_conv_model():
     """Convolutions called twice (a Siamese CNN): a Conv2D on an image and on a crop of
     it (72 positions of 18 → 3: the outer form), a Conv1D on two short sequences after
-    a Dense called twice (4 positions of 32 → 16: the Gram form)."""
+    a Dense called twice (4 positions of 32 → 16)."""
     inputs = keras.Input((7, 6, 2))
     conv = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="conv")
     a, b = conv(inputs), conv(inputs[:, 1:, 1:])
@@ -1344,10 +1360,41 @@ def test_each_conv_norm_form_gives_per_examples_update(kind, monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "kind",
+    [
+        "sequence",
+        "lora",
+        "long_sequence",
+        "conv2d",
+        "transpose",
+        "recurrent",
+        "shared_sequence",
+        "shared_conv",
+        "untied_lm",
+        "seq2seq",
+    ],  # fmt: skip
+)
+def test_each_dense_norm_form_gives_per_examples_update(kind, monkeypatch):
+    """Whichever form an einsum's norm takes (gn.outer_is_faster forced each way: the
+    outer form keeps each example's gradient for the sum, the Gram form contracts x and
+    g again; a kernel read more than once takes it over all its reads), ghost
+    clipping's update is per-example clipping's: Dense and EinsumDense layers over
+    sequences, LoRA's adapters, a grouped convolution's patches, a transposed one's
+    folded einsum, recurrent layers' products, layers called more than once, a language
+    model's untied head and a tied table read four times, every example clipped."""
+    x, y = data(kind)
+    want = clipped_sum(MODELS[kind], x, y, "per_example")
+    for outer in (True, False):
+        monkeypatch.setattr(gn, "outer_is_faster", lambda *args, outer=outer, **kw: outer)
+        assert_same_sums(want, clipped_sum(MODELS[kind], x, y, "ghost"))
+
+
+@pytest.mark.parametrize(
     "kind, formed",
     [
         ("long_sequence", {(4, 3), (3, 1), (1, 8)}),  # a Dense kernel, LoRA's A and B
-        ("conv2d", {(3, 3, 2, 3)}),  # the strided convolution over 4×3 positions
+        # the strided convolution over 4×3 positions, the grouped one's einsum
+        ("conv2d", {(3, 3, 2, 3), (2, 2, 1, 6)}),
         # depthwise, separable's depthwise, and its pointwise 1×1 (small: the outer form)
         ("depthwise", {(3, 3, 2, 2), (2, 2, 4, 1), (1, 1, 4, 3)}),
     ],
@@ -1569,9 +1616,9 @@ def test_gram_norms_bound_examples_whose_shares_cancel(monkeypatch):
     ROUNDING's margin the norm is never below the example's gradient, neither its exact
     one nor the one float32 forms; without it, some draws fall below (so the draw
     exercises the margin)."""
+    monkeypatch.setattr(gn, "outer_is_faster", lambda *args, **kwargs: False)  # Gram forms
     rng = np.random.default_rng(7)
     x, g = _cancelling_pairs(rng, 64, 8, 48, 24)
-    assert not gn.outer_form(gn.DENSE, x.shape[1:], g.shape[1:])  # the Gram form
     x64, g64 = x.astype(np.float64), g.astype(np.float64)
     exact = np.sum(np.square(np.einsum("bta,btc->bac", x64, g64)), axis=(1, 2))
     formed = np.asarray(gn.kernel_grads(gn.DENSE, x, g, (48, 24)), np.float64)
@@ -1630,19 +1677,22 @@ def test_gram_norms_bound_examples_whose_shares_cancel(monkeypatch):
     seed=st.integers(0, 2**16),
 )
 def test_kernel_norms_are_never_below_cancelling_gradients(pairs, x_dim, g_dim, scale, seed):
-    """Over drawn shapes (either form) and magnitudes: 16 examples whose positions come
-    in nearly cancelling pairs get a squared norm at least their gradient's, as float32
-    forms it (what the outer form keeps and sums) and, for the Gram form, exactly."""
+    """Over drawn shapes and magnitudes, in both forms: 16 examples whose positions
+    come in nearly cancelling pairs get a squared norm at least their gradient's, as
+    float32 forms it (what the outer form keeps and sums) and, for the Gram form,
+    exactly."""
     rng = np.random.default_rng(seed)
     x, g = _cancelling_pairs(rng, 16, 2 * pairs, x_dim, g_dim, scale=10.0**scale)
     formed = np.asarray(gn.kernel_grads(gn.DENSE, x, g, (x_dim, g_dim)), np.float64)
     formed = np.sum(np.square(formed), axis=(1, 2))
-    got = np.asarray(gn.kernel_sq_norms(gn.DENSE, x, g), np.float64)
-    assert np.all(got >= formed * (1 - 1e-6)), np.min(got / formed)
-    if not gn.outer_form(gn.DENSE, x.shape[1:], g.shape[1:]):
-        x64, g64 = x.astype(np.float64), g.astype(np.float64)
-        exact = np.sum(np.square(np.einsum("bta,btc->bac", x64, g64)), axis=(1, 2))
-        assert np.all(got >= exact), np.min(got / exact)
+    x64, g64 = x.astype(np.float64), g.astype(np.float64)
+    exact = np.sum(np.square(np.einsum("bta,btc->bac", x64, g64)), axis=(1, 2))
+    for outer in (True, False):
+        got = gn.grouped_sq_norms(*gn.grouped(gn.DENSE, x, g), outer)
+        got = np.asarray(got, np.float64)
+        assert np.all(got >= formed * (1 - 1e-6)), np.min(got / formed)
+        if not outer:
+            assert np.all(got >= exact), np.min(got / exact)
 
 
 def given_gradient(y_true, y_pred):
@@ -1650,10 +1700,13 @@ def given_gradient(y_true, y_pred):
     return keras.ops.sum(y_true * y_pred, axis=(1, 2))
 
 
-def test_an_example_whose_shares_cancel_never_exceeds_the_clip_norm():
-    """A token read twice with nearly opposite gradients at a Dense layer (the Gram
-    form), its gradient 2·C: its contribution is at most C. Without the Gram forms'
-    rounding margin its norm came out below C and it contributed 2.0·C, unclipped."""
+@pytest.mark.parametrize("outer", [False, True])
+def test_an_example_whose_shares_cancel_never_exceeds_the_clip_norm(outer, monkeypatch):
+    """A token read twice with nearly opposite gradients at a Dense layer, its gradient
+    2·C: its contribution is at most C, in either norm form (gn.outer_is_faster forced).
+    Without the Gram forms' rounding margin its norm came out below C and it contributed
+    2.0·C, unclipped."""
+    monkeypatch.setattr(gn, "outer_is_faster", lambda *args, **kwargs: outer)
 
     def model():
         return keras.Sequential([keras.Input((8, 48)), keras.layers.Dense(24, use_bias=False)])

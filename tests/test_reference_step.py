@@ -11,7 +11,8 @@ sampling, microbatch sizes up to 128 including non-powers of two, 1/2/4 devices,
 float32 and bfloat16, sample weights, dropout, several layers and losses (one model
 mixes ghost layers with every kind of fallback), the three ``clipping`` modes:
 ghost norms, per-example gradients and their mix, kernels whose norm's outer form keeps
-each example's gradient for the sum, and the embedding and convolution norms taken a
+each example's gradient for the sum (and, forced in explicit plans, the other forms of
+an einsum's and a convolution's norm), and the embedding and convolution norms taken a
 chunk of rows at a time, as a large batch takes them). A second test draws such plans
 with every fifth example's loss NaN, which the reference leaves out. A third draws
 language models: a loss on every token weighted per token (0 on padding), through a tied
@@ -442,6 +443,19 @@ def plan_settings(max_examples: int):
               microbatch=None, devices=1, dtype="float32", weighted=False, dropout=False,
               sigma=0.0, clip=0.05, steps=2, clipping="auto", conv_form="gram")
 )  # fmt: skip
+# An einsum's norm forced to the Gram form (ghost_norms.outer_is_faster; these small
+# einsums over positions take the outer form by its measured times), its clipped sum a
+# second contraction: on 2 devices in chunks of 19 rows, in bfloat16 on 4 at B=135.
+@example(
+    plan=dict(kind="mixed", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=19, devices=2, dtype="float32", weighted=True, dropout=True,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", dense_form="gram")
+)  # fmt: skip
+@example(
+    plan=dict(kind="long_dense", loss="sparse_ce", sampling="poisson", batch=135, extra=7,
+              microbatch=None, devices=4, dtype="bfloat16", weighted=False, dropout=False,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", dense_form="gram")
+)  # fmt: skip
 # A table looked up twice (its norm over both lookups' tokens), in chunks of rows.
 @example(
     plan=dict(kind="embedding", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
@@ -490,6 +504,16 @@ def test_a_nonfinite_example_is_left_out_as_the_reference_leaves_it(plan):
     plan=dict(kind="lora_lm", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
               microbatch=19, devices=4, dtype="float32", weighted=True, dropout=True,
               sigma=0.7, clip=0.05, steps=2, clipping="auto")
+)  # fmt: skip
+@example(  # LoRA's adapters and the untied head in the Gram form (forced), 2 devices
+    plan=dict(kind="lora_lm", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=19, devices=2, dtype="float32", weighted=True, dropout=False,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", dense_form="gram")
+)  # fmt: skip
+@example(
+    plan=dict(kind="untied_lm", loss="sparse_ce", sampling="fixed", batch=23, extra=5,
+              microbatch=7, devices=1, dtype="bfloat16", weighted=True, dropout=True,
+              sigma=0.0, clip=0.05, steps=2, clipping="ghost", dense_form="gram")
 )  # fmt: skip
 @example(  # a table looked up twice and read in reverse, in chunks
     plan=dict(kind="seq2seq_lm", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
@@ -600,16 +624,19 @@ def check_train_step(plan: dict) -> None:
         weights0 = [np.array(v.value) for v in model.trainable_variables]
         nt0 = [np.array(v.value) for v in model.non_trainable_variables]
         saved = ghost_norms.NORM_CHUNK_NUMBERS, ghost_norms.NORM_PASS_NUMBERS
-        saved_form = ghost_conv_norms.norm_form
+        saved_form, saved_outer = ghost_conv_norms.norm_form, ghost_norms.outer_is_faster
         if plan.get("norm_chunk"):
             ghost_norms.NORM_CHUNK_NUMBERS = ghost_norms.NORM_PASS_NUMBERS = plan["norm_chunk"]
         if plan.get("conv_form"):  # every convolution's norm in this form
             ghost_conv_norms.norm_form = lambda *args, form=plan["conv_form"], **kw: form
+        if plan.get("dense_form"):  # every einsum's norm in this form ("outer" or "gram")
+            outer = plan["dense_form"] == "outer"
+            ghost_norms.outer_is_faster = lambda *args, outer=outer, **kw: outer
         try:
             model.fit(x, y, sample_weight=sample_weight, verbose=0)
         finally:
             ghost_norms.NORM_CHUNK_NUMBERS, ghost_norms.NORM_PASS_NUMBERS = saved
-            ghost_conv_norms.norm_form = saved_form
+            ghost_conv_norms.norm_form, ghost_norms.outer_is_faster = saved_form, saved_outer
         assert model.dp_steps == steps
         expected, gross = reference_updates(
             model, model.dp_config, model._dp_seed, x, y, sample_weight, weights0, nt0,
