@@ -135,15 +135,19 @@ def form_fn(form: str, spec, kernel_shape):
     return fn
 
 
-def timed(fn, x, g, calls: int = 30, repeats: int = 7) -> float:
-    """Median ms of one call, compiled with keras_dp's step options."""
-    compiled = jax.jit(fn).lower(x, g).compile(compiler_options=_backend.compiler_options())
-    jax.block_until_ready(compiled(x, g))
+def timed(fn, *args, calls: int | None = 30, repeats: int = 7) -> float:
+    """Median ms of one call, compiled with keras_dp's step options; ``calls`` calls a
+    repeat, or None: as many as fill about 20 ms (3 to 30)."""
+    compiled = jax.jit(fn).lower(*args).compile(compiler_options=_backend.compiler_options())
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    if calls is None:
+        calls = max(3, min(30, int(0.02 / max(time.perf_counter() - start, 1e-5))))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
-            out = compiled(x, g)
+            out = compiled(*args)
         jax.block_until_ready(out)
         times.append((time.perf_counter() - start) / calls * 1e3)
     return statistics.median(times)

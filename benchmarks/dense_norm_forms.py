@@ -42,14 +42,13 @@ import json  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from conv_norm_forms import timed  # noqa: E402
 from scipy.optimize import nnls  # noqa: E402
 
-from keras_dp import _backend  # noqa: E402
 from keras_dp import ghost_norms as gn  # noqa: E402
 
 FORMS = ("outer", "gram")
@@ -122,23 +121,6 @@ def form_fn(form: str, spec, kernel_shape, summed: bool):
     return fn
 
 
-def timed(fn, *args, repeats: int = 7) -> float:
-    """Median ms of one call, compiled with keras_dp's step options; as many calls a
-    repeat as fill about 20 ms."""
-    compiled = jax.jit(fn).lower(*args).compile(compiler_options=_backend.compiler_options())
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    calls = max(3, min(30, int(0.02 / max(time.perf_counter() - start, 1e-5))))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = compiled(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / calls * 1e3)
-    return statistics.median(times)
-
-
 def measure(rows: int, runs: int) -> list:
     rng = np.random.default_rng(0)
     results = []
@@ -159,7 +141,9 @@ def measure(rows: int, runs: int) -> list:
             for form in FORMS:
                 key = form if summed else f"{form} norm"
                 fn = form_fn(form, spec, kernel_shape, summed)
-                ms[key] = statistics.median(timed(fn, x, g, factor) for _ in range(runs))
+                ms[key] = statistics.median(
+                    timed(fn, x, g, factor, calls=None) for _ in range(runs)
+                )
         results.append({"name": name, "S": s, "P": p, "Kx": a, "Ko": c, "ms": ms})
         print(name, {k: round(v, 3) for k, v in ms.items()}, flush=True)
     return results
