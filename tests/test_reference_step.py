@@ -11,10 +11,10 @@ sampling, microbatch sizes up to 128 including non-powers of two, 1/2/4 devices,
 float32 and bfloat16, sample weights, dropout, several layers and losses (one model
 mixes ghost layers with every kind of fallback), the three ``clipping`` modes:
 ghost norms, per-example gradients and their mix, kernels whose norm's outer form keeps
-each example's gradient for the sum (and, forced in explicit plans, the other forms of
-an einsum's and a convolution's norm), and the embedding and convolution norms taken a
-chunk of rows at a time, as a large batch takes them). A second test draws such plans
-with every fifth example's loss NaN, which the reference leaves out. A third draws
+each example's gradient for the sum (and, forced in drawn and explicit plans, the
+other forms of an einsum's and a convolution's norm), and the embedding and convolution
+norms taken a chunk of rows at a time, as a large batch takes them). A second test draws
+such plans with every fifth example's loss NaN, which the reference leaves out. A third draws
 language models: a loss on every token weighted per token (0 on padding), through a tied
 ``ReversibleEmbedding`` (one table read as the lookup and as the logits), an untied
 one with a logit soft cap, or LoRA adapters over the table frozen.
@@ -326,6 +326,10 @@ def plans(kinds: list[str], losses: list[str]) -> st.SearchStrategy:
             # Embedding and convolution norms in chunks of rows (ghost_norms.by_row_chunks),
             # as a large one-pass batch takes them: the chunk's numbers forced down.
             "norm_chunk": st.sampled_from([None, None, 64, 2000]),
+            # Norm forms forced (None: the measured choice, mostly the outer form for
+            # these small einsums and convolutions).
+            "dense_form": st.sampled_from([None, None, "gram"]),
+            "conv_form": st.sampled_from([None, None, "gram", "shifted"]),
         }
     )
 
