@@ -173,16 +173,30 @@ def measure(rows: int, runs: int) -> list:
 
 def fit(results: list, rows: int) -> dict:
     """Per form, non-negative coefficients (picoseconds an example) of FEATURES."""
-    coefficients = {}
-    for form in FORMS:
-        a, b = [], []
-        for r in results:
-            if form in r["ms"]:
-                ps = r["ms"][form] / rows * 1e9
-                a.append([v / ps for v in FEATURES(form, r)])
-                b.append(1.0)
-        coefficients[form] = nnls(np.array(a, float), np.array(b))[0].tolist()
-    return coefficients
+    return {
+        form: relative_fit(
+            [(FEATURES(form, r), r["ms"][form] / rows * 1e9) for r in results if form in r["ms"]]
+        )
+        for form in FORMS
+    }
+
+
+def relative_fit(samples: list) -> list:
+    """Non-negative coefficients c of the counts that fit each sample's time t (a list
+    of (counts, t)) with the least squared relative errors: Σ (c·counts / t - 1)²."""
+    a = np.array([[v / t for v in counts] for counts, t in samples], float)
+    return nnls(a, np.ones(len(a)))[0].tolist()
+
+
+def save(out: str, stem: str, rows: int, results: list, coefficients: dict, text: str) -> None:
+    """``text`` as ``stem.md`` and the runs and the fit as ``stem.json`` in ``out``."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(
+        json.dumps({"rows": rows, "results": results, "fit": coefficients}, indent=1)
+    )
+    print(text)
 
 
 def markdown(results, coefficients, rows, command) -> str:
@@ -224,13 +238,8 @@ def main() -> None:
     command = "python benchmarks/conv_norm_forms.py " + " ".join(
         f"--{k} {v}" for k, v in (("rows", args.rows), ("runs", args.runs), ("out", args.out))
     )
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "conv_norm_forms.md").write_text(markdown(results, coefficients, args.rows, command))
-    (out / "conv_norm_forms.json").write_text(
-        json.dumps({"rows": args.rows, "results": results, "fit": coefficients}, indent=1)
-    )
-    print(markdown(results, coefficients, args.rows, command))
+    text = markdown(results, coefficients, args.rows, command)
+    save(args.out, "conv_norm_forms", args.rows, results, coefficients, text)
 
 
 if __name__ == "__main__":

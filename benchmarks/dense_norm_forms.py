@@ -38,7 +38,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -46,8 +45,7 @@ import statistics  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from conv_norm_forms import timed  # noqa: E402
-from scipy.optimize import nnls  # noqa: E402
+from conv_norm_forms import relative_fit, save, timed  # noqa: E402
 
 from keras_dp import ghost_norms as gn  # noqa: E402
 
@@ -156,13 +154,13 @@ def fit(results: list, rows: int) -> dict:
     for summed in (True, False):
         for form in FORMS:
             key = form if summed else f"{form} norm"
-            a = []
-            for r in results:
-                if r["S"] == 1:  # one position: the Gram form is ‖x‖²‖g‖², not fitted
-                    continue
-                ps = r["ms"][key] / rows * 1e9
-                a.append([v / ps for v in FEATURES(form, r, summed)])
-            coefficients[key] = nnls(np.array(a, float), np.ones(len(a)))[0].tolist()
+            coefficients[key] = relative_fit(
+                [
+                    (FEATURES(form, r, summed), r["ms"][key] / rows * 1e9)
+                    for r in results
+                    if r["S"] > 1  # one position: the Gram form is ‖x‖²‖g‖², not fitted
+                ]
+            )
     return coefficients
 
 
@@ -267,8 +265,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--calls", type=int, default=10)
     args = parser.parse_args()
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.steps:
         command = (
             f"python benchmarks/dense_norm_forms.py --steps {' '.join(args.steps)}"
@@ -280,6 +276,8 @@ def main() -> None:
             f" {platform.machine()} ({os.cpu_count()} cores), jax {jax.__version__}; ms a step,"
             " median over the rounds.\n\n"
         )
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "steps.md").write_text(header + table)
         return
     results = measure(args.rows, args.runs)
@@ -287,11 +285,8 @@ def main() -> None:
     command = "python benchmarks/dense_norm_forms.py " + " ".join(
         f"--{k} {v}" for k, v in (("rows", args.rows), ("runs", args.runs), ("out", args.out))
     )
-    (out / "dense_norm_forms.md").write_text(markdown(results, coefficients, args.rows, command))
-    (out / "dense_norm_forms.json").write_text(
-        json.dumps({"rows": args.rows, "results": results, "fit": coefficients}, indent=1)
-    )
-    print(markdown(results, coefficients, args.rows, command))
+    text = markdown(results, coefficients, args.rows, command)
+    save(args.out, "dense_norm_forms", args.rows, results, coefficients, text)
 
 
 if __name__ == "__main__":

@@ -1372,7 +1372,7 @@ def test_each_conv_norm_form_gives_per_examples_update(kind, monkeypatch):
         "shared_conv",
         "untied_lm",
         "seq2seq",
-    ],  # fmt: skip
+    ],
 )
 def test_each_dense_norm_form_gives_per_examples_update(kind, monkeypatch):
     """Whichever form an einsum's norm takes (gn.outer_is_faster forced each way: the
