@@ -255,12 +255,16 @@ NORM_CHUNK_NUMBERS = 1 << 18
 def chunk_rows(
     numbers_per_row: int,
     batch: int,
-    pass_numbers: int = NORM_PASS_NUMBERS,
-    chunk_numbers: int = NORM_CHUNK_NUMBERS,
+    pass_numbers: int | None = None,
+    chunk_numbers: int | None = None,
 ) -> int:
     """Rows a chunk for :func:`by_row_chunks`: the whole ``batch`` when its norm
     temporaries, ``numbers_per_row`` each, fit in ``pass_numbers``, otherwise the rows
-    that fit in ``chunk_numbers`` (at least one)."""
+    that fit in ``chunk_numbers`` (at least one). Unset, the limits are
+    :data:`NORM_PASS_NUMBERS` and :data:`NORM_CHUNK_NUMBERS` as they are at the call
+    (tests lower them)."""
+    pass_numbers = NORM_PASS_NUMBERS if pass_numbers is None else pass_numbers
+    chunk_numbers = NORM_CHUNK_NUMBERS if chunk_numbers is None else chunk_numbers
     if batch * numbers_per_row <= pass_numbers:
         return batch
     return max(1, chunk_numbers // numbers_per_row)

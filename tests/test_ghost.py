@@ -790,6 +790,20 @@ def test_a_batch_is_one_pass_while_its_norm_temporaries_fit(batch, per_row):
         assert rows == 1 or rows * per_row <= gn.NORM_CHUNK_NUMBERS < (rows + 1) * per_row
 
 
+def test_lowered_chunk_limits_reach_chunk_rows():
+    """The tests of norms in chunks lower NORM_PASS_NUMBERS and NORM_CHUNK_NUMBERS:
+    chunk_rows must read them at the call (bound as its defaults, as from 546b213 until
+    session 62, those tests computed one pass and could not fail over the chunks)."""
+    assert gn.chunk_rows(5, 100) == 100
+    with (
+        mock.patch.object(gn, "NORM_PASS_NUMBERS", 10),
+        mock.patch.object(gn, "NORM_CHUNK_NUMBERS", 12),
+    ):
+        assert gn.chunk_rows(5, 100) == 2
+        assert gn.chunk_rows(5, 2) == 2
+        assert gn.chunk_rows(5, 100, pass_numbers=1000) == 100
+
+
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(batch=st.integers(1, 24), length=st.integers(2, 20), numbers=st.integers(1, 400))
 def test_embedding_norms_in_row_chunks_equal_brute_force(batch, length, numbers):
