@@ -2,7 +2,8 @@
 
     python benchmarks/clipping.py [--models mlp tabular siamese siamese-cnn siamese-text autoencoder
                                             decoder vae-decoder unet
-                                            cnn cnn32 mobile grouped tcn text text-cnn lstm gru
+                                            cnn cnn32 cnn128 mobile grouped tcn text text-cnn
+                                            lstm gru
                                             simple-rnn
                                             bert-lora bert-full gemma-lora gemma-full]
                                   [--repeats 3] [--out benchmarks/results]
@@ -41,6 +42,7 @@ level's features, batch 64),
 a CNN (two 3x3
 convolutions and a Dense head, digits as 8x8 images, batch 64), a CNN on 32x32x3 images
 (four 3x3 convolutions, two strided; random data of CIFAR-10's shape, batch 64), a
+VGG block (two 3×3 convolutions of 128 channels on random 16×16×3 images, batch 64), a
 MobileNet-like CNN on the same images (a strided convolution, two separable ones), a
 ResNeXt-like CNN on them (a strided convolution, two of 8 groups), a
 temporal convolutional classifier (three causal Conv1D, dilations 1, 2 and 4, over 64
@@ -332,6 +334,28 @@ def grouped():
     )
 
 
+def cnn128():
+    """Two 3×3 convolutions of 128 channels ("same") on 16×16×3 images, a VGG block:
+    each example's kernel gradient of the second (147,456 numbers) is larger than its
+    input and output gradient together (65,536)."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Conv2D(128, 3, padding="same", activation="relu"),
+            keras.layers.Conv2D(128, 3, padding="same", activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def small_image_data(n=1024):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 16, 16, 3)).astype("float32")
+    return x, rng.integers(0, 10, n).astype("int32")
+
+
 def cifar_like_data(n=1024):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, 32, 32, 3)).astype("float32")
@@ -467,6 +491,7 @@ MODELS = {  # name: (model_fn, data_fn, batch, epochs)
     "unet": (unet, segmentation_data, 64, 3),
     "cnn": (cnn, image_data, 64, 6),
     "cnn32": (cnn32, cifar_like_data, 64, 3),
+    "cnn128": (cnn128, small_image_data, 64, 3),
     "tcn": (tcn, series_data, 64, 4),
     "mobile": (mobile, cifar_like_data, 64, 3),
     "grouped": (grouped, cifar_like_data, 64, 3),

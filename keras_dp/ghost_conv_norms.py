@@ -107,6 +107,19 @@ def norm_form(spec: gc.Conv, x_shape, g_shape, positions: int | None = None) -> 
     return min(times, key=times.get)
 
 
+def formed(spec: gc.Conv, x_shape, g_shape) -> bool:
+    """Whether the norm of a kernel read once takes the outer form and keeps each
+    example's gradient (:func:`input_grads`) for the clipped sum: the fastest form
+    (:func:`norm_form`), and the gradients of the rows no larger than the inputs x and
+    g (:func:`keras_dp.ghost_norms.keeps`). Otherwise the outer norm is taken in chunks
+    of rows and the sum is the convolution's own kernel gradient."""
+    if norm_form(spec, x_shape, g_shape) != "outer":
+        return False
+    kernel = math.prod(spec.window) * x_shape[-1] * g_shape[-1]
+    inputs = math.prod(x_shape[1:]) + math.prod(g_shape[1:])
+    return gn.keeps(x_shape[0], kernel, inputs)
+
+
 def sq_norms(reads) -> jnp.ndarray:
     """Per-example squared norms (float32 [B]) of one kernel's gradient from ``reads``,
     the (spec, x [B, 1, *spatial, C], g [B, 1, *out, filters]) of each convolution that

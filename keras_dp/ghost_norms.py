@@ -107,16 +107,32 @@ def outer_form(spec: Einsum, x_shape, out_shape, rows: int | None = None) -> boo
     """Whether the outer form is the faster, per example (:func:`outer_is_faster`): of
     the norm alone, or, given the chunk's ``rows``, of the norm and the clipped sum, each
     example's gradient kept for it (``Tap.grads``), and then only where those gradients
-    take no more memory than x and g do, or at most :data:`NORM_PASS_NUMBERS` numbers
-    for all the rows (the step keeps one or the other for its sum). BERT tiny fully
+    take no more memory than x and g do, or at most :data:`KEPT_NUMBERS` numbers for
+    all the rows (:func:`keeps`: the step keeps one or the other for its sum). BERT tiny fully
     fine-tuned (``benchmarks/clipping.py``), whose projections now keep them: its step's
     peak temporary memory at logical batch 1,024 went 1,765 → 1,509 MiB (plain Keras'
     on the same 1,170 rows: 1,488)."""
     s, p, a, c = sizes(spec, x_shape, out_shape)
     if rows is None:
         return outer_is_faster(s, p, a, c, summed=False)
-    kept = rows * p * a * c <= max(NORM_PASS_NUMBERS, rows * s * p * (a + c))
-    return kept and outer_is_faster(s, p, a, c)
+    return keeps(rows, p * a * c, s * p * (a + c)) and outer_is_faster(s, p, a, c)
+
+
+# The most numbers (float32: 16 MiB) one tap's kept per-example gradients may hold
+# beyond its x and g (:func:`keeps`).
+KEPT_NUMBERS = 1 << 22
+
+
+def keeps(rows: int, kernel: int, inputs: int) -> bool:
+    """Whether ``rows`` examples' gradients of ``kernel`` numbers each may be kept for
+    the clipped sum: they hold no more numbers than the ``inputs`` (x and g, an
+    example) the sum would read instead, or at most :data:`KEPT_NUMBERS` in all.
+
+    Refused, the sum contracts x and g again (a chunk of a CNN's 3×3 convolution of 128
+    channels on 16×16, 330 rows: the step 19% slower), and memory is what the tap's
+    inputs take (that CNN's step at logical batch 1,024, one chunk of 1,170 rows:
+    1,410 → 898 MiB, plain Keras' 735)."""
+    return rows * kernel <= max(KEPT_NUMBERS, rows * inputs)
 
 
 def form_times(s: int, p: int, a: int, c: int, summed: bool = True) -> tuple[float, float]:
@@ -172,9 +188,16 @@ ROUNDING = 16 * 2.0**-24
 def kernel_sq_norms(spec: Einsum, x, g) -> jnp.ndarray:
     """‖G_b‖² for every example b (float32 [B]), by the faster exact form; the Gram form
     as an upper bound (plus :data:`ROUNDING` times its products' gross size,
-    Σ_p (Σ_s ‖x_sp‖‖g_sp‖)², which float32 rounding does not reach)."""
+    Σ_p (Σ_s ‖x_sp‖‖g_sp‖)², which float32 rounding does not reach). In chunks of rows
+    where the form's temporaries (G_b, or the two Gram matrices) hold more numbers than
+    x and g and more than :data:`NORM_PASS_NUMBERS` in all (:func:`by_row_chunks`)."""
     xr, gr = grouped(spec, x, g)
-    return grouped_sq_norms(xr, gr, outer_form(spec, x.shape[1:], g.shape[1:]))
+    outer = outer_form(spec, x.shape[1:], g.shape[1:])
+    s, p, a, c = xr.shape[1:] + gr.shape[-1:]
+    per_row = p * a * c if outer else 2 * p * s * s
+    batch = xr.shape[0]
+    rows = chunk_rows(per_row, batch, max(NORM_PASS_NUMBERS, batch * s * p * (a + c)))
+    return by_row_chunks(lambda xr, gr: grouped_sq_norms(xr, gr, outer), rows, xr, gr)
 
 
 def grouped_sq_norms(xr, gr, outer: bool) -> jnp.ndarray:

@@ -85,7 +85,7 @@ class Tap:
         if self.kind == "depthwise":  # window·C·M numbers an example: always formed
             return True
         if self.kind == "conv":
-            return gcn.norm_form(self.spec, x.shape, g.shape) == "outer"
+            return gcn.formed(self.spec, x.shape, g.shape)
         return gn.outer_form(self.spec, x.shape[1:], g.shape[1:], rows=x.shape[0])
 
     def grads(self, x, g) -> dict:

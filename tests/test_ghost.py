@@ -322,6 +322,27 @@ def test_the_conv_norm_forms_are_chosen_by_their_measured_times():
     assert form(wide, (n,), 64, (n - 4,), 64) != "shifted"
 
 
+def test_a_convolutions_gradients_are_kept_only_within_the_memory_bound():
+    """gcn.formed keeps each example's gradient where the outer form is fastest and the
+    rows' gradients hold no more numbers than x and g, or KEPT_NUMBERS in all: a 3×3
+    convolution of 128 channels on 16×16 ("same"; 147,456 numbers an example against
+    x and g's 65,536) up to KEPT_NUMBERS // 147,456 rows; a TCN's causal one (768
+    against 2,560) at any number of rows; never a form other than the outer."""
+    same = gc.Conv((3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1))
+
+    def formed(spec, rows, spatial, channels, out, filters):
+        return gcn.formed(spec, (rows, 1, *spatial, channels), (rows, 1, *out, filters))
+
+    assert gcn.norm_form(same, (1, 1, 16, 16, 128), (1, 1, 16, 16, 128)) == "outer"
+    rows = gn.KEPT_NUMBERS // 147_456
+    assert formed(same, rows, (16, 16), 128, (16, 16), 128)
+    assert not formed(same, rows + 1, (16, 16), 128, (16, 16), 128)
+    causal = gc.Conv((3,), (1,), ((2, 0),), (1,))
+    assert formed(causal, 1 << 20, (64,), 8, (64,), 32)
+    strided = gc.Conv((3, 3), (2, 2), "VALID", (1, 1))  # the Gram form: nothing kept
+    assert not formed(strided, 1, (12, 12), 64, (5, 5), 64)
+
+
 def test_a_shifted_norm_bounds_an_example_whose_shares_cancel(monkeypatch):
     """A Conv1D whose input repeats with a period (so positions t and t + P read the
     same patch) and whose gradient there is nearly opposite: each example's kernel
@@ -627,7 +648,7 @@ def test_the_dense_norm_forms_are_chosen_by_their_measured_times():
     Dense 256 → 256 over 4 positions (1.40, 0.42), one 256 → 256 over 128 positions
     (the sum: 9.0, 22.6; the norm alone: 12.2, 7.1); never for one position (the Gram
     form is ‖x‖²‖g‖²); and the gradients kept for the sum only where they take no more
-    memory than x and g, or NORM_PASS_NUMBERS in all."""
+    memory than x and g, or KEPT_NUMBERS in all."""
     spec = gn.parse("ab,bc->ac", 2)
 
     def outer(s, a, c, rows=88):
@@ -639,7 +660,7 @@ def test_the_dense_norm_forms_are_chosen_by_their_measured_times():
     assert outer(128, 256, 256) and not outer(128, 256, 256, rows=None)
     assert not any(outer(1, a, c, rows) for a, c in ((4, 4), (64, 256)) for rows in (88, None))
     # 64 → 64 over 16 positions: G_b holds 4,096 numbers, x and g 2,048.
-    rows = gn.NORM_PASS_NUMBERS // 4096
+    rows = gn.KEPT_NUMBERS // 4096
     assert outer(16, 64, 64, rows) and not outer(16, 64, 64, rows + 1)
     assert outer(64, 64, 64, 10 * rows)  # x and g: 8,192 numbers an example
     assert outer(16, 64, 64, rows=None)  # the norm alone keeps nothing
@@ -788,6 +809,44 @@ def test_a_batch_is_one_pass_while_its_norm_temporaries_fit(batch, per_row):
     else:
         assert 1 <= rows < batch
         assert rows == 1 or rows * per_row <= gn.NORM_CHUNK_NUMBERS < (rows + 1) * per_row
+
+
+@pytest.mark.parametrize(
+    "outer, s, a, c, larger",  # larger: (S, a, c) whose x and g hold more than the temporaries
+    [(True, 2, 8, 8, (64, 8, 8)), (False, 12, 2, 2, (12, 16, 16))],
+)
+def test_a_dense_norm_whose_temporaries_outgrow_x_and_g_is_taken_in_chunks(outer, s, a, c, larger):
+    """kernel_sq_norms takes rows in chunks where its form's temporaries (G_b: a·c
+    numbers an example; the Gram form's two S×S matrices) hold more than x and g (S·(a
+    + c)) and more than NORM_PASS_NUMBERS in all, and each example's norm is still its
+    own (brute force; the last chunk overlaps the one before)."""
+    rng = np.random.default_rng(s)
+    batch, spec = 7, gn.parse("ab,bc->ac", 2)
+    x = jnp.asarray(rng.normal(size=(batch, s, a)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(batch, s, c)), jnp.float32)
+    want = [float(np.sum(np.square(np.asarray(x[b]).T @ np.asarray(g[b])))) for b in range(batch)]
+    gross = np.sum(np.linalg.norm(x, axis=-1) * np.linalg.norm(g, axis=-1), axis=1) ** 2
+    chunks = []
+
+    def by_row_chunks(norms, rows, *arrays):
+        chunks.append(rows)
+        return real(norms, rows, *arrays)
+
+    real = gn.by_row_chunks
+    with (
+        mock.patch.object(gn, "outer_form", lambda *args, **kwargs: outer),
+        mock.patch.object(gn, "by_row_chunks", by_row_chunks),
+        mock.patch.object(gn, "NORM_PASS_NUMBERS", 0),
+        mock.patch.object(gn, "NORM_CHUNK_NUMBERS", 2 * max(a * c, 2 * s * s)),
+    ):
+        got = jax.jit(lambda x, g: gn.kernel_sq_norms(spec, x, g))(x, g)
+        assert chunks == [2]
+        assert_norm_bound(got, want, gross)
+        chunks.clear()
+        n, d, e = larger
+        inputs = jnp.ones((batch, n, d)), jnp.ones((batch, n, e))
+        jax.eval_shape(lambda x, g: gn.kernel_sq_norms(spec, x, g), *inputs)
+        assert chunks == [batch]
 
 
 def test_lowered_chunk_limits_reach_chunk_rows():
@@ -1371,6 +1430,11 @@ def test_each_conv_norm_form_gives_per_examples_update(kind, monkeypatch):
     for form in ("outer", "gram", "shifted"):
         monkeypatch.setattr(gcn, "norm_form", lambda *args, form=form, **kwargs: form)
         assert_same_sums(want, clipped_sum(MODELS[kind], x, y, "ghost"))
+    # The outer norm with each example's gradient not kept (gn.keeps refuses: too large
+    # for the rows), so that the sum is the convolution's own kernel gradient.
+    monkeypatch.setattr(gcn, "norm_form", lambda *args, **kwargs: "outer")
+    monkeypatch.setattr(gn, "keeps", lambda *args: False)
+    assert_same_sums(want, clipped_sum(MODELS[kind], x, y, "ghost"))
 
 
 @pytest.mark.parametrize(
@@ -1401,6 +1465,12 @@ def test_each_dense_norm_form_gives_per_examples_update(kind, monkeypatch):
     for outer in (True, False):
         monkeypatch.setattr(gn, "outer_is_faster", lambda *args, outer=outer, **kw: outer)
         assert_same_sums(want, clipped_sum(MODELS[kind], x, y, "ghost"))
+    # The outer norm with each example's gradient not kept (gn.keeps refuses), taken in
+    # chunks of rows, and the sum the contraction of x and g.
+    monkeypatch.setattr(gn, "keeps", lambda *args: False)
+    monkeypatch.setattr(gn, "NORM_PASS_NUMBERS", 0)
+    monkeypatch.setattr(gn, "NORM_CHUNK_NUMBERS", 1)
+    assert_same_sums(want, clipped_sum(MODELS[kind], x, y, "ghost"))
 
 
 @pytest.mark.parametrize(
