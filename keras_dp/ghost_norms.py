@@ -188,11 +188,15 @@ ROUNDING = 16 * 2.0**-24
 def kernel_sq_norms(spec: Einsum, x, g) -> jnp.ndarray:
     """‖G_b‖² for every example b (float32 [B]), by the faster exact form; the Gram form
     as an upper bound (plus :data:`ROUNDING` times its products' gross size,
-    Σ_p (Σ_s ‖x_sp‖‖g_sp‖)², which float32 rounding does not reach). In chunks of rows
-    where the form's temporaries (G_b, or the two Gram matrices) hold more numbers than
-    x and g and more than :data:`NORM_PASS_NUMBERS` in all (:func:`by_row_chunks`)."""
+    Σ_p (Σ_s ‖x_sp‖‖g_sp‖)², which float32 rounding does not reach)."""
     xr, gr = grouped(spec, x, g)
-    outer = outer_form(spec, x.shape[1:], g.shape[1:])
+    return chunked_sq_norms(xr, gr, outer_form(spec, x.shape[1:], g.shape[1:]))
+
+
+def chunked_sq_norms(xr, gr, outer: bool) -> jnp.ndarray:
+    """:func:`grouped_sq_norms`, in chunks of rows (:func:`by_row_chunks`) where the
+    form's temporaries (G_b, or the two Gram matrices) hold more numbers than x and g
+    and more than :data:`NORM_PASS_NUMBERS` in all."""
     s, p, a, c = xr.shape[1:] + gr.shape[-1:]
     per_row = p * a * c if outer else 2 * p * s * s
     batch = xr.shape[0]

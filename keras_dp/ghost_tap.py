@@ -252,7 +252,7 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
     - A :attr:`Tap.shared` kernel, the whole norm: its gradient is Σ over its reads of
       each read's Σ_s x_s ⊗ g_s, one einsum's over the reads' positions concatenated,
       so the norm is that einsum's (the cheaper exact form for all the positions,
-      :func:`keras_dp.ghost_norms.grouped_sq_norms`; a convolution's over its
+      :func:`keras_dp.ghost_norms.chunked_sq_norms`; a convolution's over its
       patches, :func:`keras_dp.ghost_conv_norms.sq_norms`; a table's lookups' over all
       their tokens, :func:`keras_dp.ghost_embedding.embedding_sq_norms`, exact even
       where each lookup alone is pooled). A shared bias' or depthwise kernel's: its
@@ -290,7 +290,7 @@ def cross_terms(taps, xs, gs) -> jax.Array | None:
     for grouped in kernels.values():
         xr, gr = _end_to_end(grouped)  # [B, ΣS, P, Kx], [B, ΣS, P, Ko]
         outer = gn.outer_is_faster(*xr.shape[1:], gr.shape[-1], summed=False)
-        add(gn.grouped_sq_norms(xr, gr, outer))
+        add(gn.chunked_sq_norms(xr, gr, outer))
     for conv_reads in convs.values():  # the same, over their patches
         add(gcn.sq_norms(conv_reads))
     for found in lookups.values():  # a table's lookups: all their tokens at once
