@@ -640,6 +640,16 @@ def step_memory(name: str, kind: str, logical_batch: int) -> tuple[int, int]:
         batch = (keras.tree.map_structure(lambda a: a[rows], x), y[rows])
         model._symbolic_build(data_batch=batch)
         return temp_bytes(model, batch), logical_batch
+    model, batch = one_chunk(name, kind, logical_batch)
+    return temp_bytes(model, batch), len(batch[1])
+
+
+def one_chunk(name: str, kind: str, logical_batch: int) -> tuple:
+    """``(model, batch)``: keras_dp's model (``clipping=kind``) and the batch its step
+    takes for ``logical_batch``, the whole physical batch (padded to the Poisson
+    bound) one chunk: no microbatching."""
+    model_fn, data_fn, _, _ = MODELS[name]
+    x, y = data_fn()
     size = max(4 * logical_batch, len(y))
     config = keras_dp.DPConfig(
         target_epsilon=EPSILON,
@@ -657,8 +667,7 @@ def step_memory(name: str, kind: str, logical_batch: int) -> tuple[int, int]:
     source = sampling.ExampleSource(keras.tree.map_structure(tile, x), tile(y))
     model._symbolic_build(data_batch=source.gather(np.arange(2)))
     model._dp_seed = 0
-    batches = dp_data.DPBatches(model, source, config, 1 << 16, 1)
-    return temp_bytes(model, batches[0]), batches.physical
+    return model, dp_data.DPBatches(model, source, config, 1 << 16, 1)[0]
 
 
 def temp_bytes(model, batch) -> int:

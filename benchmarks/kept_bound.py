@@ -34,14 +34,9 @@ import statistics  # noqa: E402
 
 import clipping as cb  # noqa: E402
 import jax  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import step_parts as sp  # noqa: E402
 
-import keras_dp  # noqa: E402
-from keras_dp import data as dp_data  # noqa: E402
 from keras_dp import ghost_conv_norms as gcn  # noqa: E402
-from keras_dp import sampling  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -54,31 +49,6 @@ def rule_before():
         yield
     finally:
         gcn.formed = shipped
-
-
-def one_chunk(name: str, logical: int) -> tuple:
-    """``(model, batch)``: keras_dp's model (``clipping="ghost"``) and its batch for
-    ``logical``, the whole physical batch one chunk."""
-    model_fn, data_fn, _, _ = cb.MODELS[name]
-    x, y = data_fn()
-    size = max(4 * logical, len(y))
-    config = keras_dp.DPConfig(
-        target_epsilon=cb.EPSILON,
-        batch_size=logical,
-        steps=1,
-        microbatch_size=1 << 16,
-        dataset_size=size,
-        seed=0,
-        clipping="ghost",
-    ).calibrate()
-    model = keras_dp.make_private(model_fn(), config)
-    model.compile(optimizer="adam", loss=cb.LOSS)
-    reps = -(-size // len(y))
-    tile = lambda a: np.concatenate([a] * reps)[:size]  # noqa: E731
-    source = sampling.ExampleSource(keras.tree.map_structure(tile, x), tile(y))
-    model._symbolic_build(data_batch=source.gather(np.arange(2)))
-    model._dp_seed = 0
-    return model, dp_data.DPBatches(model, source, config, 1 << 16, 1)[0]
 
 
 def both_rules(model, batch, repeats: int, calls: int) -> dict:
@@ -98,7 +68,7 @@ def measure(name: str, logical: int, repeats: int, calls: int) -> str:
         before, rows = cb.step_memory(name, "ghost", 1024)
     shipped, _ = cb.step_memory(name, "ghost", 1024)
     plain, _ = cb.step_memory(name, "plain", rows)
-    model, batch = one_chunk(name, logical)
+    model, batch = cb.one_chunk(name, "ghost", logical)
     chunk = both_rules(model, batch, repeats, calls)
     build = sp.build
     sp.build = lambda kind, *a, **k: build("ghost" if kind == "auto" else kind, *a, **k)
