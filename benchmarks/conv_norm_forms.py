@@ -233,13 +233,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/conv-norm-forms")
     args = parser.parse_args()
+    measure_and_save("conv_norm_forms", args, measure, fit, markdown)
+
+
+def measure_and_save(script: str, args, measure, fit, markdown) -> None:
+    """A norm-form script's run: its forms timed (``measure``), fitted, written as
+    ``markdown`` and saved under ``args.out`` (``--rows``, ``--runs``, ``--out``)."""
     results = measure(args.rows, args.runs)
     coefficients = fit(results, args.rows)
-    command = "python benchmarks/conv_norm_forms.py " + " ".join(
+    command = f"python benchmarks/{script}.py " + " ".join(
         f"--{k} {v}" for k, v in (("rows", args.rows), ("runs", args.runs), ("out", args.out))
     )
     text = markdown(results, coefficients, args.rows, command)
-    save(args.out, "conv_norm_forms", args.rows, results, coefficients, text)
+    save(args.out, script, args.rows, results, coefficients, text)
 
 
 if __name__ == "__main__":

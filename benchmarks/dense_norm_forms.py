@@ -45,7 +45,7 @@ import statistics  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from conv_norm_forms import relative_fit, save, timed  # noqa: E402
+from conv_norm_forms import measure_and_save, relative_fit, timed  # noqa: E402
 
 from keras_dp import ghost_norms as gn  # noqa: E402
 
@@ -280,13 +280,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "steps.md").write_text(header + table)
         return
-    results = measure(args.rows, args.runs)
-    coefficients = fit(results, args.rows)
-    command = "python benchmarks/dense_norm_forms.py " + " ".join(
-        f"--{k} {v}" for k, v in (("rows", args.rows), ("runs", args.runs), ("out", args.out))
-    )
-    text = markdown(results, coefficients, args.rows, command)
-    save(args.out, "dense_norm_forms", args.rows, results, coefficients, text)
+    measure_and_save("dense_norm_forms", args, measure, fit, markdown)
 
 
 if __name__ == "__main__":
