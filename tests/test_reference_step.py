@@ -330,6 +330,10 @@ def plans(kinds: list[str], losses: list[str]) -> st.SearchStrategy:
             # these small einsums and convolutions).
             "dense_form": st.sampled_from([None, None, "gram"]),
             "conv_form": st.sampled_from([None, None, "gram", "shifted"]),
+            # False: no tap keeps its examples' kernel gradients for the clipped sum
+            # (ghost_norms.keeps, the memory bound, refusing): outer norms in chunks of
+            # rows, the sum contracted from x and g.
+            "keep": st.sampled_from([None, None, False]),
         }
     )
 
@@ -459,6 +463,23 @@ def plan_settings(max_examples: int):
     plan=dict(kind="long_dense", loss="sparse_ce", sampling="poisson", batch=135, extra=7,
               microbatch=None, devices=4, dtype="bfloat16", weighted=False, dropout=False,
               sigma=0.7, clip=0.05, steps=2, clipping="ghost", dense_form="gram")
+)  # fmt: skip
+# Kept gradients refused (ghost_norms.keeps: the memory bound) where each kernel's norm
+# takes the outer form: the norm in chunks of rows, the sum contracted from x and g again.
+@example(
+    plan=dict(kind="long_dense", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=19, devices=2, dtype="float32", weighted=True, dropout=True,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", keep=False)
+)  # fmt: skip
+@example(
+    plan=dict(kind="long_conv", loss="mse", sampling="poisson", batch=135, extra=7,
+              microbatch=None, devices=4, dtype="float32", weighted=False, dropout=False,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", norm_chunk=2000, keep=False)
+)  # fmt: skip
+@example(
+    plan=dict(kind="conv", loss="sparse_ce", sampling="poisson", batch=37, extra=19,
+              microbatch=None, devices=2, dtype="bfloat16", weighted=True, dropout=True,
+              sigma=0.7, clip=0.05, steps=2, clipping="ghost", keep=False)
 )  # fmt: skip
 # A table looked up twice (its norm over both lookups' tokens), in chunks of rows.
 @example(
@@ -644,6 +665,7 @@ def check_train_step(plan: dict) -> None:
         nt0 = [np.array(v.value) for v in model.non_trainable_variables]
         saved = ghost_norms.NORM_CHUNK_NUMBERS, ghost_norms.NORM_PASS_NUMBERS
         saved_form, saved_outer = ghost_conv_norms.norm_form, ghost_norms.outer_is_faster
+        saved_keeps = ghost_norms.keeps
         if plan.get("norm_chunk"):
             ghost_norms.NORM_CHUNK_NUMBERS = ghost_norms.NORM_PASS_NUMBERS = plan["norm_chunk"]
         if plan.get("conv_form"):  # every convolution's norm in this form
@@ -651,11 +673,14 @@ def check_train_step(plan: dict) -> None:
         if plan.get("dense_form"):  # every einsum's norm in this form ("outer" or "gram")
             outer = plan["dense_form"] == "outer"
             ghost_norms.outer_is_faster = lambda *args, outer=outer, **kw: outer
+        if plan.get("keep") is False:  # the memory bound refuses every tap's kept gradients
+            ghost_norms.keeps = lambda *args, **kw: False
         try:
             model.fit(x, y, sample_weight=sample_weight, verbose=0)
         finally:
             ghost_norms.NORM_CHUNK_NUMBERS, ghost_norms.NORM_PASS_NUMBERS = saved
             ghost_conv_norms.norm_form, ghost_norms.outer_is_faster = saved_form, saved_outer
+            ghost_norms.keeps = saved_keeps
         assert model.dp_steps == steps
         expected, gross = reference_updates(
             model, model.dp_config, model._dp_seed, x, y, sample_weight, weights0, nt0,
