@@ -79,6 +79,7 @@ from step_time import digits_data, functional, mlp  # noqa: E402
 import keras_dp  # noqa: E402
 from keras_dp import accounting, calibration, sampling  # noqa: E402
 from keras_dp import data as dp_data  # noqa: E402
+from keras_dp import rows as batch_rows  # noqa: E402
 
 logging.getLogger("absl").setLevel(logging.ERROR)
 logging.getLogger("keras_dp").setLevel(logging.ERROR)
@@ -641,7 +642,7 @@ def step_memory(name: str, kind: str, logical_batch: int) -> tuple[int, int]:
         model._symbolic_build(data_batch=batch)
         return temp_bytes(model, batch), logical_batch
     model, batch = one_chunk(name, kind, logical_batch)
-    return temp_bytes(model, batch), len(batch[1])
+    return temp_bytes(model, batch), len(batch_rows.unpack_rows(batch)[1])
 
 
 def one_chunk(name: str, kind: str, logical_batch: int) -> tuple:

@@ -56,6 +56,7 @@ from step_time import digits_data, mlp, token_data  # noqa: E402
 
 import keras_dp  # noqa: E402
 from keras_dp import noise  # noqa: E402
+from keras_dp import rows as batch_rows  # noqa: E402
 
 logging.getLogger("keras_dp").setLevel(logging.ERROR)
 EPOCHS, CALLS = 6, int(os.environ.get("PROBE_CALLS", 300))
@@ -227,7 +228,7 @@ def probe(name: str, x, y) -> dict:
         }
         print(name, kind, result[kind], flush=True)
         if kind == "keras_dp" and "plain" in result:  # plain's step on as many rows
-            rows = len(batch[0]["dp_mask_key"])
+            rows = len(batch_rows.unpack_rows(batch)[0]["dp_mask_key"])
             plain_rows = step_times(models["plain"], rows_of(x, y, rows))[0]
             result["plain"]["async_ms_dp_rows"] = (rows, plain_rows)
     return result

@@ -16,10 +16,11 @@ a GPU is like this one (benchmarks/README.md, H200). Fits alternate:
 - ``keras_dp, made ahead on a thread``: the batches made in order on one worker thread,
   two ahead (a candidate for a GPU host; slower on this 2-core CPU: 1.76-2.27x plain
   against 1.41-1.68x for keras_dp as shipped, three alternated pairs).
-- ``keras_dp, one device_put a batch``: each batch put on the device in one
-  ``jax.device_put`` call of the whole batch (Keras' JAX loop on a GPU puts each leaf
-  in a call of its own, 65-80 us a leaf on the H200 machine; one already there is
-  passed through). In the benchmark only, to be measured on a GPU host before it ships.
+- ``keras_dp, leaves``: each batch as its leaves (``keras_dp.data.leaf_rows``: x, the
+  mask-key rows, y), where keras_dp feeds one matrix (``pack_rows``): on an accelerator
+  or under a ``keras.distribution``, where Keras' JAX loop puts each leaf on the devices
+  in a call of its own (65-80 us a leaf on the H200 machine). On one CPU keras_dp
+  feeds leaves itself, so this kind is ``keras_dp`` again.
 - ``plain, verbose=1`` and ``keras_dp, verbose=1``: the two fits with the progress bar
   (written to a buffer), as a notebook runs them; the others are ``verbose=0``.
 
@@ -54,6 +55,7 @@ from step_time import digits_data  # noqa: E402
 import keras_dp  # noqa: E402
 from keras_dp import _keras  # noqa: E402
 from keras_dp import data as dp_data  # noqa: E402
+from keras_dp import rows as batch_rows  # noqa: E402
 
 logging.getLogger("keras_dp").setLevel(logging.ERROR)
 BATCH, EPOCHS = 64, 8
@@ -63,7 +65,7 @@ KINDS = (
     "keras_dp, Keras' adapter",
     "keras_dp, one cached batch",
     "keras_dp, made ahead on a thread",
-    "keras_dp, one device_put a batch",
+    "keras_dp, leaves",
     "plain, verbose=1",
     "keras_dp, verbose=1",
 )
@@ -102,14 +104,6 @@ class _AheadAdapter(_keras.BatchesAdapter):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-class _PutAdapter(_keras.BatchesAdapter):
-    """keras_dp's adapter whose batches go to the device in one call each."""
-
-    def get_jax_iterator(self):
-        for batch in super().get_jax_iterator():
-            yield jax.device_put(batch)
-
-
 class _Swapped:
     """Within the block, ``kind``'s change to keras_dp's data path."""
 
@@ -117,11 +111,11 @@ class _Swapped:
         self.kind = kind
 
     def __enter__(self):
-        self.saved = dp_data.adapter, dp_data.DPBatches.__getitem__
+        self.saved = dp_data.adapter, dp_data.DPBatches.__getitem__, dp_data.pack_rows
         if self.kind == "keras_dp, made ahead on a thread":
             dp_data.adapter = lambda b: _AheadAdapter(b, shuffle=False)
-        if self.kind == "keras_dp, one device_put a batch":
-            dp_data.adapter = lambda b: _PutAdapter(b, shuffle=False)
+        if self.kind == "keras_dp, leaves":
+            dp_data.pack_rows = dp_data.leaf_rows
         if self.kind == "keras_dp, Keras' adapter":
             dp_data.adapter = lambda b: _keras.PyDatasetAdapter(b, shuffle=False)
         if self.kind == "keras_dp, one cached batch":
@@ -137,7 +131,7 @@ class _Swapped:
             dp_data.DPBatches.__getitem__ = cached
 
     def __exit__(self, *exc):
-        dp_data.adapter, dp_data.DPBatches.__getitem__ = self.saved
+        dp_data.adapter, dp_data.DPBatches.__getitem__, dp_data.pack_rows = self.saved
 
 
 def one_fit(kind: str, x, y) -> list:
@@ -184,7 +178,7 @@ def alone(x, y) -> dict:
     return {
         "draw_us": best_us(lambda i: dp_data.draw_indices(config, seed, i)),
         "batch_us": best_us(lambda i: batches[i]),
-        "rows": len(batches[0][0]["dp_mask_key"]),
+        "rows": len(batch_rows.unpack_rows(batches[0])[0]["dp_mask_key"]),
     }
 
 

@@ -34,6 +34,7 @@ from run import MODELS, build, jit_step, log, train_state  # noqa: E402
 
 from keras_dp import data as dp_data  # noqa: E402
 from keras_dp import noise, sampling  # noqa: E402
+from keras_dp import rows as batch_rows  # noqa: E402
 from keras_dp import step as dp_step  # noqa: E402
 
 KINDS = ("plain", "keras_dp", "jax_privacy")
@@ -51,7 +52,7 @@ def trained(kind: str, name: str, x, y):
 
 def dp_batch(model, x, y, real: int, physical: int | None = None):
     """keras_dp's physical batch (or ``physical`` rows) with the first ``real``
-    examples as its real rows."""
+    examples as its real rows, as fit feeds it on one CPU (:func:`keras_dp.rows.leaf_rows`)."""
     config = model.dp_config
     source = sampling.ExampleSource(x, y)
     if physical is None:
@@ -60,7 +61,7 @@ def dp_batch(model, x, y, real: int, physical: int | None = None):
     padded, mask = sampling.shard_layout(np.arange(real), physical, 1)
     xs, ys, _ = source.gather(padded)
     key = noise.step_key_data(model._dp_seed, [0])[0]
-    return {"dp_x": xs, "dp_mask_key": dp_data.pack_mask_key(mask, key)}, ys
+    return batch_rows.leaf_rows(xs, ys, None, mask, key)
 
 
 def compiled_step(model, batch):

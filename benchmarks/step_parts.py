@@ -55,6 +55,7 @@ from profile_step import dp_batch  # noqa: E402
 from run import jit_step, log, train_state  # noqa: E402
 
 from keras_dp import noise  # noqa: E402
+from keras_dp import rows as batch_rows  # noqa: E402
 
 PARTS = (
     "plain",
@@ -136,6 +137,7 @@ def medians(steps: dict, plain, dp, repeats: int, calls: int) -> tuple:
 
 def parts(name: str, repeats: int, calls: int) -> dict:
     x, y, b, plain, dp, batch = fitted(name)
+    batch = batch_rows.unpack_rows(batch)  # as leaves (fit packs them on an accelerator)
     p = len(batch[1])
     exact = rows_of(*batch, b)  # its B real rows only
     steps = {

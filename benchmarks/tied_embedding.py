@@ -48,6 +48,7 @@ from run import jit_step, train_state  # noqa: E402
 
 import keras_dp  # noqa: E402
 from keras_dp import ghost, offline, sampling  # noqa: E402
+from keras_dp import rows as batch_rows  # noqa: E402
 
 BATCH, LENGTH = 16, 64
 KINDS = ("plain", "ghost", "table per-example", "per_example")
@@ -125,7 +126,7 @@ def one_pass_mib(vocab: int) -> dict:
     for kind in KINDS[1:]:
         step, _, batch = compiled(kind, vocab, 1 << 16)
         out[kind] = step.memory_analysis().temp_size_in_bytes / 2**20
-        out["rows"] = len(batch[1])
+        out["rows"] = len(batch_rows.unpack_rows(batch)[1])
     return out
 
 

@@ -13,9 +13,10 @@ import logging
 import keras
 import numpy as np
 
-from keras_dp import accounting, distribute, noise, sampling
+from keras_dp import _backend, accounting, distribute, noise, sampling
 from keras_dp._keras import BatchesAdapter
 from keras_dp.config import DPConfig
+from keras_dp.rows import leaf_rows, pack_rows
 from keras_dp.user_data import UserSource
 
 logger = logging.getLogger(__name__)
@@ -61,25 +62,13 @@ def preprocess_all(preprocessor, validation_data):
     return tuple(a for a in (x, y, sw) if a is not None)
 
 
-def pack_mask_key(mask: np.ndarray, key_data: np.ndarray) -> np.ndarray:
-    """The ``dp_mask_key`` leaf of a batch: one uint32 row per batch row, the row's
-    mask (1 real, 0 padding) then the update's noise key data (the same in every row,
-    so it shards like the rows). One leaf, not two: on a GPU each leaf is one more
-    host-to-device copy a step (65-80 µs on the H200 machine)."""
-    key_rows = np.broadcast_to(np.asarray(key_data, np.uint32), (len(mask), len(key_data)))
-    return np.concatenate([np.asarray(mask, np.uint32)[:, None], key_rows], axis=1)
-
-
-def split_mask_key(mask_key):
-    """(the rows' bool mask, the rows' key data) of a ``dp_mask_key`` leaf (numpy or
-    traced)."""
-    return mask_key[:, 0].astype(bool), mask_key[:, 1:]
-
-
 class DPBatches(keras.utils.PyDataset):
-    """Batches drawn by the config's sampler: (({"dp_x", "dp_mask_key"}, y, w)).
+    """Batches drawn by the config's sampler: (({"dp_x", "dp_mask_key"}, y, w))
+    (:func:`leaf_rows`), or, where Keras puts each leaf of a batch on the devices
+    itself (an accelerator, a ``keras.distribution``), the same in one matrix
+    (:func:`pack_rows`; the step reads either, :func:`keras_dp.rows.unpack_rows`).
 
-    ``dp_mask_key`` (:func:`pack_mask_key`) holds each row's mask and the data of the
+    ``dp_mask_key`` holds each row's mask and the data of the
     update's noise key (:func:`keras_dp.noise.step_key_data` of the secret seed and the
     update's number in the ledger), which keys the update's noise.
 
@@ -109,6 +98,8 @@ class DPBatches(keras.utils.PyDataset):
             if rows < self.physical:
                 self.usual, self.usual_physical = usual, rows
         self._usual_exceeded = False
+        # One leaf a batch where Keras puts each on the devices itself (pack_rows).
+        self._packs = not _backend.on_cpu() or keras.distribution.distribution() is not None
         self._next_step = model._dp_ledger.steps
         self._keys = (None, 0, np.zeros((0, 2), np.uint32))  # (seed, first step, data)
         self._streams = None
@@ -171,12 +162,8 @@ class DPBatches(keras.utils.PyDataset):
         rows = len(mask)
         if not getattr(self._source, "in_memory", False):  # items read one at a time
             _check_rows((x, y, sw), rows)
-        packed = {"dp_x": x, "dp_mask_key": pack_mask_key(mask, key_data)}
-        if inner is not None:
-            packed["dp_inner"] = inner
-        if sw is not None:
-            return packed, y, sw
-        return (packed, y) if y is not None else (packed,)
+        extra = {} if inner is None else {"dp_inner": inner}
+        return (pack_rows if self._packs else leaf_rows)(x, y, sw, mask, key_data, **extra)
 
     def _rows_for(self, count: int, step: int) -> int:
         """Rows fed for a draw of ``count`` examples: the usual size when it holds them,

@@ -38,7 +38,7 @@ from keras_dp import (
     units,
 )
 from keras_dp.config import DPConfig
-from keras_dp.data import split_mask_key
+from keras_dp.rows import split_mask_key, unpack_rows
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +110,12 @@ def with_noise(data, multiplier):
 
 def train_step(model, state, data):
     """One DP-SGD update (``DPModel.train_step``): the guarantee is in this module's
-    docstring. ``state`` and ``data`` are as in Keras' JAX trainer; ``data``'s x is
-    the dict of :class:`keras_dp.data.DPBatches`."""
+    docstring. ``state`` and ``data`` are as in Keras' JAX trainer; ``data`` is a batch
+    of :class:`keras_dp.data.DPBatches`, as leaves or one matrix
+    (:func:`keras_dp.rows.unpack_rows`)."""
     config = model._dp_config
     trainable, non_trainable, optimizer_vars, metrics_vars = state
-    packed, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    packed, y, sample_weight = keras.utils.unpack_x_y_sample_weight(unpack_rows(data))
     x = packed["dp_x"]
     mask, key_rows = split_mask_key(packed["dp_mask_key"])
     seed_slots = [

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import keras_dp
 from keras_dp import DPConfig, _backend, data, noise, sampling
+from keras_dp import rows as batch_rows
 
 from .test_training import LOSS, mlp
 
@@ -179,8 +180,8 @@ def test_fixed_sampling_feeds_exactly_b_distinct_real_rows():
     batches = data.DPBatches(model, source, config, chunk=2, per_epoch=5)
     seen = []
     for i in range(5):
-        (packed, yb) = batches[i]
-        mask, _ = data.split_mask_key(packed["dp_mask_key"])
+        (packed, yb) = batch_rows.unpack_rows(batches[i])
+        mask, _ = batch_rows.split_mask_key(packed["dp_mask_key"])
         assert mask.sum() == 8 and mask[:8].all()  # real rows first, exactly B
         rows = {tuple(r) for r in packed["dp_x"][:8]}
         assert len(rows) == 8  # without replacement
@@ -235,7 +236,9 @@ def test_noise_keys_follow_the_ledger_across_hash_blocks(monkeypatch):
         for step in range(start, stop):
             if step == 9:  # a restored checkpoint can bring a new secret seed
                 model._dp_seed = seed = seed ^ 0x5A5A5A5A5A
-            mask, key = data.split_mask_key(batches[0][0]["dp_mask_key"])
+            mask, key = batch_rows.split_mask_key(
+                batch_rows.unpack_rows(batches[0])[0]["dp_mask_key"]
+            )
             np.testing.assert_array_equal(
                 key, np.tile(fold_in_key_data(seed, step), (len(mask), 1))
             )
@@ -298,8 +301,10 @@ def test_usual_size_batches_hold_the_same_draws(batch, extra, usual, seed):
     smaller = ladder.usual is not None
     assert smaller == (usual < bound.physical)  # rows are not rounded to chunks of 4
     for i in range(6):
-        (a, ya), (b, yb) = bound[i], ladder[i]
-        (mask_a, key_a), (mask_b, key_b) = (data.split_mask_key(p["dp_mask_key"]) for p in (a, b))
+        (a, ya), (b, yb) = batch_rows.unpack_rows(bound[i]), batch_rows.unpack_rows(ladder[i])
+        (mask_a, key_a), (mask_b, key_b) = (
+            batch_rows.split_mask_key(p["dp_mask_key"]) for p in (a, b)
+        )
         real = int(mask_a.sum())
         assert int(mask_b.sum()) == real
         rows = usual if smaller and real <= usual else bound.physical
@@ -320,7 +325,7 @@ def test_a_fit_over_both_batch_shapes_trains_as_one_over_the_bound(monkeypatch):
 
         class Counting(keras_dp.DPModel, keras.Sequential):
             def train_step(self, state, batch):
-                traces.append(len(batch[1]))  # runs only when jit traces
+                traces.append(len(batch_rows.unpack_rows(batch)[1]))  # runs only when jit traces
                 return super().train_step(state, batch)
 
         monkeypatch.setattr(dp_step, "usual_rows", lambda *args: usual)
@@ -416,10 +421,10 @@ def test_each_batch_is_its_draw_laid_out(n, batch, shards, usual, sampler, form,
             if step == 7:  # a restored checkpoint can bring a new secret seed
                 seed = seed ^ 0x5A5A5A5A5A
                 model._dp_seed = seed
-            fed = batches[step - 5]
+            fed = batch_rows.unpack_rows(batches[step - 5])
             packed, labels = fed[0], fed[1]
             indices = data.draw_indices(config, seed, step)
-            fed_mask, fed_key = data.split_mask_key(packed["dp_mask_key"])
+            fed_mask, fed_key = batch_rows.split_mask_key(packed["dp_mask_key"])
             rows = len(fed_mask)
             if batches.usual is not None and len(indices) <= batches.usual:
                 assert rows == batches.usual_physical
@@ -453,3 +458,96 @@ def test_the_adapter_feeds_the_batches_in_order_as_they_are():
         for a, b in zip(jax.tree.leaves(batch), jax.tree.leaves(expected)):
             assert type(a) is np.ndarray
             np.testing.assert_array_equal(a, b)
+
+
+# One matrix a batch (batch_rows.pack_rows) ------------------------------------------------
+
+_DTYPES = ["float64", "float32", "int64", "int32", "uint32", "bool", "int8", "float16"]
+
+
+@st.composite
+def batch_parts(draw):
+    """(x, y, sw, mask, key) of a batch: arrays of any dtype and trailing shape, x a
+    dict (keys a keras-hub model uses, and one that cannot name columns) or an array."""
+    rows = draw(st.integers(1, 12))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+
+    def array():
+        dtype = np.dtype(draw(st.sampled_from(_DTYPES)))
+        shape = (rows, *draw(st.lists(st.integers(0, 3), max_size=2)))
+        if dtype.kind == "b":
+            return rng.random(shape) < 0.5
+        if dtype.kind in "iu":  # within int32's range: JAX's conversion raises beyond it
+            low = 0 if dtype.kind == "u" else -(2**31)
+            return rng.integers(low, 2**31 - 1, shape, endpoint=True).astype(dtype)
+        values = rng.normal(size=shape) * 10.0 ** rng.integers(-30, 30, shape)
+        with np.errstate(over="ignore"):  # float16: ±inf
+            return values.astype(dtype)
+
+    keys = draw(st.lists(st.sampled_from(["token_ids", "padding_mask", "a1", "b-2"]),
+                         min_size=1, max_size=3, unique=True))  # fmt: skip
+    x = {k: array() for k in keys} if draw(st.booleans()) else array()
+    y = array() if draw(st.booleans()) else None
+    sw = array() if draw(st.booleans()) else None
+    mask = rng.random(rows) < 0.7
+    key = rng.integers(0, 2**32, 2, dtype=np.uint32)
+    return x, y, sw, mask, key
+
+
+def as_jax_would(tree):
+    """``tree``'s arrays in the dtypes jax gives numpy arrays (64-bit mode off)."""
+    return jax.tree.map(lambda a: a.astype(jax.dtypes.canonicalize_dtype(a.dtype)), tree)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(parts=batch_parts(), inner=st.booleans())
+def test_a_packed_batch_unpacks_to_its_leaves_bit_for_bit(parts, inner):
+    """batch_rows.pack_rows, then batch_rows.unpack_rows (numpy and traced), gives the batch that
+    batch_rows.leaf_rows builds, in the dtypes jax would give it: every value's bits (floats
+    from 1e-30 to 1e30, both signs, int32's whole range, booleans, empty trailing
+    axes), x's dict keys, and the leaves it does not pack (int8, float16, a key that
+    cannot name columns, an extra leaf)."""
+    extra = {"dp_inner": parts[3].copy()} if inner else {}
+    want = as_jax_would(batch_rows.leaf_rows(*parts, **extra))
+    packed = batch_rows.pack_rows(*parts, **extra)
+    unpacked = jax.jit(batch_rows.unpack_rows)(packed)
+    for got in (as_jax_would(batch_rows.unpack_rows(packed)), unpacked):
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            bits = {4: np.uint32, 2: np.uint16, 1: np.uint8}[b.dtype.itemsize]
+            np.testing.assert_array_equal(np.asarray(a).view(bits), np.asarray(b).view(bits))
+    # Every array of 32-bit numbers or booleans is in the matrix, but an extra leaf and
+    # a dict x whose keys cannot all name columns.
+    x = parts[0]
+    unnamed = jax.tree.leaves(x) if isinstance(x, dict) and "b-2" in x else []
+    for leaf in jax.tree.leaves({k: v for k, v in packed[0].items() if k != batch_rows.ROWS}):
+        dtype = jax.dtypes.canonicalize_dtype(leaf.dtype)
+        packs = dtype.kind == "b" or dtype.itemsize == 4
+        assert not packs or any(leaf is a for a in [*unnamed, *extra.values()])
+
+
+def test_a_batch_is_one_matrix_where_keras_puts_each_leaf_on_the_devices(monkeypatch):
+    """On an accelerator and under a keras.distribution, Keras' JAX loop puts each leaf
+    of a batch on the devices in a call of its own; there a batch of arrays is one
+    uint32 matrix (x float64, y int64 and the weights included). On one CPU, where
+    the step takes numpy leaves as they are, it stays leaves."""
+    x, y = arrays()
+    w = np.ones(len(y))
+    config = DPConfig(target_epsilon=4.0, batch_size=8, epochs=2).calibrate(40)
+    model = keras_dp.make_private(mlp(), config)
+    model._dp_seed = 5
+    from .helpers import on_devices
+
+    def first_batch():
+        source = sampling.ExampleSource(x.astype("float64"), y.astype("int64"), w)
+        return data.DPBatches(model, source, config, 4, 5)[0]
+
+    assert len(jax.tree.leaves(first_batch())) == 4  # x, mask-key rows, y, weights
+    with on_devices(2):
+        (one,) = jax.tree.leaves(first_batch())
+    monkeypatch.setattr(_backend, "on_cpu", lambda: False)
+    (packed,) = first_batch()
+    (layout,) = packed[batch_rows.ROWS]
+    assert layout == "x:float32:5:0;y:int32::5;sw:float32::6;mk:uint32:3:7"
+    assert one.dtype == np.uint32 and one.shape == packed[batch_rows.ROWS][layout].shape

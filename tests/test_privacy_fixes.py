@@ -17,6 +17,7 @@ import pytest
 
 import keras_dp
 from keras_dp import DPConfig, clipping, data, distribute, metrics, noise
+from keras_dp import rows as batch_rows
 
 from .test_training import LOSS, mlp, naive_clipped_mean
 
@@ -390,7 +391,7 @@ def test_the_secret_seed_is_not_compiled_into_the_program():
     )
     text = jax.jit(model.train_step).lower(state, batch).as_text()
     assert str(hi) not in text and str(lo) not in text
-    _, key_rows = data.split_mask_key(batch[0]["dp_mask_key"])
+    _, key_rows = batch_rows.split_mask_key(batch_rows.unpack_rows(batch)[0]["dp_mask_key"])
     key_words = [int(w) for w in key_rows[0]]  # the update's key: data too
     assert key_words == [int(w) for w in noise.step_key_data(seed, [model.dp_steps])[0]]
     assert not any(str(w) in text or str(w - 2**32) in text for w in key_words)
