@@ -5,7 +5,7 @@
 On an accelerator, and under a ``keras.distribution``, Keras' JAX loop puts each leaf of
 a batch on the devices in a call of its own (``jax.device_put``, or
 ``jax.make_array_from_process_local_data`` for a sharded batch). There keras_dp feeds
-each batch as one uint32 matrix (``keras_dp.data.pack_rows``) instead of its leaves
+each batch as one uint32 matrix (``keras_dp.rows.pack_rows``) instead of its leaves
 (``leaf_rows``: x, the mask-key rows, y and the weights). Measured here on ``--devices``
 simulated CPU devices under ``DataParallel``, which takes that path:
 

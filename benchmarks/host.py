@@ -16,7 +16,7 @@ a GPU is like this one (benchmarks/README.md, H200). Fits alternate:
 - ``keras_dp, made ahead on a thread``: the batches made in order on one worker thread,
   two ahead (a candidate for a GPU host; slower on this 2-core CPU: 1.76-2.27x plain
   against 1.41-1.68x for keras_dp as shipped, three alternated pairs).
-- ``keras_dp, leaves``: each batch as its leaves (``keras_dp.data.leaf_rows``: x, the
+- ``keras_dp, leaves``: each batch as its leaves (``keras_dp.rows.leaf_rows``: x, the
   mask-key rows, y), where keras_dp feeds one matrix (``pack_rows``): on an accelerator
   or under a ``keras.distribution``, where Keras' JAX loop puts each leaf on the devices
   in a call of its own (65-80 us a leaf on the H200 machine). On one CPU keras_dp
